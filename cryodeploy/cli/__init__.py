@@ -1,0 +1,77 @@
+"""The ``cryodeploy`` command line: one click group whose subcommands are imported lazily.
+
+Each subcommand lives in ``cryodeploy/cli/<name>.py`` as a thin wrapper over a library
+function. Library errors (:class:`~cryodeploy.errors.CryoDeployError`) become one line on
+stderr and a non-zero exit here, at the edge.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+from typing import Any
+
+import click
+
+from .._version import __version__
+from ..errors import CryoDeployError
+
+__all__ = ["cli", "main"]
+
+#: command name -> module under cryodeploy.cli holding a click command of the same name.
+COMMANDS: dict[str, str] = {
+    "info": "info",
+}
+
+
+class LazyGroup(click.Group):
+    """A group that imports a subcommand's module only when that subcommand runs."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        module = COMMANDS.get(cmd_name)
+        if module is None:
+            return None
+        mod = importlib.import_module(f"{__name__}.{module}")
+        cmd = getattr(mod, cmd_name.replace("-", "_"))
+        assert isinstance(cmd, click.Command)
+        return cmd
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except CryoDeployError as err:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            click.echo(f"error: {err}", err=True)
+            ctx.exit(err.exit_code)
+        except KeyboardInterrupt:
+            click.echo("error: interrupted", err=True)
+            ctx.exit(130)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="cryodeploy")
+@click.option("--debug", is_flag=True, help="Show full tracebacks and debug logging.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """Train, export and deploy cryo-EM micrograph denoising networks."""
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``cryodeploy`` script and ``python -m cryodeploy``."""
+    try:
+        cli.main(args=argv, prog_name="cryodeploy", standalone_mode=True)
+    except SystemExit:
+        raise
+    except Exception as err:  # the last line of defence: never a traceback for the user
+        if "--debug" in (argv if argv is not None else sys.argv):
+            raise
+        click.echo(f"error: internal error ({type(err).__name__}: {err}); rerun with --debug for details", err=True)
+        sys.exit(70)

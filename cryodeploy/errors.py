@@ -1,0 +1,45 @@
+"""One error hierarchy: the library raises these, the CLI turns them into one line and an exit code."""
+
+from __future__ import annotations
+
+__all__ = [
+    "BackendUnavailable",
+    "ConfigError",
+    "CryoDeployError",
+    "InputError",
+    "ModelError",
+    "OutputError",
+    "StoreError",
+]
+
+
+class CryoDeployError(Exception):
+    """Base of every error cryodeploy raises on purpose; its message is one line for the user."""
+
+    exit_code = 1
+
+
+class InputError(CryoDeployError):
+    """A micrograph or other input file is unreadable or unusable ("<file>: found X, expected Y")."""
+
+
+class OutputError(CryoDeployError):
+    """An output cannot be written (read-only folder, disk full, would overwrite an input)."""
+
+
+class ModelError(CryoDeployError):
+    """A checkpoint, raw weight folder, ONNX file or engine cannot be loaded or does not match."""
+
+
+class StoreError(CryoDeployError):
+    """A patch store is missing files, has wrong sizes, or disagrees with its manifest."""
+
+
+class ConfigError(CryoDeployError):
+    """A configuration value is invalid or two values contradict each other."""
+
+    exit_code = 2
+
+
+class BackendUnavailable(CryoDeployError):
+    """A backend cannot run here; the message says why (e.g. "tensorrt: not installed")."""

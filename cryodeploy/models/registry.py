@@ -1,0 +1,150 @@
+"""The architecture registry and :class:`ModelSpec`, the JSON-serialisable description of a model."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ..errors import ConfigError
+from ..normalize import NormSpec
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["ARCHITECTURES", "Architecture", "ModelSpec", "build_model", "get_architecture"]
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """A registered network: how to build it and its tiling geometry for given parameters."""
+
+    name: str
+    build: Callable[..., torch.nn.Module]
+    defaults: dict[str, Any]
+    receptive_radius: Callable[[dict[str, Any]], int]
+    stride: Callable[[dict[str, Any]], int]
+    description: str
+
+
+def _cnn3(**params: Any) -> torch.nn.Module:
+    from .cnn3 import CNN3
+
+    return CNN3(**params)
+
+
+def _unet(**params: Any) -> torch.nn.Module:
+    from .unet import UNet
+
+    return UNet(**params)
+
+
+def _unet_radius(p: dict[str, Any]) -> int:
+    from .unet import unet_receptive_radius
+
+    return unet_receptive_radius(int(p["depth"]))
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "cnn3": Architecture(
+        name="cnn3",
+        build=_cnn3,
+        defaults={"channels": 16},
+        receptive_radius=lambda p: 3,
+        stride=lambda p: 1,
+        description="the seeds' 3-layer CNN: 1->16->16->1, 3x3, ReLU, zero 'same' padding (2,625 parameters)",
+    ),
+    "unet": Architecture(
+        name="unet",
+        build=_unet,
+        defaults={"base_channels": 32, "depth": 3},
+        receptive_radius=_unet_radius,
+        stride=lambda p: 2 ** int(p["depth"]),
+        description="small U-Net (Topaz-Denoise unet-small spirit): max-pool down, nearest up, skip concat",
+    ),
+}
+
+
+def get_architecture(name: str) -> Architecture:
+    """Look up a registered architecture by name."""
+    try:
+        return ARCHITECTURES[name]
+    except KeyError:
+        raise ConfigError(
+            f"unknown architecture {name!r}, expected one of {', '.join(sorted(ARCHITECTURES))}"
+        ) from None
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to rebuild a model and use it correctly (stored as the checkpoint's JSON).
+
+    ``receptive_radius`` is the number of pixels on each side that influence one output pixel;
+    ``stride`` is the total downsampling, to which tile offsets must align.
+    """
+
+    architecture: str
+    params: dict[str, Any] = field(default_factory=dict)
+    normalization: NormSpec = field(default_factory=NormSpec)
+    noise: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        arch = get_architecture(self.architecture)
+        unknown = set(self.params) - set(arch.defaults)
+        if unknown:
+            raise ConfigError(f"architecture {self.architecture!r} has no parameters {sorted(unknown)}")
+        object.__setattr__(self, "params", {**arch.defaults, **self.params})
+
+    @property
+    def receptive_radius(self) -> int:
+        """Pixels on each side that influence one output pixel."""
+        return get_architecture(self.architecture).receptive_radius(self.params)
+
+    @property
+    def stride(self) -> int:
+        """Total downsampling factor; tile offsets and padded sizes align to it."""
+        return get_architecture(self.architecture).stride(self.params)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (format-tagged)."""
+        return {
+            "format": "cryodeploy-model/1",
+            "architecture": self.architecture,
+            "params": dict(self.params),
+            "receptive_radius": self.receptive_radius,
+            "stride": self.stride,
+            "normalization": self.normalization.to_dict(),
+            "noise": dict(self.noise),
+            "training": dict(self.training),
+            "versions": dict(self.versions),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelSpec:
+        """Inverse of :meth:`to_dict`; rejects unknown formats and fields."""
+        if d.get("format") != "cryodeploy-model/1":
+            raise ConfigError(f"model config format {d.get('format')!r}, expected 'cryodeploy-model/1'")
+        known = {"format", "architecture", "params", "receptive_radius", "stride", "normalization",
+                 "noise", "training", "versions"}
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"model config has unknown fields {sorted(unknown)}")
+        spec = cls(
+            architecture=d["architecture"],
+            params=dict(d.get("params", {})),
+            normalization=NormSpec.from_dict(d.get("normalization", {})),
+            noise=dict(d.get("noise", {})),
+            training=dict(d.get("training", {})),
+            versions=dict(d.get("versions", {})),
+        )
+        for key in ("receptive_radius", "stride"):
+            if key in d and d[key] != getattr(spec, key):
+                raise ConfigError(f"model config says {key}={d[key]}, but {spec.architecture} has {getattr(spec, key)}")
+        return spec
+
+
+def build_model(spec: ModelSpec) -> torch.nn.Module:
+    """Construct the (untrained) network described by ``spec``."""
+    return get_architecture(spec.architecture).build(**spec.params)

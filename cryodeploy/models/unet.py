@@ -1,0 +1,64 @@
+"""A small U-Net in the spirit of Topaz-Denoise's unet-small (max-pool down, nearest up, skips)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["UNet", "unet_receptive_radius"]
+
+
+def _block(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, padding=1),
+        nn.LeakyReLU(0.1),
+        nn.Conv2d(cout, cout, 3, padding=1),
+        nn.LeakyReLU(0.1),
+    )
+
+
+def unet_receptive_radius(depth: int) -> int:
+    """Receptive radius of :class:`UNet` of ``depth`` levels (two 3x3 convs per level and side).
+
+    At level l (0 = full resolution) each 3x3 conv adds 2**l pixels, each 2x2 pool adds 2**l;
+    the decoder mirrors the encoder and the output conv adds 1.
+    """
+    r = 0
+    for level in range(depth):
+        r += 2 * 2**level + 2**level  # two convs + the pool into level+1
+    r += 2 * 2**depth  # bottleneck convs
+    for level in reversed(range(depth)):
+        r += 2 * 2**level  # decoder convs
+    return r + 1
+
+
+class UNet(nn.Module):
+    """Encoder of ``depth`` levels with ``base_channels`` doubling per level; residual output.
+
+    Input H and W must be multiples of 2**depth (the tiler pads to that). Under 2 M parameters
+    for base_channels <= 32, depth <= 3.
+    """
+
+    def __init__(self, base_channels: int = 32, depth: int = 3) -> None:
+        super().__init__()
+        self.depth = depth
+        chans = [base_channels * 2**i for i in range(depth + 1)]
+        self.enc = nn.ModuleList([_block(1 if i == 0 else chans[i - 1], chans[i]) for i in range(depth)])
+        self.pool = nn.MaxPool2d(2)
+        self.mid = _block(chans[depth - 1], chans[depth])
+        self.up = nn.Upsample(scale_factor=2, mode="nearest")
+        self.dec = nn.ModuleList([_block(chans[i + 1] + chans[i], chans[i]) for i in reversed(range(depth))])
+        self.out = nn.Conv2d(chans[0], 1, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Map [N,1,H,W] (H, W multiples of 2**depth) to the same shape: input + learned residual."""
+        skips = []
+        h = x
+        for enc in self.enc:
+            h = enc(h)
+            skips.append(h)
+            h = self.pool(h)
+        h = self.mid(h)
+        for dec, skip in zip(self.dec, reversed(skips), strict=True):
+            h = dec(torch.cat([self.up(h), skip], dim=1))
+        return x + self.out(h)

@@ -1,0 +1,293 @@
+"""Read, validate and atomically write micrographs in MRC format (via mrcfile).
+
+A micrograph is read into float32 with the header fields a denoised copy must keep
+(voxel size, origin, start indices, space group, extended header). Every problem is a
+one-line :class:`~cryodeploy.errors.InputError` naming the file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError, OutputError
+
+__all__ = [
+    "MIN_SIZE",
+    "SUPPORTED_MODES",
+    "TEMP_PREFIX",
+    "Micrograph",
+    "MicrographHeader",
+    "atomic_write",
+    "read_header",
+    "read_micrograph",
+    "validate_array",
+    "write_micrograph",
+]
+
+#: MRC modes we read: int8, int16, float32, uint16, float16.
+SUPPORTED_MODES = {0: "int8", 1: "int16", 2: "float32", 6: "uint16", 12: "float16"}
+#: Smallest accepted image side in pixels (a model with a larger receptive field asks for more).
+MIN_SIZE = 32
+#: Temporary files of atomic writes start with this, so a crashed run's leftovers are recognisable.
+TEMP_PREFIX = ".cryodeploy-tmp-"
+
+
+@dataclass(frozen=True)
+class MicrographHeader:
+    """Header fields that a derived micrograph keeps."""
+
+    shape: tuple[int, ...]
+    mode: int
+    voxel_size: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    nstart: tuple[int, int, int] = (0, 0, 0)
+    ispg: int = 0
+    exttyp: bytes = b""
+    extended_header: bytes = field(default=b"", repr=False)
+    labels: tuple[str, ...] = ()
+
+    @property
+    def is_stack(self) -> bool:
+        """True for a stack of 2-D frames (nz > 1)."""
+        return len(self.shape) == 3
+
+    @property
+    def frame_shape(self) -> tuple[int, int]:
+        """(height, width) of one frame."""
+        return int(self.shape[-2]), int(self.shape[-1])
+
+    @property
+    def n_frames(self) -> int:
+        """Number of 2-D frames (1 for a single micrograph)."""
+        return int(self.shape[0]) if self.is_stack else 1
+
+
+@dataclass
+class Micrograph:
+    """A micrograph (2-D) or stack (3-D, frames first) as float32, with its header."""
+
+    path: Path
+    data: np.ndarray
+    header: MicrographHeader = field(repr=False)
+
+    def frames(self) -> Iterator[np.ndarray]:
+        """Yield each 2-D frame (a single micrograph yields itself)."""
+        if self.data.ndim == 2:
+            yield self.data
+        else:
+            yield from self.data
+
+
+def _open_error(path: Path, err: Exception) -> InputError:
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return InputError(f"{path}: not a readable MRC file ({text})")
+
+
+def _header_from(mrc: object, path: Path) -> MicrographHeader:
+    import mrcfile.mrcobject
+
+    assert isinstance(mrc, mrcfile.mrcobject.MrcObject)
+    h = mrc.header
+    mode = int(h.mode)
+    if mode not in SUPPORTED_MODES:
+        raise InputError(
+            f"{path}: unsupported MRC mode {mode}, expected one of "
+            + ", ".join(f"{m} ({n})" for m, n in SUPPORTED_MODES.items())
+        )
+    nx, ny, nz = int(h.nx), int(h.ny), int(h.nz)
+    ispg = int(h.ispg)
+    if nz > 1 and 1 <= ispg <= 230:
+        raise InputError(
+            f"{path}: found a 3-D volume ({nx}x{ny}x{nz}, space group {ispg}), "
+            "expected a 2-D micrograph or an image stack (space group 0)"
+        )
+    shape: tuple[int, ...] = (ny, nx) if nz == 1 else (nz, ny, nx)
+    vs = mrc.voxel_size
+    ext = mrc.extended_header
+    labels = tuple(
+        lab.decode("ascii", "replace").strip() for lab in h.label[: int(h.nlabl)] if lab.strip()
+    )
+    return MicrographHeader(
+        shape=shape,
+        mode=mode,
+        voxel_size=(float(vs.x), float(vs.y), float(vs.z)),
+        origin=(float(h.origin.x), float(h.origin.y), float(h.origin.z)),
+        nstart=(int(h.nxstart), int(h.nystart), int(h.nzstart)),
+        ispg=ispg,
+        exttyp=bytes(h.exttyp),
+        extended_header=ext.tobytes() if ext is not None else b"",
+        labels=labels,
+    )
+
+
+def read_header(path: str | os.PathLike[str]) -> MicrographHeader:
+    """Read and check only the header (cheap; used to plan work before reading data)."""
+    import mrcfile
+
+    p = Path(path)
+    _check_file(p)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with mrcfile.open(p, mode="r", header_only=True, permissive=False) as mrc:
+                header = _header_from(mrc, p)
+    except InputError:
+        raise
+    except (ValueError, OSError, EOFError, TypeError, IndexError) as err:
+        raise _open_error(p, err) from err
+    return header
+
+
+def _check_file(p: Path) -> None:
+    if not p.exists():
+        raise InputError(f"{p}: no such file")
+    if p.is_dir():
+        raise InputError(f"{p}: is a directory, expected an MRC file")
+    if not os.access(p, os.R_OK):
+        raise InputError(f"{p}: not readable (permission denied)")
+    if p.stat().st_size == 0:
+        raise InputError(f"{p}: empty file, expected an MRC file")
+
+
+def validate_array(data: np.ndarray, path: str | os.PathLike[str], min_size: int = MIN_SIZE) -> None:
+    """Check a micrograph's pixels: 2-D frames at least ``min_size`` a side, finite, not constant."""
+    p = Path(path)
+    if data.size == 0:
+        raise InputError(f"{p}: empty image (shape {data.shape})")
+    h, w = data.shape[-2], data.shape[-1]
+    if h < min_size or w < min_size:
+        raise InputError(f"{p}: image is {w}x{h} pixels, expected at least {min_size}x{min_size}")
+    frames = data.reshape(-1, h, w)
+    for i, frame in enumerate(frames):
+        where = f" (frame {i})" if frames.shape[0] > 1 else ""
+        finite = np.isfinite(frame)
+        if not finite.all():
+            n_bad = int(frame.size - np.count_nonzero(finite))
+            raise InputError(f"{p}: found {n_bad} NaN/Inf values{where}, expected finite pixels")
+        lo, hi = float(frame.min()), float(frame.max())
+        if lo == hi:
+            raise InputError(f"{p}: image is constant ({lo:g}){where}, expected non-zero variance")
+
+
+def read_micrograph(path: str | os.PathLike[str], min_size: int = MIN_SIZE) -> Micrograph:
+    """Read an MRC micrograph or stack as float32 and validate it.
+
+    Raises :class:`InputError` ("<file>: ...") for a file that is missing, not MRC, truncated,
+    of an unsupported mode, a 3-D volume, smaller than ``min_size``, non-finite or constant.
+    """
+    import mrcfile
+
+    p = Path(path)
+    _check_file(p)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with mrcfile.open(p, mode="r", permissive=False) as mrc:
+                header = _header_from(mrc, p)
+                raw = mrc.data
+                if raw is None:
+                    raise InputError(f"{p}: MRC file has no data block")
+                data = np.asarray(raw, dtype=np.float32).reshape(header.shape)
+    except InputError:
+        raise
+    except (ValueError, OSError, EOFError, TypeError, IndexError, MemoryError) as err:
+        raise _open_error(p, err) from err
+    validate_array(data, p, min_size)
+    return Micrograph(path=p, data=np.ascontiguousarray(data), header=header)
+
+
+def _temp_path(target: Path) -> Path:
+    fd, name = tempfile.mkstemp(prefix=TEMP_PREFIX + target.name + ".", dir=target.parent)
+    os.close(fd)
+    return Path(name)
+
+
+@contextlib.contextmanager
+def atomic_write(target: str | os.PathLike[str], protect: tuple[Path, ...] = ()) -> Iterator[Path]:
+    """Yield a temp path beside ``target``; on success it is fsynced and renamed onto ``target``.
+
+    On any exception the temp file is removed and ``target`` is untouched. ``protect`` lists
+    files (the inputs) that must never be replaced.
+    """
+    t = Path(target)
+    for src in protect:
+        if t.exists() and src.exists() and os.path.samefile(t, src):
+            raise OutputError(f"{t}: refusing to overwrite an input file")
+        if t.resolve() == Path(src).resolve():
+            raise OutputError(f"{t}: refusing to overwrite an input file")
+    try:
+        tmp = _temp_path(t)
+    except OSError as err:
+        raise OutputError(f"{t}: cannot write ({err.strerror or err})") from err
+    try:
+        yield tmp
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, t)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"{t}: cannot write ({err.strerror or err})") from err
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+_OUT_DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+def write_micrograph(
+    path: str | os.PathLike[str],
+    data: np.ndarray,
+    header: MicrographHeader | None = None,
+    dtype: str = "float32",
+    protect: tuple[Path, ...] = (),
+    label: str | None = None,
+) -> Path:
+    """Write ``data`` (2-D or a 3-D stack) atomically as float32 or float16 MRC.
+
+    With ``header`` the voxel size, origin, start indices, space group, extended header and
+    labels are carried over. ``protect`` lists input files that must not be overwritten.
+    """
+    import mrcfile
+
+    if dtype not in _OUT_DTYPES:
+        raise OutputError(f"{path}: output dtype {dtype!r} not supported, expected float32 or float16")
+    arr = np.ascontiguousarray(data, dtype=_OUT_DTYPES[dtype])
+    if header is not None and tuple(arr.shape) != tuple(header.shape):
+        raise OutputError(f"{path}: data shape {arr.shape} differs from the header's {header.shape}")
+    target = Path(path)
+    with atomic_write(target, protect) as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with mrcfile.new(tmp, overwrite=True) as mrc:
+            mrc.set_data(arr)
+            if header is not None:
+                _apply_header(mrc, header)
+            if label:
+                mrc.add_label(label[:80])
+            mrc.update_header_stats()
+    return target
+
+
+def _apply_header(mrc: object, header: MicrographHeader) -> None:
+    import mrcfile.mrcobject
+
+    assert isinstance(mrc, mrcfile.mrcobject.MrcObject)
+    if header.extended_header:
+        mrc.set_extended_header(np.frombuffer(header.extended_header, dtype="V1"))
+        mrc.header.exttyp = header.exttyp
+    if header.is_stack:
+        mrc.set_image_stack()
+    mrc.voxel_size = header.voxel_size
+    h = mrc.header
+    h.origin.x, h.origin.y, h.origin.z = header.origin
+    h.nxstart, h.nystart, h.nzstart = header.nstart
+    for lab in header.labels[:9]:
+        mrc.add_label(lab[:80])

@@ -1,0 +1,54 @@
+"""Progress bars for long work (rich), silenced by ``quiet``; one place so every command looks alike."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Protocol
+
+__all__ = ["ProgressTask", "progress"]
+
+
+class ProgressTask(Protocol):
+    """What long-running library code calls to report progress."""
+
+    def advance(self, n: float = 1, **fields: object) -> None: ...
+
+
+class _Silent:
+    def advance(self, n: float = 1, **fields: object) -> None:
+        return None
+
+
+class _RichTask:
+    def __init__(self, prog: object, task_id: object) -> None:
+        self._prog = prog
+        self._id = task_id
+
+    def advance(self, n: float = 1, **fields: object) -> None:
+        status = " ".join(f"{k}={v}" for k, v in fields.items())
+        self._prog.update(self._id, advance=n, status=status)  # type: ignore[attr-defined]
+
+
+@contextlib.contextmanager
+def progress(total: float | None, description: str, quiet: bool = False) -> Iterator[ProgressTask]:
+    """A progress bar on stderr with ``description``; ``quiet`` gives a silent one."""
+    if quiet:
+        yield _Silent()
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    prog = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[status]}"),
+        console=Console(stderr=True),
+        transient=False,
+    )
+    with prog:
+        task_id = prog.add_task(description, total=total, status="")
+        yield _RichTask(prog, task_id)

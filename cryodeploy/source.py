@@ -1,0 +1,71 @@
+"""Resolve what the user calls a model (``default``, a checkpoint, a run folder, a raw weight
+folder, ``model.onnx``, a TensorRT engine) into a :class:`ModelSource` the backends load from.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from .errors import ModelError
+from .models import ModelSpec
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["ModelSource", "load_source"]
+
+Kind = Literal["checkpoint", "raw", "onnx", "engine"]
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A resolved model: its kind, file, spec (geometry and normalization) and content hash."""
+
+    kind: Kind
+    path: Path
+    spec: ModelSpec
+    sha256: str
+
+    def torch_module(self) -> torch.nn.Module:
+        """The model as an eval-mode CPU torch module (checkpoints and raw folders only)."""
+        if self.kind == "checkpoint":
+            from .checkpoint import load_checkpoint
+
+            return load_checkpoint(self.path)[0]
+        raise ModelError(f"{self.path}: a {self.kind} model cannot be run by PyTorch; use a checkpoint")
+
+
+def _detect_kind(p: Path) -> Kind:
+    if p.is_dir():
+        if (p / "layers.json").is_file():
+            return "raw"
+        return "checkpoint"
+    suffix = p.suffix.lower()
+    if suffix in (".safetensors", ".json"):
+        return "checkpoint"
+    if suffix == ".onnx":
+        return "onnx"
+    if suffix in (".engine", ".plan", ".trt"):
+        return "engine"
+    raise ModelError(
+        f"{p}: unrecognised model file (expected a run folder, .safetensors, a raw weight folder "
+        "with layers.json, .onnx, or a TensorRT .engine)"
+    )
+
+
+def load_source(model: str | os.PathLike[str]) -> ModelSource:
+    """Resolve ``model`` (a path, or ``"default"`` for the shipped model) to a :class:`ModelSource`."""
+    from .checkpoint import file_sha256, load_checkpoint, resolve_checkpoint
+
+    p = Path(model)
+    if not p.exists():
+        raise ModelError(f"{p}: no such model file or folder")
+    kind = _detect_kind(p)
+    if kind == "checkpoint":
+        weights = resolve_checkpoint(p)
+        _, spec = load_checkpoint(weights)
+        return ModelSource("checkpoint", weights, spec, file_sha256(weights))
+    raise ModelError(f"{p}: {kind} models are not supported yet")

@@ -1,0 +1,74 @@
+"""What this machine offers: package versions, devices, and which backends can run."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import os
+import platform
+from typing import Any
+
+__all__ = ["package_version", "system_info", "tensorrt_runtime"]
+
+
+def package_version(dist: str) -> str | None:
+    """Installed version of distribution ``dist``, or None."""
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def tensorrt_runtime() -> tuple[Any | None, str]:
+    """The ``tensorrt`` module if its runtime is present, else None and why.
+
+    The type stubs make ``import tensorrt`` succeed without a runtime, so the test is
+    whether ``tensorrt.Builder`` exists.
+    """
+    try:
+        trt = importlib.import_module("tensorrt")
+    except ImportError:
+        return None, "tensorrt: not installed (pip install cryodeploy[gpu] on a CUDA machine)"
+    if not hasattr(trt, "Builder"):
+        return None, "tensorrt: only type stubs are installed, no TensorRT runtime (install the tensorrt package)"
+    return trt, "available"
+
+
+def _devices() -> list[dict[str, Any]]:
+    devices: list[dict[str, Any]] = [{"device": "cpu", "threads": os.cpu_count() or 1, "name": platform.processor() or platform.machine()}]
+    import torch
+
+    devices[0]["torch_threads"] = torch.get_num_threads()
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            prop = torch.cuda.get_device_properties(i)
+            devices.append({
+                "device": f"cuda:{i}",
+                "name": prop.name,
+                "memory_gib": round(prop.total_memory / 2**30, 1),
+                "compute_capability": f"{prop.major}.{prop.minor}",
+            })
+    return devices
+
+
+def system_info() -> dict[str, Any]:
+    """Versions, devices and backend availability as a JSON-ready dict."""
+    from . import __version__
+    from .backends import BACKENDS, BackendOptions, availability
+
+    versions: dict[str, str | None] = {"cryodeploy": __version__, "python": platform.python_version()}
+    for dist in ("torch", "numpy", "onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt", "mrcfile", "starfile"):
+        versions[dist] = package_version(dist)
+    trt, _ = tensorrt_runtime()
+    if trt is not None:
+        versions["tensorrt"] = str(trt.__version__)
+    devices = _devices()
+    backends: dict[str, dict[str, str | bool]] = {}
+    has_cuda = any(d["device"].startswith("cuda") for d in devices)
+    for name in sorted(BACKENDS):
+        opts = BackendOptions(device="cuda" if has_cuda else "cpu")
+        ok, reason = availability(name, opts)
+        if not ok and has_cuda:
+            ok, reason = availability(name, BackendOptions(device="cpu"))
+        backends[name] = {"available": ok, "reason": reason}
+    return {"versions": versions, "devices": devices, "backends": backends}
