@@ -1,0 +1,63 @@
+"""Shared fixtures: small real MRC files and a seeded CNN3 checkpoint written by the tests themselves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def smooth_image(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
+    """A smooth random float32 image with blob-like structure (fast, no synth dependency)."""
+    h, w = shape
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    img = np.zeros(shape, np.float32)
+    for _ in range(12):
+        cy, cx = rng.uniform(0, h), rng.uniform(0, w)
+        r = rng.uniform(3, max(4.0, min(h, w) / 6))
+        img += rng.uniform(0.3, 1.0) * np.exp(-((y - cy) ** 2 + (x - cx) ** 2) / (2 * r * r))
+    return img + 0.05 * rng.standard_normal(shape).astype(np.float32)
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(1234)
+
+
+@pytest.fixture(scope="session")
+def cnn3_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A seeded, randomly initialised CNN3 saved as a checkpoint (``.safetensors`` + ``.json``)."""
+    import torch
+
+    from cryodeploy.checkpoint import save_checkpoint
+    from cryodeploy.models import ModelSpec, build_model
+
+    torch.manual_seed(0)
+    spec = ModelSpec("cnn3")
+    model = build_model(spec)
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "cnn3.safetensors", model, spec)
+
+
+@pytest.fixture(scope="session")
+def unet_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A seeded, randomly initialised small U-Net (base 8, depth 2) checkpoint."""
+    import torch
+
+    from cryodeploy.checkpoint import save_checkpoint
+    from cryodeploy.models import ModelSpec, build_model
+
+    torch.manual_seed(0)
+    spec = ModelSpec("unet", params={"base_channels": 8, "depth": 2})
+    model = build_model(spec)
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "unet.safetensors", model, spec)
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """The real micrographs in ../shared/data (tests using it skip if the folder is absent)."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"{SHARED_DATA} not present")
+    return SHARED_DATA
