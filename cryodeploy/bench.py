@@ -1,0 +1,206 @@
+"""Side-by-side speed of every available backend and precision on one device, in one run.
+
+Each variant denoises the same ``[1, 1, size, size]`` batch; on CUDA the backend's
+device-resident path (:meth:`Backend.run_device`) is timed with CUDA events, so host copies
+are excluded (variants without one are timed through :meth:`Backend.run` and say so). The
+memory-traffic floors come from the device-to-device copy bandwidth measured in the same run.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .backends import availability, create_backend
+from .backends.base import BackendOptions
+from .errors import CryoDeployError
+from .source import ModelSource
+
+__all__ = ["VARIANTS", "BenchConfig", "BenchRow", "BenchVariant", "run_bench"]
+
+
+@dataclass(frozen=True)
+class BenchVariant:
+    """One way of running the model: backend, precision and backend-specific options."""
+
+    label: str
+    backend: str
+    precision: str
+    extra: tuple[tuple[str, Any], ...] = ()
+
+
+#: Every variant the bench knows; unavailable ones are reported with the reason.
+VARIANTS: tuple[BenchVariant, ...] = (
+    BenchVariant("eager fp32", "torch", "fp32"),
+    BenchVariant("eager fp16 + channels_last", "torch", "fp16"),
+    BenchVariant("eager bf16 + channels_last", "torch", "bf16"),
+    BenchVariant("CUDA graphs fp16", "torch", "fp16", (("cuda_graphs", True),)),
+    BenchVariant("torch.compile fp16", "torch", "fp16", (("compile", True),)),
+    BenchVariant("ONNX Runtime fp32", "ort", "fp32"),
+    BenchVariant("ONNX Runtime fp16", "ort", "fp16"),
+    BenchVariant("TensorRT fp32", "trt", "fp32"),
+    BenchVariant("TensorRT fp16", "trt", "fp16"),
+    BenchVariant("fused Triton fp16", "fused", "fp16"),
+    BenchVariant("fused Triton bf16", "fused", "bf16"),
+)
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What to measure: image ``size``, ``device``, ``backends`` filter (None = all), timing ``repeats``."""
+
+    size: int = 4096
+    device: str = "cuda"
+    backends: tuple[str, ...] | None = None
+    repeats: int = 20
+    warmup: int = 3
+
+
+@dataclass
+class BenchRow:
+    """One variant's result; ``ms`` is None when it could not run (``note`` says why)."""
+
+    label: str
+    backend: str
+    precision: str
+    ms: float | None
+    ratio_vs_eager_fp32: float | None = None
+    max_rel_err_vs_fp32: float | None = None
+    timed: str = ""
+    note: str = ""
+
+
+@dataclass
+class BenchReport:
+    """All rows plus the device description and memory floors."""
+
+    device: str
+    size: int
+    rows: list[BenchRow] = field(default_factory=list)
+    copy_bandwidth_gbs: float | None = None
+    floors_ms: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return asdict(self)
+
+
+def _median_ms(fn: Callable[[], Any], repeats: int, warmup: int, cuda: bool) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    if cuda:
+        import torch
+
+        torch.cuda.synchronize()
+        for _ in range(repeats):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+    else:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return float(statistics.median(times))
+
+
+def _floors(source: ModelSource, size: int, cuda: bool, device: str) -> tuple[float | None, dict[str, float]]:
+    """Copy bandwidth and the unfused / fused memory-traffic floors for a stride-1 conv net."""
+    if not cuda:
+        return None, {}
+    import torch
+
+    buf = torch.empty(1 << 28, dtype=torch.float32, device=device)  # 1 GiB
+    ms = _median_ms(lambda: buf.clone(), 10, 2, True)
+    bw = 2 * buf.numel() * 4 / (ms * 1e-3) / 1e9  # read + write, GB/s
+    del buf
+    floors: dict[str, float] = {}
+    if source.spec.stride == 1:
+        convs = [m for m in source.torch_module().modules() if isinstance(m, torch.nn.Conv2d)]
+        px = size * size
+        unfused_fp16 = sum((c.in_channels + c.out_channels) * 2 for c in convs) * px
+        floors["unfused fp16 traffic"] = unfused_fp16 / (bw * 1e9) * 1e3
+        floors["fused (fp32 in + out only)"] = 8 * px / (bw * 1e9) * 1e3
+    return bw, floors
+
+
+def run_bench(source: ModelSource, config: BenchConfig, progress: Callable[[str], None] | None = None) -> BenchReport:
+    """Measure every variant of :data:`VARIANTS` (filtered by ``config.backends``) on ``config.device``."""
+    cuda = config.device.startswith("cuda")
+    rng = np.random.default_rng(0)
+    host = rng.standard_normal((1, 1, config.size, config.size), dtype=np.float32)
+    report = BenchReport(device=_device_name(config.device), size=config.size)
+    report.copy_bandwidth_gbs, report.floors_ms = _floors(source, config.size, cuda, config.device)
+    reference: np.ndarray | None = None
+    for v in VARIANTS:
+        if config.backends is not None and v.backend not in config.backends:
+            continue
+        if progress:
+            progress(v.label)
+        opts = BackendOptions(device=config.device, precision=v.precision, extra=v.extra)
+        try:
+            ok, reason = availability(v.backend, opts)
+        except CryoDeployError as err:
+            ok, reason = False, str(err)
+        if not ok:
+            report.rows.append(BenchRow(v.label, v.backend, v.precision, None, note=reason))
+            continue
+        try:
+            row, out = _measure(source, v, opts, host, config, cuda)
+        except (CryoDeployError, RuntimeError, NotImplementedError, ValueError) as err:
+            report.rows.append(BenchRow(v.label, v.backend, v.precision, None, note=f"failed: {err}"[:300]))
+            continue
+        if reference is None and v.backend == VARIANTS[0].backend and v.precision == "fp32" and not v.extra:
+            reference = out
+        if reference is not None:
+            row.max_rel_err_vs_fp32 = float(np.abs(out - reference).max() / max(np.abs(reference).max(), 1e-12))
+        report.rows.append(row)
+    base = next((r.ms for r in report.rows if r.label == VARIANTS[0].label and r.ms), None)
+    for r in report.rows:
+        if base and r.ms:
+            r.ratio_vs_eager_fp32 = base / r.ms
+    return report
+
+
+def _measure(
+    source: ModelSource, v: BenchVariant, opts: BackendOptions, host: np.ndarray, config: BenchConfig, cuda: bool
+) -> tuple[BenchRow, np.ndarray]:
+    with create_backend(v.backend, source, opts) as backend:
+        if cuda:
+            import torch
+
+            x = torch.from_numpy(host).to(config.device)
+            try:
+                out = backend.run_device(x).float().cpu().numpy()
+                fn: Callable[[], Any] = lambda: backend.run_device(x)  # noqa: E731
+                timed = "device-resident (no host copies)"
+            except NotImplementedError:
+                out = backend.run(host)
+                fn = lambda: backend.run(host)  # noqa: E731
+                timed = "incl. host<->device copies"
+        else:
+            out = backend.run(host)
+            fn = lambda: backend.run(host)  # noqa: E731
+            timed = "host (CPU)"
+        ms = _median_ms(fn, config.repeats, config.warmup, cuda)
+    return BenchRow(v.label, v.backend, v.precision, ms, timed=timed), out
+
+
+def _device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        import torch
+
+        return str(torch.cuda.get_device_name(torch.device(device)))
+    import os
+    import platform
+
+    return f"CPU {platform.machine()} ({os.cpu_count()} threads)"
