@@ -8,8 +8,9 @@ one-line :class:`~cryodeploy.errors.InputError` naming the file.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
-import tempfile
+import secrets
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -104,17 +105,22 @@ def _header_from(mrc: object, path: Path) -> MicrographHeader:
         )
     nx, ny, nz = int(h.nx), int(h.ny), int(h.nz)
     ispg = int(h.ispg)
-    if nz > 1 and 1 <= ispg <= 230:
+    if nz > 1 and ispg != 0:
         raise InputError(
             f"{path}: found a 3-D volume ({nx}x{ny}x{nz}, space group {ispg}), "
             "expected a 2-D micrograph or an image stack (space group 0)"
         )
+    expected = 1024 + int(h.nsymbt) + nx * ny * nz * np.dtype(SUPPORTED_MODES[mode]).itemsize
+    found = path.stat().st_size
+    if found < expected:
+        raise InputError(
+            f"{path}: truncated file, found {found} bytes, expected {expected} "
+            f"(a {nx}x{ny}x{nz} mode {mode} data block after the headers)"
+        )
     shape: tuple[int, ...] = (ny, nx) if nz == 1 else (nz, ny, nx)
     vs = mrc.voxel_size
     ext = mrc.extended_header
-    labels = tuple(
-        lab.decode("ascii", "replace").strip() for lab in h.label[: int(h.nlabl)] if lab.strip()
-    )
+    labels = tuple(lab.decode("ascii", "replace").strip() for lab in h.label[: int(h.nlabl)] if lab.strip())
     return MicrographHeader(
         shape=shape,
         mode=mode,
@@ -186,12 +192,11 @@ def read_micrograph(path: str | os.PathLike[str], min_size: int = MIN_SIZE) -> M
     import mrcfile
 
     p = Path(path)
-    _check_file(p)
+    header = read_header(p)  # cheap checks first: file, header, mode, kind, size
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with mrcfile.open(p, mode="r", permissive=False) as mrc:
-                header = _header_from(mrc, p)
                 raw = mrc.data
                 if raw is None:
                     raise InputError(f"{p}: MRC file has no data block")
@@ -205,23 +210,31 @@ def read_micrograph(path: str | os.PathLike[str], min_size: int = MIN_SIZE) -> M
 
 
 def _temp_path(target: Path) -> Path:
-    fd, name = tempfile.mkstemp(prefix=TEMP_PREFIX + target.name + ".", dir=target.parent)
-    os.close(fd)
-    return Path(name)
+    """Create a new empty file beside ``target`` with the usual permissions (0666 less the umask)."""
+    for _ in range(100):
+        tmp = target.parent / f"{TEMP_PREFIX}{target.name}.{secrets.token_hex(6)}"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return tmp
+    raise FileExistsError(errno.EEXIST, "no unused temporary file name", str(target.parent))
 
 
 @contextlib.contextmanager
-def atomic_write(target: str | os.PathLike[str], protect: tuple[Path, ...] = ()) -> Iterator[Path]:
+def atomic_write(
+    target: str | os.PathLike[str], protect: tuple[str | os.PathLike[str], ...] = ()
+) -> Iterator[Path]:
     """Yield a temp path beside ``target``; on success it is fsynced and renamed onto ``target``.
 
     On any exception the temp file is removed and ``target`` is untouched. ``protect`` lists
     files (the inputs) that must never be replaced.
     """
     t = Path(target)
-    for src in protect:
-        if t.exists() and src.exists() and os.path.samefile(t, src):
-            raise OutputError(f"{t}: refusing to overwrite an input file")
-        if t.resolve() == Path(src).resolve():
+    for src in map(Path, protect):
+        same = t.exists() and src.exists() and os.path.samefile(t, src)
+        if same or t.resolve() == src.resolve():
             raise OutputError(f"{t}: refusing to overwrite an input file")
     try:
         tmp = _temp_path(t)
@@ -248,7 +261,7 @@ def write_micrograph(
     data: np.ndarray,
     header: MicrographHeader | None = None,
     dtype: str = "float32",
-    protect: tuple[Path, ...] = (),
+    protect: tuple[str | os.PathLike[str], ...] = (),
     label: str | None = None,
 ) -> Path:
     """Write ``data`` (2-D or a 3-D stack) atomically as float32 or float16 MRC.
@@ -268,10 +281,15 @@ def write_micrograph(
         warnings.simplefilter("ignore")
         with mrcfile.new(tmp, overwrite=True) as mrc:
             mrc.set_data(arr)
+            if arr.ndim == 3:
+                mrc.set_image_stack()
+            # Drop mrcfile's time-stamped default label: the same data and header give the same bytes.
+            mrc.header.nlabl = 0
+            mrc.header.label[:] = b""
             if header is not None:
                 _apply_header(mrc, header)
             if label:
-                mrc.add_label(label[:80])
+                mrc.add_label(_ascii_label(label))
             mrc.update_header_stats()
     return target
 
@@ -283,11 +301,16 @@ def _apply_header(mrc: object, header: MicrographHeader) -> None:
     if header.extended_header:
         mrc.set_extended_header(np.frombuffer(header.extended_header, dtype="V1"))
         mrc.header.exttyp = header.exttyp
-    if header.is_stack:
-        mrc.set_image_stack()
     mrc.voxel_size = header.voxel_size
     h = mrc.header
+    if not header.is_stack:  # a stack keeps space group 0
+        h.ispg = header.ispg
     h.origin.x, h.origin.y, h.origin.z = header.origin
     h.nxstart, h.nystart, h.nzstart = header.nstart
     for lab in header.labels[:9]:
-        mrc.add_label(lab[:80])
+        mrc.add_label(_ascii_label(lab))
+
+
+def _ascii_label(text: str) -> str:
+    """An MRC label: ASCII (others become '?'), at most 80 characters."""
+    return text.encode("ascii", "replace").decode("ascii")[:80]

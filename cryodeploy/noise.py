@@ -30,7 +30,9 @@ class NoiseSpec:
         if self.kind != "poisson-gaussian":
             raise ConfigError(f"noise kind {self.kind!r} unknown, expected 'poisson-gaussian'")
         if self.dose < 0 or self.sigma < 0:
-            raise ConfigError(f"noise dose and sigma must be >= 0, found dose={self.dose}, sigma={self.sigma}")
+            raise ConfigError(
+                f"noise dose and sigma must be >= 0, found dose={self.dose}, sigma={self.sigma}"
+            )
         if self.dose_range is not None:
             lo, hi = self.dose_range
             if not 0 < lo <= hi:
@@ -46,8 +48,12 @@ class NoiseSpec:
     def from_dict(cls, d: dict[str, Any]) -> NoiseSpec:
         """Inverse of :meth:`to_dict`."""
         rng = d.get("dose_range")
-        return cls(kind=d.get("kind", "poisson-gaussian"), dose=float(d.get("dose", 20.0)),
-                   sigma=float(d.get("sigma", 0.05)), dose_range=tuple(rng) if rng else None)  # type: ignore[arg-type]
+        return cls(
+            kind=d.get("kind", "poisson-gaussian"),
+            dose=float(d.get("dose", 20.0)),
+            sigma=float(d.get("sigma", 0.05)),
+            dose_range=tuple(rng) if rng else None,
+        )  # type: ignore[arg-type]
 
     def draw_dose(self, rng: np.random.Generator) -> float:
         """The dose for one image: fixed, or log-uniform over ``dose_range``."""
@@ -57,7 +63,9 @@ class NoiseSpec:
         return float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
 
 
-def to_unit_range(image: np.ndarray, low_percentile: float = 0.1, high_percentile: float = 99.9) -> np.ndarray:
+def to_unit_range(
+    image: np.ndarray, low_percentile: float = 0.1, high_percentile: float = 99.9
+) -> np.ndarray:
     """Map an image to [0, 1] by robust percentiles (clipped), as the seeds did before adding noise."""
     img = np.asarray(image, dtype=np.float32)
     lo, hi = np.percentile(img[:: max(1, img.shape[0] // 1024)], [low_percentile, high_percentile])
@@ -66,7 +74,9 @@ def to_unit_range(image: np.ndarray, low_percentile: float = 0.1, high_percentil
     return np.clip((img - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
 
 
-def add_noise(clean01: np.ndarray, spec: NoiseSpec, rng: np.random.Generator, dose: float | None = None) -> np.ndarray:
+def add_noise(
+    clean01: np.ndarray, spec: NoiseSpec, rng: np.random.Generator, dose: float | None = None
+) -> np.ndarray:
     """One noisy draw of a [0, 1] image under ``spec`` (``dose`` overrides the spec's draw)."""
     x = np.clip(np.asarray(clean01, dtype=np.float64), 0.0, None)
     d = spec.draw_dose(rng) if dose is None else dose

@@ -9,7 +9,7 @@ import numpy as np
 
 from .errors import ConfigError
 
-__all__ = ["NormSpec", "NormStats", "denormalize", "normalize", "norm_stats"]
+__all__ = ["NormSpec", "NormStats", "denormalize", "norm_stats", "normalize"]
 
 #: At most this many pixels (a regular subsample) are used to estimate the statistics.
 _MAX_SAMPLES = 1 << 20
@@ -74,9 +74,9 @@ def norm_stats(image: np.ndarray, spec: NormSpec = NormSpec()) -> NormStats:
 
 def normalize(image: np.ndarray, stats: NormStats) -> np.ndarray:
     """Apply ``(x - center) / scale`` in float32."""
-    return ((np.asarray(image, dtype=np.float32) - np.float32(stats.center)) / np.float32(stats.scale)).astype(
-        np.float32, copy=False
-    )
+    return (
+        (np.asarray(image, dtype=np.float32) - np.float32(stats.center)) / np.float32(stats.scale)
+    ).astype(np.float32, copy=False)
 
 
 def denormalize(image: np.ndarray, stats: NormStats) -> np.ndarray:

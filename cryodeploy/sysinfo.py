@@ -30,24 +30,43 @@ def tensorrt_runtime() -> tuple[Any | None, str]:
     except ImportError:
         return None, "tensorrt: not installed (pip install cryodeploy[gpu] on a CUDA machine)"
     if not hasattr(trt, "Builder"):
-        return None, "tensorrt: only type stubs are installed, no TensorRT runtime (install the tensorrt package)"
+        return (
+            None,
+            "tensorrt: only type stubs are installed, no TensorRT runtime (install the tensorrt package)",
+        )
     return trt, "available"
 
 
+def _importable(module: str) -> bool:
+    """Whether ``module`` imports here (an installed distribution may still fail to import)."""
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
+
+
 def _devices() -> list[dict[str, Any]]:
-    devices: list[dict[str, Any]] = [{"device": "cpu", "threads": os.cpu_count() or 1, "name": platform.processor() or platform.machine()}]
-    import torch
+    devices: list[dict[str, Any]] = [
+        {"device": "cpu", "threads": os.cpu_count() or 1, "name": platform.processor() or platform.machine()}
+    ]
+    try:
+        import torch
+    except ImportError:
+        return devices
 
     devices[0]["torch_threads"] = torch.get_num_threads()
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             prop = torch.cuda.get_device_properties(i)
-            devices.append({
-                "device": f"cuda:{i}",
-                "name": prop.name,
-                "memory_gib": round(prop.total_memory / 2**30, 1),
-                "compute_capability": f"{prop.major}.{prop.minor}",
-            })
+            devices.append(
+                {
+                    "device": f"cuda:{i}",
+                    "name": prop.name,
+                    "memory_gib": round(prop.total_memory / 2**30, 1),
+                    "compute_capability": f"{prop.major}.{prop.minor}",
+                }
+            )
     return devices
 
 
@@ -57,11 +76,21 @@ def system_info() -> dict[str, Any]:
     from .backends import BACKENDS, BackendOptions, availability
 
     versions: dict[str, str | None] = {"cryodeploy": __version__, "python": platform.python_version()}
-    for dist in ("torch", "numpy", "onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt", "mrcfile", "starfile"):
+    for dist in (
+        "torch",
+        "numpy",
+        "onnx",
+        "onnxruntime",
+        "onnxruntime-gpu",
+        "tensorrt",
+        "mrcfile",
+        "starfile",
+    ):
         versions[dist] = package_version(dist)
+    if not _importable("onnxruntime"):  # both distributions provide the module
+        versions["onnxruntime"] = versions["onnxruntime-gpu"] = None
     trt, _ = tensorrt_runtime()
-    if trt is not None:
-        versions["tensorrt"] = str(trt.__version__)
+    versions["tensorrt"] = str(getattr(trt, "__version__", "unknown")) if trt is not None else None
     devices = _devices()
     backends: dict[str, dict[str, str | bool]] = {}
     has_cuda = any(d["device"].startswith("cuda") for d in devices)

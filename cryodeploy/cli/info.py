@@ -26,4 +26,4 @@ def info(as_json: bool) -> None:
         click.echo(f"  {dev['device']:16s} {extra}")
     click.echo("backends:")
     for name, b in data["backends"].items():
-        click.echo(f"  {name:16s} {'available' if b['available'] else 'unavailable'}: {b['reason']}")
+        click.echo(f"  {name:16s} " + ("available" if b["available"] else f"unavailable: {b['reason']}"))
