@@ -1,0 +1,303 @@
+"""ONNX export: a checkpoint becomes ``model.onnx`` that carries everything needed to use it.
+
+The graph takes ``input`` ``[batch, 1, height, width]`` float32 (normalized micrograph tiles;
+height and width multiples of the model's stride) and returns ``output`` of the same shape;
+batch, height and width are dynamic. ``metadata_props`` hold the architecture, its parameters,
+receptive radius, stride, normalization, the source checkpoint's sha256, the cryodeploy
+version, and the full :class:`~cryodeploy.models.ModelSpec` as JSON under ``model_spec``, so
+:func:`read_onnx_spec` rebuilds the spec without the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .._version import __version__
+from ..errors import ConfigError, CryoDeployError, ModelError
+from ..models import ModelSpec
+from .cache import cache_root
+
+if TYPE_CHECKING:
+    import onnx
+    import torch
+
+    from ..source import ModelSource
+
+__all__ = [
+    "DEFAULT_OPSET",
+    "INPUT_NAME",
+    "MIN_OPSET",
+    "OUTPUT_NAME",
+    "SPEC_KEY",
+    "VERIFY_RTOL",
+    "cached_onnx",
+    "check_against_torch",
+    "convert_fp16",
+    "export_onnx",
+    "onnx_metadata",
+    "read_onnx_spec",
+    "verify_shape",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OPSET = 17
+MIN_OPSET = 17
+INPUT_NAME = "input"
+OUTPUT_NAME = "output"
+#: metadata key holding the full ModelSpec JSON (written last, so a cut-off file loses it)
+SPEC_KEY = "model_spec"
+_AXES = {0: "batch", 2: "height", 3: "width"}
+#: an export must reproduce PyTorch to this relative error (max|a-b| / max|b|) on a random input
+VERIFY_RTOL = 1e-5
+
+def _resolve(model: str | os.PathLike[str] | ModelSource) -> ModelSource:
+    from ..source import ModelSource, load_source
+
+    src = model if isinstance(model, ModelSource) else load_source(model)
+    if src.kind not in ("checkpoint", "raw"):
+        raise ModelError(
+            f"{src.path}: found an {src.kind} model, expected a checkpoint or raw weight folder to export"
+        )
+    return src
+
+
+def _example_input(spec: ModelSpec) -> torch.Tensor:
+    import torch
+
+    step = max(spec.stride, 16)
+    return torch.zeros(1, 1, 3 * step, 2 * step)
+
+
+def _torch_export(module: torch.nn.Module, example: torch.Tensor, path: Path, opset: int) -> None:
+    import torch
+
+    with warnings.catch_warnings():
+        # the TorchScript exporter announces its own deprecation on every call; the torch.export
+        # one also works (verified on torch 2.13) but takes ~4 s and only writes opset >= 18 natively
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        axes = {INPUT_NAME: _AXES, OUTPUT_NAME: _AXES}
+        torch.onnx.export(
+            module, (example,), str(path), dynamo=False, opset_version=opset,
+            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_axes=axes,
+        )
+
+
+def _metadata(src: ModelSource, verified: str) -> dict[str, str]:
+    spec = src.spec
+    return {
+        "architecture": spec.architecture,
+        "params": json.dumps(spec.params, sort_keys=True),
+        "receptive_radius": str(spec.receptive_radius),
+        "stride": str(spec.stride),
+        "normalization": json.dumps(spec.normalization.to_dict(), sort_keys=True),
+        "source_kind": src.kind,
+        "source_sha256": src.sha256,
+        "cryodeploy_version": __version__,
+        "precision": "fp32",
+        "layout": "NCHW float32 [batch,1,height,width], normalized; height and width multiples of stride",
+        "verified": verified,
+        SPEC_KEY: json.dumps(spec.to_dict(), sort_keys=True),
+    }
+
+
+def _set_metadata(model: onnx.ModelProto, meta: dict[str, str]) -> None:
+    del model.metadata_props[:]
+    for key, value in meta.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+
+
+def _simplify(model: onnx.ModelProto) -> onnx.ModelProto:
+    try:
+        import onnxslim
+    except ImportError:
+        log.warning("--simplify skipped: onnxslim is not installed (pip install 'cryodeploy[onnx]')")
+        return model
+    return onnxslim.slim(model)
+
+
+def _check(model: onnx.ModelProto, where: Path) -> None:
+    import onnx
+
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as err:
+        raise ModelError(f"{where}: exported graph fails onnx.checker ({str(err).splitlines()[0]})") from err
+
+
+def verify_shape(spec: ModelSpec) -> tuple[int, int, int, int]:
+    """The random input used to verify an export: batch 2, non-square, odd sides unless the stride forbids."""
+    s = spec.stride
+    return (2, 1, -(-67 // s) * s, -(-45 // s) * s)
+
+
+def _verify(graph: onnx.ModelProto, module: torch.nn.Module, spec: ModelSpec, where: Path) -> str:
+    try:
+        import onnxruntime
+    except ImportError:
+        return "no (onnxruntime not installed)"
+    import torch
+
+    shape = verify_shape(spec)
+    err = check_against_torch(graph.SerializeToString(), module, shape, np.random.default_rng(0))
+    if not err <= VERIFY_RTOL:
+        raise ModelError(
+            f"{where}: exported graph disagrees with PyTorch, found relative error {err:.3g} on a random "
+            f"{'x'.join(map(str, shape))} input, expected <= {VERIFY_RTOL:g}"
+        )
+    return (f"onnxruntime {onnxruntime.__version__} CPU vs torch {torch.__version__} fp32: "
+            f"relative error {err:.3g} on random input {'x'.join(map(str, shape))}")
+
+
+def export_onnx(
+    model: str | os.PathLike[str] | ModelSource,
+    out_path: str | os.PathLike[str],
+    opset: int = DEFAULT_OPSET,
+    simplify: bool = False,
+) -> Path:
+    """Export a checkpoint, run folder or raw weight folder (or a resolved source) to ONNX at ``out_path``.
+
+    The file is written atomically and passes ``onnx.checker.check_model(full_check=True)``.
+    Where onnxruntime is installed the graph is first run on a random input and compared with
+    PyTorch (relative error <= 1e-5, see :func:`check_against_torch`); the outcome is stored in
+    the ``verified`` metadata. Raises :class:`ModelError` for a model that cannot be loaded,
+    exported or verified, :class:`ConfigError` for an unsupported opset.
+    """
+    import onnx
+
+    from ..mrc import atomic_write
+
+    newest = onnx.defs.onnx_opset_version()
+    if not MIN_OPSET <= opset <= newest:
+        raise ConfigError(f"opset {opset} unsupported, expected {MIN_OPSET}..{newest}")
+    src = _resolve(model)
+    module = src.torch_module().float().eval()
+    out = Path(out_path)
+    with atomic_write(out) as tmp:
+        try:
+            _torch_export(module, _example_input(src.spec), tmp, opset)
+        except CryoDeployError:
+            raise
+        except Exception as err:  # torch raises many unrelated types; the user needs one line
+            first = (str(err).strip().splitlines() or [""])[0]
+            raise ModelError(f"{src.path}: torch.onnx.export failed ({type(err).__name__}: {first})") from err
+        graph = onnx.load(str(tmp))
+        if simplify:
+            graph = _simplify(graph)
+        graph.producer_name, graph.producer_version = "cryodeploy", __version__
+        graph.doc_string = f"cryodeploy {src.spec.architecture} denoiser exported from {src.path.name}"
+        verified = _verify(graph, module, src.spec, out)
+        _set_metadata(graph, _metadata(src, verified))
+        _check(graph, out)
+        onnx.save(graph, str(tmp))
+    log.info("exported %s to %s (opset %d)", src.path, out, opset)
+    return out
+
+
+def onnx_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
+    """The ``metadata_props`` of an ONNX file; :class:`ModelError` if it is missing or not valid ONNX."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    p = Path(path)
+    try:
+        model = onnx.load(str(p), load_external_data=False)
+        onnx.checker.check_model(model)
+    except FileNotFoundError as err:
+        raise ModelError(f"{p}: no such ONNX file") from err
+    except (DecodeError, onnx.checker.ValidationError, OSError) as err:
+        detail = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ModelError(f"{p}: not a valid ONNX model, truncated or corrupt ({detail})") from err
+    return {entry.key: entry.value for entry in model.metadata_props}
+
+
+def read_onnx_spec(path: str | os.PathLike[str]) -> ModelSpec:
+    """The :class:`ModelSpec` stored in an ONNX file by :func:`export_onnx`."""
+    meta = onnx_metadata(path)
+    raw = meta.get(SPEC_KEY)
+    if raw is None:
+        raise ModelError(
+            f"{path}: found no {SPEC_KEY!r} metadata, expected an ONNX file written by 'cryodeploy export'"
+        )
+    try:
+        return ModelSpec.from_dict(json.loads(raw))
+    except (json.JSONDecodeError, ConfigError, KeyError, TypeError) as err:
+        raise ModelError(f"{path}: invalid {SPEC_KEY!r} metadata ({err})") from err
+
+
+def cached_onnx(source: ModelSource, opset: int = DEFAULT_OPSET) -> Path:
+    """An ONNX file for ``source``: the file itself for an ONNX source, else an export kept in the cache.
+
+    The cache file is named by the source's sha256 and reused only if its metadata names
+    that same source hash.
+    """
+    if source.kind == "onnx":
+        return source.path
+    target = cache_root("onnx") / f"{source.sha256}-opset{opset}.onnx"
+    if target.is_file():
+        try:
+            if onnx_metadata(target).get("source_sha256") == source.sha256:
+                return target
+        except ModelError as err:
+            log.warning("re-exporting unusable cached ONNX: %s", err)
+    return export_onnx(source, target, opset=opset)
+
+
+def convert_fp16(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Path:
+    """Write an fp16 copy of an fp32 ONNX model (float32 input and output kept) to ``dst``.
+
+    Uses onnxconverter-common's converter; its metadata is kept, with ``precision`` set to fp16.
+    """
+    import onnx
+
+    from ..mrc import atomic_write
+
+    try:
+        from onnxconverter_common import float16
+    except ImportError as err:
+        raise ModelError(
+            f"{src}: fp16 conversion needs onnxconverter-common (pip install 'cryodeploy[onnx]')"
+        ) from err
+    meta = onnx_metadata(src)
+    spec = meta.pop(SPEC_KEY, None)
+    meta["precision"] = "fp16"
+    if spec is not None:
+        meta[SPEC_KEY] = spec
+    model = onnx.load(str(src))
+    del model.graph.value_info[:]  # stale fp32 annotations (e.g. from onnxslim) would contradict the casts
+    model = float16.convert_float_to_float16(model, keep_io_types=True)
+    _set_metadata(model, meta)
+    out = Path(dst)
+    _check(model, out)
+    with atomic_write(out) as tmp:
+        onnx.save(model, str(tmp))
+    return out
+
+
+def check_against_torch(
+    onnx_model: str | os.PathLike[str] | bytes, module: torch.nn.Module, shape: tuple[int, int, int, int],
+    rng: np.random.Generator,
+) -> float:
+    """Relative error ``max|onnx - torch| / max|torch|`` of ONNX Runtime (CPU, fp32) against ``module``
+    on a standard normal input of ``shape``. ``onnx_model`` is a file or serialized model bytes."""
+    import onnxruntime as ort
+    import torch
+
+    x = rng.standard_normal(shape).astype(np.float32)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 4
+    model = onnx_model if isinstance(onnx_model, bytes) else str(onnx_model)
+    session = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+    got = np.asarray(session.run([OUTPUT_NAME], {INPUT_NAME: x})[0], dtype=np.float64)
+    with torch.inference_mode():
+        want = module.float().eval()(torch.from_numpy(x)).numpy().astype(np.float64)
+    return float(np.abs(got - want).max() / max(np.abs(want).max(), np.finfo(np.float32).tiny))

@@ -1,0 +1,193 @@
+"""Build TensorRT 10 engines from ONNX into the engine cache (fp32 and/or gated fp16).
+
+Import this module only where TensorRT's runtime is present (check with
+:func:`~cryodeploy.export.engine_cache.require_tensorrt`, which :func:`build_engines` calls
+too); the configs, cache keys and sidecars live in :mod:`.engine_cache`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+import tensorrt as trt
+
+from ..errors import ModelError
+from ..models import ModelSpec
+from .engine_cache import (
+    BuildConfig,
+    EngineKey,
+    EngineRecord,
+    EngineSidecar,
+    Platform,
+    cache_lookup,
+    check_gate,
+    read_sidecar,
+    require_tensorrt,
+    timing_cache_path,
+    write_sidecar,
+)
+from .gate import denoising_psnr, fp16_gate, synthetic_calibration
+
+__all__ = ["TrtLogger", "build_engines", "current_platform"]
+
+log = logging.getLogger(__name__)
+
+
+class TrtLogger(trt.ILogger):
+    """Routes TensorRT's messages to :mod:`logging` (errors as errors, the rest as debug)."""
+
+    def __init__(self) -> None:
+        trt.ILogger.__init__(self)
+
+    def log(self, severity: trt.ILogger.Severity, msg: str) -> None:
+        if severity <= trt.ILogger.Severity.ERROR:
+            log.error("TensorRT: %s", msg)
+        elif severity == trt.ILogger.Severity.WARNING:
+            log.warning("TensorRT: %s", msg)
+        else:
+            log.debug("TensorRT: %s", msg)
+
+
+def current_platform(device: int = 0) -> Platform:
+    """The GPU ``device`` and the TensorRT version an engine built now is bound to."""
+    import torch
+
+    major, minor = torch.cuda.get_device_capability(device)
+    return Platform(torch.cuda.get_device_name(device), f"{major}.{minor}", trt.__version__)
+
+
+def _parse(onnx_path: Path, builder: trt.Builder, logger: trt.ILogger) -> tuple[trt.INetworkDefinition, str]:
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise ModelError(f"{onnx_path}: TensorRT cannot parse the ONNX model ({errors})")
+    if network.num_inputs != 1 or network.num_outputs != 1:
+        raise ModelError(
+            f"{onnx_path}: found {network.num_inputs} inputs and {network.num_outputs} outputs, "
+            "expected 1 and 1"
+        )
+    return network, network.get_input(0).name
+
+
+def _timing_cache(config: trt.IBuilderConfig, path: Path) -> None:
+    data = path.read_bytes() if path.is_file() else b""
+    if not config.set_timing_cache(config.create_timing_cache(data), ignore_mismatch=False):
+        log.warning("%s: timing cache does not match this GPU or TensorRT; starting a new one", path)
+        config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
+
+
+def _build(
+    onnx_path: Path, spec: ModelSpec, key: EngineKey, cache_dir: Path, config: BuildConfig
+) -> EngineRecord:
+    from ..checkpoint import file_sha256
+    from ..mrc import atomic_write
+
+    logger = TrtLogger()
+    builder = trt.Builder(logger)
+    network, input_name = _parse(onnx_path, builder, logger)
+    cfg = builder.create_builder_config()
+    cfg.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, config.workspace_bytes)
+    if key.precision == "fp16":  # weak typing: deprecated since TensorRT 10.12 but in every 10.x
+        cfg.set_flag(trt.BuilderFlag.FP16)
+    else:
+        cfg.clear_flag(trt.BuilderFlag.TF32)  # an fp32 engine computes in fp32, for parity with torch/ORT
+    profile = builder.create_optimization_profile()
+    lo, opt, hi = (trt.Dims(list(s)) for s in key.profile.input_shapes())
+    profile.set_shape(input_name, lo, opt, hi)
+    cfg.add_optimization_profile(profile)
+    timing = config.timing_cache or timing_cache_path(cache_dir, key.platform)
+    _timing_cache(cfg, timing)
+    log.info("building %s engine for %s on %s", key.precision, onnx_path, key.platform.describe())
+    start = time.perf_counter()
+    serialized: trt.IHostMemory | None = builder.build_serialized_network(network, cfg)
+    seconds = time.perf_counter() - start
+    if serialized is None:
+        raise ModelError(f"{onnx_path}: TensorRT failed to build the {key.precision} engine (see its log)")
+    path = cache_dir / key.engine_name()
+    with atomic_write(path) as tmp:
+        tmp.write_bytes(serialized)
+    with atomic_write(timing) as tmp:
+        tmp.write_bytes(cfg.get_timing_cache().serialize())
+    sidecar = EngineSidecar(
+        key=key, model=spec.to_dict(), engine_sha256=file_sha256(path), build_seconds=round(seconds, 3),
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        workspace_bytes=config.workspace_bytes, onnx_path=os.fspath(onnx_path.resolve()),
+    )
+    write_sidecar(path, sidecar)
+    return EngineRecord(path, sidecar, reused=False)
+
+
+def _gate(fp32: EngineRecord, fp16: EngineRecord, spec: ModelSpec, config: BuildConfig) -> EngineRecord:
+    """Measure the fp16 engine against the fp32 engine and record the result in its sidecar."""
+    from ..backends.base import BackendOptions
+    from ..backends.trt.runner import TrtBackend
+
+    tile = (fp16.key.profile.opt[1], fp16.key.profile.opt[2])
+    pairs = list(config.calibration) or synthetic_calibration(
+        spec, tile, config.calibration_count, config.calibration_seed
+    )
+    opts = BackendOptions(device=f"cuda:{config.device}", extra=(("allow_accuracy_loss", True),))
+    with TrtBackend(fp32.path, opts) as ref:
+        psnr32 = denoising_psnr(ref, spec, pairs)
+    with TrtBackend(fp16.path, opts) as half:
+        psnr16 = denoising_psnr(half, spec, pairs)
+    sidecar = replace(fp16.sidecar, gate=fp16_gate(psnr32, psnr16, config.max_drop_db, len(pairs)))
+    write_sidecar(fp16.path, sidecar)
+    return replace(fp16, sidecar=sidecar)
+
+
+def build_engines(
+    onnx_path: str | os.PathLike[str], cache_dir: str | os.PathLike[str], config: BuildConfig | None = None
+) -> list[EngineRecord]:
+    """Engines for ``onnx_path`` in ``config.precisions`` from the cache in ``cache_dir``, built if
+    missing or if the cached one's key differs; one record per requested precision, in order.
+
+    An fp16 engine is always gated against the fp32 engine (built too, as the reference);
+    :class:`ModelError` with the numbers if it loses more than ``max_drop_db`` of PSNR, unless
+    ``allow_accuracy_loss``.
+    """
+    from ..checkpoint import file_sha256
+    from .onnx import read_onnx_spec
+
+    cfg = config or BuildConfig()
+    require_tensorrt(cfg.device)
+    onnx_file, cache = Path(onnx_path), Path(cache_dir)
+    spec = read_onnx_spec(onnx_file)
+    cfg.shapes.check_stride(spec.stride)
+    cache.mkdir(parents=True, exist_ok=True)
+    platform = current_platform(cfg.device)
+    onnx_sha = file_sha256(onnx_file)
+    wanted = ("fp32", "fp16") if "fp16" in cfg.precisions else ("fp32",)
+    records: dict[str, EngineRecord] = {}
+    for precision in wanted:
+        key = EngineKey(onnx_sha, platform, precision, cfg.shapes)
+        decision = cache_lookup(cache, key)
+        log.info("%s engine %s: %s (%s)", precision, decision.path.name, decision.action, decision.reason)
+        if decision.action == "reuse":
+            records[precision] = EngineRecord(decision.path, read_sidecar(decision.path), reused=True)
+        else:
+            records[precision] = _build(onnx_file, spec, key, cache, cfg)
+    if "fp16" in records:
+        half = records["fp16"]
+        if half.sidecar.gate is None:
+            half = _gate(records["fp32"], half, spec, cfg)
+        else:  # a cached engine's numbers, judged by this call's threshold and flag alone
+            g = half.sidecar.gate
+            rejudged = fp16_gate(g.psnr_fp32, g.psnr_fp16, cfg.max_drop_db, g.samples)
+            half = replace(half, sidecar=replace(half.sidecar, gate=rejudged, loss_accepted=False))
+        gate = half.sidecar.gate
+        assert gate is not None
+        log.info("%s: %s", half.path.name, gate.message())
+        check_gate(half.path, half.sidecar, cfg.allow_accuracy_loss)
+        if not gate.passed:
+            log.warning("%s: keeping it because accuracy loss is allowed", gate.message())
+            half = replace(half, sidecar=replace(half.sidecar, loss_accepted=True))
+            write_sidecar(half.path, half.sidecar)
+        records["fp16"] = half
+    return [records[p] for p in cfg.precisions]
