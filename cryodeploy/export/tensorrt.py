@@ -1,4 +1,8 @@
-"""Build TensorRT 10 engines from ONNX into the engine cache (fp32 and/or gated fp16).
+"""Build TensorRT engines from ONNX into the engine cache (fp32 and/or gated fp16).
+
+Written against the TensorRT 10 Python API and type-checked with its stubs; networks are
+strongly typed (an fp16 engine is built from an fp16 copy of the ONNX), which TensorRT 10
+supports and TensorRT 11 requires.
 
 Import this module only where TensorRT's runtime is present (check with
 :func:`~cryodeploy.export.engine_cache.require_tensorrt`, which :func:`build_engines` calls
@@ -62,7 +66,9 @@ def current_platform(device: int = 0) -> Platform:
 
 
 def _parse(onnx_path: Path, builder: trt.Builder, logger: trt.ILogger) -> tuple[trt.INetworkDefinition, str]:
-    network = builder.create_network(0)
+    # strongly typed: the ONNX's own types decide the precision (TensorRT 11 removed BuilderFlag.FP16,
+    # and 10.12 deprecated it); on 11 the flag is accepted and ignored, strong typing being the only mode
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
@@ -87,15 +93,17 @@ def _build(
 ) -> EngineRecord:
     from ..checkpoint import file_sha256
     from ..mrc import atomic_write
+    from .onnx import convert_fp16
 
     logger = TrtLogger()
     builder = trt.Builder(logger)
-    network, input_name = _parse(onnx_path, builder, logger)
+    graph = onnx_path
+    if key.precision == "fp16":  # an fp16 graph (float32 input/output kept), built strongly typed
+        graph = convert_fp16(onnx_path, cache_dir / f"{key.onnx_sha256[:24]}-fp16.onnx")
+    network, input_name = _parse(graph, builder, logger)
     cfg = builder.create_builder_config()
     cfg.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, config.workspace_bytes)
-    if key.precision == "fp16":  # weak typing: deprecated since TensorRT 10.12 but in every 10.x
-        cfg.set_flag(trt.BuilderFlag.FP16)
-    else:
+    if key.precision == "fp32":
         cfg.clear_flag(trt.BuilderFlag.TF32)  # an fp32 engine computes in fp32, for parity with torch/ORT
     profile = builder.create_optimization_profile()
     lo, opt, hi = (trt.Dims(list(s)) for s in key.profile.input_shapes())
