@@ -62,9 +62,11 @@ def main() -> None:
         for rows, chunk, progs, nw in configs:
             y = fused_cnn3_forward(x, w, rows, chunk, progs, nw)
             err = float((y - ref).abs().max() / ref.abs().max())
-            t = timed(lambda: fused_cnn3_forward(x, w, rows, chunk, progs, nw))
-            print(f"fused {dtype} rows={rows} chunk={chunk} programs={progs} warps={nw}: {t:.3f} ms, "
-                  f"rel err vs fp64 {err:.2e}, speedup vs eager fp32 {t32 / t:.2f}x")
+            t = timed(lambda w=w, r=rows, c=chunk, p=progs, n=nw: fused_cnn3_forward(x, w, r, c, p, n))
+            print(
+                f"fused {dtype} rows={rows} chunk={chunk} programs={progs} warps={nw}: {t:.3f} ms, "
+                f"rel err vs fp64 {err:.2e}, speedup vs eager fp32 {t32 / t:.2f}x"
+            )
 
 
 if __name__ == "__main__":

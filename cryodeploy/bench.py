@@ -119,10 +119,11 @@ def _floors(source: ModelSource, size: int, cuda: bool, device: str) -> tuple[fl
         return None, {}
     import torch
 
-    buf = torch.empty(1 << 28, dtype=torch.float32, device=device)  # 1 GiB
-    ms = _median_ms(lambda: buf.clone(), 10, 2, True)
-    bw = 2 * buf.numel() * 4 / (ms * 1e-3) / 1e9  # read + write, GB/s
-    del buf
+    n = 1 << 28  # 1 GiB of float32, far larger than L2
+    buf = torch.empty(n, dtype=torch.float32, device=device)
+    ms = _median_ms(buf.clone, 10, 2, True)
+    bw = 2 * n * 4 / (ms * 1e-3) / 1e9  # read + write, GB/s
+    buf = torch.empty(0, device=device)
     floors: dict[str, float] = {}
     if source.spec.stride == 1:
         convs = [m for m in source.torch_module().modules() if isinstance(m, torch.nn.Conv2d)]
@@ -133,7 +134,9 @@ def _floors(source: ModelSource, size: int, cuda: bool, device: str) -> tuple[fl
     return bw, floors
 
 
-def run_bench(source: ModelSource, config: BenchConfig, progress: Callable[[str], None] | None = None) -> BenchReport:
+def run_bench(
+    source: ModelSource, config: BenchConfig, progress: Callable[[str], None] | None = None
+) -> BenchReport:
     """Measure every variant of :data:`VARIANTS` (filtered by ``config.backends``) on ``config.device``."""
     cuda = config.device.startswith("cuda")
     rng = np.random.default_rng(0)
@@ -162,7 +165,9 @@ def run_bench(source: ModelSource, config: BenchConfig, progress: Callable[[str]
         if reference is None and v.backend == VARIANTS[0].backend and v.precision == "fp32" and not v.extra:
             reference = out
         if reference is not None:
-            row.max_rel_err_vs_fp32 = float(np.abs(out - reference).max() / max(np.abs(reference).max(), 1e-12))
+            row.max_rel_err_vs_fp32 = float(
+                np.abs(out - reference).max() / max(np.abs(reference).max(), 1e-12)
+            )
         report.rows.append(row)
     base = next((r.ms for r in report.rows if r.label == VARIANTS[0].label and r.ms), None)
     for r in report.rows:
@@ -172,7 +177,12 @@ def run_bench(source: ModelSource, config: BenchConfig, progress: Callable[[str]
 
 
 def _measure(
-    source: ModelSource, v: BenchVariant, opts: BackendOptions, host: np.ndarray, config: BenchConfig, cuda: bool
+    source: ModelSource,
+    v: BenchVariant,
+    opts: BackendOptions,
+    host: np.ndarray,
+    config: BenchConfig,
+    cuda: bool,
 ) -> tuple[BenchRow, np.ndarray]:
     with create_backend(v.backend, source, opts) as backend:
         if cuda:

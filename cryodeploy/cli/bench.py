@@ -9,16 +9,37 @@ import click
 
 
 @click.command()
-@click.option("--model", "model", default="default", show_default=True, help="Model to time (checkpoint, run folder, ...).")
+@click.option(
+    "--model",
+    "model",
+    default="default",
+    show_default=True,
+    help="Model to time (checkpoint, run folder, ...).",
+)
 @click.option("--size", type=int, default=4096, show_default=True, help="Micrograph side in pixels.")
 @click.option("--backends", default=None, help="Comma-separated backends to include (default: all).")
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
-@click.option("--repeats", type=int, default=20, show_default=True, help="Timed runs per variant (median reported).")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Also write the report as JSON.")
+@click.option(
+    "--repeats", type=int, default=20, show_default=True, help="Timed runs per variant (median reported)."
+)
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Also write the report as JSON.",
+)
 @click.option("-q", "--quiet", is_flag=True, help="Print only the table.")
-def bench(model: str, size: int, backends: str | None, device: str | None, repeats: int, json_path: str | None,
-          quiet: bool) -> None:
-    """Time one micrograph's forward pass for every available backend and precision, with the ratio to eager fp32."""
+def bench(
+    model: str,
+    size: int,
+    backends: str | None,
+    device: str | None,
+    repeats: int,
+    json_path: str | None,
+    quiet: bool,
+) -> None:
+    """Time one micrograph's forward pass for every backend and precision, with the ratio to eager fp32."""
     from ..bench import BenchConfig, run_bench
     from ..source import load_source
 
@@ -26,8 +47,12 @@ def bench(model: str, size: int, backends: str | None, device: str | None, repea
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    cfg = BenchConfig(size=size, device=device, repeats=repeats,
-                      backends=tuple(b.strip() for b in backends.split(",")) if backends else None)
+    cfg = BenchConfig(
+        size=size,
+        device=device,
+        repeats=repeats,
+        backends=tuple(b.strip() for b in backends.split(",")) if backends else None,
+    )
     source = load_source(model)
     report = run_bench(source, cfg, None if quiet else lambda s: click.echo(f"timing {s} ...", err=True))
     today = datetime.date.today().isoformat()
@@ -42,7 +67,10 @@ def bench(model: str, size: int, backends: str | None, device: str | None, repea
         err = f", rel err {r.max_rel_err_vs_fp32:.1e}" if r.max_rel_err_vs_fp32 is not None else ""
         baseline = f"eager fp32 {base.ms:.2f} ms" if base and base.ms else ""
         ratio = f"{r.ratio_vs_eager_fp32:.2f}x" if r.ratio_vs_eager_fp32 else ""
-        click.echo(f"| {today} | {report.device} | {what} | {r.label} ({r.timed}{err}) | {r.ms:.3f} | ms | {baseline} | {ratio} |")
+        click.echo(
+            f"| {today} | {report.device} | {what} | {r.label} ({r.timed}{err}) | {r.ms:.3f} | ms "
+            f"| {baseline} | {ratio} |"
+        )
     if report.copy_bandwidth_gbs:
         click.echo(f"\nmeasured device copy bandwidth: {report.copy_bandwidth_gbs:.0f} GB/s")
         for name, ms in report.floors_ms.items():

@@ -28,36 +28,63 @@ _COLS = 64  # grid width in pixels (power of two)
 _VALID_COLS = _COLS - 4
 
 
-def pack_weights(module: torch.nn.Module, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
+def pack_weights(
+    module: torch.nn.Module, dtype: torch.dtype, device: torch.device
+) -> dict[str, torch.Tensor]:
     """CNN3 weights in the kernel's layouts: w1 [9,16] fp32, w2 [9,16(in),16(out)], w3 [16(in),16(tap)]."""
-    conv1, conv2, conv3 = module.conv1, module.conv2, module.conv3  # type: ignore[union-attr]
+    from ...models.cnn3 import CNN3
+
+    if not isinstance(module, CNN3):
+        raise ValueError(f"fused kernel needs a CNN3 module, found {type(module).__name__}")
+    conv1, conv2, conv3 = module.conv1, module.conv2, module.conv3
     c = conv1.weight.shape[0]
     if c != 16:
         raise ValueError(f"fused kernel needs 16 hidden channels, found {c}")
     w1 = conv1.weight.detach().float().reshape(16, 9).t().contiguous()  # [tap, cout]
     w2 = conv2.weight.detach().float().permute(2, 3, 1, 0).reshape(9, 16, 16).contiguous()  # [tap, cin, cout]
+    biases = [conv.bias for conv in (conv1, conv2, conv3)]
+    if any(b is None for b in biases):
+        raise ValueError("fused kernel needs biased convolutions")
+    b1, b2, b3 = (b.detach().float().to(device) for b in biases if b is not None)
     w3 = torch.zeros(16, 16)
     w3[:, :9] = conv3.weight.detach().float().reshape(16, 9)  # [cin, tap]
     return {
         "w1": w1.to(device),
-        "b1": conv1.bias.detach().float().to(device),
+        "b1": b1,
         "w2": w2.to(device=device, dtype=dtype),
-        "b2": conv2.bias.detach().float().to(device),
+        "b2": b2,
         "w3": w3.to(device=device, dtype=dtype),
-        "b3": conv3.bias.detach().float().to(device),
+        "b3": b3,
     }
 
 
 @triton.jit
 def _cnn3_kernel(
-    x_ptr, y_ptr, s1_ptr, s2_ptr,
-    w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr,
-    H, W, n_tiles_c, n_tiles_r, total, n_programs, iters,
-    ROWS: tl.constexpr, COLS: tl.constexpr, CHUNK: tl.constexpr, DT: tl.constexpr,
+    x_ptr,
+    y_ptr,
+    s1_ptr,
+    s2_ptr,
+    w1_ptr,
+    b1_ptr,
+    w2_ptr,
+    b2_ptr,
+    w3_ptr,
+    b3_ptr,
+    H,
+    W,
+    n_tiles_c,
+    n_tiles_r,
+    total,
+    n_programs,
+    iters,
+    ROWS: tl.constexpr,
+    COLS: tl.constexpr,
+    CHUNK: tl.constexpr,
+    DT: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    R1: tl.constexpr = ROWS + 4          # h1 rows in the slot
-    P: tl.constexpr = CHUNK * COLS       # pixels per chunk
+    R1: tl.constexpr = ROWS + 4  # h1 rows in the slot
+    P: tl.constexpr = CHUNK * COLS  # pixels per chunk
     SLOT = (R1 + CHUNK + 2) * COLS * 16  # guard rows: one above, CHUNK + 1 below (chunked shifted reads)
     s1 = s1_ptr + pid * SLOT + COLS * 16
     s2 = s2_ptr + pid * SLOT + COLS * 16
@@ -75,7 +102,7 @@ def _cnn3_kernel(
         live = t < total  # programs past the last tile compute nothing they store
         n = t // (n_tiles_c * n_tiles_r)
         rem = t % (n_tiles_c * n_tiles_r)
-        r0 = (rem // n_tiles_c) * ROWS - 2       # image row of slot row 0
+        r0 = (rem // n_tiles_c) * ROWS - 2  # image row of slot row 0
         c0 = (rem % n_tiles_c) * (COLS - 4) - 2  # image column of slot column 0
         xb = x_ptr + n * H * W
         # 1. h1 on the whole slot (ROWS+4 rows), zero outside the image
@@ -93,7 +120,11 @@ def _cnn3_kernel(
                     acc += v[:, None] * w[None, :]
             inside = (ri >= 0) & (ri < H) & (cj >= 0) & (cj < W) & (k + pi < R1)
             h1 = tl.where(inside[:, None], tl.maximum(acc, 0.0), 0.0)
-            tl.store(s1 + ((k + pi) * COLS + pj)[:, None] * 16 + ch[None, :], h1.to(DT), mask=(k + pi < R1)[:, None])
+            tl.store(
+                s1 + ((k + pi) * COLS + pj)[:, None] * 16 + ch[None, :],
+                h1.to(DT),
+                mask=(k + pi < R1)[:, None],
+            )
         tl.debug_barrier()
         # 2. h2 = relu(conv2(h1)) on slot rows 1..R1-2, projected by conv3 into z[:, tap]
         for k in range(1, R1 - 1, CHUNK):
@@ -110,7 +141,11 @@ def _cnn3_kernel(
             h2 = tl.where(inside[:, None], tl.maximum(acc2, 0.0), 0.0)
             z = tl.dot(h2.to(DT), w3)
             rows_ok = (k + pi) < (R1 - 1)
-            tl.store(s2 + ((k + pi) * COLS + pj)[:, None] * 16 + tap[None, :], z, mask=rows_ok[:, None] & (tap < 9)[None, :])
+            tl.store(
+                s2 + ((k + pi) * COLS + pj)[:, None] * 16 + tap[None, :],
+                z,
+                mask=rows_ok[:, None] & (tap < 9)[None, :],
+            )
         tl.debug_barrier()
         # 3. y = b3 + sum_t z[p + d_t, t] on slot rows 2..R1-3, columns 2..COLS-3
         for k in range(2, R1 - 2, CHUNK):
@@ -121,7 +156,16 @@ def _cnn3_kernel(
                     out += tl.load(s2 + q * 16 + (dy * 3 + dx))
             ri = r0 + k + pi
             cj = c0 + pj
-            ok = live & (ri >= 0) & (ri < H) & (cj >= 0) & (cj < W) & (pj >= 2) & (pj < COLS - 2) & (k + pi < R1 - 2)
+            ok = (
+                live
+                & (ri >= 0)
+                & (ri < H)
+                & (cj >= 0)
+                & (cj < W)
+                & (pj >= 2)
+                & (pj < COLS - 2)
+                & (k + pi < R1 - 2)
+            )
             tl.store(y_ptr + n * H * W + ri * W + cj, out, mask=ok)
         tl.debug_barrier()
 
@@ -158,10 +202,27 @@ def fused_cnn3_forward(
     s1 = torch.zeros(programs * slot, device=x.device, dtype=dt)
     s2 = torch.zeros(programs * slot, device=x.device, dtype=torch.float32)
     _cnn3_kernel[(programs,)](
-        x, y, s1, s2,
-        weights["w1"], weights["b1"], weights["w2"], weights["b2"], weights["w3"], weights["b3"],
-        h, w, n_tiles_c, n_tiles_r, total, programs, triton.cdiv(total, programs),
-        ROWS=rows, COLS=_COLS, CHUNK=chunk, DT=tl.float16 if dt == torch.float16 else tl.bfloat16,
+        x,
+        y,
+        s1,
+        s2,
+        weights["w1"],
+        weights["b1"],
+        weights["w2"],
+        weights["b2"],
+        weights["w3"],
+        weights["b3"],
+        h,
+        w,
+        n_tiles_c,
+        n_tiles_r,
+        total,
+        programs,
+        triton.cdiv(total, programs),
+        ROWS=rows,
+        COLS=_COLS,
+        CHUNK=chunk,
+        DT=tl.float16 if dt == torch.float16 else tl.bfloat16,
         num_warps=num_warps,
         num_stages=1,
     )

@@ -12,7 +12,7 @@ __all__ = ["FusedBackend"]
 
 
 class FusedBackend(Backend):
-    """CNN3 through :func:`fused_cnn3_forward`; ``extra`` options ``rows``, ``chunk``, ``programs`` tune it."""
+    """CNN3 through :func:`fused_cnn3_forward`; ``extra`` options rows, chunk, programs tune it."""
 
     name = "fused"
 
