@@ -1,0 +1,70 @@
+"""``cryodeploy train``: train a denoiser on a patch store (also under ``torchrun`` for DDP)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+
+def _params(values: tuple[str, ...]) -> dict[str, object]:
+    params: dict[str, object] = {}
+    for item in values:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{item!r}: expected KEY=VALUE, e.g. depth=2", param_hint="--param")
+        try:
+            params[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            params[key] = raw
+    return params
+
+
+@click.command()
+@click.argument("store", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("-o", "--output", "rundir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Run folder: best/last checkpoints, state.pt, metrics.jsonl, loss.png.")
+@click.option("--model", default="cnn3", show_default=True, help="Architecture: cnn3 or unet.")
+@click.option("--param", "params", multiple=True, metavar="KEY=VALUE",
+              help="Architecture parameter, e.g. --param base_channels=16 --param depth=2.")
+@click.option("--method", default="supervised", show_default=True,
+              type=click.Choice(["supervised", "noise2noise", "neighbor2neighbor"]),
+              help="Store pairs (clean or independent noisy targets), or self-supervised Neighbor2Neighbor.")
+@click.option("--epochs", default=5, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch", default=8, show_default=True, type=click.IntRange(min=1),
+              help="Global batch size (split over torchrun processes).")
+@click.option("--lr", default=1e-3, show_default=True, type=float, help="Learning rate.")
+@click.option("--optimizer", default="adam", show_default=True, type=click.Choice(["adam", "sgd"]))
+@click.option("--val-split", default=0.1, show_default=True, type=float,
+              help="Fraction of training micrographs held out for validation.")
+@click.option("--max-batches", type=click.IntRange(min=1), default=None, help="At most N batches per epoch.")
+@click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16", "fp16"]))
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
+@click.option("--log-every", default=50, show_default=True, type=click.IntRange(min=1),
+              help="Log loss, RMSE and samples/s every N batches.")
+@click.option("--resume", is_flag=True, help="Continue the run in RUNDIR exactly where it stopped.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def train(store: Path, rundir: Path, model: str, params: tuple[str, ...], method: str, epochs: int,
+          batch: int, lr: float, optimizer: str, val_split: float, max_batches: int | None, precision: str,
+          device: str, seed: int, log_every: int, resume: bool, quiet: bool) -> None:
+    """Train a denoiser on the patch store STORE into the run folder RUNDIR (-o)."""
+    import os
+
+    from ..train import TrainConfig
+    from ..train import train as run_training
+
+    config = TrainConfig(model=model, model_params=_params(params), epochs=epochs, batch=batch, lr=lr,
+                         optimizer=optimizer, val_split=val_split, max_batches=max_batches,
+                         precision=precision, device=device, seed=seed, method=method, log_every=log_every,
+                         resume=resume)
+    result = run_training(store, rundir, config, quiet=quiet)
+    if os.environ.get("RANK", "0") != "0":
+        return
+    best = "none"
+    if result.best_val_loss is not None:
+        best = f"{result.best_val_loss:.6g} (epoch {result.best_epoch})"
+    click.echo(f"trained {result.epochs_completed} epoch(s), {result.steps} steps; "
+               f"best validation loss {best}")
+    click.echo(f"checkpoints: {result.best or '-'} (best), {result.last or '-'} (last)")
