@@ -1,0 +1,81 @@
+"""``cryodeploy evaluate``: score a model against baselines and write an HTML report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+def _compare(ctx: click.Context, param: click.Parameter,
+             values: tuple[str, ...]) -> tuple[tuple[str, Path], ...]:
+    out = []
+    for v in values:
+        name, sep, folder = v.partition("=")
+        if not sep or not name or not folder:
+            raise click.BadParameter(f"found {v!r}, expected NAME=DIR", ctx=ctx, param=param)
+        out.append((name, Path(folder)))
+    return tuple(out)
+
+
+@click.command()
+@click.option("--model", "-m", required=True,
+              help="Model: checkpoint, run folder, raw weights, .onnx or engine.")
+@click.option("--pairs", nargs=2, type=click.Path(file_okay=False, path_type=Path),
+              metavar="NOISY_DIR CLEAN_DIR", help="Noisy and clean micrographs matched by file name.")
+@click.option("--store", type=click.Path(path_type=Path),
+              help="A patch store (normalized patches with targets).")
+@click.option("--split", default="test", show_default=True, help="Patch store split to evaluate.")
+@click.option("--halves", is_flag=True,
+              help="No clean target: FRC of diagonal halves of the INPUTS micrographs.")
+@click.option("--half-pairs", nargs=2, type=click.Path(file_okay=False, path_type=Path),
+              metavar="DIR_A DIR_B",
+              help="Independent halves (e.g. even/odd frame sums) matched by file name (with --halves).")
+@click.argument("inputs", nargs=-1)
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Report folder (metrics.json, index.html, PNGs).")
+@click.option("--model-b", help="A second model to compare (A/B).")
+@click.option("--compare", multiple=True, callback=_compare, metavar="NAME=DIR",
+              help="A folder of another tool's denoised files, matched by file name (repeatable).")
+@click.option("--train-log", type=click.Path(dir_okay=False, path_type=Path),
+              help="RUNDIR/metrics.jsonl of a training run, to plot its loss curve.")
+@click.option("--limit", type=click.IntRange(min=1), help="Evaluate only the first N items.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--backend", default="auto", show_default=True, help="Backend name, or auto.")
+@click.option("--strict", is_flag=True, help="Exit with status 3 if there is any red flag.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def evaluate(model: str, pairs: tuple[Path, Path] | None, store: Path | None, split: str, halves: bool,
+             half_pairs: tuple[Path, Path] | None, inputs: tuple[str, ...], output: Path, model_b: str | None,
+             compare: tuple[tuple[str, Path], ...], train_log: Path | None, limit: int | None, device: str,
+             backend: str, strict: bool, quiet: bool) -> None:
+    """Score a model against the noisy input, the best Gaussian blur and optional other models/tools.
+
+    Give exactly one of --pairs NOISY_DIR CLEAN_DIR, --store STORE, or --halves [INPUTS...]
+    [--half-pairs DIR_A DIR_B] (micrographs without a clean target).
+    """
+    from ..evaluate import EvalConfig, HalvesData, PairsData, StoreData
+    from ..evaluate import evaluate as run_evaluate
+
+    modes = [m for m, on in (("--pairs", pairs), ("--store", store), ("--halves", halves)) if on]
+    if len(modes) != 1:
+        found = ", ".join(modes) or "none"
+        raise click.UsageError(f"give exactly one of --pairs, --store, --halves (found {found})")
+    if (inputs or half_pairs) and not halves:
+        raise click.UsageError("INPUTS and --half-pairs go with --halves")
+    if halves and not inputs and not half_pairs:
+        raise click.UsageError("--halves needs micrographs (INPUTS) or --half-pairs DIR_A DIR_B")
+    data = (PairsData(*pairs) if pairs else StoreData(store, split) if store
+            else HalvesData(tuple(inputs), half_pairs))
+    config = EvalConfig(model_b=model_b, compare=compare, train_log=train_log, device=device, backend=backend,
+                        limit=limit, quiet=quiet)
+    result = run_evaluate(model, data, output, config)
+    if not quiet:
+        for name, m in result["methods"].items():
+            parts = [f"{k}={m[k]:.4g}" for k in ("psnr", "ssim", "corr", "frc_0.143", "flat_noise_ratio")
+                     if m.get(k) is not None]
+            click.echo(f"{name:12s} " + " ".join(parts))
+        click.echo(f"report: {output / 'index.html'}")
+    for flag in result["red_flags"]:
+        click.echo(f"red flag: {flag['message']}", err=True)
+    if strict and result["red_flags"]:
+        raise click.exceptions.Exit(3)
