@@ -1,0 +1,150 @@
+"""``cryodeploy preprocess``: cut micrographs into a patch store, or adopt a raw seeds-style store."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import click
+
+
+def _default_workers() -> int:
+    return min(4, os.cpu_count() or 1)
+
+
+@click.command()
+@click.argument("inputs", nargs=-1)
+@click.option(
+    "-o", "--output", "store", type=click.Path(path_type=Path), help="The patch store folder to write."
+)
+@click.option(
+    "--patch", type=click.IntRange(min=8), default=1024, show_default=True, help="Patch side in pixels."
+)
+@click.option(
+    "--stride", type=click.IntRange(min=1), help="Pixels between patches [default: the patch size]."
+)
+@click.option(
+    "--test-fraction",
+    type=click.FloatRange(0, 1, max_open=True),
+    default=0.1,
+    show_default=True,
+    help="Fraction of the micrographs put in the test split.",
+)
+@click.option(
+    "--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the split and noise."
+)
+@click.option(
+    "--noise",
+    "noise_kind",
+    type=click.Choice(["poisson-gaussian"]),
+    default=None,
+    help="Synthetic noise model [default: poisson-gaussian].",
+)
+@click.option(
+    "--sigma", type=click.FloatRange(min=0), help="Gaussian noise sigma on the [0,1] scale [default: 0.05]."
+)
+@click.option(
+    "--dose", type=click.FloatRange(min=0), help="Poisson dose (counts at intensity 1) [default: 20]."
+)
+@click.option(
+    "--dose-range", nargs=2, type=click.FloatRange(min=0), help="Draw the dose per micrograph in LO HI."
+)
+@click.option("--noise2noise", is_flag=True, help="Target = a second independent noisy draw (Noise2Noise).")
+@click.option(
+    "--pairs",
+    nargs=2,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Inputs in DIR_A, targets the same file names in DIR_B (e.g. even/odd sums).",
+)
+@click.option(
+    "--adopt",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Write a manifest for raw train_input.bin ... files in this folder.",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=0),
+    default=_default_workers,
+    show_default="min(4, cores)",
+    help="Micrographs prepared in parallel (memory grows with it; 0 = none).",
+)
+@click.option("--overwrite", is_flag=True, help="Replace an existing store.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def preprocess(
+    inputs: tuple[str, ...],
+    store: Path | None,
+    patch: int,
+    stride: int | None,
+    test_fraction: float,
+    seed: int,
+    noise_kind: str | None,
+    sigma: float | None,
+    dose: float | None,
+    dose_range: tuple[float, float] | None,
+    noise2noise: bool,
+    pairs: tuple[Path, Path] | None,
+    adopt: Path | None,
+    workers: int,
+    overwrite: bool,
+    quiet: bool,
+) -> None:
+    """Cut micrographs (files, globs, folders, RELION STAR files) into a patch store for training.
+
+    Targets: synthetic Poisson+Gaussian noise on the micrographs (default), two independent
+    noisy draws (--noise2noise), or your own pairs (--pairs DIR_A DIR_B).
+    """
+    noise_given = [
+        n
+        for n, v in (
+            ("--noise", noise_kind),
+            ("--sigma", sigma),
+            ("--dose", dose),
+            ("--dose-range", dose_range),
+        )
+        if v is not None
+    ]
+    if adopt is not None:
+        if inputs or store or pairs or noise2noise or noise_given:
+            raise click.UsageError("--adopt DIR takes only --patch and --overwrite")
+        from ..patches import adopt_raw_store
+
+        adopted = adopt_raw_store(adopt, patch, overwrite=overwrite)
+        click.echo(f"adopted {adopted}")
+        return
+    if store is None:
+        raise click.UsageError("missing -o/--output STORE")
+    if pairs is not None and (inputs or noise2noise or noise_given):
+        raise click.UsageError(
+            f"--pairs takes no INPUTS, --noise2noise or noise options (got {noise_given or 'some'})"
+        )
+    if pairs is None and not inputs:
+        raise click.UsageError("give INPUTS (micrographs) or --pairs DIR_A DIR_B")
+    if dose is not None and dose_range is not None:
+        raise click.UsageError("give --dose or --dose-range, not both")
+
+    from ..inputs import expand_inputs
+    from ..noise import NoiseSpec
+    from ..preprocess import PreprocessConfig
+    from ..preprocess import preprocess as run
+
+    noise = NoiseSpec(
+        dose=20.0 if dose is None else dose, sigma=0.05 if sigma is None else sigma, dose_range=dose_range
+    )
+    config = PreprocessConfig(
+        patch=patch,
+        stride=stride,
+        test_fraction=test_fraction,
+        seed=seed,
+        targets="pairs" if pairs else "noise2noise" if noise2noise else "noise",
+        noise=noise,
+        target_dir=pairs[1] if pairs else None,
+        workers=workers,
+        overwrite=overwrite,
+    )
+    paths = expand_inputs([str(pairs[0])] if pairs else list(inputs))
+    result = run(paths, store, config, quiet=quiet)
+    counts = ", ".join(f"{s} {result.count(s)}" for s in result.splits)
+    gib = sum(result.count(s) for s in result.splits) * result.patch_bytes * 2 / 2**30
+    click.echo(
+        f"wrote {store}: {counts} patches of {patch}x{patch} from {len(paths)} micrographs ({gib:.2f} GiB)"
+    )

@@ -1,0 +1,276 @@
+"""Stream micrographs into a patch store, one micrograph at a time, with a per-micrograph test split.
+
+Three kinds of targets:
+
+- ``noise``: the seeds' recipe. A micrograph is mapped to [0, 1] (:func:`~cryodeploy.noise.to_unit_range`),
+  a Poisson + Gaussian draw is the input and the [0, 1] image the target.
+- ``noise2noise``: two independent draws (same dose) are input and target.
+- ``pairs``: the user's own pairs, e.g. even/odd frame sums or noisy/clean; each input's target is the
+  file of the same name in ``target_dir`` (both must share one intensity scale).
+
+Input and target get the SAME affine normalization, the one :func:`~cryodeploy.normalize.norm_stats`
+computes from the input, so a training input is exactly what inference feeds the model.
+Every input's header is read first, so an unreadable file stops the run before any work.
+Memory: each in-flight micrograph (a stack counts as one) needs a few times its float32 size
+(``workers`` + 1 are in flight with ``workers`` > 0); it never depends on the number of micrographs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import ConfigError, InputError
+from .mrc import read_header, read_micrograph
+from .noise import NoiseSpec, add_noise, to_unit_range
+from .normalize import NormSpec, NormStats, norm_stats, normalize
+from .patches import PatchStore, StoreWriter
+from .progress import progress
+
+__all__ = ["TARGET_MODES", "PreprocessConfig", "preprocess", "split_micrographs"]
+
+log = logging.getLogger(__name__)
+
+#: The kinds of targets :func:`preprocess` can make.
+TARGET_MODES = ("noise", "noise2noise", "pairs")
+#: Rows per noise draw, so the float64 temporaries of the noise model stay small.
+_BAND_ROWS = 256
+
+
+def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
+    t = (int(value), int(value)) if isinstance(value, int | np.integer) else tuple(int(v) for v in value)
+    if len(t) != 2 or min(t) < 1:
+        raise ConfigError(f"{name} {value!r} invalid, expected a positive int or (H, W)")
+    return t[0], t[1]
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """How to cut micrographs into a patch store.
+
+    ``patch``/``stride`` are ints or (H, W); stride defaults to the patch (no overlap).
+    ``test_fraction`` of the micrographs (at least one when > 0 and there are >= 2) go to the
+    test split, chosen by ``seed``. ``workers`` threads prepare micrographs in parallel
+    (0 = in the calling thread). ``target_dir`` is required by, and only allowed with, ``pairs``.
+    """
+
+    patch: int | tuple[int, int] = 1024
+    stride: int | tuple[int, int] | None = None
+    test_fraction: float = 0.1
+    seed: int = 0
+    targets: str = "noise"
+    noise: NoiseSpec = field(default_factory=NoiseSpec)
+    normalization: NormSpec = field(default_factory=NormSpec)
+    target_dir: Path | None = None
+    workers: int = 0
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        _pair(self.patch, "patch")
+        _pair(self.stride if self.stride is not None else self.patch, "stride")
+        if not 0.0 <= self.test_fraction < 1.0:
+            raise ConfigError(f"test fraction {self.test_fraction} invalid, expected 0 <= f < 1")
+        if self.targets not in TARGET_MODES:
+            raise ConfigError(f"targets {self.targets!r} unknown, expected one of {', '.join(TARGET_MODES)}")
+        if (self.targets == "pairs") != (self.target_dir is not None):
+            raise ConfigError("a target directory is required by, and only allowed with, targets='pairs'")
+        if self.workers < 0 or self.seed < 0:
+            raise ConfigError(f"workers and seed must be >= 0, found {self.workers} and {self.seed}")
+
+    @property
+    def patch_shape(self) -> tuple[int, int]:
+        """(H, W) of a patch."""
+        return _pair(self.patch, "patch")
+
+    @property
+    def stride_shape(self) -> tuple[int, int]:
+        """(dy, dx) between patches."""
+        return _pair(self.stride if self.stride is not None else self.patch, "stride")
+
+
+def split_micrographs(n: int, test_fraction: float, seed: int) -> np.ndarray:
+    """Boolean mask of the micrographs in the test split (deterministic in ``n``, fraction and seed)."""
+    n_test = 0 if test_fraction <= 0 or n < 2 else min(n - 1, max(1, round(n * test_fraction)))
+    mask = np.zeros(n, dtype=bool)
+    mask[np.random.default_rng([seed, 0]).permutation(n)[:n_test]] = True
+    return mask
+
+
+@dataclass
+class _Prepared:
+    """One micrograph ready to be cut: per frame the input and target images before
+    normalization and the stats normalizing both (applied patch row by patch row)."""
+
+    frames: list[tuple[np.ndarray, np.ndarray, NormStats]]
+    info: list[dict[str, Any]]
+
+
+def _noisy(clean01: np.ndarray, spec: NoiseSpec, rng: np.random.Generator, dose: float) -> np.ndarray:
+    out = np.empty_like(clean01)
+    for r in range(0, clean01.shape[0], _BAND_ROWS):
+        out[r : r + _BAND_ROWS] = add_noise(clean01[r : r + _BAND_ROWS], spec, rng, dose=dose)
+    return out
+
+
+def _prepare_frame(
+    image: np.ndarray, partner: np.ndarray | None, config: PreprocessConfig, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, NormStats, float | None]:
+    if config.targets == "pairs":
+        assert partner is not None
+        return image, partner, norm_stats(image, config.normalization), None
+    clean01 = to_unit_range(image)
+    dose = config.noise.draw_dose(rng)
+    noisy = _noisy(clean01, config.noise, rng, dose)
+    target = _noisy(clean01, config.noise, rng, dose) if config.targets == "noise2noise" else clean01
+    return noisy, target, norm_stats(noisy, config.normalization), dose
+
+
+def _prepare(index: int, path: Path, partner: Path | None, config: PreprocessConfig) -> _Prepared:
+    rng = np.random.default_rng([config.seed, 1, index])
+    mic = read_micrograph(path)
+    other = read_micrograph(partner) if partner is not None else None
+    frames, info = [], []
+    partners: Iterable[np.ndarray | None] = (
+        other.frames() if other is not None else [None] * mic.header.n_frames
+    )
+    for f, (image, pimage) in enumerate(zip(mic.frames(), partners, strict=True)):
+        inp, tgt, stats, dose = _prepare_frame(image, pimage, config, rng)
+        frames.append((inp, tgt, stats))
+        entry: dict[str, Any] = {
+            "path": str(path.resolve()),
+            "shape": list(image.shape),
+            "center": stats.center,
+            "scale": stats.scale,
+        }
+        if mic.data.ndim == 3:
+            entry["frame"] = f
+        if partner is not None:
+            entry["target_path"] = str(partner.resolve())
+        if dose is not None:
+            entry["dose"] = dose
+        info.append(entry)
+    return _Prepared(frames, info)
+
+
+def _patches(image: np.ndarray, patch: tuple[int, int], stride: tuple[int, int]) -> Iterator[np.ndarray]:
+    """Patch rows of ``image`` as contiguous [n, H, W] arrays, top to bottom, left to right."""
+    (ph, pw), (sy, sx) = patch, stride
+    h, w = image.shape
+    if h < ph or w < pw:
+        return
+    nx = (w - pw) // sx + 1
+    s0, s1 = image.strides
+    for y in range(0, h - ph + 1, sy):
+        row = np.lib.stride_tricks.as_strided(
+            image[y:], shape=(nx, ph, pw), strides=(sx * s1, s0, s1), writeable=False
+        )
+        yield np.ascontiguousarray(row)
+
+
+def _check_inputs(inputs: list[Path], target_dir: Path | None) -> list[Path | None]:
+    """Read every header before any work (fail fast); return each input's target file, if pairs."""
+    partners: list[Path | None] = []
+    for p in inputs:
+        shape = read_header(p).shape
+        q = None if target_dir is None else target_dir / p.name
+        if q is not None:
+            if not q.is_file():
+                raise InputError(f"{q}: no such file, expected the target of {p} (pairs match by file name)")
+            if read_header(q).shape != shape:
+                raise InputError(
+                    f"{q}: shape {read_header(q).shape} differs from {p}'s {shape}, expected pairs"
+                )
+        partners.append(q)
+    return partners
+
+
+def _prepared_stream(
+    inputs: list[Path], partners: list[Path | None], config: PreprocessConfig
+) -> Iterator[_Prepared]:
+    """Prepared micrographs in input order; with workers, a window of workers + 1 in flight."""
+    if config.workers == 0:
+        for i, (p, q) in enumerate(zip(inputs, partners, strict=True)):
+            yield _prepare(i, p, q, config)
+        return
+    with ThreadPoolExecutor(config.workers, thread_name_prefix="preprocess") as pool:
+        window: deque[Future[_Prepared]] = deque()
+        try:
+            for i, (p, q) in enumerate(zip(inputs, partners, strict=True)):
+                window.append(pool.submit(_prepare, i, p, q, config))
+                if len(window) > config.workers:
+                    yield window.popleft().result()
+            while window:
+                yield window.popleft().result()
+        finally:
+            for fut in window:
+                fut.cancel()
+
+
+def preprocess(
+    inputs: Sequence[str | os.PathLike[str]],
+    store_dir: str | os.PathLike[str],
+    config: PreprocessConfig,
+    quiet: bool = False,
+) -> PatchStore:
+    """Cut ``inputs`` (micrograph paths) into patches and write the patch store ``store_dir``.
+
+    Micrographs are streamed one at a time (see the module docstring for memory). The
+    manifest is written last; on an error no manifest is written and the data files are removed.
+    """
+    paths = [Path(p) for p in inputs]
+    if not paths:
+        raise InputError("no input micrographs given")
+    partners = _check_inputs(paths, config.target_dir)
+    is_test = split_micrographs(len(paths), config.test_fraction, config.seed)
+    patch, stride = config.patch_shape, config.stride_shape
+    sources: list[dict[str, Any]] = []
+    with (
+        StoreWriter(store_dir, patch, config.overwrite) as writer,
+        progress(len(paths), "preprocess", quiet) as task,
+    ):
+        for i, prepared in enumerate(_prepared_stream(paths, partners, config)):
+            split = "test" if is_test[i] else "train"
+            for (inp, tgt, stats), entry in zip(prepared.frames, prepared.info, strict=True):
+                start = writer.counts[split]
+                for rows_in, rows_tg in zip(
+                    _patches(inp, patch, stride), _patches(tgt, patch, stride), strict=True
+                ):  # normalize is elementwise: per row of patches it equals normalizing the image
+                    writer.append(split, normalize(rows_in, stats), normalize(rows_tg, stats))
+                sources.append(
+                    {**entry, "split": split, "start": start, "count": writer.counts[split] - start}
+                )
+                if writer.counts[split] == start:
+                    log.warning(
+                        "%s: %dx%d pixels is smaller than the %dx%d patch; no patches",
+                        entry["path"],
+                        inp.shape[1],
+                        inp.shape[0],
+                        patch[1],
+                        patch[0],
+                    )
+            del prepared
+            task.advance(1, patches=sum(writer.counts.values()))
+        if writer.counts["train"] == 0:
+            raise ConfigError(
+                f"no training patches: no train micrograph is at least {patch[1]}x{patch[0]} "
+                "pixels (the patch size)"
+            )
+        store = writer.finish(
+            normalization=config.normalization.to_dict(),
+            noise=config.noise.to_dict() if config.targets != "pairs" else None,
+            targets=config.targets,
+            stride=list(stride),
+            test_fraction=config.test_fraction,
+            seed=config.seed,
+            sources=sources,
+        )
+    log.info("wrote %r", store)
+    return store
