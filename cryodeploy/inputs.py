@@ -77,8 +77,8 @@ def expand_inputs(items: list[str] | tuple[str, ...], project_dir: Path | None =
             matches = sorted(glob.glob(item))
             if not matches:
                 raise InputError(f"{item}: pattern matches no files")
-            for m in matches:
-                add(Path(m))
+            for match in matches:
+                add(Path(match))
         else:
             raise InputError(f"{p}: no such file")
     return out

@@ -11,6 +11,8 @@ import contextlib
 import errno
 import os
 import secrets
+import stat
+import struct
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -157,10 +159,46 @@ def _check_file(p: Path) -> None:
         raise InputError(f"{p}: no such file")
     if p.is_dir():
         raise InputError(f"{p}: is a directory, expected an MRC file")
+    mode = p.stat().st_mode
+    if not stat.S_ISREG(mode):  # a FIFO or device would block or never end
+        raise InputError(f"{p}: not a regular file (found {_file_kind(mode)}), expected an MRC file")
     if not os.access(p, os.R_OK):
         raise InputError(f"{p}: not readable (permission denied)")
     if p.stat().st_size == 0:
         raise InputError(f"{p}: empty file, expected an MRC file")
+    _check_layout(p)
+
+
+def _file_kind(mode: int) -> str:
+    kinds = {stat.S_ISFIFO: "a named pipe", stat.S_ISCHR: "a character device", stat.S_ISBLK: "a block device",
+             stat.S_ISSOCK: "a socket"}
+    return next((name for test, name in kinds.items() if test(mode)), "a special file")
+
+
+def _check_layout(p: Path) -> None:
+    """Reject dimensions and extended-header sizes that the file cannot hold, before mrcfile
+    allocates buffers of the declared sizes (a corrupt 4-byte field can declare gigabytes)."""
+    try:
+        with open(p, "rb") as fh:
+            head = fh.read(1024)
+        size = p.stat().st_size
+    except OSError as err:
+        raise _open_error(p, err) from err
+    machst = head[212:214]
+    order = "<" if machst in (b"\x44\x44", b"\x44\x41") else ">" if machst == b"\x11\x11" else None
+    if len(head) < 1024 or head[208:211] != b"MAP" or order is None:
+        return  # mrcfile reports these with its own message
+    nx, ny, nz = struct.unpack_from(order + "3i", head, 0)
+    (nsymbt,) = struct.unpack_from(order + "i", head, 92)
+    if min(nx, ny, nz) < 1:
+        raise InputError(f"{p}: found dimensions {nx}x{ny}x{nz}, expected at least 1 pixel along each axis")
+    if nsymbt < 0:
+        raise InputError(f"{p}: found extended header size {nsymbt}, expected 0 or more bytes")
+    if 1024 + nsymbt > size:
+        raise InputError(
+            f"{p}: truncated file, found {size} bytes, expected at least {1024 + nsymbt} "
+            f"(a 1024-byte header and a {nsymbt}-byte extended header)"
+        )
 
 
 def validate_array(data: np.ndarray, path: str | os.PathLike[str], min_size: int = MIN_SIZE) -> None:
@@ -273,7 +311,9 @@ def write_micrograph(
 
     if dtype not in _OUT_DTYPES:
         raise OutputError(f"{path}: output dtype {dtype!r} not supported, expected float32 or float16")
-    arr = np.ascontiguousarray(data, dtype=_OUT_DTYPES[dtype])
+    with np.errstate(over="ignore", invalid="ignore"):  # checked below, with a clearer message
+        arr = np.ascontiguousarray(data, dtype=_OUT_DTYPES[dtype])
+    _check_finite(arr, data, path, dtype)
     if header is not None and tuple(arr.shape) != tuple(header.shape):
         raise OutputError(f"{path}: data shape {arr.shape} differs from the header's {header.shape}")
     target = Path(path)
@@ -292,6 +332,19 @@ def write_micrograph(
                 mrc.add_label(_ascii_label(label))
             mrc.update_header_stats()
     return target
+
+
+def _check_finite(arr: np.ndarray, data: np.ndarray, path: str | os.PathLike[str], dtype: str) -> None:
+    """A micrograph written with NaN/Inf is corrupt for every reader: refuse it, saying why."""
+    finite = np.isfinite(arr)
+    if finite.all():
+        return
+    n_bad = int(arr.size - np.count_nonzero(finite))
+    limit = float(np.finfo(arr.dtype).max)
+    why = ""
+    if np.isfinite(np.asarray(data, dtype=np.float64)).all():
+        why = f" (values beyond the {dtype} range of +-{limit:g}; write float32 instead)"
+    raise OutputError(f"{path}: found {n_bad} NaN/Inf values in the {dtype} output{why}, expected finite pixels")
 
 
 def _apply_header(mrc: object, header: MicrographHeader) -> None:

@@ -15,7 +15,7 @@ from .models import ModelSpec
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["ModelSource", "load_source"]
+__all__ = ["ModelSource", "default_model_path", "load_source"]
 
 Kind = Literal["checkpoint", "raw", "onnx", "engine"]
 
@@ -35,6 +35,10 @@ class ModelSource:
             from .checkpoint import load_checkpoint
 
             return load_checkpoint(self.path)[0]
+        if self.kind == "raw":
+            from .rawweights import load_raw
+
+            return load_raw(self.path)[0]
         raise ModelError(f"{self.path}: a {self.kind} model cannot be run by PyTorch; use a checkpoint")
 
 
@@ -56,11 +60,25 @@ def _detect_kind(p: Path) -> Kind:
     )
 
 
+def default_model_path() -> Path:
+    """The shipped default model in package data ``cryodeploy/data/default/`` (checkpoint or ONNX)."""
+    from importlib.resources import files
+
+    folder = Path(str(files("cryodeploy"))) / "data" / "default"
+    for name in ("best.safetensors", "model.onnx"):
+        if (folder / name).is_file():
+            return folder / name
+    raise ModelError(
+        f"{folder}: no default model is installed (expected best.safetensors + best.json or model.onnx); "
+        "pass a model path instead"
+    )
+
+
 def load_source(model: str | os.PathLike[str]) -> ModelSource:
     """Resolve ``model`` (a path, or ``"default"`` for the shipped model) to a :class:`ModelSource`."""
     from .checkpoint import file_sha256, load_checkpoint, resolve_checkpoint
 
-    p = Path(model)
+    p = default_model_path() if str(model) == "default" else Path(model)
     if not p.exists():
         raise ModelError(f"{p}: no such model file or folder")
     kind = _detect_kind(p)
@@ -68,4 +86,22 @@ def load_source(model: str | os.PathLike[str]) -> ModelSource:
         weights = resolve_checkpoint(p)
         _, spec = load_checkpoint(weights)
         return ModelSource("checkpoint", weights, spec, file_sha256(weights))
+    if kind == "raw":
+        from .rawweights import load_raw
+
+        _, spec = load_raw(p)  # verifies every file against layers.json, so its hash names the content
+        return ModelSource("raw", p, spec, file_sha256(p / "layers.json"))
+    if kind == "onnx":
+        from .export.onnx import read_onnx_spec
+
+        return ModelSource("onnx", p, read_onnx_spec(p), file_sha256(p))
+    if kind == "engine":
+        from .errors import ConfigError
+        from .export.engine_cache import read_sidecar
+
+        try:  # the spec comes from the JSON sidecar written beside the engine when it was built
+            spec = ModelSpec.from_dict(read_sidecar(p).model)
+        except ConfigError as err:
+            raise ModelError(f"{p.with_suffix('.json')}: invalid model spec ({err})") from err
+        return ModelSource("engine", p, spec, file_sha256(p))
     raise ModelError(f"{p}: {kind} models are not supported yet")

@@ -39,6 +39,9 @@ class BackendSpec:
 #: name -> spec; modules are imported only when the backend is asked about or used.
 BACKENDS: dict[str, BackendSpec] = {
     "torch": BackendSpec("torch", "cryodeploy.backends.torch", "PyTorch eager (channels_last, autocast)"),
+    "ort": BackendSpec("ort", "cryodeploy.backends.ort", "ONNX Runtime (CPU EP; CUDA EP with IOBinding, fp16)"),
+    "fused": BackendSpec("fused", "cryodeploy.backends.fused", "fused CNN3 Triton kernel (CUDA, fp16/bf16)"),
+    "trt": BackendSpec("trt", "cryodeploy.backends.trt", "TensorRT 10 engines (CUDA, fp32/fp16)"),
 }
 
 

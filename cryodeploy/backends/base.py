@@ -87,6 +87,12 @@ class Backend(ABC):
     def _run(self, batch: np.ndarray) -> np.ndarray:
         """Backend-specific inference on a contiguous float32 batch."""
 
+    def run_device(self, x: Any) -> Any:
+        """Denoise a batch already on the backend's device (a torch CUDA tensor [N,1,H,W] float32),
+        returning a device tensor, with no host copies. Backends that can, override this;
+        benchmarks use it to time the computation alone."""
+        raise NotImplementedError(f"{self.label}: no device-resident path")
+
     def close(self) -> None:
         """Release device memory and sessions (idempotent)."""
         return None

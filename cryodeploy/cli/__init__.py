@@ -21,7 +21,16 @@ __all__ = ["cli", "main"]
 
 #: command name -> module under cryodeploy.cli holding a click command of the same name.
 COMMANDS: dict[str, str] = {
+    "bench": "bench",
+    "export": "export",
+    "denoise": "denoise",
+    "evaluate": "evaluate",
     "info": "info",
+    "parity": "parity",
+    "preprocess": "preprocess",
+    "reference": "reference",
+    "train": "train",
+    "synth": "synth",
 }
 
 

@@ -1,0 +1,68 @@
+"""``cryodeploy denoise``: denoise micrographs (files, globs, folders, RELION STAR files) into OUTDIR."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+def _size(value: str, name: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected 'auto' or an integer", param_hint=name) from None
+
+
+@click.command()
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("-o", "--output", "outdir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Output folder; outputs keep their input's file name.")
+@click.option("--model", default="default", show_default=True,
+              help="default, a checkpoint (.safetensors or run folder), raw weights, .onnx or an engine.")
+@click.option("--backend", default="auto", show_default=True, help="auto, torch, ort, trt, ...")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
+@click.option("--threads", type=int, default=0, help="CPU threads for the backend (0: library default).")
+@click.option("--tile", default="auto", show_default=True, help="Tile side (px) or auto.")
+@click.option("--batch", default="auto", show_default=True, help="Tiles per batch, or auto.")
+@click.option("--output-dtype", type=click.Choice(["float32", "float16"]), default="float32",
+              show_default=True)
+@click.option("--suffix", default="", help="Added to each output's file stem, e.g. _denoised.")
+@click.option("--skip-existing", is_flag=True, help="Keep existing outputs (finish an interrupted run).")
+@click.option("--overwrite", is_flag=True, help="Replace outputs that exist.")
+@click.option("--shard", default=None, metavar="I/N",
+              help="Process shard I of N (default: RANK/WORLD_SIZE or SLURM array variables, else all).")
+@click.option("--summary", type=click.Path(dir_okay=False, path_type=Path), help="Write a JSON summary here.")
+@click.option("--preview", is_flag=True, help="Write a downsampled input|denoised PNG beside each output.")
+@click.option("--keep-normalized", is_flag=True, help="Write normalized intensities, not the input's scale.")
+@click.option("--project-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="RELION project folder for relative STAR paths (default: found from the STAR file).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def denoise(
+    inputs: tuple[str, ...], outdir: Path, model: str, backend: str, device: str, precision: str,
+    threads: int, tile: str, batch: str, output_dtype: str, suffix: str, skip_existing: bool, overwrite: bool,
+    shard: str | None, summary: Path | None, preview: bool, keep_normalized: bool, project_dir: Path | None,
+    quiet: bool,
+) -> None:
+    """Denoise micrographs INPUTS (.mrc/.mrcs files, quoted globs, folders, RELION STAR files) into OUTDIR."""
+    from ..denoiser import Denoiser
+    from ..inputs import expand_inputs
+    from ..runner import RunConfig
+
+    config = RunConfig(
+        tile=_size(tile, "--tile"), batch=_size(batch, "--batch"), output_dtype=output_dtype,  # type: ignore[arg-type]
+        suffix=suffix, skip_existing=skip_existing, overwrite=overwrite, shard=shard, summary=summary,
+        quiet=quiet, preview=preview, keep_normalized=keep_normalized,
+    )
+    paths = expand_inputs(list(inputs), project_dir)
+    with Denoiser.load(model, device=device, backend=backend, precision=precision, threads=threads) as d:
+        result = d.denoise_files(paths, outdir, config)
+    for f in result.files:
+        if f.status == "failed":
+            click.echo(f"failed: {f.error}", err=True)
+    click.echo(result.line())
+    if not result.ok:
+        raise SystemExit(1)

@@ -1,0 +1,148 @@
+"""The Python API: ``Denoiser.load(model, device, backend)``, then ``d(array)`` or ``d.denoise_files(...)``.
+
+    from cryodeploy import Denoiser
+    with Denoiser.load("default", device="auto") as d:
+        clean = d(noisy)                                   # 2-D image or 3-D stack, input's scale
+        summary = d.denoise_files(paths, "denoised/", skip_existing=True)
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .errors import BackendUnavailable, ConfigError, ModelError
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from .backends import Backend
+    from .jobs import RunConfig, RunSummary
+    from .models import ModelSpec
+    from .source import ModelSource
+
+__all__ = ["BACKEND_PREFERENCE", "Denoiser", "resolve_device"]
+
+#: ``backend="auto"``: the first of these that is registered, available and can load the model.
+#: CPU: ONNX Runtime (issue 6: CNN3 2048^2, 2 threads: ORT 203 ms, torch channels_last 627 ms).
+#: CUDA: torch (no build step) for checkpoints; TensorRT, then ONNX Runtime for ONNX files/engines.
+BACKEND_PREFERENCE: dict[str, tuple[str, ...]] = {
+    "cpu": ("ort", "torch"),
+    "cuda": ("torch", "trt", "ort"),
+}
+
+
+def resolve_device(device: str = "auto", environ: dict[str, str] | None = None) -> str:
+    """``auto``: ``cuda`` if torch sees a GPU, else ``cpu``; ``cuda`` under torchrun: ``cuda:LOCAL_RANK``."""
+    env = os.environ if environ is None else environ
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and "LOCAL_RANK" in env:
+        device = f"cuda:{int(env['LOCAL_RANK'])}"
+    return device
+
+
+def _auto_backend(source: ModelSource, options: Any) -> Backend:
+    """The first backend of :data:`BACKEND_PREFERENCE` for the device that can run ``source``."""
+    from .backends import BACKENDS, create_backend
+
+    reasons = []
+    for name in BACKEND_PREFERENCE[options.device.split(":")[0]]:
+        if name not in BACKENDS:
+            continue
+        try:
+            return create_backend(name, source, options)
+        except (BackendUnavailable, ModelError) as err:
+            reasons.append(str(err))
+    raise BackendUnavailable(
+        f"{source.path}: no backend can run it on {options.device} "
+        f"({'; '.join(reasons) or 'none registered'})"
+    )
+
+
+class Denoiser:
+    """A loaded model on one backend: call it on arrays, or run it over files."""
+
+    def __init__(self, source: ModelSource, backend: Backend) -> None:
+        self.source = source
+        self.backend = backend
+
+    @classmethod
+    def load(
+        cls,
+        model: str | os.PathLike[str] = "default",
+        device: str = "auto",
+        backend: str = "auto",
+        precision: str = "fp32",
+        threads: int = 0,
+        tf32: bool = False,
+        **options: Any,
+    ) -> Denoiser:
+        """Load ``model`` (``"default"``, a checkpoint/run folder, raw weights, ``.onnx`` or an engine).
+
+        ``device``: ``auto``/``cpu``/``cuda``/``cuda:N``; ``backend``: ``auto`` (see
+        :data:`BACKEND_PREFERENCE`) or a registered name; ``options`` go to the backend
+        (e.g. ``cuda_graphs=True`` for torch).
+        """
+        from .backends import BackendOptions
+        from .source import load_source
+
+        source = load_source(model)
+        opts = BackendOptions(
+            device=resolve_device(device), precision=precision, threads=threads, tf32=tf32,
+            extra=tuple(sorted(options.items())),
+        )
+        if backend == "auto":
+            return cls(source, _auto_backend(source, opts))
+        from .backends import create_backend
+
+        return cls(source, create_backend(backend, source, opts))
+
+    @property
+    def spec(self) -> ModelSpec:
+        """The model's geometry and normalization."""
+        return self.source.spec
+
+    def __call__(self, array: np.ndarray, tile: int | str = "auto", batch: int | str = "auto") -> np.ndarray:
+        """Denoise a 2-D image or a 3-D stack (frames first); same shape, in the input's intensity scale."""
+        from .runner import denoise_image
+
+        return denoise_image(np.asarray(array), self.backend, self.spec, tile=tile, batch=batch)
+
+    def denoise_files(
+        self,
+        paths: Iterable[str | os.PathLike[str]],
+        outdir: str | os.PathLike[str],
+        config: RunConfig | None = None,
+        **options: Any,
+    ) -> RunSummary:
+        """Denoise files into ``outdir`` with ``config``, or with ``options`` naming
+        :class:`~cryodeploy.runner.RunConfig` fields (``skip_existing=True``, ``tile=512``, ...)."""
+        from .runner import RunConfig, denoise_files
+
+        if config is not None and options:
+            raise ConfigError(f"pass either a RunConfig or options, not both (found {sorted(options)})")
+        cfg = config if config is not None else RunConfig.from_options(**options)
+        return denoise_files(paths, Path(outdir), self.backend, self.spec, cfg)
+
+    def close(self) -> None:
+        """Release the backend (idempotent)."""
+        self.backend.close()
+
+    def __enter__(self) -> Denoiser:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Denoiser({self.source.path.name}, {self.spec.architecture}, {self.backend.label})"
+

@@ -1,0 +1,101 @@
+"""The Python API: Denoiser.load / __call__ / denoise_files / close, backend and device selection."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cryodeploy import Denoiser
+from cryodeploy.backends import BACKENDS, availability
+from cryodeploy.backends.base import BackendOptions
+from cryodeploy.checkpoint import load_checkpoint
+from cryodeploy.denoiser import BACKEND_PREFERENCE, resolve_device
+from cryodeploy.errors import BackendUnavailable, ConfigError, InputError, ModelError
+from cryodeploy.mrc import read_micrograph, write_micrograph
+from cryodeploy.normalize import denormalize, norm_stats, normalize
+from cryodeploy.source import default_model_path
+
+
+def _expected(checkpoint, image: np.ndarray) -> np.ndarray:
+    model, spec = load_checkpoint(checkpoint)
+    stats = norm_stats(image, spec.normalization)
+    with torch.no_grad():
+        y = model(torch.from_numpy(normalize(image, stats))[None, None])[0, 0].numpy()
+    return denormalize(y, stats)
+
+
+def test_call_on_image_and_stack(cnn3_checkpoint, rng) -> None:
+    image = (rng.standard_normal((150, 170)) * 25 + 400).astype(np.float32)
+    with Denoiser.load(cnn3_checkpoint, device="cpu", backend="torch") as d:
+        assert d.backend.label == "torch/cpu/fp32" and d.spec.architecture == "cnn3"
+        assert "cnn3" in repr(d)
+        out = d(image)
+        tiled = d(image.astype(np.float64), tile=40, batch=3)
+        stack = d(np.stack([image, image[::-1].copy()]))
+    expected = _expected(cnn3_checkpoint, image)
+    assert out.shape == image.shape and out.dtype == np.float32
+    tol = 1e-6 * float(np.abs(expected).max()) * 10
+    np.testing.assert_allclose(out, expected, rtol=0, atol=tol)
+    np.testing.assert_allclose(tiled, expected, rtol=0, atol=tol)
+    np.testing.assert_allclose(stack[0], expected, rtol=0, atol=tol)
+    np.testing.assert_allclose(stack[1], _expected(cnn3_checkpoint, image[::-1].copy()), rtol=0, atol=tol)
+
+
+def test_call_rejects_bad_arrays(cnn3_checkpoint) -> None:
+    with Denoiser.load(cnn3_checkpoint, device="cpu", backend="torch") as d:
+        with pytest.raises(InputError, match="constant"):
+            d(np.ones((64, 64)))
+        with pytest.raises(InputError, match="expected at least 32x32"):
+            d(np.random.default_rng(0).standard_normal((16, 64)))
+        with pytest.raises(InputError, match="found shape"):
+            d(np.zeros((2, 2, 40, 40)))
+
+
+def test_denoise_files_with_options_or_config(cnn3_checkpoint, rng, tmp_path) -> None:
+    from cryodeploy.runner import RunConfig
+
+    image = (rng.standard_normal((80, 90)) * 5 + 50).astype(np.float32)
+    src = write_micrograph(tmp_path / "a.mrc", image)
+    with Denoiser.load(cnn3_checkpoint, device="cpu", backend="torch") as d:
+        summary = d.denoise_files([src], tmp_path / "out", suffix="_dn", quiet=True, shard=(0, 1))
+        assert summary.ok and summary.files[0].output == str(tmp_path / "out" / "a_dn.mrc")
+        assert d.denoise_files([src], tmp_path / "out2", RunConfig(quiet=True)).ok
+        with pytest.raises(ConfigError, match="unknown run options"):
+            d.denoise_files([src], tmp_path / "out3", skipexisting=True)
+        with pytest.raises(ConfigError, match="not both"):
+            d.denoise_files([src], tmp_path / "out3", RunConfig(), quiet=True)
+    got = read_micrograph(tmp_path / "out" / "a_dn.mrc").data
+    np.testing.assert_allclose(got, _expected(cnn3_checkpoint, image), rtol=0, atol=1e-4)
+
+
+def test_auto_backend_follows_the_preference_list(cnn3_checkpoint, monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("CRYODEPLOY_CACHE", str(tmp_path / "cache"))
+    usable = [n for n in BACKEND_PREFERENCE["cpu"] if n in BACKENDS and availability(n, BackendOptions())[0]]
+    with Denoiser.load(cnn3_checkpoint, device="cpu") as d:
+        assert d.backend.name == usable[0]
+        image = np.random.default_rng(3).standard_normal((64, 64)).astype(np.float32)
+        np.testing.assert_allclose(d(image), _expected(cnn3_checkpoint, image), rtol=0, atol=1e-4)
+
+
+def test_explicit_backend_errors(cnn3_checkpoint) -> None:
+    with pytest.raises(ConfigError, match="backend 'nope' unknown"):
+        Denoiser.load(cnn3_checkpoint, device="cpu", backend="nope")
+    if not torch.cuda.is_available():
+        with pytest.raises(BackendUnavailable, match="torch: no CUDA device"):
+            Denoiser.load(cnn3_checkpoint, device="cuda", backend="torch")
+
+
+def test_default_model_and_devices() -> None:
+    try:
+        path = default_model_path()
+    except ModelError as err:
+        assert "no default model is installed" in str(err)
+        with pytest.raises(ModelError, match="no default model is installed"):
+            Denoiser.load("default", device="cpu")
+    else:
+        assert path.name in ("best.safetensors", "model.onnx")
+    assert resolve_device("cpu") == "cpu"
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cuda", {"LOCAL_RANK": "3"}) == "cuda:3"
+    assert resolve_device("cuda:1", {"LOCAL_RANK": "3"}) == "cuda:1"
