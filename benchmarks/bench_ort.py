@@ -49,8 +49,8 @@ from cryodeploy.source import ModelSource
 
 #: (label, precision, tf32, extra) of the ORT variants on CUDA; the first is cryodeploy's default
 CUDA_VARIANTS: list[tuple[str, str, bool, dict[str, Any]]] = [
-    ("fp32 EXHAUSTIVE opt=all NCHW tf32=0 (default)", "fp32", False, {}),
-    ("fp32 HEURISTIC", "fp32", False, {"cudnn_conv_algo_search": "HEURISTIC"}),
+    ("fp32 HEURISTIC opt=all NCHW tf32=0 (default)", "fp32", False, {}),
+    ("fp32 EXHAUSTIVE (ORT's own default)", "fp32", False, {"cudnn_conv_algo_search": "EXHAUSTIVE"}),
     ("fp32 DEFAULT", "fp32", False, {"cudnn_conv_algo_search": "DEFAULT"}),
     ("fp32 opt=disable", "fp32", False, {"graph_optimization": "disable"}),
     ("fp32 opt=basic (no Conv+ReLU fusion)", "fp32", False, {"graph_optimization": "basic"}),

@@ -50,14 +50,15 @@ def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
 
 def save_checkpoint(path: str | os.PathLike[str], model: torch.nn.Module, spec: ModelSpec) -> Path:
     """Write ``path`` (.safetensors) and its ``.json`` config atomically; returns the weights path."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     from .mrc import atomic_write
 
     weights = Path(path).with_suffix(".safetensors")
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    with atomic_write(weights) as tmp:
-        save_file(state, str(tmp), metadata={"format": "cryodeploy-model/1", "architecture": spec.architecture})
+    blob = save(state, metadata={"format": "cryodeploy-model/1", "architecture": spec.architecture})
+    with atomic_write(weights) as tmp:  # written by us, so the file gets the usual permissions
+        tmp.write_bytes(blob)
     with atomic_write(weights.with_suffix(".json")) as tmp:
         tmp.write_text(json.dumps(spec.to_dict(), indent=2, sort_keys=True) + "\n")
     return weights
@@ -74,7 +75,10 @@ def load_checkpoint(path: str | os.PathLike[str]) -> tuple[torch.nn.Module, Mode
     weights = resolve_checkpoint(path)
     cfg_path = weights.with_suffix(".json")
     try:
-        spec = ModelSpec.from_dict(json.loads(cfg_path.read_text()))
+        config = json.loads(cfg_path.read_text())
+        if not isinstance(config, dict):
+            raise ConfigError(f"found {type(config).__name__}, expected a JSON object")
+        spec = ModelSpec.from_dict(config)
     except FileNotFoundError as err:
         raise ModelError(f"{cfg_path}: checkpoint config missing (expected beside {weights.name})") from err
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -85,8 +89,14 @@ def load_checkpoint(path: str | os.PathLike[str]) -> tuple[torch.nn.Module, Mode
         state = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as err:
         raise ModelError(f"{weights}: not a readable safetensors file ({err})") from err
-    model = build_model(spec)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    import torch
+
+    try:  # shapes from a model on the meta device: a config can declare sizes no memory holds
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in build_model(spec).state_dict().items()}
+    except (RuntimeError, TypeError, ValueError) as err:
+        raise ModelError(f"{cfg_path}: invalid model config (cannot build {spec.architecture} "
+                         f"with {spec.params}: {err})") from err
     found = {k: tuple(v.shape) for k, v in state.items()}
     if expected != found:
         missing = sorted(set(expected) - set(found))
@@ -100,6 +110,7 @@ def load_checkpoint(path: str | os.PathLike[str]) -> tuple[torch.nn.Module, Mode
             ) if s
         )
         raise ModelError(f"{weights}: weights do not match architecture {spec.architecture} ({detail})")
+    model = build_model(spec)
     model.load_state_dict(state)
     model.eval()
     return model, spec

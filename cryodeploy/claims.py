@@ -84,8 +84,13 @@ def try_claim(output: str | os.PathLike[str], blocking: bool = False) -> Claim |
         except FileNotFoundError:
             same = False
         if same:
-            os.ftruncate(fd, 0)
-            os.write(fd, f"{os.getpid()}\n".encode())
+            try:
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()}\n".encode())
+            except OSError as err:  # e.g. a full disk: give the claim up and leave no empty claim file
+                path.unlink(missing_ok=True)
+                os.close(fd)
+                raise OutputError(f"{output}: cannot create claim file ({err.strerror or err})") from err
             return Claim(path, fd)
         os.close(fd)
 

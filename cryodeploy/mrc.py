@@ -122,7 +122,8 @@ def _header_from(mrc: object, path: Path) -> MicrographHeader:
     shape: tuple[int, ...] = (ny, nx) if nz == 1 else (nz, ny, nx)
     vs = mrc.voxel_size
     ext = mrc.extended_header
-    labels = tuple(lab.decode("ascii", "replace").strip() for lab in h.label[: int(h.nlabl)] if lab.strip())
+    texts = (_ascii_label(lab.decode("ascii", "replace")).strip() for lab in h.label[: int(h.nlabl)])
+    labels = tuple(t for t in texts if t)
     return MicrographHeader(
         shape=shape,
         mode=mode,
@@ -170,8 +171,10 @@ def _check_file(p: Path) -> None:
 
 
 def _file_kind(mode: int) -> str:
-    kinds = {stat.S_ISFIFO: "a named pipe", stat.S_ISCHR: "a character device", stat.S_ISBLK: "a block device",
-             stat.S_ISSOCK: "a socket"}
+    kinds = {
+        stat.S_ISFIFO: "a named pipe", stat.S_ISCHR: "a character device", stat.S_ISBLK: "a block device",
+        stat.S_ISSOCK: "a socket",
+    }
     return next((name for test, name in kinds.items() if test(mode)), "a special file")
 
 
@@ -344,7 +347,9 @@ def _check_finite(arr: np.ndarray, data: np.ndarray, path: str | os.PathLike[str
     why = ""
     if np.isfinite(np.asarray(data, dtype=np.float64)).all():
         why = f" (values beyond the {dtype} range of +-{limit:g}; write float32 instead)"
-    raise OutputError(f"{path}: found {n_bad} NaN/Inf values in the {dtype} output{why}, expected finite pixels")
+    raise OutputError(
+        f"{path}: found {n_bad} NaN/Inf values in the {dtype} output{why}, expected finite pixels"
+    )
 
 
 def _apply_header(mrc: object, header: MicrographHeader) -> None:
@@ -365,5 +370,5 @@ def _apply_header(mrc: object, header: MicrographHeader) -> None:
 
 
 def _ascii_label(text: str) -> str:
-    """An MRC label: ASCII (others become '?'), at most 80 characters."""
-    return text.encode("ascii", "replace").decode("ascii")[:80]
+    """An MRC label: printable ASCII (others, NUL included, become '?'), at most 80 characters."""
+    return "".join(c if " " <= c <= "~" else "?" for c in text.rstrip("\x00 "))[:80]

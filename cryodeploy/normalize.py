@@ -73,14 +73,10 @@ def norm_stats(image: np.ndarray, spec: NormSpec = NormSpec()) -> NormStats:
 
 
 def normalize(image: np.ndarray, stats: NormStats) -> np.ndarray:
-    """Apply ``(x - center) / scale`` in float32."""
-    return (
-        (np.asarray(image, dtype=np.float32) - np.float32(stats.center)) / np.float32(stats.scale)
-    ).astype(np.float32, copy=False)
+    """Apply ``(x - center) / scale``, computed in float64 (no overflow near the float32 limit), as float32."""
+    return ((np.asarray(image, dtype=np.float64) - stats.center) / stats.scale).astype(np.float32)
 
 
 def denormalize(image: np.ndarray, stats: NormStats) -> np.ndarray:
-    """Exact inverse of :func:`normalize`: ``x * scale + center`` in float32."""
-    return (np.asarray(image, dtype=np.float32) * np.float32(stats.scale) + np.float32(stats.center)).astype(
-        np.float32, copy=False
-    )
+    """Inverse of :func:`normalize`: ``x * scale + center``, computed in float64, as float32."""
+    return (np.asarray(image, dtype=np.float64) * stats.scale + stats.center).astype(np.float32)

@@ -174,6 +174,8 @@ def load_raw(folder: str | os.PathLike[str]) -> tuple[torch.nn.Module, ModelSpec
         raise ModelError(f"{meta_path}: missing (a raw weight folder needs layers.json)") from err
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ModelError(f"{meta_path}: not valid JSON ({err})") from err
+    if not isinstance(meta, dict):
+        raise ModelError(f"{meta_path}: found {type(meta).__name__}, expected a JSON object")
     if meta.get("format") != RAW_FORMAT:
         raise ModelError(f"{meta_path}: format {meta.get('format')!r}, expected {RAW_FORMAT!r}")
     try:

@@ -276,8 +276,8 @@ class _Pipeline:
         if claim is not None:
             claim.release()
         job.result.seconds = time.perf_counter() - rt.get("t0", time.perf_counter())
-        if job.result.status == "failed":
-            log.warning("failed: %s", job.result.error)
+        if job.result.status == "failed":  # info: the summary (and the CLI, on stderr) report it
+            log.info("failed: %s", job.result.error)
         job.runtime = {}
         self.bar.advance(1, done=job.result.status)
 

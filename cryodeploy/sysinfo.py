@@ -94,10 +94,11 @@ def system_info() -> dict[str, Any]:
     devices = _devices()
     backends: dict[str, dict[str, str | bool]] = {}
     has_cuda = any(d["device"].startswith("cuda") for d in devices)
+    # a backend counts as available if it runs in any of these; otherwise the first reason is shown
+    probes = [BackendOptions(device="cuda", precision=p) for p in ("fp32", "fp16")] if has_cuda else []
+    probes.append(BackendOptions(device="cpu"))
     for name in sorted(BACKENDS):
-        opts = BackendOptions(device="cuda" if has_cuda else "cpu")
-        ok, reason = availability(name, opts)
-        if not ok and has_cuda:
-            ok, reason = availability(name, BackendOptions(device="cpu"))
+        results = [availability(name, opts) for opts in probes]
+        ok, reason = next((r for r in results if r[0]), results[0])
         backends[name] = {"available": ok, "reason": reason}
     return {"versions": versions, "devices": devices, "backends": backends}

@@ -41,6 +41,7 @@ def main() -> None:
     ap.add_argument("shared_data", type=Path)
     ap.add_argument("outdir", type=Path)
     ap.add_argument("--quick", action="store_true", help="tiny crops, for a dry run on a CPU")
+    ap.add_argument("--synth-clean", type=Path, help="clean synthetic micrographs to turn into test pairs")
     args = ap.parse_args()
     out = args.outdir
     rng = np.random.default_rng(2026)
@@ -66,6 +67,12 @@ def main() -> None:
                 _write(d / "clean" / f"{name}_{i:02d}.mrc", clean)
                 noisy = add_noise(clean, NoiseSpec(dose=dose, sigma=0.05), rng)
                 _write(d / "noisy" / f"{name}_{i:02d}.mrc", noisy)
+    if args.synth_clean:  # synthetic test pairs made exactly like the real ones
+        for path in sorted(args.synth_clean.glob("*.mrc")):
+            clean = to_unit_range(read_micrograph(path).data)
+            _write(out / "eval_synth_dose20" / "clean" / path.name, clean)
+            noisy = add_noise(clean, NoiseSpec(dose=20.0, sigma=0.05), rng)
+            _write(out / "eval_synth_dose20" / "noisy" / path.name, noisy)
     print(f"wrote training and held-out data under {out}")
 
 

@@ -90,7 +90,7 @@ def test_cuda_provider_options() -> None:
     """What the CUDA execution provider is given: TF32 off unless asked, search and layout as configured."""
     (name, cuda), (fallback, _) = providers(BackendOptions(device="cuda:1"))
     assert (name, fallback) == ("CUDAExecutionProvider", "CPUExecutionProvider")
-    assert cuda == {"device_id": "1", "cudnn_conv_algo_search": "EXHAUSTIVE", "use_tf32": "0"}
+    assert cuda == {"device_id": "1", "cudnn_conv_algo_search": "HEURISTIC", "use_tf32": "0"}
     opts = BackendOptions(device="cuda", tf32=True, extra=(("cudnn_conv_algo_search", "heuristic"),
                                                             ("prefer_nhwc", "true"),
                                                             ("cudnn_conv_use_max_workspace", False)))
