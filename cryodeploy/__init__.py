@@ -14,7 +14,15 @@ from .errors import CryoDeployError, InputError, ModelError, OutputError
 if TYPE_CHECKING:
     from .denoiser import Denoiser
 
-__all__ = ["CryoDeployError", "Denoiser", "InputError", "ModelError", "OutputError", "__version__", "load_model"]
+__all__ = [
+    "CryoDeployError",
+    "Denoiser",
+    "InputError",
+    "ModelError",
+    "OutputError",
+    "__version__",
+    "load_model",
+]
 
 
 def load_model(model: str = "default") -> Any:

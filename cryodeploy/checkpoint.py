@@ -38,7 +38,9 @@ def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
         for name in ("best.safetensors", "last.safetensors", "model.safetensors"):
             if (p / name).is_file():
                 return p / name
-        raise ModelError(f"{p}: folder holds no checkpoint (best.safetensors, last.safetensors or model.safetensors)")
+        raise ModelError(
+            f"{p}: folder holds no checkpoint (best.safetensors, last.safetensors or model.safetensors)"
+        )
     if p.suffix == ".json":
         p = p.with_suffix(".safetensors")
     if p.suffix != ".safetensors":
@@ -95,19 +97,22 @@ def load_checkpoint(path: str | os.PathLike[str]) -> tuple[torch.nn.Module, Mode
         with torch.device("meta"):
             expected = {k: tuple(v.shape) for k, v in build_model(spec).state_dict().items()}
     except (RuntimeError, TypeError, ValueError) as err:
-        raise ModelError(f"{cfg_path}: invalid model config (cannot build {spec.architecture} "
-                         f"with {spec.params}: {err})") from err
+        raise ModelError(
+            f"{cfg_path}: invalid model config (cannot build {spec.architecture} with {spec.params}: {err})"
+        ) from err
     found = {k: tuple(v.shape) for k, v in state.items()}
     if expected != found:
         missing = sorted(set(expected) - set(found))
         extra = sorted(set(found) - set(expected))
         wrong = sorted(k for k in set(expected) & set(found) if expected[k] != found[k])
         detail = "; ".join(
-            s for s in (
+            s
+            for s in (
                 f"missing {missing}" if missing else "",
                 f"unexpected {extra}" if extra else "",
                 ", ".join(f"{k}: found {found[k]}, expected {expected[k]}" for k in wrong),
-            ) if s
+            )
+            if s
         )
         raise ModelError(f"{weights}: weights do not match architecture {spec.architecture} ({detail})")
     model = build_model(spec)

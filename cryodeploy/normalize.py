@@ -73,7 +73,7 @@ def norm_stats(image: np.ndarray, spec: NormSpec = NormSpec()) -> NormStats:
 
 
 def normalize(image: np.ndarray, stats: NormStats) -> np.ndarray:
-    """Apply ``(x - center) / scale``, computed in float64 (no overflow near the float32 limit), as float32."""
+    """Apply ``(x - center) / scale`` in float64 (no overflow near the float32 limit); float32 out."""
     return ((np.asarray(image, dtype=np.float64) - stats.center) / stats.scale).astype(np.float32)
 
 

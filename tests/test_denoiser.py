@@ -11,7 +11,7 @@ from cryodeploy.backends import BACKENDS, availability
 from cryodeploy.backends.base import BackendOptions
 from cryodeploy.checkpoint import load_checkpoint
 from cryodeploy.denoiser import BACKEND_PREFERENCE, resolve_device
-from cryodeploy.errors import BackendUnavailable, ConfigError, InputError, ModelError
+from cryodeploy.errors import BackendUnavailable, ConfigError, InputError
 from cryodeploy.mrc import read_micrograph, write_micrograph
 from cryodeploy.normalize import denormalize, norm_stats, normalize
 from cryodeploy.source import default_model_path

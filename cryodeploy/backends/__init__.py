@@ -29,7 +29,10 @@ __all__ = [
 
 @dataclass(frozen=True)
 class BackendSpec:
-    """Where a backend's code lives: ``module`` must define ``availability(options)`` and ``create(source, options)``."""
+    """Where a backend's code lives.
+
+    ``module`` must define ``availability(options)`` and ``create(source, options)``.
+    """
 
     name: str
     module: str
@@ -39,7 +42,9 @@ class BackendSpec:
 #: name -> spec; modules are imported only when the backend is asked about or used.
 BACKENDS: dict[str, BackendSpec] = {
     "torch": BackendSpec("torch", "cryodeploy.backends.torch", "PyTorch eager (channels_last, autocast)"),
-    "ort": BackendSpec("ort", "cryodeploy.backends.ort", "ONNX Runtime (CPU EP; CUDA EP with IOBinding, fp16)"),
+    "ort": BackendSpec(
+        "ort", "cryodeploy.backends.ort", "ONNX Runtime (CPU EP; CUDA EP with IOBinding, fp16)"
+    ),
     "fused": BackendSpec("fused", "cryodeploy.backends.fused", "fused CNN3 Triton kernel (CUDA, fp16/bf16)"),
     "trt": BackendSpec("trt", "cryodeploy.backends.trt", "TensorRT 10 engines (CUDA, fp32/fp16)"),
 }
@@ -49,7 +54,9 @@ def _module(name: str):  # type: ignore[no-untyped-def]
     try:
         spec = BACKENDS[name]
     except KeyError:
-        raise ConfigError(f"backend {name!r} unknown, expected one of {', '.join(sorted(BACKENDS))} or 'auto'") from None
+        raise ConfigError(
+            f"backend {name!r} unknown, expected one of {', '.join(sorted(BACKENDS))} or 'auto'"
+        ) from None
     return importlib.import_module(spec.module)
 
 

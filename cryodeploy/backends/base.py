@@ -36,7 +36,9 @@ class BackendOptions:
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
-            raise ConfigError(f"precision {self.precision!r} unknown, expected one of {', '.join(PRECISIONS)}")
+            raise ConfigError(
+                f"precision {self.precision!r} unknown, expected one of {', '.join(PRECISIONS)}"
+            )
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ConfigError(f"device {self.device!r} unknown, expected 'cpu', 'cuda' or 'cuda:N'")
         if self.threads < 0:

@@ -70,7 +70,9 @@ def cli(ctx: click.Context, debug: bool) -> None:
     """Train, export and deploy cryo-EM micrograph denoising networks."""
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
-    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -82,5 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as err:  # the last line of defence: never a traceback for the user
         if "--debug" in (argv if argv is not None else sys.argv):
             raise
-        click.echo(f"error: internal error ({type(err).__name__}: {err}); rerun with --debug for details", err=True)
+        click.echo(
+            f"error: internal error ({type(err).__name__}: {err}); rerun with --debug for details", err=True
+        )
         sys.exit(70)

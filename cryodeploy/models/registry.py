@@ -126,8 +126,17 @@ class ModelSpec:
         """Inverse of :meth:`to_dict`; rejects unknown formats and fields."""
         if d.get("format") != "cryodeploy-model/1":
             raise ConfigError(f"model config format {d.get('format')!r}, expected 'cryodeploy-model/1'")
-        known = {"format", "architecture", "params", "receptive_radius", "stride", "normalization",
-                 "noise", "training", "versions"}
+        known = {
+            "format",
+            "architecture",
+            "params",
+            "receptive_radius",
+            "stride",
+            "normalization",
+            "noise",
+            "training",
+            "versions",
+        }
         unknown = set(d) - known
         if unknown:
             raise ConfigError(f"model config has unknown fields {sorted(unknown)}")
@@ -141,7 +150,9 @@ class ModelSpec:
         )
         for key in ("receptive_radius", "stride"):
             if key in d and d[key] != getattr(spec, key):
-                raise ConfigError(f"model config says {key}={d[key]}, but {spec.architecture} has {getattr(spec, key)}")
+                raise ConfigError(
+                    f"model config says {key}={d[key]}, but {spec.architecture} has {getattr(spec, key)}"
+                )
         return spec
 
 

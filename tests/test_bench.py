@@ -1,0 +1,56 @@
+"""`cryodeploy bench`: every variant gets a row, measured or with the reason it cannot run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from cryodeploy.bench import VARIANTS, BenchConfig, run_bench
+from cryodeploy.cli import cli
+from cryodeploy.source import load_source
+
+
+def test_bench_rows_on_cpu(cnn3_checkpoint: Path) -> None:
+    report = run_bench(load_source(cnn3_checkpoint), BenchConfig(size=64, device="cpu", repeats=2, warmup=1))
+    assert [r.label for r in report.rows] == [v.label for v in VARIANTS]
+    by_label = {r.label: r for r in report.rows}
+    eager = by_label["eager fp32"]
+    assert eager.ms is not None and eager.ratio_vs_eager_fp32 == 1.0 and eager.max_rel_err_vs_fp32 == 0.0
+    ort = by_label["ONNX Runtime fp32"]
+    assert ort.ms is not None and ort.max_rel_err_vs_fp32 is not None and ort.max_rel_err_vs_fp32 < 1e-5
+    fused = by_label["fused Triton fp16"]
+    assert fused.ms is None and fused.note == "fused: CUDA only (Triton kernel)"
+    for r in report.rows:
+        assert (r.ms is None) == bool(r.note), r
+
+
+def test_bench_cli_table_and_json(cnn3_checkpoint: Path, tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(
+        cli,
+        [
+            "bench",
+            "--model",
+            str(cnn3_checkpoint),
+            "--size",
+            "64",
+            "--device",
+            "cpu",
+            "--repeats",
+            "2",
+            "--backends",
+            "torch,fused",
+            "--json",
+            str(out),
+            "-q",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    lines = [ln for ln in result.output.splitlines() if ln.startswith("| ")]
+    assert lines[0].startswith("| date | device | what |")
+    assert any("eager fp32" in ln and "1.00x" in ln for ln in lines)
+    assert any("fused Triton fp16" in ln and "CUDA only" in ln for ln in lines)
+    data = json.loads(out.read_text())
+    assert data["size"] == 64 and {r["backend"] for r in data["rows"]} == {"torch", "fused"}
