@@ -24,8 +24,6 @@ import argparse
 import datetime
 import json
 import os
-import statistics
-import time
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +31,7 @@ import numpy as np
 import torch
 
 from cryodeploy.backends import Backend, BackendOptions, availability, create_backend
+from cryodeploy.bench import median_wall_ms
 from cryodeploy.checkpoint import save_checkpoint
 from cryodeploy.models import ModelSpec, build_model
 from cryodeploy.mrc import read_header, read_micrograph, write_micrograph
@@ -103,23 +102,9 @@ def compute_ms(backend: Backend, image: np.ndarray, repeats: int) -> dict[str, f
         except NotImplementedError:
             pass
         else:
-            out["device"] = _median(lambda: backend.run_device(x), repeats, cuda)
-    out["host"] = _median(lambda: backend.run(batch), repeats, cuda)
+            out["device"] = median_wall_ms(lambda: backend.run_device(x), repeats, 1, cuda)
+    out["host"] = median_wall_ms(lambda: backend.run(batch), repeats, 1, cuda)
     return out
-
-
-def _median(fn: Any, repeats: int, cuda: bool) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if cuda:
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def row(device: str, what: str, config: str, value: float, unit: str, baseline: str = "—",

@@ -32,10 +32,7 @@ import datetime
 import functools
 import json
 import os
-import statistics
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +40,7 @@ import numpy as np
 import torch
 
 from cryodeploy.backends import BackendOptions, availability, create_backend
+from cryodeploy.bench import median_wall_ms
 from cryodeploy.checkpoint import file_sha256, save_checkpoint
 from cryodeploy.models import ModelSpec, build_model
 from cryodeploy.source import ModelSource
@@ -70,22 +68,6 @@ CPU_VARIANTS: list[tuple[str, str, bool, dict[str, Any]]] = [
     ("fp32 opt=basic", "fp32", False, {"graph_optimization": "basic"}),
     ("fp32 opt=extended", "fp32", False, {"graph_optimization": "extended"}),
 ]
-
-
-def median_ms(fn: Callable[[], Any], repeats: int, cuda: bool, warmup: int = 3) -> float:
-    """Median wall time of ``fn`` in ms, synchronizing the GPU around each call."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if cuda:
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def rel_error(out: torch.Tensor | np.ndarray, ref: torch.Tensor) -> float:
@@ -126,7 +108,7 @@ def torch_variants(
 
         flags = torch.backends.cudnn.flags(enabled=True, benchmark=bench, allow_tf32=tf32)
         with torch.inference_mode(), flags:
-            ms = median_ms(fwd, repeats, cuda)
+            ms = median_wall_ms(fwd, repeats, cuda=cuda)
             out = fwd().float()
         if ref is None:
             ref = out.clone()
@@ -149,11 +131,11 @@ def ort_variants(source: ModelSource, x: torch.Tensor, ref: torch.Tensor, device
             continue
         with create_backend("ort", source, opts) as backend:
             if cuda:
-                ms = median_ms(functools.partial(backend.run_device, x), repeats, cuda)
+                ms = median_wall_ms(functools.partial(backend.run_device, x), repeats, cuda=cuda)
                 out = backend.run_device(x)
             else:
                 host = x.numpy()
-                ms = median_ms(functools.partial(backend.run, host), repeats, cuda)
+                ms = median_wall_ms(functools.partial(backend.run, host), repeats, cuda=cuda)
                 out = torch.from_numpy(backend.run(host))
             rows.append({"engine": "ort", "config": label, "ms": ms, "rel_error": rel_error(out, ref)})
             if cuda and label.endswith("(default)"):
@@ -166,10 +148,10 @@ def _copy_variants(backend: Any, x: torch.Tensor, ref: torch.Tensor, repeats: in
     host = x.cpu().numpy()
     session = backend.session
     rows = []
-    ms = median_ms(lambda: backend.run(host), repeats, True)
+    ms = median_wall_ms(lambda: backend.run(host), repeats, cuda=True)
     rows.append({"engine": "ort", "config": "fp32 default, host in/out via pinned staging (Backend.run)",
                  "ms": ms, "rel_error": rel_error(backend.run(host), ref)})
-    ms = median_ms(lambda: session.run(["output"], {"input": host}), repeats, True)
+    ms = median_wall_ms(lambda: session.run(["output"], {"input": host}), repeats, cuda=True)
     out = session.run(["output"], {"input": host})[0]
     rows.append({"engine": "ort", "config": "fp32 default, session.run on numpy (no IOBinding)", "ms": ms,
                  "rel_error": rel_error(out, ref)})

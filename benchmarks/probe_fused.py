@@ -6,27 +6,13 @@ Run on the GPU machine: ``python3 benchmarks/probe_fused.py [--size 4096]``. Pri
 from __future__ import annotations
 
 import argparse
-import statistics
+import functools
 
 import torch
 
 from cryodeploy.backends.fused.kernel import fused_cnn3_forward, pack_weights
+from cryodeploy.bench import median_ms
 from cryodeploy.models import ModelSpec, build_model
-
-
-def timed(fn, repeats: int = 20) -> float:  # type: ignore[no-untyped-def]
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -43,7 +29,7 @@ def main() -> None:
     torch.backends.cudnn.allow_tf32 = False
     md = m.to(dev)
     with torch.inference_mode():
-        t32 = timed(lambda: md(x))
+        t32 = median_ms(lambda: md(x), 20, cuda=True)
         mcl = md.to(memory_format=torch.channels_last)
         xcl = x.contiguous(memory_format=torch.channels_last)
 
@@ -51,7 +37,7 @@ def main() -> None:
             with torch.autocast("cuda", dtype=torch.float16):
                 return mcl(xcl)
 
-        t16 = timed(f16)
+        t16 = median_ms(f16, 20, cuda=True)
     print(f"eager fp32: {t32:.3f} ms; eager fp16 channels_last: {t16:.3f} ms")
     for dtype in (torch.float16, torch.bfloat16):
         w = pack_weights(m.cpu(), dtype, dev)
@@ -62,7 +48,8 @@ def main() -> None:
         for rows, chunk, progs, nw in configs:
             y = fused_cnn3_forward(x, w, rows, chunk, progs, nw)
             err = float((y - ref).abs().max() / ref.abs().max())
-            t = timed(lambda w=w, r=rows, c=chunk, p=progs, n=nw: fused_cnn3_forward(x, w, r, c, p, n))
+            fn = functools.partial(fused_cnn3_forward, x, w, rows, chunk, progs, nw)
+            t = median_ms(fn, 20, cuda=True)
             print(
                 f"fused {dtype} rows={rows} chunk={chunk} programs={progs} warps={nw}: {t:.3f} ms, "
                 f"rel err vs fp64 {err:.2e}, speedup vs eager fp32 {t32 / t:.2f}x"

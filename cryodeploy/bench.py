@@ -21,7 +21,7 @@ from .backends.base import BackendOptions
 from .errors import CryoDeployError
 from .source import ModelSource
 
-__all__ = ["VARIANTS", "BenchConfig", "BenchRow", "BenchVariant", "run_bench"]
+__all__ = ["VARIANTS", "BenchConfig", "BenchRow", "BenchVariant", "median_ms", "median_wall_ms", "run_bench"]
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,8 @@ class BenchReport:
         return asdict(self)
 
 
-def _median_ms(fn: Callable[[], Any], repeats: int, warmup: int, cuda: bool) -> float:
+def median_ms(fn: Callable[[], Any], repeats: int, warmup: int = 3, cuda: bool = False) -> float:
+    """Median time of ``fn`` in ms after ``warmup`` calls: CUDA events on a GPU, perf_counter on a CPU."""
     for _ in range(warmup):
         fn()
     times = []
@@ -113,6 +114,25 @@ def _median_ms(fn: Callable[[], Any], repeats: int, warmup: int, cuda: bool) -> 
     return float(statistics.median(times))
 
 
+def median_wall_ms(fn: Callable[[], Any], repeats: int, warmup: int = 3, cuda: bool = False) -> float:
+    """Median wall time of ``fn`` in ms, the GPU synchronized around each call (includes host work
+    and work on other streams, e.g. ONNX Runtime's)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if cuda:
+            import torch
+
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return float(statistics.median(times))
+
+
 def _floors(source: ModelSource, size: int, cuda: bool, device: str) -> tuple[float | None, dict[str, float]]:
     """Copy bandwidth and the unfused / fused memory-traffic floors for a stride-1 conv net."""
     if not cuda:
@@ -121,7 +141,7 @@ def _floors(source: ModelSource, size: int, cuda: bool, device: str) -> tuple[fl
 
     n = 1 << 28  # 1 GiB of float32, far larger than L2
     buf = torch.empty(n, dtype=torch.float32, device=device)
-    ms = _median_ms(buf.clone, 10, 2, True)
+    ms = median_ms(buf.clone, 10, 2, True)
     bw = 2 * n * 4 / (ms * 1e-3) / 1e9  # read + write, GB/s
     buf = torch.empty(0, device=device)
     floors: dict[str, float] = {}
@@ -201,7 +221,7 @@ def _measure(
             out = backend.run(host)
             fn = lambda: backend.run(host)  # noqa: E731
             timed = "host (CPU)"
-        ms = _median_ms(fn, config.repeats, config.warmup, cuda)
+        ms = median_ms(fn, config.repeats, config.warmup, cuda)
     return BenchRow(v.label, v.backend, v.precision, ms, timed=timed), out
 
 

@@ -7,6 +7,8 @@ import json
 
 import click
 
+from ._params import split_csv
+
 
 @click.command()
 @click.option(
@@ -51,7 +53,7 @@ def bench(
         size=size,
         device=device,
         repeats=repeats,
-        backends=tuple(b.strip() for b in backends.split(",")) if backends else None,
+        backends=split_csv(backends),
     )
     source = load_source(model)
     report = run_bench(source, cfg, None if quiet else lambda s: click.echo(f"timing {s} ...", err=True))

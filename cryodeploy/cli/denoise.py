@@ -6,14 +6,7 @@ from pathlib import Path
 
 import click
 
-
-def _size(value: str, name: str) -> int | str:
-    if value == "auto":
-        return value
-    try:
-        return int(value)
-    except ValueError:
-        raise click.BadParameter(f"{value!r}: expected 'auto' or an integer", param_hint=name) from None
+from ._params import size_or_auto
 
 
 @click.command()
@@ -53,7 +46,7 @@ def denoise(
     from ..runner import RunConfig
 
     config = RunConfig(
-        tile=_size(tile, "--tile"), batch=_size(batch, "--batch"), output_dtype=output_dtype,  # type: ignore[arg-type]
+        tile=size_or_auto(tile, "--tile"), batch=size_or_auto(batch, "--batch"), output_dtype=output_dtype,  # type: ignore[arg-type]
         suffix=suffix, skip_existing=skip_existing, overwrite=overwrite, shard=shard, summary=summary,
         quiet=quiet, preview=preview, keep_normalized=keep_normalized,
     )

@@ -7,18 +7,7 @@ from pathlib import Path
 
 import click
 
-
-def _csv(value: str | None) -> tuple[str, ...] | None:
-    return None if value is None else tuple(v.strip() for v in value.split(",") if v.strip())
-
-
-def _size(value: str, name: str) -> int | str:
-    if value == "auto":
-        return value
-    try:
-        return int(value)
-    except ValueError:
-        raise click.BadParameter(f"{value!r}: expected 'auto' or an integer", param_hint=name) from None
+from ._params import size_or_auto, split_csv
 
 
 @click.command()
@@ -69,8 +58,8 @@ def parity(
     if bool(inputs) == bool(synth_count):
         raise click.UsageError("give either INPUTS or --synth N")
     config = ParityConfig(
-        backends=_csv(backends), precisions=_csv(precisions) or (), device=resolve_device(device),
-        threads=threads, tf32=tf32, tile=_size(tile, "--tile"), batch=_size(batch, "--batch"),  # type: ignore[arg-type]
+        backends=split_csv(backends), precisions=split_csv(precisions) or (), device=resolve_device(device),
+        threads=threads, tf32=tf32, tile=size_or_auto(tile, "--tile"), batch=size_or_auto(batch, "--batch"),  # type: ignore[arg-type]
         rtol=rtol, max_psnr_loss_db=max_psnr_loss, reference=not no_reference, quiet=quiet,
     )
     source = load_source(model)
