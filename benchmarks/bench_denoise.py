@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from cryodeploy.backends import Backend, BackendOptions, availability, create_backend
-from cryodeploy.bench import median_wall_ms
+from cryodeploy.bench import IdentityBackend, median_wall_ms
 from cryodeploy.checkpoint import save_checkpoint
 from cryodeploy.models import ModelSpec, build_model
 from cryodeploy.mrc import read_header, read_micrograph, write_micrograph
@@ -39,15 +39,6 @@ from cryodeploy.normalize import norm_stats, normalize
 from cryodeploy.runner import RunConfig, RunSummary, denoise_files
 from cryodeploy.source import ModelSource, load_source
 from cryodeploy.tiling import pad_to_stride
-
-
-class IdentityBackend(Backend):
-    """Returns its input: the pipeline with no model (the I/O floor). Used only by this benchmark."""
-
-    name = "identity"
-
-    def _run(self, batch: np.ndarray) -> np.ndarray:
-        return batch
 
 
 def make_inputs(folder: Path, count: int, size: int, seed: int = 0) -> list[Path]:

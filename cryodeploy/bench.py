@@ -12,16 +12,28 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .backends import availability, create_backend
-from .backends.base import BackendOptions
+from .backends.base import Backend, BackendOptions
 from .errors import CryoDeployError
 from .source import ModelSource
 
-__all__ = ["VARIANTS", "BenchConfig", "BenchRow", "BenchVariant", "median_ms", "median_wall_ms", "run_bench"]
+__all__ = [
+    "VARIANTS",
+    "BenchConfig",
+    "BenchRow",
+    "BenchVariant",
+    "E2ERow",
+    "IdentityBackend",
+    "median_ms",
+    "median_wall_ms",
+    "run_bench",
+    "run_e2e",
+]
 
 
 @dataclass(frozen=True)
@@ -234,3 +246,62 @@ def _device_name(device: str) -> str:
     import platform
 
     return f"CPU {platform.machine()} ({os.cpu_count()} threads)"
+
+
+class IdentityBackend(Backend):
+    """Returns its input: the runner with no model, whose wall time is the I/O floor."""
+
+    name = "identity"
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        return batch
+
+
+@dataclass
+class E2ERow:
+    """End-to-end wall time of one variant over the files, and its ratio to the I/O floor."""
+
+    label: str
+    seconds: float | None
+    ratio_vs_floor: float | None = None
+    note: str = ""
+
+
+def run_e2e(
+    source: ModelSource, paths: list[Path], workdir: Path, config: BenchConfig
+) -> tuple[float, list[E2ERow]]:
+    """Denoise ``paths`` with every available variant through the runner, next to the I/O floor.
+
+    The floor is the same runner (reader thread, tiling, writer thread, atomic writes) with
+    :class:`IdentityBackend`. Each variant gets an untimed warm-up on the first file. Returns
+    the floor in seconds and one row per variant.
+    """
+    from .runner import RunConfig, denoise_files
+
+    run_cfg = RunConfig(quiet=True, overwrite=True, shard=(0, 1))
+
+    def timed(backend: Backend, name: str) -> float:
+        denoise_files(paths[:1], workdir / f"{name}-warmup", backend, source.spec, run_cfg)
+        summary = denoise_files(paths, workdir / name, backend, source.spec, run_cfg)
+        if not summary.ok:
+            raise CryoDeployError(f"{backend.label}: {summary.line()}")
+        return float(summary.seconds)
+
+    floor = timed(IdentityBackend(BackendOptions(device=config.device)), "floor")
+    rows: list[E2ERow] = []
+    for i, v in enumerate(VARIANTS):
+        if config.backends is not None and v.backend not in config.backends:
+            continue
+        opts = BackendOptions(device=config.device, precision=v.precision, extra=v.extra)
+        try:
+            ok, reason = availability(v.backend, opts)
+            if not ok:
+                rows.append(E2ERow(v.label, None, note=reason))
+                continue
+            with create_backend(v.backend, source, opts) as backend:
+                seconds = timed(backend, f"variant{i}")
+        except (CryoDeployError, RuntimeError, ValueError) as err:
+            rows.append(E2ERow(v.label, None, note=f"failed: {err}"[:300]))
+            continue
+        rows.append(E2ERow(v.label, seconds, seconds / floor))
+    return floor, rows

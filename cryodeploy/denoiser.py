@@ -29,10 +29,12 @@ __all__ = ["BACKEND_PREFERENCE", "Denoiser", "resolve_device"]
 
 #: ``backend="auto"``: the first of these that is registered, available and can load the model.
 #: CPU: ONNX Runtime (issue 6: CNN3 2048^2, 2 threads: ORT 203 ms, torch channels_last 627 ms).
-#: CUDA: torch (no build step) for checkpoints; TensorRT, then ONNX Runtime for ONNX files/engines.
+#: CUDA: the fused Triton kernel where it applies (CNN3 at fp16/bf16: 2.3 ms vs 4.8 ms for eager
+#: fp16 at 4096^2 on an H200, docs/benchmarks.md), then torch (no build step) for checkpoints;
+#: TensorRT, then ONNX Runtime for ONNX files and engines.
 BACKEND_PREFERENCE: dict[str, tuple[str, ...]] = {
     "cpu": ("ort", "torch"),
-    "cuda": ("torch", "trt", "ort"),
+    "cuda": ("fused", "torch", "trt", "ort"),
 }
 
 

@@ -54,3 +54,46 @@ def test_bench_cli_table_and_json(cnn3_checkpoint: Path, tmp_path: Path) -> None
     assert any("fused Triton fp16" in ln and "CUDA only" in ln for ln in lines)
     data = json.loads(out.read_text())
     assert data["size"] == 64 and {r["backend"] for r in data["rows"]} == {"torch", "fused"}
+
+
+def test_bench_e2e_rows_against_the_io_floor(cnn3_checkpoint: Path, tmp_path: Path) -> None:
+    import shutil
+
+    folder = tmp_path / "mics"
+    folder.mkdir()
+    for name in ("epu_crop_a.mrc", "epu_crop_b.mrc"):
+        shutil.copy(Path(__file__).resolve().parents[1] / "examples" / name, folder / name)
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(
+        cli,
+        [
+            "bench",
+            "--model",
+            str(cnn3_checkpoint),
+            "--size",
+            "64",
+            "--device",
+            "cpu",
+            "--repeats",
+            "1",
+            "--backends",
+            "torch",
+            "--e2e",
+            str(folder),
+            "--workdir",
+            str(tmp_path),
+            "--json",
+            str(out),
+            "-q",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    e2e = json.loads(out.read_text())["e2e"]
+    assert e2e["files"] == 2 and e2e["floor_s"] > 0
+    rows = {r["label"]: r for r in e2e["rows"]}
+    eager = rows["eager fp32"]
+    assert eager["seconds"] > 0 and abs(eager["ratio_vs_floor"] - eager["seconds"] / e2e["floor_s"]) < 1e-9
+    assert rows["CUDA graphs fp16"]["seconds"] is None
+    assert rows["CUDA graphs fp16"]["note"] == "torch: CUDA graphs need a CUDA device"
+    assert "I/O floor (identity backend)" in result.output
+    assert list(tmp_path.glob("tmp*")) == []  # the run's outputs are removed

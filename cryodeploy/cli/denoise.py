@@ -33,12 +33,14 @@ from ._params import size_or_auto
 @click.option("--keep-normalized", is_flag=True, help="Write normalized intensities, not the input's scale.")
 @click.option("--project-dir", type=click.Path(file_okay=False, path_type=Path),
               help="RELION project folder for relative STAR paths (default: found from the STAR file).")
+@click.option("--cuda-graphs", is_flag=True,
+              help="torch backend on CUDA: replay a captured CUDA graph per tile shape (no launch overhead).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def denoise(
     inputs: tuple[str, ...], outdir: Path, model: str, backend: str, device: str, precision: str,
     threads: int, tile: str, batch: str, output_dtype: str, suffix: str, skip_existing: bool, overwrite: bool,
     shard: str | None, summary: Path | None, preview: bool, keep_normalized: bool, project_dir: Path | None,
-    quiet: bool,
+    cuda_graphs: bool, quiet: bool,
 ) -> None:
     """Denoise micrographs INPUTS (.mrc/.mrcs files, quoted globs, folders, RELION STAR files) into OUTDIR."""
     from ..denoiser import Denoiser
@@ -51,7 +53,9 @@ def denoise(
         quiet=quiet, preview=preview, keep_normalized=keep_normalized,
     )
     paths = expand_inputs(list(inputs), project_dir)
-    with Denoiser.load(model, device=device, backend=backend, precision=precision, threads=threads) as d:
+    extra = {"cuda_graphs": True} if cuda_graphs else {}
+    with Denoiser.load(model, device=device, backend=backend, precision=precision, threads=threads,
+                       **extra) as d:
         result = d.denoise_files(paths, outdir, config)
     for f in result.files:
         if f.status == "failed":

@@ -19,6 +19,8 @@ def availability(options: BackendOptions) -> tuple[bool, str]:
         import torch
     except ImportError:
         return False, "torch: not installed"
+    if options.get("cuda_graphs", False) and not options.device.startswith("cuda"):
+        return False, "torch: CUDA graphs need a CUDA device"
     if options.device.startswith("cuda") and not torch.cuda.is_available():
         return False, "torch: no CUDA device visible (CPU only)"
     return True, "available"
