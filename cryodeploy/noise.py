@@ -66,12 +66,17 @@ class NoiseSpec:
 def to_unit_range(
     image: np.ndarray, low_percentile: float = 0.1, high_percentile: float = 99.9
 ) -> np.ndarray:
-    """Map an image to [0, 1] by robust percentiles (clipped), as the seeds did before adding noise."""
-    img = np.asarray(image, dtype=np.float32)
+    """Map an image to [0, 1] by robust percentiles (clipped), as the seeds did before adding noise.
+
+    Works in float32 on one copy of the image (no float64 temporaries: preprocessing memory).
+    """
+    img = np.array(image, dtype=np.float32)
     lo, hi = np.percentile(img[:: max(1, img.shape[0] // 1024)], [low_percentile, high_percentile])
     if hi <= lo:
         raise ConfigError("image has no dynamic range to map to [0, 1]")
-    return np.clip((img - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+    img -= np.float32(lo)
+    img /= np.float32(hi - lo)
+    return np.clip(img, 0.0, 1.0, out=img)
 
 
 def add_noise(
