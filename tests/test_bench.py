@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 
 from cryodeploy.bench import VARIANTS, BenchConfig, run_bench
 from cryodeploy.cli import cli
@@ -26,27 +26,15 @@ def test_bench_rows_on_cpu(cnn3_checkpoint: Path) -> None:
         assert (r.ms is None) == bool(r.note), r
 
 
+def _bench_cli(checkpoint: Path, out: Path, *args: str) -> Result:
+    """``cryodeploy bench`` on a 64-px image on the CPU, JSON to ``out``."""
+    common = ["--size", "64", "--device", "cpu", "--repeats", "2", "--json", str(out), "-q"]
+    return CliRunner().invoke(cli, ["bench", "--model", str(checkpoint), *common, *args])
+
+
 def test_bench_cli_table_and_json(cnn3_checkpoint: Path, tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
-    result = CliRunner().invoke(
-        cli,
-        [
-            "bench",
-            "--model",
-            str(cnn3_checkpoint),
-            "--size",
-            "64",
-            "--device",
-            "cpu",
-            "--repeats",
-            "2",
-            "--backends",
-            "torch,fused",
-            "--json",
-            str(out),
-            "-q",
-        ],
-    )
+    result = _bench_cli(cnn3_checkpoint, out, "--backends", "torch,fused")
     assert result.exit_code == 0, result.output
     lines = [ln for ln in result.output.splitlines() if ln.startswith("| ")]
     assert lines[0].startswith("| date | device | what |")
@@ -64,28 +52,8 @@ def test_bench_e2e_rows_against_the_io_floor(cnn3_checkpoint: Path, tmp_path: Pa
     for name in ("epu_crop_a.mrc", "epu_crop_b.mrc"):
         shutil.copy(Path(__file__).resolve().parents[1] / "examples" / name, folder / name)
     out = tmp_path / "bench.json"
-    result = CliRunner().invoke(
-        cli,
-        [
-            "bench",
-            "--model",
-            str(cnn3_checkpoint),
-            "--size",
-            "64",
-            "--device",
-            "cpu",
-            "--repeats",
-            "1",
-            "--backends",
-            "torch",
-            "--e2e",
-            str(folder),
-            "--workdir",
-            str(tmp_path),
-            "--json",
-            str(out),
-            "-q",
-        ],
+    result = _bench_cli(
+        cnn3_checkpoint, out, "--backends", "torch", "--e2e", str(folder), "--workdir", str(tmp_path)
     )
     assert result.exit_code == 0, result.output
     e2e = json.loads(out.read_text())["e2e"]
