@@ -6,12 +6,60 @@ bytes, truncation), the way a bad disk, an interrupted copy or a foreign writer 
 
 from __future__ import annotations
 
+import os
+import shutil
 import struct
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
 import mrcfile
 import numpy as np
+import pytest
+
+#: denoise options of the robustness tests: the CPU torch backend with small tiles
+MODEL_ARGS = ("--backend", "torch", "--device", "cpu", "--tile", "64", "-q")
+#: variables that would make `denoise` process only a shard of its inputs
+SHARD_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT")
+
+
+def unsharded_env() -> dict[str, str]:
+    """This process's environment without sharding variables."""
+    return {k: v for k, v in os.environ.items() if k not in SHARD_VARS}
+
+
+def without_root_override(what: str) -> tuple[str, ...]:
+    """A command prefix under which permission bits apply: empty for a normal user; for root a new
+    user namespace (uid 0 kept, the capability to bypass permissions lost). Skips the test if root
+    cannot make one (``what`` says which permission would not hold)."""
+    if os.geteuid() != 0:
+        return ()
+    unshare = shutil.which("unshare")
+    if unshare is None or subprocess.run([unshare, "--user", "true"], capture_output=True).returncode != 0:
+        pytest.skip(f"running as root and user namespaces are unavailable: {what} does not stop root")
+    return (unshare, "--user")
+
+
+def denoise_process(
+    inputs: list[Path], outdir: Path, model: Path, prefix: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess[str]:
+    """A real ``python -m cryodeploy denoise`` process over ``inputs`` (stdout/stderr captured)."""
+    cmd = [
+        *prefix,
+        sys.executable,
+        "-m",
+        "cryodeploy",
+        "denoise",
+        *map(str, inputs),
+        "-o",
+        str(outdir),
+        "--model",
+        str(model),
+        *MODEL_ARGS,
+    ]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=unsharded_env())
+
 
 #: modes cryodeploy reads, with the numpy type mrcfile writes for each
 MODES: dict[int, type] = {0: np.int8, 1: np.int16, 2: np.float32, 6: np.uint16, 12: np.float16}

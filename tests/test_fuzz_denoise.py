@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,13 +22,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mrc_cases import (
     FIELDS,
+    MODEL_ARGS,
     MODES,
     PNG_SIGNATURE,
+    SHARD_VARS,
+    denoise_process,
     edit_bytes,
     pixels,
     regions,
     set_field,
     truncate,
+    without_root_override,
     write_mrc,
 )
 
@@ -44,8 +46,6 @@ EXAMPLES = int(os.environ.get("CRYODEPLOY_FUZZ_EXAMPLES", "100"))
 # a hang fails the test; deeper runs get longer
 pytestmark = pytest.mark.timeout(180 * max(1, EXAMPLES // 100))
 
-MODEL_ARGS = ("--backend", "torch", "--device", "cpu", "--tile", "64", "-q")
-SHARD_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT")
 NAMES = ("m.mrc", "with space.mrc", "mïcrö ü.mrc", "日本語 δ.mrcs", "a'b\"c.mrc")
 KINDS = ("good", "header-bytes", "header-field", "truncated", "nan", "constant", "small", "foreign")
 
@@ -172,26 +172,6 @@ def test_denoise_symlinks_and_special_files(tmp_path: Path, cnn3_checkpoint: Pat
     assert (tmp_path / "out-link é.mrc" / "link é.mrc").is_file()  # the output is named after the link
 
 
-def _subprocess(
-    inputs: list[Path], outdir: Path, model: Path, prefix: tuple[str, ...] = ()
-) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in SHARD_VARS}
-    cmd = [
-        *prefix,
-        sys.executable,
-        "-m",
-        "cryodeploy",
-        "denoise",
-        *map(str, inputs),
-        "-o",
-        str(outdir),
-        "--model",
-        str(model),
-        *MODEL_ARGS,
-    ]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
-
-
 def _bad_inputs(folder: Path, rng: np.random.Generator) -> list[Path]:
     """One of each kind of bad input, named with spaces and non-ASCII characters."""
     folder.mkdir()
@@ -246,7 +226,7 @@ def test_real_process_reports_each_bad_input_on_one_line(tmp_path: Path, cnn3_ch
     ]
     outdir = tmp_path / "out"
 
-    proc = _subprocess([*bad, *good], outdir, cnn3_checkpoint)
+    proc = denoise_process([*bad, *good], outdir, cnn3_checkpoint)
 
     assert proc.returncode == 1, proc.stderr
     assert "Traceback" not in proc.stderr
@@ -264,7 +244,7 @@ def test_real_process_single_bad_input_prints_one_line(tmp_path: Path, cnn3_chec
     path = write_mrc(tmp_path / "cut.mrc", pixels(np.random.default_rng(0), 2, (64, 64)))
     truncate(path, 3000)
 
-    proc = _subprocess([path], tmp_path / "out", cnn3_checkpoint)
+    proc = denoise_process([path], tmp_path / "out", cnn3_checkpoint)
 
     assert proc.returncode == 1 and proc.stdout.startswith("denoised 0, skipped 0, failed 1 in ")
     assert proc.stderr.splitlines() == [
@@ -279,17 +259,9 @@ def test_real_process_unreadable_input(tmp_path: Path, cnn3_checkpoint: Path) ->
     keeps uid 0 but loses the capability to bypass file permissions (a real EACCES from the kernel)."""
     path = write_mrc(tmp_path / "locked.mrc", pixels(np.random.default_rng(0), 2, (40, 40)))
     path.chmod(0)
-    prefix: tuple[str, ...] = ()
-    if os.geteuid() == 0:
-        unshare = shutil.which("unshare")
-        if (
-            unshare is None
-            or subprocess.run([unshare, "--user", "true"], capture_output=True).returncode != 0
-        ):
-            pytest.skip("running as root and user namespaces are unavailable: chmod 000 does not stop root")
-        prefix = (unshare, "--user")
+    prefix = without_root_override("chmod 000")
 
-    proc = _subprocess([path], tmp_path / "out", cnn3_checkpoint, prefix)
+    proc = denoise_process([path], tmp_path / "out", cnn3_checkpoint, prefix)
 
     assert proc.returncode == 1
     assert proc.stderr.splitlines() == [f"failed: {path}: not readable (permission denied)"]

@@ -11,7 +11,6 @@ in a new user namespace (``unshare --user``).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -21,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from mrc_cases import pixels, write_mrc
+from mrc_cases import MODEL_ARGS, denoise_process, pixels, unsharded_env, without_root_override, write_mrc
 
 from cryodeploy.cli import cli
 from cryodeploy.errors import OutputError
@@ -29,13 +28,7 @@ from cryodeploy.mrc import TEMP_PREFIX, read_micrograph, write_micrograph
 
 pytestmark = pytest.mark.timeout(180)
 
-MODEL_ARGS = ("--backend", "torch", "--device", "cpu", "--tile", "64", "-q")
-SHARD_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT")
 BIG, SMALL = (256, 256), (64, 64)  # float32 outputs of 257 KiB and 17 KiB
-
-
-def _env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k not in SHARD_VARS}
 
 
 @pytest.fixture
@@ -91,7 +84,7 @@ def test_disk_full_on_a_real_small_filesystem(
         ls -A '{mnt}/out' > '{tmp_path}/listing'
         cp '{mnt}/out/small.mrc' '{kept}/'
     """
-    subprocess.run([*private_mounts, textwrap.dedent(script)], check=True, timeout=120, env=_env())
+    subprocess.run([*private_mounts, textwrap.dedent(script)], check=True, timeout=120, env=unsharded_env())
 
     assert (tmp_path / "run.rc").read_text().strip() == "1"
     assert (tmp_path / "run.stderr").read_text().splitlines() == [
@@ -115,7 +108,7 @@ def test_completely_full_disk(
         {_denoise_cmd(inputs[1:], mnt / "out", cnn3_checkpoint, tmp_path / "run")}
         ls -A '{mnt}/out' > '{tmp_path}/listing'
     """
-    subprocess.run([*private_mounts, textwrap.dedent(script)], check=True, timeout=120, env=_env())
+    subprocess.run([*private_mounts, textwrap.dedent(script)], check=True, timeout=120, env=unsharded_env())
 
     assert (tmp_path / "run.rc").read_text().strip() == "1"
     assert (tmp_path / "run.stderr").read_text().splitlines() == [
@@ -144,7 +137,9 @@ same = bool((read_micrograph("{mnt}/a.mrc").data == first).all())
 print(json.dumps({{"error": error, "same": same, "files": sorted(os.listdir("{mnt}"))}}))
 """
     script = f"mount -t tmpfs -o size=400k tmpfs '{mnt}'\n'{sys.executable}' -c '{code}'"
-    proc = subprocess.run([*private_mounts, script], capture_output=True, text=True, timeout=60, env=_env())
+    proc = subprocess.run(
+        [*private_mounts, script], capture_output=True, text=True, timeout=60, env=unsharded_env()
+    )
 
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == {
@@ -169,7 +164,7 @@ def test_file_size_limit_fails_the_file_cleanly(
         f"main({args!r})\n"
     )
     proc = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=_env()
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=unsharded_env()
     )
 
     assert proc.returncode == 1
@@ -191,7 +186,7 @@ def test_read_only_filesystem(
         {_denoise_cmd(inputs, mnt / "new", cnn3_checkpoint, tmp_path / "run2")}
         ls -A '{mnt}' '{mnt}/out' > '{tmp_path}/listing'
     """
-    subprocess.run([*private_mounts, textwrap.dedent(script)], check=True, timeout=120, env=_env())
+    subprocess.run([*private_mounts, textwrap.dedent(script)], check=True, timeout=120, env=unsharded_env())
 
     read = lambda name: (tmp_path / name).read_text()  # noqa: E731
     assert (read("run1.rc").strip(), read("run1.stdout")) == ("1", "")
@@ -213,29 +208,7 @@ def test_output_folder_without_write_permission(
     outdir = tmp_path / "locked"
     outdir.mkdir()
     outdir.chmod(0o555)
-    prefix: list[str] = []
-    if os.geteuid() == 0:
-        unshare = shutil.which("unshare")
-        if (
-            unshare is None
-            or subprocess.run([unshare, "--user", "true"], capture_output=True).returncode != 0
-        ):
-            pytest.skip("running as root and user namespaces are unavailable: chmod 555 does not stop root")
-        prefix = [unshare, "--user"]
-    cmd = [
-        *prefix,
-        sys.executable,
-        "-m",
-        "cryodeploy",
-        "denoise",
-        *map(str, inputs),
-        "-o",
-        str(outdir),
-        "--model",
-        str(cnn3_checkpoint),
-        *MODEL_ARGS,
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=_env())
+    proc = denoise_process(list(inputs), outdir, cnn3_checkpoint, without_root_override("chmod 555"))
 
     assert (proc.returncode, proc.stdout) == (1, "")
     assert proc.stderr.splitlines() == [
