@@ -244,11 +244,13 @@ def _model_method(name: str, model: str, config: EvalConfig, normalized: bool, s
     if not normalized:
         return Method(name, lambda x: np.asarray(d(x), dtype=np.float32),
                       label=f"Denoiser on {d.backend.label}")
+    from .tiling import pad_to_stride
+
     stride = d.spec.stride
 
     def forward(x: np.ndarray) -> np.ndarray:
         h, w = x.shape
-        xp = np.pad(x, ((0, -h % stride), (0, -w % stride)), mode="reflect")
+        xp = pad_to_stride(x, stride)
         return d.backend.run(np.ascontiguousarray(xp, dtype=np.float32)[None, None])[0, 0, :h, :w]
 
     return Method(name, forward, label=f"{d.backend.label} forward pass on normalized patches")

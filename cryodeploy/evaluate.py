@@ -53,13 +53,13 @@ CONSTANT_STD_RATIO = 0.01
 DATA_RANGE_NOTE = "PSNR and SSIM use each item's clean image range, max(clean) - min(clean)"
 
 
-
 def item_metrics(pred: np.ndarray, clean: np.ndarray, mask: np.ndarray | None) -> dict[str, Any]:
     """All per-item metrics of one prediction against its clean target."""
     sd = float(np.std(clean))
+    err = M.mse(pred, clean)
     return {
-        "psnr": M.psnr(pred, clean), "ssim": M.ssim(pred, clean), "mse": M.mse(pred, clean),
-        "rmse": M.rmse(pred, clean), "corr": M.pearson(pred, clean),
+        "psnr": M.psnr(pred, clean), "ssim": M.ssim(pred, clean), "mse": err,
+        "rmse": float(np.sqrt(err)), "corr": M.pearson(pred, clean),
         "mean_shift": float((np.mean(pred, dtype=np.float64) - np.mean(clean, dtype=np.float64)) / sd),
         "std_ratio": float(np.std(pred, dtype=np.float64)) / sd,
         "flat_noise": M.flat_noise(pred, mask) if mask is not None else None,

@@ -91,7 +91,7 @@ def _half_pairs(data: HalvesData, models: list[Method], limit: int | None) -> di
     if data.half_pairs is None:
         return None
     pairs = matched_files(*data.half_pairs)[:limit]
-    curves: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {"identity": [], **{m.name: [] for m in models}}
+    curves: Curves = {"identity": [], **{m.name: [] for m in models}}
     per_item = []
     for pa, pb in pairs:
         a, b = read_frame(pa, None), read_frame(pb, None)
@@ -118,7 +118,6 @@ def halves_red_flags(methods: dict[str, dict[str, Any]], tolerance: float) -> li
     mean shift beyond ``tolerance`` x std(input), and denoised-halves FRC 0.143 much coarser than
     the raw halves'."""
     from .evaluate import CONSTANT_STD_RATIO
-
 
     flags = []
     raw = methods["identity"].get("frc_0.143")

@@ -33,10 +33,10 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from .backends import BACKENDS, PRECISIONS, BackendOptions, availability, create_backend
+from .backends import BACKENDS, PRECISIONS, BackendOptions, create_backend
 from .errors import BackendUnavailable, ConfigError, CryoDeployError, ModelError
 from .mrc import read_micrograph
-from .normalize import norm_stats, normalize
+from .normalize import NormStats, norm_stats, normalize
 from .tiling import pad_to_stride
 
 if TYPE_CHECKING:
@@ -203,10 +203,7 @@ def _run_variant(source: ModelSource, name: str, precision: str, inputs: Sequenc
 
     opts = BackendOptions(device=config.device, precision=precision, threads=config.threads, tf32=config.tf32)
     label = f"{name}/{config.device}/{precision}"
-    ok, reason = availability(name, opts)
-    if not ok:
-        return VariantResult(name, precision, label, "unavailable", reason)
-    try:
+    try:  # raises BackendUnavailable with availability()'s reason
         backend = create_backend(name, source, opts)
     except (BackendUnavailable, ModelError) as err:
         return VariantResult(name, precision, label, "unavailable", str(err))
@@ -233,13 +230,14 @@ def _reference_module(source: ModelSource, config: ParityConfig) -> tuple[torch.
         return None, f"unavailable ({err})"
 
 
-def _reference(module: torch.nn.Module, frames: np.ndarray, source: ModelSource) -> np.ndarray:
+def _reference(
+    module: torch.nn.Module, frames: np.ndarray, stats: list[NormStats], stride: int
+) -> np.ndarray:
     import torch
 
-    spec = source.spec
     out = np.empty(frames.shape, np.float64)
-    for i, frame in enumerate(frames):
-        image = pad_to_stride(normalize(frame, norm_stats(frame, spec.normalization)), spec.stride)
+    for i, (frame, s) in enumerate(zip(frames, stats, strict=True)):
+        image = pad_to_stride(normalize(frame, s), stride)
         with torch.inference_mode():
             y = module(torch.from_numpy(image.astype(np.float64))[None, None])[0, 0].numpy()
         out[i] = y[: frame.shape[0], : frame.shape[1]]
@@ -275,15 +273,15 @@ def _measure(
         p.psnr = float("inf")
     for path in inputs:
         frames = _frames(read_micrograph(path).data)
+        stats = [norm_stats(f, source.spec.normalization) for f in frames]
         out = {v.label: _frames(read_micrograph(v.outputs[str(path)]).data) for v in done}
         if module is not None:
-            out[REFERENCE] = _reference(module, frames, source)
+            out[REFERENCE] = _reference(module, frames, stats, source.spec.stride)
         for p in pairs:
             max_abs, rel, pair_psnr = compare_arrays(out[p.a], out[p.b])
             p.max_abs, p.rel, p.psnr = max(p.max_abs, max_abs), max(p.rel, rel), min(p.psnr, pair_psnr)
         if targets is not None:
             clean = _frames(read_micrograph(targets[path]).data).astype(np.float64)
-            stats = [norm_stats(f, source.spec.normalization) for f in frames]
             for v in done:
                 y = out[v.label].astype(np.float64)
                 per_frame = [psnr(y[i] * s.scale + s.center, clean[i], data_range=float(np.ptp(clean[i])))

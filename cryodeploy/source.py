@@ -39,7 +39,8 @@ class ModelSource:
             from .rawweights import load_raw
 
             return load_raw(self.path)[0]
-        raise ModelError(f"{self.path}: a {self.kind} model cannot be run by PyTorch; use a checkpoint")
+        what = "an ONNX model" if self.kind == "onnx" else "a TensorRT engine"
+        raise ModelError(f"{self.path}: {what} cannot be run by PyTorch; use a checkpoint")
 
 
 def _detect_kind(p: Path) -> Kind:
@@ -95,13 +96,11 @@ def load_source(model: str | os.PathLike[str]) -> ModelSource:
         from .export.onnx import read_onnx_spec
 
         return ModelSource("onnx", p, read_onnx_spec(p), file_sha256(p))
-    if kind == "engine":
-        from .errors import ConfigError
-        from .export.engine_cache import read_sidecar
+    from .errors import ConfigError
+    from .export.engine_cache import read_sidecar
 
-        try:  # the spec comes from the JSON sidecar written beside the engine when it was built
-            spec = ModelSpec.from_dict(read_sidecar(p).model)
-        except ConfigError as err:
-            raise ModelError(f"{p.with_suffix('.json')}: invalid model spec ({err})") from err
-        return ModelSource("engine", p, spec, file_sha256(p))
-    raise ModelError(f"{p}: {kind} models are not supported yet")
+    try:  # an engine: the spec comes from the JSON sidecar written beside it when it was built
+        spec = ModelSpec.from_dict(read_sidecar(p).model)
+    except ConfigError as err:
+        raise ModelError(f"{p.with_suffix('.json')}: invalid model spec ({err})") from err
+    return ModelSource("engine", p, spec, file_sha256(p))

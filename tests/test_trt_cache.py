@@ -180,6 +180,7 @@ def test_cache_lookup_reuses_only_an_exact_match(tmp_path: Path) -> None:
     engine = _cached(tmp_path)
     decision = cache_lookup(tmp_path, KEY)
     assert (decision.action, decision.path) == ("reuse", engine)
+    assert decision.sidecar == read_sidecar(engine)  # handed on, so build_engines need not re-read it
     # every other key names another file, so it is built, never served this engine
     newer = replace(H100, tensorrt_version="10.14")
     for other in (replace(KEY, precision="fp32"), replace(KEY, platform=newer)):

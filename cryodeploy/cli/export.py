@@ -34,23 +34,24 @@ def export(
     """Export CHECKPOINT (a .safetensors file, its .json, or a run folder) to OUTDIR/model.onnx."""
     from ..errors import OutputError
     from ..export.onnx import export_onnx, onnx_metadata
+    from ..source import load_source
 
     build = None
     if trt:  # checked before anything is written; without TensorRT this says how to install it
         from ..export.engine_cache import BuildConfig, require_tensorrt
-        from ..source import load_source
 
         require_tensorrt()
-        stride = load_source(checkpoint).spec.stride
-        build = BuildConfig.from_options(precision or "both", shapes, workspace or 2048, allow_accuracy_loss,
-                                         stride)
     elif precision or shapes or workspace or allow_accuracy_loss:
         raise click.UsageError("--precision, --shapes, --workspace and --allow-accuracy-loss need --trt")
+    source = load_source(checkpoint)
+    if trt:
+        build = BuildConfig.from_options(precision or "both", shapes, workspace or 2048, allow_accuracy_loss,
+                                         source.spec.stride)
     try:
         outdir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise OutputError(f"{outdir}: cannot create the output folder ({err.strerror or err})") from err
-    onnx_path = export_onnx(checkpoint, outdir / "model.onnx", opset=opset, simplify=simplify)
+    onnx_path = export_onnx(source, outdir / "model.onnx", opset=opset, simplify=simplify)
     meta = onnx_metadata(onnx_path)
     click.echo(f"wrote {onnx_path} (opset {opset}, {meta['architecture']}, receptive radius "
                f"{meta['receptive_radius']} px, stride {meta['stride']})")

@@ -79,7 +79,7 @@ class BuildConfig:
         choices = {"fp32": ("fp32",), "fp16": ("fp16",), "both": ("fp32", "fp16")}
         if precision not in choices:
             raise ConfigError(f"engine precision {precision!r}, expected fp32, fp16 or both")
-        profile = parse_shapes(shapes, stride) if shapes else DEFAULT_SHAPES
+        profile = parse_shapes(shapes) if shapes else DEFAULT_SHAPES
         profile.check_stride(stride)
         return cls(precisions=choices[precision], shapes=profile, workspace_bytes=workspace_mib << 20,
                    allow_accuracy_loss=allow_accuracy_loss)
@@ -254,11 +254,13 @@ class EngineRecord:
 
 @dataclass(frozen=True)
 class CacheDecision:
-    """Whether the engine for a key can be reused from the cache or must be (re)built, and why."""
+    """Whether the engine for a key can be reused from the cache or must be (re)built, and why;
+    ``sidecar`` is the cached engine's (set when it is reused)."""
 
     action: Literal["reuse", "build"]
     path: Path
     reason: str
+    sidecar: EngineSidecar | None = None
 
 
 def key_differences(cached: EngineKey, wanted: EngineKey) -> list[str]:
@@ -283,7 +285,7 @@ def cache_lookup(cache_dir: Path, key: EngineKey) -> CacheDecision:
         return CacheDecision("build", path, "cached engine's key differs: " + "; ".join(diffs))
     if file_sha256(path) != sidecar.engine_sha256:
         return CacheDecision("build", path, "cached engine file changed since it was built (sha256 differs)")
-    return CacheDecision("reuse", path, "cached engine matches every key field")
+    return CacheDecision("reuse", path, "cached engine matches every key field", sidecar)
 
 
 def check_platform(path: Path, built: Platform, here: Platform) -> None:

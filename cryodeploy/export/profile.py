@@ -23,7 +23,7 @@ class ProfileShapes:
     max: Shape3
 
     def __post_init__(self) -> None:
-        for name, shape in (("min", self.min), ("opt", self.opt), ("max", self.max)):
+        for name, shape in self._named():
             if len(shape) != 3 or any(int(d) < 1 for d in shape):
                 raise ConfigError(
                     f"profile {name} shape {shape}, expected 3 positive sizes (batch, height, width)"
@@ -35,9 +35,12 @@ class ProfileShapes:
                     "expected min <= opt <= max"
                 )
 
+    def _named(self) -> tuple[tuple[str, Shape3], ...]:
+        return ("min", self.min), ("opt", self.opt), ("max", self.max)
+
     def check_stride(self, stride: int) -> None:
         """Raise :class:`ConfigError` unless every tile size is a multiple of the model's ``stride``."""
-        for name, shape in (("min", self.min), ("opt", self.opt), ("max", self.max)):
+        for name, shape in self._named():
             if shape[1] % stride or shape[2] % stride:
                 raise ConfigError(
                     f"profile {name} tile {shape[1]}x{shape[2]}: not a multiple of the model stride {stride}"

@@ -30,7 +30,6 @@ from .engine_cache import (
     Platform,
     cache_lookup,
     check_gate,
-    read_sidecar,
     require_tensorrt,
     timing_cache_path,
     write_sidecar,
@@ -177,8 +176,8 @@ def build_engines(
         key = EngineKey(onnx_sha, platform, precision, cfg.shapes)
         decision = cache_lookup(cache, key)
         log.info("%s engine %s: %s (%s)", precision, decision.path.name, decision.action, decision.reason)
-        if decision.action == "reuse":
-            records[precision] = EngineRecord(decision.path, read_sidecar(decision.path), reused=True)
+        if decision.sidecar is not None:
+            records[precision] = EngineRecord(decision.path, decision.sidecar, reused=True)
         else:
             records[precision] = _build(onnx_file, spec, key, cache, cfg)
     if "fp16" in records:

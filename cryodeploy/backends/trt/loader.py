@@ -16,7 +16,7 @@ import tensorrt as trt
 import torch
 
 from ...errors import ConfigError, ModelError
-from ...export.engine_cache import BuildConfig, EngineSidecar, check_gate, check_platform
+from ...export.engine_cache import ENGINE_PRECISIONS, BuildConfig, EngineSidecar, check_gate, check_platform
 from ...export.profile import DEFAULT_SHAPES, ProfileShapes, parse_shapes
 from ...export.tensorrt import TrtLogger, build_engines, current_platform
 from ..base import BackendOptions
@@ -83,7 +83,7 @@ def engine_for_source(source: ModelSource, options: BackendOptions) -> Path:
     from ...export.cache import cache_root
     from ...export.onnx import cached_onnx
 
-    if options.precision not in ("fp32", "fp16"):
+    if options.precision not in ENGINE_PRECISIONS:
         raise ConfigError(f"trt: precision {options.precision!r} not supported, expected fp32 or fp16")
     folder = options.get("engine_cache")
     config = BuildConfig(
