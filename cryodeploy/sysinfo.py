@@ -82,14 +82,13 @@ def system_info() -> dict[str, Any]:
         "onnx",
         "onnxruntime",
         "onnxruntime-gpu",
-        "tensorrt",
         "mrcfile",
         "starfile",
     ):
         versions[dist] = package_version(dist)
     if not _importable("onnxruntime"):  # both distributions provide the module
         versions["onnxruntime"] = versions["onnxruntime-gpu"] = None
-    trt, _ = tensorrt_runtime()
+    trt, _ = tensorrt_runtime()  # the runtime's own version: the type stubs are a distribution too
     versions["tensorrt"] = str(getattr(trt, "__version__", "unknown")) if trt is not None else None
     devices = _devices()
     backends: dict[str, dict[str, str | bool]] = {}
