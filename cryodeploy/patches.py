@@ -50,6 +50,10 @@ def data_file_name(split: str, which: str) -> str:
     return f"{split}_{which}.bin"
 
 
+def _data_files() -> list[str]:
+    return [data_file_name(s, w) for s in SPLITS for w in _WHICH]
+
+
 def _patch_shape(patch: int | Sequence[int]) -> tuple[int, int]:
     shape = (int(patch), int(patch)) if isinstance(patch, int | np.integer) else tuple(int(p) for p in patch)
     if len(shape) != 2 or min(shape) < 1:
@@ -57,12 +61,23 @@ def _patch_shape(patch: int | Sequence[int]) -> tuple[int, int]:
     return shape[0], shape[1]
 
 
+def _count_patches(f: Path, patch: tuple[int, int], hint: str = "") -> int:
+    """Whole patches in data file ``f``; refuses a size that is not a multiple of the patch bytes."""
+    patch_bytes, size = patch[0] * patch[1] * _DTYPE.itemsize, f.stat().st_size
+    if size % patch_bytes:
+        raise StoreError(
+            f"{f}: size {size} bytes is not a multiple of the patch size "
+            f"({patch_bytes} bytes = {patch[0]}x{patch[1]} float32){hint}"
+        )
+    return size // patch_bytes
+
+
 def _load_manifest(path: Path) -> dict[str, Any]:
     mpath = path / MANIFEST
     if not path.is_dir():
         raise StoreError(f"{path}: no such patch store (expected a directory with {MANIFEST})")
     if not mpath.is_file():
-        raw = [n for n in (data_file_name(s, w) for s in SPLITS for w in _WHICH) if (path / n).exists()]
+        raw = [n for n in _data_files() if (path / n).exists()]
         hint = (
             f"; to use raw seeds-style files run `cryodeploy preprocess --adopt {path} --patch N`"
             if raw
@@ -107,7 +122,6 @@ class PatchStore:
         splits = m.get("splits")
         if not isinstance(splits, dict) or not splits or not set(splits) <= set(SPLITS):
             raise StoreError(f"{where}: found splits {splits!r}, expected a mapping with keys from {SPLITS}")
-        patch_bytes = patch[0] * patch[1] * _DTYPE.itemsize
         for split, entry in splits.items():
             count = entry.get("count") if isinstance(entry, dict) else None
             if not isinstance(count, int) or count < 0 or not isinstance(entry.get("input"), str):
@@ -115,29 +129,18 @@ class PatchStore:
             for which in _WHICH:
                 name = entry.get(which)
                 if name is not None:
-                    self._check_file(name, count, patch_bytes, where)
+                    self._check_file(name, count, patch, where)
         return patch
 
-    def _check_file(self, name: object, count: int, patch_bytes: int, where: Path) -> None:
+    def _check_file(self, name: object, count: int, patch: tuple[int, int], where: Path) -> None:
         if not isinstance(name, str) or not name or Path(name).name != name:
             raise StoreError(f"{where}: data file {name!r} invalid, expected a file name inside the store")
         f = self.path / name
         if not f.is_file():
             raise StoreError(f"{f}: missing data file named in {MANIFEST}")
-        size = f.stat().st_size
-        if size % patch_bytes:
-            raise StoreError(
-                f"{f}: size {size} bytes is not a multiple of the patch size "
-                f"({patch_bytes} bytes = {self._patch_text()} float32)"
-            )
-        if size // patch_bytes != count:
-            raise StoreError(
-                f"{f}: found {size // patch_bytes} patches, expected {count} (the manifest's count)"
-            )
-
-    def _patch_text(self) -> str:
-        p = self._manifest.get("patch")
-        return f"{p[0]}x{p[1]}" if isinstance(p, list) and len(p) == 2 else str(p)
+        found = _count_patches(f, patch)
+        if found != count:
+            raise StoreError(f"{f}: found {found} patches, expected {count} (the manifest's count)")
 
     @property
     def patch(self) -> tuple[int, int]:
@@ -252,7 +255,7 @@ class PatchStore:
 
     def __repr__(self) -> str:
         counts = ", ".join(f"{s}={self.count(s)}" for s in self.splits)
-        return f"PatchStore({str(self.path)!r}, patch={self._patch_text()}, {counts})"
+        return f"PatchStore({str(self.path)!r}, patch={self._patch[0]}x{self._patch[1]}, {counts})"
 
 
 def _write_manifest(store: Path, manifest: dict[str, Any]) -> None:
@@ -284,7 +287,7 @@ class StoreWriter:
     ) -> None:
         self.path = Path(path)
         self.patch = _patch_shape(patch)
-        names = [data_file_name(s, w) for s in SPLITS for w in _WHICH]
+        names = _data_files()
         if (self.path / MANIFEST).exists() and not overwrite:
             raise OutputError(
                 f"{self.path}: a patch store already exists here; use --overwrite to replace it"
@@ -364,21 +367,13 @@ def adopt_raw_store(
         raise StoreError(f"{store}: no such directory")
     if (store / MANIFEST).exists() and not overwrite:
         raise StoreError(f"{store}: already has a {MANIFEST}; use --overwrite to replace it")
-    patch_bytes = shape[0] * shape[1] * _DTYPE.itemsize
     splits: dict[str, Any] = {}
     for split in SPLITS:
         counts: dict[str, int] = {}
         for which in _WHICH:
             f = store / data_file_name(split, which)
-            if not f.is_file():
-                continue
-            size = f.stat().st_size
-            if size % patch_bytes:
-                raise StoreError(
-                    f"{f}: size {size} bytes is not a multiple of the patch size "
-                    f"({patch_bytes} bytes = {shape[0]}x{shape[1]} float32); wrong --patch?"
-                )
-            counts[which] = size // patch_bytes
+            if f.is_file():
+                counts[which] = _count_patches(f, shape, "; wrong --patch?")
         if not counts:
             continue
         if "input" not in counts:

@@ -184,10 +184,9 @@ def _check_inputs(inputs: list[Path], target_dir: Path | None) -> list[Path | No
         if q is not None:
             if not q.is_file():
                 raise InputError(f"{q}: no such file, expected the target of {p} (pairs match by file name)")
-            if read_header(q).shape != shape:
-                raise InputError(
-                    f"{q}: shape {read_header(q).shape} differs from {p}'s {shape}, expected pairs"
-                )
+            target_shape = read_header(q).shape
+            if target_shape != shape:
+                raise InputError(f"{q}: shape {target_shape} differs from {p}'s {shape}, expected pairs")
         partners.append(q)
     return partners
 

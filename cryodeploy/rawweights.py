@@ -39,7 +39,7 @@ from .models import ModelSpec, build_model
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["LAYOUT", "RAW_FORMAT", "axis_sums", "export_raw", "load_raw", "raw_layers"]
+__all__ = ["LAYOUT", "RAW_FORMAT", "axis_sums", "export_raw", "load_raw", "raw_layers", "write_raw_array"]
 
 RAW_FORMAT = "cryodeploy-raw/1"
 LAYOUT = "(out,in,kH,kW)"
@@ -67,20 +67,20 @@ def raw_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Conv2d]]:
     return convs
 
 
+def write_raw_array(path: Path, array: np.ndarray, **fields: Any) -> dict[str, Any]:
+    """Write ``array`` to ``path`` as raw float32 little-endian C-order bytes (a 0-d array stays 0-d);
+    returns its description: file, shape, dtype, byte_order, then ``fields``, then sha256."""
+    data = np.asarray(array, dtype="<f4")
+    raw = data.tobytes(order="C")
+    path.write_bytes(raw)
+    return {"file": path.name, "shape": list(data.shape), "dtype": "float32", "byte_order": "little",
+            **fields, "sha256": hashlib.sha256(raw).hexdigest()}
+
+
 def _file_entry(path: Path, array: np.ndarray, layout: str) -> dict[str, Any]:
-    data = np.ascontiguousarray(array, dtype="<f4")
-    path.write_bytes(data.tobytes(order="C"))
-    entry: dict[str, Any] = {
-        "file": path.name,
-        "shape": list(data.shape),
-        "dtype": "float32",
-        "byte_order": "little",
-        "layout": layout,
-        "nbytes": data.nbytes,
-        "sha256": hashlib.sha256(data.tobytes(order="C")).hexdigest(),
-    }
-    if data.ndim == 4:
-        entry["axis_sums"] = axis_sums(data)
+    entry = write_raw_array(path, array, layout=layout, nbytes=4 * array.size)
+    if array.ndim == 4:
+        entry["axis_sums"] = axis_sums(array)
     return entry
 
 

@@ -83,20 +83,13 @@ def _forward_backward(model: torch.nn.Module, x: np.ndarray, t: np.ndarray,
     return arrays
 
 
-def _write_array(folder: Path, name: str, array: np.ndarray, role: str) -> dict[str, Any]:
-    data = np.asarray(array, dtype="<f4")  # 0-d stays 0-d (the loss)
-    (folder / f"{name}.bin").write_bytes(data.tobytes(order="C"))
-    return {"file": f"{name}.bin", "role": role, "shape": list(data.shape), "dtype": "float32",
-            "byte_order": "little", "sha256": hashlib.sha256(data.tobytes(order="C")).hexdigest()}
-
-
 def make_reference(checkpoint: str | os.PathLike[str], outdir: str | os.PathLike[str], batch: int = 2,
                    size: int = 64, seed: int = 0) -> Path:
     """Write a reference bundle for ``checkpoint`` (a fixed ``batch`` x ``size``² batch from ``seed``)."""
     from ._version import __version__
     from .checkpoint import load_checkpoint
     from .mrc import atomic_write
-    from .rawweights import export_raw
+    from .rawweights import export_raw, write_raw_array
 
     model, spec = load_checkpoint(checkpoint)
     if batch < 1 or size < 8 or size % spec.stride:
@@ -107,11 +100,10 @@ def make_reference(checkpoint: str | os.PathLike[str], outdir: str | os.PathLike
     export_raw(checkpoint, out / "weights")
     x, t = _fixed_batch(np.random.default_rng(seed), batch, size, spec.normalization)
     computed = _forward_backward(model, x, t, "cpu")
-    arrays = {"input": _write_array(out, "input", x, "input"),
-              "target": _write_array(out, "target", t, "target")}
-    for name, array in computed.items():
+    arrays = {}
+    for name, array in {"input": x, "target": t, **computed}.items():
         role = "gradient" if name.startswith("grad_") else name
-        arrays[name] = _write_array(out, name, array, role)
+        arrays[name] = write_raw_array(out / f"{name}.bin", array, role=role)
     manifest = {
         "format": REFERENCE_FORMAT,
         "weights": "weights",

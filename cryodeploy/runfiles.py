@@ -110,7 +110,6 @@ def plot_losses(rundir: Path, rows: list[dict[str, Any]]) -> Path:
     return target
 
 
-
 def refuse_existing_run(rundir: Path) -> None:
     """Refuse to start a new run in a folder that holds one (it would be overwritten)."""
     for name in (STATE, "last.safetensors", "best.safetensors"):

@@ -30,7 +30,7 @@ __all__ = ["TrainConfig", "TrainResult", "train"]
 log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("adam", "sgd")
-_PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 @dataclass(frozen=True)
@@ -60,9 +60,9 @@ class TrainConfig:
         from .models import ModelSpec
 
         ModelSpec(self.model, dict(self.model_params))  # unknown architecture or parameters
-        for name, values in (("optimizer", OPTIMIZERS), ("precision", _PRECISIONS), ("method", METHODS)):
-            if getattr(self, name) not in values:
-                found = getattr(self, name)
+        for name, values in (("optimizer", OPTIMIZERS), ("precision", PRECISIONS), ("method", METHODS)):
+            found = getattr(self, name)
+            if found not in values:
                 raise ConfigError(f"{name} {found!r} unknown, expected one of {', '.join(values)}")
         for name in ("epochs", "batch", "log_every", "buffers", "loader_threads"):
             if getattr(self, name) < 1:

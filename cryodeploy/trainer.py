@@ -13,7 +13,8 @@ up to float rounding. Validation shares are disjoint and their sums all-reduced.
 
 Speed: bf16/fp16 autocast (fp16 with a grad scaler), channels_last and fused optimizers on
 CUDA, the loader's reader threads and non-blocking copies from pinned buffers overlap loading
-with compute, and the loss is accumulated on the device and read only at log points.
+with compute, and the loss is accumulated on the device and read only at log points (and when
+the resume state is saved).
 """
 
 from __future__ import annotations
@@ -188,6 +189,11 @@ class Trainer:
         self.steps_per_epoch = min(len(self.train_loader), c.max_batches or len(self.train_loader))
         self.n_train, self.n_val = int(train_idx.size), int(val_idx.size)
 
+    @property
+    def store_key(self) -> list[int]:
+        """(patch H, W, train, val): the store facts a resumed run must find unchanged."""
+        return [*self.store.patch, self.n_train, self.n_val]
+
     # --- resume -------------------------------------------------------------------------------
     def restore(self) -> None:
         """Continue from ``state.pt``, or refuse to overwrite an existing run."""
@@ -199,8 +205,7 @@ class Trainer:
             refuse_existing_run(self.rundir)
             return
         state = load_state(self.rundir)
-        check_resumable(self.rundir, state, self.config.to_dict(), MAY_CHANGE_ON_RESUME,
-                        [*self.store.patch, self.n_train, self.n_val])
+        check_resumable(self.rundir, state, self.config.to_dict(), MAY_CHANGE_ON_RESUME, self.store_key)
         self.net.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
@@ -227,7 +232,7 @@ class Trainer:
             rng["cuda"] = torch.cuda.get_rng_state(self.dev)
         save_state(self.rundir, {
             "config": json.dumps(self.config.to_dict(), sort_keys=True),
-            "store": [*self.store.patch, self.n_train, self.n_val],
+            "store": self.store_key,
             "epoch": self.epoch, "batch": self.batch, "step": self.step,
             "best_val": self.best_val, "best_epoch": self.best_epoch,
             "window": [float(self.window.item()), self.window_n],
@@ -314,7 +319,7 @@ class Trainer:
             stop: threading.Event) -> TrainResult:
         """Train from the current position to the last epoch, or until stopped."""
         from .progress import progress
-        from .runfiles import append_metrics, plot_losses, read_metrics
+        from .runfiles import plot_losses, read_metrics
 
         c, main = self.config, self.ctx.is_main
         interrupted = False
@@ -343,7 +348,7 @@ class Trainer:
                     batches.close()
                 self.window_seconds += self._finish_time(t0)  # a window may span epochs, not validation
                 if not interrupted:
-                    status["val_loss"] = f"{self.end_epoch(append_metrics):.5f}"
+                    status["val_loss"] = f"{self.end_epoch():.5f}"
                     task.advance(0, **status)
                     interrupted = stop.is_set()
                 elif main:
@@ -359,8 +364,10 @@ class Trainer:
                            self.best_val, self.best_epoch, self.epoch, self.step, interrupted,
                            statistics.median(self.rates[1:] or self.rates) if self.rates else None)
 
-    def end_epoch(self, append_metrics: Callable[[Path, dict[str, Any]], None]) -> float:
+    def end_epoch(self) -> float:
         """Validate, keep the best checkpoint, write last + state (rank 0); returns the validation loss."""
+        from .runfiles import append_metrics
+
         val = self.validate()
         self.epoch, self.batch = self.epoch + 1, 0
         improved = self.best_val is None or val < self.best_val

@@ -215,6 +215,18 @@ def test_cli(tmp_path: Path, micrographs: list[Path]) -> None:
     assert res.exit_code == 1 and res.output.startswith("error:") and "--overwrite" in res.output
 
 
+def test_cli_noise_options_reach_the_manifest(tmp_path: Path, micrographs: list[Path]) -> None:
+    base = ["preprocess", str(micrographs[0]), "--patch", "64", "--test-fraction", "0", "-q", "-o"]
+    for name, extra, want in [
+        ("given", ["--noise", "poisson-gaussian", "--sigma", "0.1", "--dose", "7"],
+         NoiseSpec(dose=7, sigma=0.1)),
+        ("defaults", [], NoiseSpec()),
+    ]:
+        res = CliRunner().invoke(cli, [*base, str(tmp_path / name), *extra])
+        assert res.exit_code == 0, res.output
+        assert json.loads((tmp_path / name / MANIFEST).read_text())["noise"] == want.to_dict()
+
+
 _RSS_SCRIPT = """
 import sys
 from pathlib import Path

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -127,9 +128,10 @@ def preprocess(
     from ..preprocess import PreprocessConfig
     from ..preprocess import preprocess as run
 
-    noise = NoiseSpec(
-        dose=20.0 if dose is None else dose, sigma=0.05 if sigma is None else sigma, dose_range=dose_range
-    )
+    given: dict[str, Any] = {
+        k: v for k, v in (("kind", noise_kind), ("dose", dose), ("sigma", sigma)) if v is not None
+    }
+    noise = NoiseSpec(**given, dose_range=dose_range)  # NoiseSpec's defaults for the rest
     config = PreprocessConfig(
         patch=patch,
         stride=stride,

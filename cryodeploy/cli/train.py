@@ -7,6 +7,9 @@ from pathlib import Path
 
 import click
 
+from ..objectives import METHODS
+from ..train import OPTIMIZERS, PRECISIONS
+
 
 def _params(values: tuple[str, ...]) -> dict[str, object]:
     params: dict[str, object] = {}
@@ -29,17 +32,17 @@ def _params(values: tuple[str, ...]) -> dict[str, object]:
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE",
               help="Architecture parameter, e.g. --param base_channels=16 --param depth=2.")
 @click.option("--method", default="supervised", show_default=True,
-              type=click.Choice(["supervised", "noise2noise", "neighbor2neighbor"]),
+              type=click.Choice(METHODS),
               help="Store pairs (clean or independent noisy targets), or self-supervised Neighbor2Neighbor.")
 @click.option("--epochs", default=5, show_default=True, type=click.IntRange(min=1))
 @click.option("--batch", default=8, show_default=True, type=click.IntRange(min=1),
               help="Global batch size (split over torchrun processes).")
 @click.option("--lr", default=1e-3, show_default=True, type=float, help="Learning rate.")
-@click.option("--optimizer", default="adam", show_default=True, type=click.Choice(["adam", "sgd"]))
+@click.option("--optimizer", default="adam", show_default=True, type=click.Choice(OPTIMIZERS))
 @click.option("--val-split", default=0.1, show_default=True, type=float,
               help="Fraction of training micrographs held out for validation.")
 @click.option("--max-batches", type=click.IntRange(min=1), default=None, help="At most N batches per epoch.")
-@click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16", "fp16"]))
+@click.option("--precision", default="fp32", show_default=True, type=click.Choice(PRECISIONS))
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
 @click.option("--log-every", default=50, show_default=True, type=click.IntRange(min=1),
