@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import CryoDeployError
+from .errors import CryoDeployError, first_line
 from .tiling import TilePlan, min_tile
 
 if TYPE_CHECKING:
@@ -262,6 +262,6 @@ def error_text(err: BaseException, label: str) -> str:
     """One line for a summary: library errors as they are, anything else with its type and ``label``."""
     if isinstance(err, CryoDeployError):
         return str(err)
-    first = (str(err).strip().splitlines() or [""])[0]
+    first = first_line(err)
     return f"{label}: {type(err).__name__}: {first}"
 

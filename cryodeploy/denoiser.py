@@ -1,4 +1,5 @@
-"""The Python API: ``Denoiser.load(model, device, backend)``, then ``d(array)`` or ``d.denoise_files(...)``.
+"""The Python API: ``Denoiser.load(model, device, backend)``, then ``d(array)``, ``d.denoise_files(...)``
+or ``d.denoise_pairs(...)``.
 
     from cryodeploy import Denoiser
     with Denoiser.load("default", device="auto") as d:
@@ -68,6 +69,15 @@ def _auto_backend(source: ModelSource, options: Any) -> Backend:
     )
 
 
+def _run_config(config: RunConfig | None, options: dict[str, Any]) -> RunConfig:
+    """``config``, or a :class:`~cryodeploy.runner.RunConfig` built from ``options`` (not both)."""
+    from .runner import RunConfig
+
+    if config is not None and options:
+        raise ConfigError(f"pass either a RunConfig or options, not both (found {sorted(options)})")
+    return config if config is not None else RunConfig.from_options(**options)
+
+
 class Denoiser:
     """A loaded model on one backend: call it on arrays, or run it over files."""
 
@@ -126,12 +136,21 @@ class Denoiser:
     ) -> RunSummary:
         """Denoise files into ``outdir`` with ``config``, or with ``options`` naming
         :class:`~cryodeploy.runner.RunConfig` fields (``skip_existing=True``, ``tile=512``, ...)."""
-        from .runner import RunConfig, denoise_files
+        from .runner import denoise_files
 
-        if config is not None and options:
-            raise ConfigError(f"pass either a RunConfig or options, not both (found {sorted(options)})")
-        cfg = config if config is not None else RunConfig.from_options(**options)
-        return denoise_files(paths, Path(outdir), self.backend, self.spec, cfg)
+        return denoise_files(paths, Path(outdir), self.backend, self.spec, _run_config(config, options))
+
+    def denoise_pairs(
+        self,
+        pairs: Iterable[tuple[str | os.PathLike[str], str | os.PathLike[str]]],
+        config: RunConfig | None = None,
+        **options: Any,
+    ) -> RunSummary:
+        """Denoise each ``(input, output)`` pair (outputs in any folders); ``config``/``options`` as
+        for :meth:`denoise_files`."""
+        from .runner import denoise_pairs
+
+        return denoise_pairs(pairs, self.backend, self.spec, _run_config(config, options))
 
     def close(self) -> None:
         """Release the backend (idempotent)."""

@@ -10,7 +10,13 @@ __all__ = [
     "ModelError",
     "OutputError",
     "StoreError",
+    "first_line",
 ]
+
+
+def first_line(err: BaseException, default: str = "") -> str:
+    """The first line of an exception's message (``default`` if it is empty), for one-line errors."""
+    return (str(err).strip().splitlines() or [default])[0]
 
 
 class CryoDeployError(Exception):

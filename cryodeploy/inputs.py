@@ -23,12 +23,11 @@ def _resolve_star_path(name: str, star: Path, project_dir: Path | None) -> Path:
     p = Path(name)
     if p.is_absolute():
         return p
-    bases = [project_dir] if project_dir is not None else [Path.cwd()]
-    bases += list(star.resolve().parents)
+    bases = [project_dir or Path.cwd(), *star.resolve().parents]
     for base in bases:
-        if base is not None and (base / p).exists():
+        if (base / p).exists():
             return base / p
-    return (bases[0] or Path.cwd()) / p
+    return bases[0] / p
 
 
 def read_star_micrographs(star: str | os.PathLike[str], project_dir: Path | None = None) -> list[Path]:

@@ -1,6 +1,6 @@
 """What a denoising run does before any work: its configuration, the shard of the file list it
-owns, one output path per input (never outside the output folder, never two inputs on one
-output), and the summary it reports at the end."""
+owns, one output path per input (by default its own name in the output folder, never two
+inputs on one output), and the summary it reports at the end."""
 
 from __future__ import annotations
 
@@ -21,10 +21,10 @@ __all__ = [
     "RunConfig",
     "RunSummary",
     "output_name",
+    "output_pairs",
     "parse_shard",
     "plan_jobs",
     "resolve_shard",
-    "select_shard",
 ]
 
 Status = Literal["pending", "done", "skipped", "failed"]
@@ -114,12 +114,6 @@ def resolve_shard(shard: tuple[int, int] | None, environ: Mapping[str, str] | No
     return 0, 1
 
 
-def select_shard(paths: Iterable[Path], shard: tuple[int, int]) -> list[Path]:
-    """Shard ``i`` of ``n``: round-robin over the paths sorted by name, so shards are disjoint."""
-    i, n = shard
-    return sorted(paths, key=str)[i::n]
-
-
 def output_name(source: Path, suffix: str = "") -> str:
     """The output file name of input ``source``: its own name, ``suffix`` added to the stem."""
     name = Path(source).name
@@ -164,29 +158,36 @@ def file_identity(path: Path) -> tuple[int, int] | None:
     return st.st_ino, st.st_mtime_ns
 
 
-def plan_jobs(paths: Iterable[str | os.PathLike[str]], outdir: Path, config: RunConfig) -> list[Job]:
-    """Map this shard's inputs to outputs in ``outdir``; every conflict is an error before any work.
+def output_pairs(
+    paths: Iterable[str | os.PathLike[str]], outdir: Path, suffix: str = ""
+) -> list[tuple[Path, Path]]:
+    """(input, output) for each input: the output is ``outdir`` / its :func:`output_name`."""
+    return [(src, outdir / output_name(src, suffix)) for src in map(Path, paths)]
 
-    Two inputs of the whole list (not just this shard) on one output name (case-insensitively,
-    previews included), an output that is its own input, or existing outputs without
-    ``skip_existing``/``overwrite`` raise :class:`OutputError`.
+
+def plan_jobs(pairs: Iterable[tuple[Path, Path]], config: RunConfig) -> list[Job]:
+    """This shard's (input, output) jobs; every conflict is an error before any work.
+
+    Two inputs of the whole list (not just this shard) on one output (its name compared
+    case-insensitively, previews included), an output that is its own input, or existing
+    outputs without ``skip_existing``/``overwrite`` raise :class:`OutputError`.
     """
-    # one entry per file (two spellings of one path are one input), keeping the first spelling
-    unique = {os.path.abspath(p): Path(p) for p in reversed(list(paths))}
-    everything = sorted(unique.values(), key=str)
-    owner: dict[str, Path] = {}
-    for src in everything:
-        name = output_name(src, config.suffix)
-        keys = [name] + ([Path(name).stem + ".png"] if config.preview else [])
-        for key in keys:
-            other = owner.setdefault(key.casefold(), src)
-            if other != src:
-                raise OutputError(f"{other} and {src} would both write {outdir / key}: rename one of them")
-    shard = resolve_shard(config.shard if isinstance(config.shard, tuple) else None)
+    # one job per pair (two spellings of one path are one file), keeping the first spelling
+    unique = {(os.path.abspath(s), os.path.abspath(o)): (s, o) for s, o in reversed(list(pairs))}
+    everything = sorted(unique.values(), key=lambda pair: (str(pair[0]), str(pair[1])))
+    owner: dict[tuple[str, str], tuple[Path, Path]] = {}
+    for src, out in everything:
+        names = [out.name] + ([out.stem + ".png"] if config.preview else [])
+        for name in names:
+            other = owner.setdefault((os.path.abspath(out.parent), name.casefold()), (src, out))
+            if other != (src, out):
+                raise OutputError(
+                    f"{other[0]} and {src} would both write {out.parent / name}: rename one of them"
+                )
+    i, n = resolve_shard(config.shard if isinstance(config.shard, tuple) else None)
     jobs: list[Job] = []
     existing: list[Path] = []
-    for src in select_shard(everything, shard):
-        out = outdir / output_name(src, config.suffix)
+    for src, out in everything[i::n]:  # round-robin over the sorted list: shards are disjoint
         if src.exists() and out.exists() and os.path.samefile(src, out):
             raise OutputError(f"{out}: the output would replace its input; use another folder or a suffix")
         job = Job(src, out, file_identity(out), FileResult(str(src), str(out)))

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError, OutputError
+from .errors import InputError, OutputError, first_line
 
 __all__ = [
     "MIN_SIZE",
@@ -90,7 +90,7 @@ class Micrograph:
 
 
 def _open_error(path: Path, err: Exception) -> InputError:
-    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    text = first_line(err, type(err).__name__)
     return InputError(f"{path}: not a readable MRC file ({text})")
 
 

@@ -9,9 +9,10 @@ of one batch and of the stack being written), not by the number of files.
 
 Outputs and crashes:
 
-- An output keeps its input's file name (``suffix`` added to the stem) directly in the output
-  folder, whatever folders or ``..`` the input path has. Two inputs mapping to one output name,
-  or an output that is its own input, are errors before any work.
+- In :func:`denoise_files` an output keeps its input's file name (``suffix`` added to the stem)
+  directly in the output folder, whatever folders or ``..`` the input path has;
+  :func:`denoise_pairs` takes each output's path instead. Two inputs mapping to one output
+  name, or an output that is its own input, are errors before any work.
 - Every output is written to a ``.cryodeploy-tmp-*`` file and renamed into place: an output
   that exists is complete. After ``kill -9``, a rerun with ``skip_existing`` finishes the rest
   and removes the killed run's temporary and claim files.
@@ -45,7 +46,16 @@ from ._version import __version__
 from .batching import FrameTask, TiledEngine, auto_geometry, error_text
 from .claims import claim_owner, clean_leftovers, try_claim
 from .errors import CryoDeployError, InputError, OutputError
-from .jobs import FileResult, Job, RunConfig, RunSummary, file_identity, plan_jobs, resolve_shard
+from .jobs import (
+    FileResult,
+    Job,
+    RunConfig,
+    RunSummary,
+    file_identity,
+    output_pairs,
+    plan_jobs,
+    resolve_shard,
+)
 from .mrc import MIN_SIZE, read_micrograph, validate_array, write_micrograph
 from .normalize import denormalize, norm_stats, normalize
 from .progress import ProgressTask, progress
@@ -57,7 +67,15 @@ if TYPE_CHECKING:
     from .backends import Backend
     from .models import ModelSpec
 
-__all__ = ["FileResult", "RunConfig", "RunSummary", "denoise_files", "denoise_image", "min_input_size"]
+__all__ = [
+    "FileResult",
+    "RunConfig",
+    "RunSummary",
+    "denoise_files",
+    "denoise_image",
+    "denoise_pairs",
+    "min_input_size",
+]
 
 log = logging.getLogger(__name__)
 
@@ -296,14 +314,38 @@ def denoise_files(
     ``config.summary`` as JSON when set).
     """
     cfg = config or RunConfig()
-    engine = TiledEngine(backend, spec, cfg.tile, cfg.batch)  # rejects a tile too small for the model
     out = Path(outdir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise OutputError(f"{out}: cannot create the output folder ({err.strerror or err})") from err
-    jobs = plan_jobs(paths, out, cfg)
-    clean_leftovers(out)
+    return _run(output_pairs(paths, out, cfg.suffix), [out], backend, spec, cfg)
+
+
+def denoise_pairs(
+    pairs: Iterable[tuple[str | os.PathLike[str], str | os.PathLike[str]]],
+    backend: Backend,
+    spec: ModelSpec,
+    config: RunConfig | None = None,
+) -> RunSummary:
+    """Denoise each input file into its own output path (in any folders); otherwise as :func:`denoise_files`.
+
+    ``config.suffix`` does not apply: the outputs are named here.
+    """
+    todo = [(Path(src), Path(dst)) for src, dst in pairs]
+    folders = list(dict.fromkeys(dst.parent for _, dst in todo))
+    return _run(todo, folders, backend, spec, config or RunConfig())
+
+
+def _run(
+    pairs: list[tuple[Path, Path]], folders: list[Path], backend: Backend, spec: ModelSpec, cfg: RunConfig
+) -> RunSummary:
+    """Plan and run ``pairs`` into ``folders`` (created first, then cleaned of killed runs' leftovers)."""
+    engine = TiledEngine(backend, spec, cfg.tile, cfg.batch)  # rejects a tile too small for the model
+    for folder in folders:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise OutputError(f"{folder}: cannot create the output folder ({err.strerror or err})") from err
+    jobs = plan_jobs(pairs, cfg)
+    for folder in folders:
+        clean_leftovers(folder)
     start = time.perf_counter()
     with progress(len(jobs), "denoise", cfg.quiet) as bar:
         for job in jobs:

@@ -31,7 +31,7 @@ from cryodeploy.errors import ConfigError, InputError, OutputError
 from cryodeploy.jobs import parse_shard, resolve_shard
 from cryodeploy.mrc import TEMP_PREFIX, read_header, read_micrograph
 from cryodeploy.normalize import norm_stats, normalize
-from cryodeploy.runner import RunConfig, denoise_files, denoise_image
+from cryodeploy.runner import RunConfig, denoise_files, denoise_image, denoise_pairs
 from cryodeploy.tiling import pad_to_stride
 
 
@@ -188,6 +188,30 @@ def test_output_paths_never_escape_outdir(tmp_path, rng, model_spec, backend) ->
     with pytest.raises(ConfigError, match="path separators"):
         RunConfig(suffix="/../../etc")
     assert sorted(os.listdir(tmp_path / "proj")) == ["Movies", "out", "sub"]
+
+
+def test_pairs_write_each_output_where_named(tmp_path, rng, model_spec, backend) -> None:
+    _, spec = model_spec
+    a, b = micrographs(tmp_path / "J3", rng, 2)
+    c = write_mrc(tmp_path / "J9" / a.name, read_micrograph(b).data)
+    out = tmp_path / "out"
+    pairs = [(a, out / "J3" / a.name), (b, out / "J3" / b.name), (c, out / "J9" / "deep" / c.name)]
+    config = RunConfig(quiet=True, tile=64, batch=3, preview=True)
+    summary = denoise_pairs(pairs, backend, spec, config)
+    assert summary.count("done") == 3 and [f.output for f in summary.files] == [str(o) for _, o in pairs]
+    for src, dst in pairs:  # one name in two folders: both written, previews included
+        expected = denoise_image(read_micrograph(src).data, backend, spec, tile=64, batch=3)
+        np.testing.assert_array_equal(read_micrograph(dst).data, expected)
+        assert dst.with_suffix(".png").is_file()
+    with pytest.raises(OutputError, match=r"output exists \(and 2 more\)"):
+        denoise_pairs(pairs, backend, spec, config)
+    skipped = denoise_pairs(pairs, backend, spec, RunConfig(quiet=True, skip_existing=True))
+    assert skipped.count("skipped") == 3
+    with pytest.raises(OutputError, match=r"mic_000.mrc and .*mic_001.mrc would both write .*new/x.mrc"):
+        denoise_pairs([(a, out / "new" / "X.mrc"), (b, out / "new" / "x.mrc")], backend, spec, config)
+    with pytest.raises(OutputError, match="would replace its input"):
+        denoise_pairs([(a, a)], backend, spec, RunConfig(quiet=True, overwrite=True))
+    assert list((out / "new").iterdir()) == []  # planning errors come before any work
 
 
 def test_shards_cover_every_file_once(tmp_path, rng, model_spec, backend) -> None:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .._version import __version__
-from ..errors import ConfigError, CryoDeployError, ModelError
+from ..errors import ConfigError, CryoDeployError, ModelError, first_line
 from ..models import ModelSpec
 from .cache import cache_root
 
@@ -188,7 +188,7 @@ def export_onnx(
         except CryoDeployError:
             raise
         except Exception as err:  # torch raises many unrelated types; the user needs one line
-            first = (str(err).strip().splitlines() or [""])[0]
+            first = first_line(err)
             raise ModelError(f"{src.path}: torch.onnx.export failed ({type(err).__name__}: {first})") from err
         graph = onnx.load(str(tmp))
         if simplify:
@@ -215,7 +215,7 @@ def onnx_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
     except FileNotFoundError as err:
         raise ModelError(f"{p}: no such ONNX file") from err
     except (DecodeError, onnx.checker.ValidationError, OSError) as err:
-        detail = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        detail = first_line(err, type(err).__name__)
         raise ModelError(f"{p}: not a valid ONNX model, truncated or corrupt ({detail})") from err
     return {entry.key: entry.value for entry in model.metadata_props}
 

@@ -74,20 +74,10 @@ def output_paths(
 def _denoise_all(pairs: list[tuple[Path, Path]], denoiser: Any, skip_existing: bool) -> None:
     """Denoise each input to its output; raise :class:`InputError` naming the first one not written."""
     todo = [(src, dst) for src, dst in pairs if not (skip_existing and dst.exists())]
-    by_folder: dict[Path, list[Path]] = {}  # the runner writes flat, so one run per output folder
-    for src, dst in todo:
-        by_folder.setdefault(dst.parent, []).append(src)
-    results = {}
-    for folder, sources in by_folder.items():
-        summary = denoiser.denoise_files(
-            sources,
-            folder,
-            skip_existing=skip_existing,
-            overwrite=not skip_existing,
-            shard=(0, 1),
-            quiet=True,
-        )
-        results.update({Path(r.output): r for r in summary.files})
+    summary = denoiser.denoise_pairs(
+        todo, skip_existing=skip_existing, overwrite=not skip_existing, shard=(0, 1), quiet=True
+    )
+    results = {Path(r.output): r for r in summary.files}
     failed = [(results[dst].error or f"{dst}: not written") for _, dst in todo if not dst.exists()]
     if failed:
         raise InputError(f"{len(failed)} of {len(pairs)} micrographs failed; first: {failed[0]}")
@@ -169,10 +159,11 @@ def run(
     with job.run():
         micrographs = job.load_input(INPUT_NAME, [_SOURCE_SLOT])
         job.log(f"denoising {len(micrographs)} micrographs with model {model} on {device}")
-        denoiser = Denoiser.load(model, device=device, backend=backend, precision=precision)
-        result = denoise_dataset(micrographs, str(project.dir), f"{job.uid}/denoised", denoiser, slot=slot)
+        outdir_rel = f"{job.uid}/denoised"
+        with Denoiser.load(model, device=device, backend=backend, precision=precision) as denoiser:
+            result = denoise_dataset(micrographs, str(project.dir), outdir_rel, denoiser, slot=slot)
         job.save_output(OUTPUT_NAME, result)
-        job.log(f"saved {len(result)} denoised micrographs in {job.uid}/denoised (slot {slot})")
+        job.log(f"saved {len(result)} denoised micrographs in {outdir_rel} (slot {slot})")
     return job.uid
 
 

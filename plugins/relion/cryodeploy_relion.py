@@ -215,11 +215,7 @@ def _denoise(pairs: list[tuple[Path, Path]], options: JobOptions) -> None:
     log.info("%d micrographs: %d already denoised, %d to do", len(pairs), len(pairs) - len(todo), len(todo))
     if not todo:
         return
-    by_folder: dict[Path, list[Path]] = {}  # the runner writes flat, so one run per output folder
-    for src, dst in todo:
-        by_folder.setdefault(dst.parent, []).append(src)
     tile: int | str = int(options.tile) if options.tile.isdigit() else "auto"
-    results = {}
     with Denoiser.load(
         options.model,
         device=options.device,
@@ -228,17 +224,10 @@ def _denoise(pairs: list[tuple[Path, Path]], options: JobOptions) -> None:
         threads=options.threads,
     ) as denoiser:
         log.info("model %s on %s", options.model, denoiser.backend.label)
-        for folder, sources in by_folder.items():
-            # shard (0, 1): all files here, whatever RANK or SLURM_ARRAY_TASK_ID the job inherited
-            summary = denoiser.denoise_files(
-                sources, folder, tile=tile, skip_existing=True, shard=(0, 1), quiet=True
-            )
-            results.update({Path(r.output): r for r in summary.files})
-    failed = [
-        (results[dst].error or f"{dst}: not written") if dst in results else f"{dst}: not planned"
-        for _, dst in todo
-        if not dst.exists()
-    ]
+        # shard (0, 1): all files here, whatever RANK or SLURM_ARRAY_TASK_ID the job inherited
+        summary = denoiser.denoise_pairs(todo, tile=tile, skip_existing=True, shard=(0, 1), quiet=True)
+    results = {Path(r.output): r for r in summary.files}
+    failed = [(results[dst].error or f"{dst}: not written") for _, dst in todo if not dst.exists()]
     log.info("denoised %d micrographs, %d failed", len(todo) - len(failed), len(failed))
     if failed:
         raise InputError(f"{len(failed)} of {len(pairs)} micrographs failed; first: {failed[0]}")

@@ -19,7 +19,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ...errors import BackendUnavailable, ConfigError, ModelError
+from ...errors import BackendUnavailable, ConfigError, ModelError, first_line
 from ..base import BackendOptions
 
 if TYPE_CHECKING:
@@ -138,7 +138,7 @@ def build_session(path: Path, options: BackendOptions) -> onnxruntime.InferenceS
     try:
         session = ort.InferenceSession(str(path), session_options(options), providers=wanted)
     except ort_errors() as err:
-        detail = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        detail = first_line(err, type(err).__name__)
         raise ModelError(f"{path}: ONNX Runtime cannot load it ({detail})") from err
     active = session.get_providers()
     if wanted[0][0] not in active:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ...errors import ModelError
+from ...errors import ModelError, first_line
 from ...export.onnx import INPUT_NAME, OUTPUT_NAME
 from ..base import Backend, BackendOptions
 from .loader import ort_errors
@@ -47,7 +47,7 @@ class OrtBackend(Backend):
         return self._session
 
     def _failed(self, shape: tuple[int, ...], err: BaseException) -> ModelError:
-        detail = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        detail = first_line(err, type(err).__name__)
         return ModelError(f"{self.model_file}: ONNX Runtime failed on a batch {list(shape)} ({detail})")
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
