@@ -271,12 +271,13 @@ def _peak(paths, outdir, backend, spec) -> int:
 
 def test_memory_is_bounded_by_queue_depth_not_file_count(tmp_path, rng, model_spec, backend) -> None:
     _, spec = model_spec
-    # 256^2 images, so one image (262 kB) dwarfs the per-file bookkeeping every run keeps for its
-    # summary (~10 kB a file, which made 128^2 images flaky against this bound)
-    paths = micrographs(tmp_path / "in", rng, 48, shape=(256, 256))
+    # 512^2 images, so one image (1 MB) dwarfs both the per-file bookkeeping every run keeps for
+    # its summary (~10 kB a file) and the ~1.5 MB jitter of tracemalloc's peak inside the full
+    # suite (128^2 and 256^2 images were flaky against this bound)
+    paths = micrographs(tmp_path / "in", rng, 48, shape=(512, 512))
     _peak(paths[:2], tmp_path / "warm", backend, spec)
     few, many = _peak(paths[:8], tmp_path / "a", backend, spec), _peak(paths, tmp_path / "b", backend, spec)
-    one_file = 256 * 256 * 4
+    one_file = 512 * 512 * 4
     print(f"traced peak: 8 files {few / 1e6:.2f} MB, 48 files {many / 1e6:.2f} MB",
           f"({one_file / 1e6:.3f} MB/file)")
     assert many < few + 6 * one_file  # unbounded buffering would add 40 files (x several arrays)
