@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .errors import ConfigError
-from .patches import PatchStore
+from .patches import PatchStore, held_out_mask
 
 if TYPE_CHECKING:
     import torch
@@ -74,10 +74,7 @@ def split_indices(
     units = [np.arange(s, s + c) for s, c in groups] if groups else [np.arange(i, i + 1) for i in range(n)]
     if sum(u.size for u in units) != n:
         raise ConfigError(f"groups cover {sum(u.size for u in units)} patches, expected {n}")
-    k = len(units)
-    n_val = 0 if val_fraction == 0 or k < 2 else min(k - 1, max(1, round(k * val_fraction)))
-    is_val = np.zeros(k, dtype=bool)
-    is_val[np.random.default_rng([seed, 2]).permutation(k)[:n_val]] = True
+    is_val = held_out_mask(len(units), val_fraction, seed, stream=2)
     pick = [u for u, v in zip(units, is_val, strict=True) if v]
     val = np.sort(np.concatenate(pick)) if pick else np.zeros(0, np.int64)
     train = np.setdiff1d(np.arange(n, dtype=np.int64), val)

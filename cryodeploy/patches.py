@@ -31,7 +31,16 @@ from ._version import __version__
 from .errors import OutputError, StoreError
 from .mrc import atomic_write
 
-__all__ = ["FORMAT", "MANIFEST", "SPLITS", "PatchStore", "StoreWriter", "adopt_raw_store", "data_file_name"]
+__all__ = [
+    "FORMAT",
+    "MANIFEST",
+    "SPLITS",
+    "PatchStore",
+    "StoreWriter",
+    "adopt_raw_store",
+    "data_file_name",
+    "held_out_mask",
+]
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +52,15 @@ MANIFEST = "manifest.json"
 SPLITS = ("train", "test")
 _WHICH = ("input", "target")
 _DTYPE = np.dtype("<f4")
+
+
+def held_out_mask(k: int, fraction: float, seed: int, stream: int) -> np.ndarray:
+    """Which of ``k`` units (micrographs) are held out: about ``k * fraction``, at least one and never
+    all when ``fraction`` > 0 and ``k`` >= 2; deterministic in (k, fraction, seed, stream)."""
+    n = 0 if fraction <= 0 or k < 2 else min(k - 1, max(1, round(k * fraction)))
+    mask = np.zeros(k, dtype=bool)
+    mask[np.random.default_rng([seed, stream]).permutation(k)[:n]] = True
+    return mask
 
 
 def data_file_name(split: str, which: str) -> str:

@@ -32,7 +32,7 @@ from .errors import ConfigError, InputError
 from .mrc import read_header, read_micrograph
 from .noise import NoiseSpec, add_noise, to_unit_range
 from .normalize import NormSpec, NormStats, norm_stats, normalize
-from .patches import PatchStore, StoreWriter
+from .patches import PatchStore, StoreWriter, held_out_mask
 from .progress import progress
 
 __all__ = ["TARGET_MODES", "PreprocessConfig", "preprocess", "split_micrographs"]
@@ -98,10 +98,7 @@ class PreprocessConfig:
 
 def split_micrographs(n: int, test_fraction: float, seed: int) -> np.ndarray:
     """Boolean mask of the micrographs in the test split (deterministic in ``n``, fraction and seed)."""
-    n_test = 0 if test_fraction <= 0 or n < 2 else min(n - 1, max(1, round(n * test_fraction)))
-    mask = np.zeros(n, dtype=bool)
-    mask[np.random.default_rng([seed, 0]).permutation(n)[:n_test]] = True
-    return mask
+    return held_out_mask(n, test_fraction, seed, stream=0)
 
 
 @dataclass
