@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from cryodeploy.backends import Backend, BackendOptions, availability, create_backend
-from cryodeploy.bench import IdentityBackend, median_wall_ms
+from cryodeploy.bench import IdentityBackend, device_label, median_wall_ms
 from cryodeploy.checkpoint import save_checkpoint
 from cryodeploy.models import ModelSpec, build_model
 from cryodeploy.mrc import read_header, read_micrograph, write_micrograph
@@ -125,7 +125,7 @@ def main() -> None:
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.startswith("cuda")
-    device_name = torch.cuda.get_device_name(torch.device(device)) if cuda else f"CPU {os.cpu_count()} cores"
+    device_name = device_label(device)
     default = "torch:fp32,torch:fp16,trt:fp16,ort:fp32" if cuda else "ort:fp32,torch:fp32"
     variants = [v.split(":") for v in (args.variants or default).split(",")]
 

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from cryodeploy.backends import BackendOptions, availability, create_backend
-from cryodeploy.bench import median_wall_ms
+from cryodeploy.bench import device_label, median_wall_ms
 from cryodeploy.checkpoint import file_sha256, save_checkpoint
 from cryodeploy.models import ModelSpec, build_model
 from cryodeploy.source import ModelSource
@@ -158,13 +158,6 @@ def _copy_variants(backend: Any, x: torch.Tensor, ref: torch.Tensor, repeats: in
     return rows
 
 
-def device_name(device: str) -> str:
-    """GPU name, or the CPU's core count."""
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(torch.device(device))
-    return f"CPU {os.cpu_count()} cores"
-
-
 def main() -> None:
     """Run every variant and print design.md benchmark rows."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -191,7 +184,7 @@ def main() -> None:
         rows, ref = torch_variants(model, x, args.repeats)
         rows += ort_variants(source, x, ref, device, args.repeats, args.threads)
     base = rows[0]["ms"]
-    today, dev = datetime.date.today().isoformat(), device_name(device)
+    today, dev = datetime.date.today().isoformat(), device_label(device)
     print("| date | device | what | config | value | unit | baseline (same run) | ratio |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cryodeploy.bench import device_label
 from cryodeploy.models import ModelSpec, build_model
 from cryodeploy.noise import NoiseSpec, add_noise
 from cryodeploy.normalize import NormSpec, norm_stats, normalize
@@ -117,7 +118,7 @@ def main() -> None:
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    label = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    label = device_label(args.device)
     today = datetime.date.today().isoformat()
     shutil.rmtree(args.workdir, ignore_errors=True)
     args.workdir.mkdir(parents=True)

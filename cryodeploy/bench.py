@@ -29,6 +29,7 @@ __all__ = [
     "BenchVariant",
     "E2ERow",
     "IdentityBackend",
+    "device_label",
     "median_ms",
     "median_wall_ms",
     "run_bench",
@@ -173,7 +174,7 @@ def run_bench(
     cuda = config.device.startswith("cuda")
     rng = np.random.default_rng(0)
     host = rng.standard_normal((1, 1, config.size, config.size), dtype=np.float32)
-    report = BenchReport(device=_device_name(config.device), size=config.size)
+    report = BenchReport(device=device_label(config.device), size=config.size)
     report.copy_bandwidth_gbs, report.floors_ms = _floors(source, config.size, cuda, config.device)
     reference: np.ndarray | None = None
     for v in VARIANTS:
@@ -237,7 +238,8 @@ def _measure(
     return BenchRow(v.label, v.backend, v.precision, ms, timed=timed), out
 
 
-def _device_name(device: str) -> str:
+def device_label(device: str) -> str:
+    """How benchmark rows name a device: the GPU's name, or the CPU's architecture and threads."""
     if device.startswith("cuda"):
         import torch
 
