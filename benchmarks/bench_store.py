@@ -181,6 +181,8 @@ def main() -> None:
         kind = args.inputs or "synth"
     except ImportError:
         kind = args.inputs or "smooth"
+    if args.dir is not None:
+        args.dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="bench_store_", dir=args.dir))
     try:
         inputs = make_inputs(work / "mics", args.count, args.size, kind)

@@ -117,6 +117,8 @@ def main() -> None:
 
     device = torch.device(args.device)
     if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
     label = device_label(args.device)
     today = datetime.date.today().isoformat()

@@ -1,37 +1,66 @@
 #!/usr/bin/env bash
-# The GPU machine's I/O-side benchmarks (one call): end-to-end denoising vs the I/O floor,
-# streaming training vs a naive loop, patch-store throughput, and sharded denoising by two
-# processes on one GPU (outputs must equal a one-process run). Results go to $OUT.
+# The GPU machine's I/O-side benchmarks, one call: end-to-end denoising vs the I/O floor
+# (denoise), sharded denoising by two processes on one GPU whose outputs must equal a
+# one-process run (shards), streaming training vs a naive loop with a warm and a cold page
+# cache (train, train_cold), patch-store throughput (store). Results go to $OUT.
+# Usage: bash benchmarks/gpu_io_suite.sh [STEP ...]   (default: every step, in that order)
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 out=${OUT:-/tmp/out}; mkdir -p "$out"
-exec > >(tee "$out/gpu_io_suite.log") 2>&1
-step() { echo; echo "=== $* ($(date +%T))"; }
-step bench_denoise
-timeout 180 python3 benchmarks/bench_denoise.py --count 20 --size 4096 --workdir /tmp/bench_denoise \
-  --variants torch:fp32,torch:fp16,fused:fp16 --out "$out/bench_denoise.json"
-step "sharded denoise, 2 processes on one GPU"
-ins=/tmp/bench_denoise/inputs
-if [ -d "$ins" ]; then
-  ls "$ins"/*.mrc | head -8 > /tmp/eight.txt
+exec > >(tee -a "$out/gpu_io_suite.log") 2>&1
+work=/tmp/gpu_io_suite
+
+denoise() {
+  timeout 180 python3 benchmarks/bench_denoise.py --count 20 --size 4096 --workdir "$work/denoise" \
+    --variants torch:fp32,torch:fp16,fused:fp16 --out "$out/bench_denoise.json"
+}
+
+shards() {
+  local ins=$work/shards/synth/noisy model=$work/shards/cnn3.safetensors
+  python3 -m cryodeploy synth "$work/shards/synth" --count 8 --size 4096 4096 -q || return
+  python3 - "$model" <<'PY' || return
+import sys
+import torch
+from cryodeploy.checkpoint import save_checkpoint
+from cryodeploy.models import ModelSpec, build_model
+torch.manual_seed(0)
+spec = ModelSpec("cnn3")
+save_checkpoint(sys.argv[1], build_model(spec), spec)
+PY
+  local t0 t1 pids=()
   t0=$(date +%s%N)
-  python3 -m cryodeploy denoise $(cat /tmp/eight.txt) -o /tmp/one --device cuda -q --model /tmp/bench_denoise/cnn3-random.safetensors
-  t1=$(date +%s%N)
-  echo "one process wall: $(( (t1 - t0) / 1000000 )) ms"
+  python3 -m cryodeploy denoise "$ins"/*.mrc -o "$work/shards/one" --device cuda -q --model "$model"
+  t1=$(date +%s%N); echo "one process wall: $(( (t1 - t0) / 1000000 )) ms"
   t0=$(date +%s%N)
-  pids=()
   for i in 0 1; do
-    python3 -m cryodeploy denoise $(cat /tmp/eight.txt) -o /tmp/two --device cuda -q \
-      --model /tmp/bench_denoise/cnn3-random.safetensors --shard $i/2 & pids+=($!)
+    python3 -m cryodeploy denoise "$ins"/*.mrc -o "$work/shards/two" --device cuda -q --model "$model" --shard $i/2 &
+    pids+=($!)
   done
   wait "${pids[@]}"  # a bare wait would also wait for the tee above
-  t1=$(date +%s%N)
-  echo "two shards wall: $(( (t1 - t0) / 1000000 )) ms; files: $(ls /tmp/two/*.mrc | wc -l)"
-  for f in /tmp/one/*.mrc; do cmp -s "$f" "/tmp/two/$(basename "$f")" && echo "same $(basename "$f")" || echo "DIFF $(basename "$f")"; done
-  rm -rf /tmp/bench_denoise /tmp/one /tmp/two
-fi
-step bench_train
-timeout 120 python3 benchmarks/bench_train.py --device cuda --size 1024 --patches 64 --batches 30 --workdir /tmp/bench_train
-step bench_store
-timeout 100 python3 benchmarks/bench_store.py --count 8 --size 4096 --patch 1024 --batch 8 --workers 16 --threads 4 --inputs smooth --dir /tmp --device "H200 host (16 cores), local disk" --repeat 1 --repeat-preprocess 1
-step done
+  t1=$(date +%s%N); echo "two shards wall: $(( (t1 - t0) / 1000000 )) ms; files: $(ls "$work/shards/two"/*.mrc | wc -l)"
+  for f in "$work/shards/one"/*.mrc; do
+    cmp -s "$f" "$work/shards/two/$(basename "$f")" && echo "same $(basename "$f")" || echo "DIFF $(basename "$f")"
+  done
+}
+
+train() {
+  timeout 200 python3 benchmarks/bench_train.py --device cuda --size 1024 --patches 128 --batches 40 \
+    --workdir "$work/train"
+}
+
+train_cold() {
+  timeout 200 python3 benchmarks/bench_train.py --device cuda --size 1024 --patches 128 --batches 40 \
+    --workdir "$work/train" --cold --precisions bf16
+}
+
+store() {
+  timeout 150 python3 benchmarks/bench_store.py --count 8 --size 4096 --patch 1024 --batch 8 --workers 16 \
+    --threads 4 --inputs smooth --dir "$work" --repeat 2 --repeat-preprocess 1
+}
+
+steps=("$@"); [ ${#steps[@]} -gt 0 ] || steps=(denoise shards train train_cold store)
+for s in "${steps[@]}"; do
+  echo; echo "=== $s ($(date +%T))"
+  "$s"; echo "=== $s exit $?"
+done
+rm -rf "$work"

@@ -77,7 +77,6 @@ def system_info() -> dict[str, Any]:
 
     versions: dict[str, str | None] = {"cryodeploy": __version__, "python": platform.python_version()}
     for dist in (
-        "torch",
         "numpy",
         "onnx",
         "onnxruntime",
@@ -86,6 +85,9 @@ def system_info() -> dict[str, Any]:
         "starfile",
     ):
         versions[dist] = package_version(dist)
+    import torch
+
+    versions["torch"] = str(torch.__version__)  # with its build tag (+cu130, +cpu): which CUDA it needs
     if not _importable("onnxruntime"):  # both distributions provide the module
         versions["onnxruntime"] = versions["onnxruntime-gpu"] = None
     trt, _ = tensorrt_runtime()  # the runtime's own version: the type stubs are a distribution too

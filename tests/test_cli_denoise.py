@@ -48,7 +48,7 @@ def test_denoise_folder_writes_outputs_and_summary_line(cnn3_checkpoint, inputs,
                   "--output-dtype", "float16", "--summary", str(tmp_path / "s.json"))
     assert res.exit_code == 0, res.output
     assert res.stdout.startswith("denoised 3, skipped 0, failed 0 in ")
-    assert res.stdout.rstrip().endswith("MB/s)")
+    assert res.stdout.rstrip().endswith("MB/s) with torch/cpu/fp32")
     assert sorted(os.listdir(tmp_path / "out")) == ["m0.mrc", "m1.mrc", "m2.mrc"]
     assert read_header(tmp_path / "out" / "m1.mrc").mode == 12
     record = json.loads((tmp_path / "s.json").read_text())

@@ -57,9 +57,10 @@ def denoise(
     with Denoiser.load(model, device=device, backend=backend, precision=precision, threads=threads,
                        **extra) as d:
         result = d.denoise_files(paths, outdir, config)
+        label = d.backend.label
     for f in result.files:
         if f.status == "failed":
             click.echo(f"failed: {f.error}", err=True)
-    click.echo(result.line())
+    click.echo(f"{result.line()} with {label}")
     if not result.ok:
         raise SystemExit(1)
