@@ -54,7 +54,7 @@ train_cold() {
 }
 
 store() {
-  timeout 150 python3 benchmarks/bench_store.py --count 8 --size 4096 --patch 1024 --batch 8 --workers 16 \
+  timeout 150 python3 benchmarks/bench_store.py --count 16 --size 4096 --patch 1024 --batch 8 --workers 16 \
     --threads 4 --inputs smooth --dir "$work" --repeat 2 --repeat-preprocess 1
 }
 

@@ -9,7 +9,7 @@ import numpy as np
 
 from .errors import ConfigError
 
-__all__ = ["NoiseSpec", "add_noise", "to_unit_range"]
+__all__ = ["NoiseSpec", "add_noise", "to_unit_range", "unit_range"]
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,18 @@ class NoiseSpec:
         return float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
 
 
+def unit_range(
+    image: np.ndarray, low_percentile: float = 0.1, high_percentile: float = 99.9
+) -> tuple[float, float]:
+    """The robust (low, high) intensities :func:`to_unit_range` maps to 0 and 1 (percentiles of
+    a regular subsample of rows); rejects an image without dynamic range."""
+    img = np.asarray(image)
+    lo, hi = np.percentile(img[:: max(1, img.shape[0] // 1024)], [low_percentile, high_percentile])
+    if hi <= lo:
+        raise ConfigError("image has no dynamic range to map to [0, 1]")
+    return float(lo), float(hi)
+
+
 def to_unit_range(
     image: np.ndarray, low_percentile: float = 0.1, high_percentile: float = 99.9
 ) -> np.ndarray:
@@ -70,10 +82,8 @@ def to_unit_range(
 
     Works in float32 on one copy of the image (no float64 temporaries: preprocessing memory).
     """
+    lo, hi = unit_range(image, low_percentile, high_percentile)
     img = np.array(image, dtype=np.float32)
-    lo, hi = np.percentile(img[:: max(1, img.shape[0] // 1024)], [low_percentile, high_percentile])
-    if hi <= lo:
-        raise ConfigError("image has no dynamic range to map to [0, 1]")
     img -= np.float32(lo)
     img /= np.float32(hi - lo)
     return np.clip(img, 0.0, 1.0, out=img)

@@ -11,16 +11,18 @@ Three kinds of targets:
 Input and target get the SAME affine normalization, the one :func:`~cryodeploy.normalize.norm_stats`
 computes from the input, so a training input is exactly what inference feeds the model.
 Every input's header is read first, so an unreadable file stops the run before any work.
-Memory: each in-flight micrograph (a stack counts as one) needs a few times its float32 size
-(``workers`` + 1 are in flight with ``workers`` > 0); it never depends on the number of micrographs.
+Memory: at most two micrographs are in flight (one being written while the next is read and
+prepared), each needing about three times its float32 size (a stack counts as one micrograph);
+``workers`` threads share out each image's bands of rows, so memory depends on neither the number
+of micrographs nor the number of workers. Each band draws its noise from its own seeded stream:
+the store is the same for any number of workers.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +32,7 @@ import numpy as np
 
 from .errors import ConfigError, InputError
 from .mrc import read_header, read_micrograph
-from .noise import NoiseSpec, add_noise, to_unit_range
+from .noise import NoiseSpec, add_noise, unit_range
 from .normalize import NormSpec, NormStats, norm_stats, normalize
 from .patches import PatchStore, StoreWriter, held_out_mask
 from .progress import progress
@@ -41,7 +43,7 @@ log = logging.getLogger(__name__)
 
 #: The kinds of targets :func:`preprocess` can make.
 TARGET_MODES = ("noise", "noise2noise", "pairs")
-#: Rows per noise draw, so the float64 temporaries of the noise model stay small.
+#: Rows per band: the unit of parallel work and of noise streams; keeps float64 temporaries small.
 _BAND_ROWS = 256
 
 
@@ -58,8 +60,9 @@ class PreprocessConfig:
 
     ``patch``/``stride`` are ints or (H, W); stride defaults to the patch (no overlap).
     ``test_fraction`` of the micrographs (at least one when > 0 and there are >= 2) go to the
-    test split, chosen by ``seed``. ``workers`` threads prepare micrographs in parallel
-    (0 = in the calling thread). ``target_dir`` is required by, and only allowed with, ``pairs``.
+    test split, chosen by ``seed``. ``workers`` threads draw noise and normalize bands of
+    rows in parallel, and the next micrograph is prepared while one is written (0 = all in the
+    calling thread). ``target_dir`` is required by, and only allowed with, ``pairs``.
     """
 
     patch: int | tuple[int, int] = 1024
@@ -103,35 +106,78 @@ def split_micrographs(n: int, test_fraction: float, seed: int) -> np.ndarray:
 
 @dataclass
 class _Prepared:
-    """One micrograph ready to be cut: per frame the input and target images before
-    normalization and the stats normalizing both (applied patch row by patch row)."""
+    """One micrograph ready to be cut: per frame the normalized input and target images and
+    the stats that normalized both."""
 
     frames: list[tuple[np.ndarray, np.ndarray, NormStats]]
     info: list[dict[str, Any]]
 
 
-def _noisy(clean01: np.ndarray, spec: NoiseSpec, rng: np.random.Generator, dose: float) -> np.ndarray:
-    out = np.empty_like(clean01)
-    for r in range(0, clean01.shape[0], _BAND_ROWS):
-        out[r : r + _BAND_ROWS] = add_noise(clean01[r : r + _BAND_ROWS], spec, rng, dose=dose)
-    return out
+def _in_bands(pool: ThreadPoolExecutor | None, rows: int, work: Callable[[int, slice], None]) -> None:
+    """Call ``work(band, rows_slice)`` for every band of ``_BAND_ROWS`` rows, on ``pool`` if given."""
+    bands = [(b, slice(r, r + _BAND_ROWS)) for b, r in enumerate(range(0, rows, _BAND_ROWS))]
+    if pool is None:
+        for b, rows_slice in bands:
+            work(b, rows_slice)
+        return
+    for future in [pool.submit(work, b, rows_slice) for b, rows_slice in bands]:
+        future.result()
+
+
+def _rng(config: PreprocessConfig, index: int, *key: int) -> np.random.Generator:
+    """The random stream of micrograph ``index`` named by ``key`` (frame, or frame/draw/band):
+    each band draws its own noise, so the store does not depend on the number of workers."""
+    return np.random.default_rng(np.random.SeedSequence([config.seed, 1, index], spawn_key=key))
 
 
 def _prepare_frame(
-    image: np.ndarray, partner: np.ndarray | None, config: PreprocessConfig, rng: np.random.Generator
+    image: np.ndarray,
+    partner: np.ndarray | None,
+    config: PreprocessConfig,
+    key: tuple[int, int],
+    pool: ThreadPoolExecutor | None,
 ) -> tuple[np.ndarray, np.ndarray, NormStats, float | None]:
+    """Normalized input and target of one frame (``key`` = micrograph index, frame index)."""
+    inp = np.empty(image.shape, np.float32)
+    tgt = np.empty(image.shape, np.float32)
     if config.targets == "pairs":
         assert partner is not None
-        return image, partner, norm_stats(image, config.normalization), None
-    clean01 = to_unit_range(image)
-    dose = config.noise.draw_dose(rng)
-    noisy = _noisy(clean01, config.noise, rng, dose)
-    target = _noisy(clean01, config.noise, rng, dose) if config.targets == "noise2noise" else clean01
-    return noisy, target, norm_stats(noisy, config.normalization), dose
+        stats = norm_stats(image, config.normalization)
+
+        def normalize_pair(_: int, rows: slice) -> None:
+            inp[rows] = normalize(image[rows], stats)
+            tgt[rows] = normalize(partner[rows], stats)
+
+        _in_bands(pool, image.shape[0], normalize_pair)
+        return inp, tgt, stats, None
+
+    index, frame = key
+    lo, hi = unit_range(image)
+    dose = config.noise.draw_dose(_rng(config, index, frame))
+    n2n = config.targets == "noise2noise"
+
+    def draw(band: int, rows: slice) -> None:
+        clean01 = np.clip((image[rows] - np.float32(lo)) / np.float32(hi - lo), 0.0, 1.0, dtype=np.float32)
+        inp[rows] = add_noise(clean01, config.noise, _rng(config, index, frame, 0, band), dose=dose)
+        if n2n:
+            tgt[rows] = add_noise(clean01, config.noise, _rng(config, index, frame, 1, band), dose=dose)
+        else:
+            tgt[rows] = clean01
+
+    _in_bands(pool, image.shape[0], draw)
+    stats = norm_stats(inp, config.normalization)
+
+    def normalize_both(_: int, rows: slice) -> None:
+        inp[rows] = normalize(inp[rows], stats)
+        tgt[rows] = normalize(tgt[rows], stats)
+
+    _in_bands(pool, image.shape[0], normalize_both)
+    return inp, tgt, stats, dose
 
 
-def _prepare(index: int, path: Path, partner: Path | None, config: PreprocessConfig) -> _Prepared:
-    rng = np.random.default_rng([config.seed, 1, index])
+def _prepare(
+    index: int, path: Path, partner: Path | None, config: PreprocessConfig, pool: ThreadPoolExecutor | None
+) -> _Prepared:
     mic = read_micrograph(path)
     other = read_micrograph(partner) if partner is not None else None
     frames, info = [], []
@@ -139,7 +185,7 @@ def _prepare(index: int, path: Path, partner: Path | None, config: PreprocessCon
         other.frames() if other is not None else [None] * mic.header.n_frames
     )
     for f, (image, pimage) in enumerate(zip(mic.frames(), partners, strict=True)):
-        inp, tgt, stats, dose = _prepare_frame(image, pimage, config, rng)
+        inp, tgt, stats, dose = _prepare_frame(image, pimage, config, (index, f), pool)
         frames.append((inp, tgt, stats))
         entry: dict[str, Any] = {
             "path": str(path.resolve()),
@@ -191,23 +237,30 @@ def _check_inputs(inputs: list[Path], target_dir: Path | None) -> list[Path | No
 def _prepared_stream(
     inputs: list[Path], partners: list[Path | None], config: PreprocessConfig
 ) -> Iterator[_Prepared]:
-    """Prepared micrographs in input order; with workers, a window of workers + 1 in flight."""
+    """Prepared micrographs in input order. With workers, the next micrograph is read and
+    prepared (its bands on the worker threads) while the caller writes the current one."""
     if config.workers == 0:
         for i, (p, q) in enumerate(zip(inputs, partners, strict=True)):
-            yield _prepare(i, p, q, config)
+            yield _prepare(i, p, q, config, None)
         return
-    with ThreadPoolExecutor(config.workers, thread_name_prefix="preprocess") as pool:
-        window: deque[Future[_Prepared]] = deque()
+    jobs = list(enumerate(zip(inputs, partners, strict=True)))
+    with (
+        ThreadPoolExecutor(config.workers, thread_name_prefix="preprocess") as pool,
+        ThreadPoolExecutor(1, thread_name_prefix="preprocess-next") as ahead,
+    ):
+        pending: Future[_Prepared] | None = None
         try:
-            for i, (p, q) in enumerate(zip(inputs, partners, strict=True)):
-                window.append(pool.submit(_prepare, i, p, q, config))
-                if len(window) > config.workers:
-                    yield window.popleft().result()
-            while window:
-                yield window.popleft().result()
+            for i, (p, q) in jobs:
+                current = pending or ahead.submit(_prepare, i, p, q, config, pool)
+                pending = None
+                if i + 1 < len(jobs):
+                    j, (p2, q2) = jobs[i + 1]
+                    pending = ahead.submit(_prepare, j, p2, q2, config, pool)
+                yield current.result()
+                del current
         finally:
-            for fut in window:
-                fut.cancel()
+            if pending is not None:
+                pending.cancel()
 
 
 def preprocess(
@@ -234,12 +287,12 @@ def preprocess(
     ):
         for i, prepared in enumerate(_prepared_stream(paths, partners, config)):
             split = "test" if is_test[i] else "train"
-            for (inp, tgt, stats), entry in zip(prepared.frames, prepared.info, strict=True):
+            for (inp, tgt, _), entry in zip(prepared.frames, prepared.info, strict=True):
                 start = writer.counts[split]
                 for rows_in, rows_tg in zip(
                     _patches(inp, patch, stride), _patches(tgt, patch, stride), strict=True
-                ):  # normalize is elementwise: per row of patches it equals normalizing the image
-                    writer.append(split, normalize(rows_in, stats), normalize(rows_tg, stats))
+                ):
+                    writer.append(split, rows_in, rows_tg)
                 sources.append(
                     {**entry, "split": split, "start": start, "count": writer.counts[split] - start}
                 )

@@ -268,11 +268,14 @@ class Trainer:
         self.batch += 1
         self.step += 1
 
-    def log_window(self, seconds: float) -> dict[str, Any]:
-        """Read the accumulated loss (the one host sync) and append a metrics row (rank 0)."""
+    def log_window(self, t0: float) -> dict[str, Any]:
+        """Read the accumulated loss (the one host sync) and append a metrics row (rank 0) whose
+        rate counts the window's time from ``t0`` until its device work is done."""
         from .runfiles import append_metrics
 
         loss = float(self.window.item()) / self.window_n
+        seconds = self.window_seconds + time.perf_counter() - t0
+        self.window_seconds = 0.0
         if not math.isfinite(loss):
             raise CryoDeployError(f"training diverged at step {self.step} (loss {loss}); lower --lr "
                                   "or use --precision fp32")
@@ -337,8 +340,7 @@ class Trainer:
                         self.train_step(*next(on_device))
                         task.advance(1)
                         if self.step % c.log_every == 0:
-                            row = self.log_window(self.window_seconds + time.perf_counter() - t0)
-                            self.window_seconds = 0.0
+                            row = self.log_window(t0)
                             status.update(loss=f"{row['loss']:.5f}", rmse=f"{row['rmse']:.4f}",
                                           samples_s=f"{row['samples_per_s']:.1f}")
                             task.advance(0, **status)

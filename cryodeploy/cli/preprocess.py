@@ -10,7 +10,7 @@ import click
 
 
 def _default_workers() -> int:
-    return min(4, os.cpu_count() or 1)
+    return min(16, os.cpu_count() or 1)
 
 
 @click.command()
@@ -66,8 +66,8 @@ def _default_workers() -> int:
     "--workers",
     type=click.IntRange(min=0),
     default=_default_workers,
-    show_default="min(4, cores)",
-    help="Micrographs prepared in parallel (memory grows with it; 0 = none).",
+    show_default="min(16, cores)",
+    help="Threads drawing noise and normalizing (memory does not grow with it; 0 = none).",
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing store.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
