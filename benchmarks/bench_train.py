@@ -153,6 +153,7 @@ def main() -> None:
                         evict(store)
             result = train(store, args.workdir / f"run-{precision}", config, quiet=True, on_step=on_step)
             fmt = " + channels_last" if device.type == "cuda" and precision != "fp32" else ""
+            fmt += " + loss scaling" if precision == "fp16" else ""
             cfg = f"streamed{' cold' if args.cold else ''} from store, {precision} autocast{fmt}".replace(
                 "fp32 autocast", "fp32")
             value = result.samples_per_s or float("nan")

@@ -45,12 +45,12 @@ PY
 
 train() {
   timeout 200 python3 benchmarks/bench_train.py --device cuda --size 1024 --patches 128 --batches 40 \
-    --workdir "$work/train"
+    --workdir "$work/train" --precisions fp32,bf16,fp16 --threads 8
 }
 
 train_cold() {
   timeout 200 python3 benchmarks/bench_train.py --device cuda --size 1024 --patches 128 --batches 40 \
-    --workdir "$work/train" --cold --precisions bf16
+    --workdir "$work/train" --cold --precisions fp16 --threads 8
 }
 
 store() {

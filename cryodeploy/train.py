@@ -53,8 +53,8 @@ class TrainConfig:
     method: str = "supervised"
     log_every: int = 50
     resume: bool = False
-    buffers: int = 2
-    loader_threads: int = 2
+    buffers: int = 3
+    loader_threads: int = 4
 
     def __post_init__(self) -> None:
         from .models import ModelSpec

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import click
@@ -42,8 +43,14 @@ def _params(values: tuple[str, ...]) -> dict[str, object]:
 @click.option("--val-split", default=0.1, show_default=True, type=float,
               help="Fraction of training micrographs held out for validation.")
 @click.option("--max-batches", type=click.IntRange(min=1), default=None, help="At most N batches per epoch.")
-@click.option("--precision", default="fp32", show_default=True, type=click.Choice(PRECISIONS))
+@click.option("--precision", default="fp32", show_default=True, type=click.Choice(PRECISIONS),
+              help="bf16/fp16: autocast + channels_last on CUDA; fp16 (with loss scaling) is the fastest "
+                   "on an H100 (docs/benchmarks.md).")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--loader-threads", default=lambda: min(8, os.cpu_count() or 1), show_default="min(8, cores)",
+              type=click.IntRange(min=1), help="Threads reading each batch from the store.")
+@click.option("--buffers", default=3, show_default=True, type=click.IntRange(min=1),
+              help="Batches the loader holds in (pinned) memory: its memory is buffers x batch bytes.")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
 @click.option("--log-every", default=50, show_default=True, type=click.IntRange(min=1),
               help="Log loss, RMSE and samples/s every N batches.")
@@ -51,17 +58,16 @@ def _params(values: tuple[str, ...]) -> dict[str, object]:
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def train(store: Path, rundir: Path, model: str, params: tuple[str, ...], method: str, epochs: int,
           batch: int, lr: float, optimizer: str, val_split: float, max_batches: int | None, precision: str,
-          device: str, seed: int, log_every: int, resume: bool, quiet: bool) -> None:
+          device: str, loader_threads: int, buffers: int, seed: int, log_every: int, resume: bool,
+          quiet: bool) -> None:
     """Train a denoiser on the patch store STORE into the run folder RUNDIR (-o)."""
-    import os
-
     from ..train import TrainConfig
     from ..train import train as run_training
 
     config = TrainConfig(model=model, model_params=_params(params), epochs=epochs, batch=batch, lr=lr,
                          optimizer=optimizer, val_split=val_split, max_batches=max_batches,
                          precision=precision, device=device, seed=seed, method=method, log_every=log_every,
-                         resume=resume)
+                         resume=resume, loader_threads=loader_threads, buffers=buffers)
     result = run_training(store, rundir, config, quiet=quiet)
     if os.environ.get("RANK", "0") != "0":
         return
