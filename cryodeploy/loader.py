@@ -136,6 +136,8 @@ class StreamingLoader:
         self.store, self.split, self.indices, self.config = store, split, idx, config
         self.rank, self.world_size, self.pin_memory = rank, world_size, pin_memory
         self.epoch = 0
+        # the buffers of the last finished epoch, reused by the next (pinning memory is slow)
+        self._spare: list[tuple[torch.Tensor, torch.Tensor | None]] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose order the next iteration uses."""
@@ -231,10 +233,12 @@ class _EpochIterator:
     def __init__(self, loader: StreamingLoader) -> None:
         import torch
 
+        self._loader = loader
         self._batches = loader.batch_indices()
         self._pin = loader.pin_memory and torch.cuda.is_available()
         b, (h, w), c = loader.config.batch_size, loader.store.patch, loader.config
-        self._tensors = [
+        spare, loader._spare = loader._spare, None
+        self._tensors = spare or [
             (
                 _allocate((b, 1, h, w), self._pin),
                 _allocate((b, 1, h, w), self._pin) if loader.has_target else None,
@@ -303,14 +307,23 @@ class _EpochIterator:
         return inputs[:n], targets[:n] if targets is not None else None
 
     def close(self) -> None:
-        """Stop the reader thread (it finishes at most the batch it is reading)."""
+        """Stop the reader thread (it finishes at most the batch it is reading) and hand the
+        buffers to the loader's next epoch, once no device copy from them is pending."""
         if self._closed:
             return
+        self._stop_reader()
+        if self._pin:
+            import torch
+
+            torch.cuda.synchronize()  # once per epoch: copies queued on any stream have read the buffers
+        self._loader._spare = self._tensors
+
+    def _stop_reader(self) -> None:
         self._closed = True
         self._stop.set()
         self._free.put(None)
         self._thread.join()
 
     def __del__(self) -> None:
-        if hasattr(self, "_thread"):
-            self.close()
+        if hasattr(self, "_thread") and not self._closed:
+            self._stop_reader()  # its buffers are dropped, not handed on

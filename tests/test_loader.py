@@ -135,6 +135,18 @@ def _loader_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name.startswith("loader")]
 
 
+def test_next_epoch_reuses_the_buffers(store48: PatchStore) -> None:
+    loader = StreamingLoader(store48, "train", None, LoaderConfig(4, buffers=3, seed=1))
+    pointers = []
+    for epoch in (0, 1):
+        loader.set_epoch(epoch)
+        pointers.append(set())
+        for (x, _), ids in zip(loader, loader.batch_indices(), strict=True):
+            np.testing.assert_array_equal(x[:, 0, 0, 0].numpy(), ids)
+            pointers[-1].add(x.data_ptr())
+    assert len(pointers[0]) == 3 and pointers[0] == pointers[1]
+
+
 def test_breaking_out_early_stops_the_reader(store48: PatchStore) -> None:
     loader = StreamingLoader(store48, "train", None, LoaderConfig(2, buffers=3, threads=3))
     t0 = time.perf_counter()
@@ -215,11 +227,14 @@ def test_pinned_buffers_survive_late_non_blocking_copies(tmp_path: Path) -> None
 
     store = _indexed_store(tmp_path / "s", 1024, 64)
     loader = StreamingLoader(store, "train", None, LoaderConfig(64, seed=0), pin_memory=True)
-    copies = []
-    for inputs, targets in loader:
-        assert inputs.is_pinned() and targets is not None and targets.is_pinned()
-        torch.cuda._sleep(20_000_000)  # ~10 ms of GPU work ahead of the copies on this stream
-        copies.append((inputs.to("cuda", non_blocking=True), targets.to("cuda", non_blocking=True)))
+    copies, expected = [], []
+    for epoch in (0, 1):  # the second epoch reuses the first one's buffers
+        loader.set_epoch(epoch)
+        expected += loader.batch_indices()
+        for inputs, targets in loader:
+            assert inputs.is_pinned() and targets is not None and targets.is_pinned()
+            torch.cuda._sleep(20_000_000)  # ~10 ms of GPU work ahead of the copies on this stream
+            copies.append((inputs.to("cuda", non_blocking=True), targets.to("cuda", non_blocking=True)))
     torch.cuda.synchronize()
-    for (x, y), ids in zip(copies, loader.batch_indices(), strict=True):
+    for (x, y), ids in zip(copies, expected, strict=True):
         assert (x[:, 0, 0, 0].cpu().numpy() == ids).all() and bool((y == -x).all())
