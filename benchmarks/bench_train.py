@@ -36,6 +36,7 @@ from cryodeploy.models import ModelSpec, build_model
 from cryodeploy.noise import NoiseSpec, add_noise
 from cryodeploy.normalize import NormSpec, norm_stats, normalize
 from cryodeploy.patches import StoreWriter, data_file_name
+from cryodeploy.runfiles import read_metrics
 from cryodeploy.synth import SynthConfig, render_clean
 from cryodeploy.train import TrainConfig, train
 
@@ -161,7 +162,10 @@ def main() -> None:
             gpu = (f"{torch.cuda.max_memory_allocated(device) / 2**20:.0f} MB GPU max allocated"
                    if device.type == "cuda" else "no GPU")
             loader_mb = args.buffers * 2 * (args.batch * args.size**2 * 4) / 2**20
-            notes.append(f"{precision}: {gpu}; loader buffers {loader_mb:.0f} MB; {result.steps} steps")
+            windows = [round(r["samples_per_s"]) for r in read_metrics(args.workdir / f"run-{precision}")
+                       if r["kind"] == "train"]
+            notes.append(f"{precision}: {gpu}; loader buffers {loader_mb:.0f} MB; {result.steps} steps; "
+                         f"samples/s per log window {windows}")
         rss, peak = host_rss_mb()
         print("| date | device | what | config | value | unit | baseline (same run) | ratio |")
         print("|---|---|---|---|---|---|---|---|")

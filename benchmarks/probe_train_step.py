@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -21,7 +22,7 @@ from cryodeploy.patches import PatchStore
 
 
 def step_rate(size: int, batch: int, steps: int, dtype: torch.dtype | None, channels_last: bool,
-              benchmark: bool, compile_model: bool) -> float:
+              benchmark: bool, compile_model: bool, scaler: bool = False) -> float:
     """Samples/s of Adam steps on one in-memory batch."""
     torch.backends.cudnn.benchmark = benchmark
     torch.manual_seed(0)
@@ -32,12 +33,15 @@ def step_rate(size: int, batch: int, steps: int, dtype: torch.dtype | None, chan
     x = torch.randn(batch, 1, size, size, device="cuda").to(memory_format=fmt)
     t = torch.randn(batch, 1, size, size, device="cuda").to(memory_format=fmt)
 
+    grad_scaler = torch.amp.GradScaler("cuda", enabled=scaler)
+
     def one() -> None:
         with torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None):
             loss = torch.nn.functional.mse_loss(model(x), t)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        grad_scaler.scale(loss).backward()
+        grad_scaler.step(opt)
+        grad_scaler.update()
 
     for _ in range(5):
         one()
@@ -47,6 +51,19 @@ def step_rate(size: int, batch: int, steps: int, dtype: torch.dtype | None, chan
         one()
     torch.cuda.synchronize()
     return steps * batch / (time.perf_counter() - t0)
+
+
+def h2d_gbps(batch: int, size: int, repeats: int = 20) -> float:
+    """Host-to-device copy bandwidth (GB/s) of one batch's inputs and targets from pinned memory."""
+    host = torch.empty(2, batch, 1, size, size, pin_memory=True)
+    dev = torch.empty_like(host, device="cuda")
+    dev.copy_(host, non_blocking=True)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        dev.copy_(host, non_blocking=True)
+    torch.cuda.synchronize()
+    return repeats * host.numel() * 4 / 1e9 / (time.perf_counter() - t0)
 
 
 def loader_rate(store: Path, batch: int, threads: int, buffers: int) -> float:
@@ -68,18 +85,20 @@ def main() -> None:
     ap.add_argument("--threads", default="2,4,8,16")
     args = ap.parse_args()
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, CNN3 {args.size}² batch {args.batch}")
-    variants = [
+    variants: list[tuple[Any, ...]] = [
         ("fp32 NCHW", None, False, False, False),
         ("fp32 NCHW cudnn.benchmark", None, False, True, False),
         ("bf16 channels_last", torch.bfloat16, True, False, False),
         ("bf16 channels_last cudnn.benchmark", torch.bfloat16, True, True, False),
         ("bf16 NCHW cudnn.benchmark", torch.bfloat16, False, True, False),
         ("fp16 channels_last cudnn.benchmark", torch.float16, True, True, False),
+        ("fp16 channels_last + GradScaler", torch.float16, True, False, False, True),
         ("bf16 channels_last cudnn.benchmark compile", torch.bfloat16, True, True, True),
     ]
-    for name, dtype, cl, bench, comp in variants:
+    print(f"host-to-device copy from pinned memory: {h2d_gbps(args.batch, args.size):.1f} GB/s")
+    for name, dtype, cl, bench, comp, *scaler in variants:
         try:
-            rate = step_rate(args.size, args.batch, args.steps, dtype, cl, bench, comp)
+            rate = step_rate(args.size, args.batch, args.steps, dtype, cl, bench, comp, *scaler)
             print(f"step {name}: {rate:.1f} samples/s")
         except Exception as err:  # a variant that cannot run here is reported, not fatal
             print(f"step {name}: failed ({type(err).__name__}: {str(err).splitlines()[0]})")
