@@ -17,6 +17,7 @@ incomplete; :class:`StoreWriter` writes the manifest last.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -295,6 +296,9 @@ def _base_manifest(patch: tuple[int, int]) -> dict[str, Any]:
 class StoreWriter:
     """Builds a store by appending patches; :meth:`finish` writes the manifest last.
 
+    Writes are positional: :meth:`reserve` claims the next slots of a split (one thread, in
+    order) and :meth:`write_at` fills them from any thread, so patches can be written in parallel.
+
     Refuses a directory that already holds a store (complete or not) unless ``overwrite``,
     in which case the old manifest is removed first. On :meth:`abort` (or an exception inside
     a ``with`` block) the data files it created are removed.
@@ -317,30 +321,48 @@ class StoreWriter:
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             (self.path / MANIFEST).unlink(missing_ok=True)
-            self._files = {n: open(self.path / n, "wb") for n in names}  # noqa: SIM115
+            self._files = {n: open(self.path / n, "wb", buffering=0) for n in names}  # noqa: SIM115
         except OSError as err:
             raise OutputError(f"{self.path}: cannot write the patch store ({err.strerror or err})") from err
         self.counts = dict.fromkeys(SPLITS, 0)
 
     def append(self, split: str, inputs: np.ndarray, targets: np.ndarray) -> None:
         """Append patches ``inputs``/``targets`` (each [n, H, W]) to ``split``."""
+        self.write_at(split, self.reserve(split, len(inputs)), inputs, targets)
+
+    def reserve(self, split: str, n: int) -> int:
+        """Claim the next ``n`` patch slots of ``split``; returns the first (see :meth:`write_at`)."""
+        start = self.counts[split]
+        self.counts[split] += n
+        return start
+
+    def write_at(self, split: str, start: int, inputs: np.ndarray, targets: np.ndarray) -> None:
+        """Write patches ``inputs``/``targets`` (each [n, H, W]) to reserved slots ``start``... of
+        ``split``; safe to call from several threads at once."""
         if inputs.shape != targets.shape or inputs.shape[1:] != self.patch:
             raise ValueError(
                 f"expected inputs and targets [n, {self.patch[0]}, {self.patch[1]}], "
                 f"got {inputs.shape} and {targets.shape}"
             )
+        if not 0 <= start <= start + inputs.shape[0] <= self.counts[split]:
+            raise ValueError(f"slots {start}..{start + inputs.shape[0] - 1} of {split!r} were not reserved")
+        offset = start * self.patch[0] * self.patch[1] * _DTYPE.itemsize
         try:
             for which, arr in (("input", inputs), ("target", targets)):
-                self._files[data_file_name(split, which)].write(np.ascontiguousarray(arr, dtype=_DTYPE).data)
+                data = np.ascontiguousarray(arr, dtype=_DTYPE).reshape(-1).view(np.uint8).data
+                fd, done = self._files[data_file_name(split, which)].fileno(), 0
+                while done < len(data):
+                    written = os.pwrite(fd, data[done:], offset + done)
+                    if written == 0:
+                        raise OSError(errno.EIO, "the file accepted no bytes")
+                    done += written
         except OSError as err:
             raise OutputError(f"{self.path}: cannot write patches ({err.strerror or err})") from err
-        self.counts[split] += inputs.shape[0]
 
     def finish(self, **fields: Any) -> PatchStore:
         """Flush and sync the data, write the manifest (with ``fields`` added), return the store."""
         try:
             for fh in self._files.values():
-                fh.flush()
                 os.fsync(fh.fileno())
                 fh.close()
         except OSError as err:

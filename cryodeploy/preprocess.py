@@ -15,16 +15,19 @@ Memory: at most two micrographs are in flight (one being written while the next 
 prepared), each needing about three times its float32 size (a stack counts as one micrograph);
 ``workers`` threads share out each image's bands of rows, so memory depends on neither the number
 of micrographs nor the number of workers. Each band draws its noise from its own seeded stream:
-the store is the same for any number of workers.
+the store is the same for any number of workers. The patches are written by the workers too
+(positional writes into reserved slots), each copying at most 2 x 4 MB at a time.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +48,8 @@ log = logging.getLogger(__name__)
 TARGET_MODES = ("noise", "noise2noise", "pairs")
 #: Rows per band: the unit of parallel work and of noise streams; keeps float64 temporaries small.
 _BAND_ROWS = 256
+#: Bytes of input patches one write job copies out of an image (and as many of targets).
+_JOB_BYTES = 4 << 20
 
 
 def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
@@ -113,15 +118,19 @@ class _Prepared:
     info: list[dict[str, Any]]
 
 
+def _run(pool: ThreadPoolExecutor | None, jobs: list[Callable[[], None]]) -> None:
+    """Run ``jobs`` on ``pool`` (waiting for all), or one after the other without one."""
+    if pool is None:
+        for job in jobs:
+            job()
+        return
+    for future in [pool.submit(job) for job in jobs]:
+        future.result()
+
+
 def _in_bands(pool: ThreadPoolExecutor | None, rows: int, work: Callable[[int, slice], None]) -> None:
     """Call ``work(band, rows_slice)`` for every band of ``_BAND_ROWS`` rows, on ``pool`` if given."""
-    bands = [(b, slice(r, r + _BAND_ROWS)) for b, r in enumerate(range(0, rows, _BAND_ROWS))]
-    if pool is None:
-        for b, rows_slice in bands:
-            work(b, rows_slice)
-        return
-    for future in [pool.submit(work, b, rows_slice) for b, rows_slice in bands]:
-        future.result()
+    _run(pool, [partial(work, b, slice(r, r + _BAND_ROWS)) for b, r in enumerate(range(0, rows, _BAND_ROWS))])
 
 
 def _rng(config: PreprocessConfig, index: int, *key: int) -> np.random.Generator:
@@ -203,19 +212,29 @@ def _prepare(
     return _Prepared(frames, info)
 
 
-def _patches(image: np.ndarray, patch: tuple[int, int], stride: tuple[int, int]) -> Iterator[np.ndarray]:
-    """Patch rows of ``image`` as contiguous [n, H, W] arrays, top to bottom, left to right."""
+def _write_frame(
+    writer: StoreWriter,
+    split: str,
+    images: tuple[np.ndarray, np.ndarray],
+    patch: tuple[int, int],
+    stride: tuple[int, int],
+    pool: ThreadPoolExecutor | None,
+) -> int:
+    """Write the patches of one frame's (input, target) images to the next slots of ``split``,
+    top to bottom, left to right, in jobs of about ``_JOB_BYTES`` on ``pool``; returns their count."""
     (ph, pw), (sy, sx) = patch, stride
-    h, w = image.shape
-    if h < ph or w < pw:
-        return
-    nx = (w - pw) // sx + 1
-    s0, s1 = image.strides
-    for y in range(0, h - ph + 1, sy):
-        row = np.lib.stride_tricks.as_strided(
-            image[y:], shape=(nx, ph, pw), strides=(sx * s1, s0, s1), writeable=False
-        )
-        yield np.ascontiguousarray(row)
+    h, w = images[0].shape
+    corners = [(y, x) for y in range(0, h - ph + 1, sy) for x in range(0, w - pw + 1, sx)]
+    start = writer.reserve(split, len(corners))
+    per_job = max(1, _JOB_BYTES // (ph * pw * 4))
+
+    def write(first: int) -> None:
+        part = corners[first : first + per_job]
+        inp, tgt = (np.stack([img[y : y + ph, x : x + pw] for y, x in part]) for img in images)
+        writer.write_at(split, start + first, inp, tgt)
+
+    _run(pool, [partial(write, first) for first in range(0, len(corners), per_job)])
+    return len(corners)
 
 
 def _check_inputs(inputs: list[Path], target_dir: Path | None) -> list[Path | None]:
@@ -235,19 +254,16 @@ def _check_inputs(inputs: list[Path], target_dir: Path | None) -> list[Path | No
 
 
 def _prepared_stream(
-    inputs: list[Path], partners: list[Path | None], config: PreprocessConfig
+    inputs: list[Path], partners: list[Path | None], config: PreprocessConfig, pool: ThreadPoolExecutor | None
 ) -> Iterator[_Prepared]:
-    """Prepared micrographs in input order. With workers, the next micrograph is read and
-    prepared (its bands on the worker threads) while the caller writes the current one."""
-    if config.workers == 0:
+    """Prepared micrographs in input order. With a pool, the next micrograph is read and
+    prepared (its bands on the pool) while the caller writes the current one."""
+    if pool is None:
         for i, (p, q) in enumerate(zip(inputs, partners, strict=True)):
             yield _prepare(i, p, q, config, None)
         return
     jobs = list(enumerate(zip(inputs, partners, strict=True)))
-    with (
-        ThreadPoolExecutor(config.workers, thread_name_prefix="preprocess") as pool,
-        ThreadPoolExecutor(1, thread_name_prefix="preprocess-next") as ahead,
-    ):
+    with ThreadPoolExecutor(1, thread_name_prefix="preprocess-next") as ahead:
         pending: Future[_Prepared] | None = None
         try:
             for i, (p, q) in jobs:
@@ -281,22 +297,19 @@ def preprocess(
     is_test = split_micrographs(len(paths), config.test_fraction, config.seed)
     patch, stride = config.patch_shape, config.stride_shape
     sources: list[dict[str, Any]] = []
+    pool = ThreadPoolExecutor(config.workers, "preprocess") if config.workers else None
     with (
+        pool or contextlib.nullcontext(),
         StoreWriter(store_dir, patch, config.overwrite) as writer,
         progress(len(paths), "preprocess", quiet) as task,
     ):
-        for i, prepared in enumerate(_prepared_stream(paths, partners, config)):
+        for i, prepared in enumerate(_prepared_stream(paths, partners, config, pool)):
             split = "test" if is_test[i] else "train"
             for (inp, tgt, _), entry in zip(prepared.frames, prepared.info, strict=True):
                 start = writer.counts[split]
-                for rows_in, rows_tg in zip(
-                    _patches(inp, patch, stride), _patches(tgt, patch, stride), strict=True
-                ):
-                    writer.append(split, rows_in, rows_tg)
-                sources.append(
-                    {**entry, "split": split, "start": start, "count": writer.counts[split] - start}
-                )
-                if writer.counts[split] == start:
+                count = _write_frame(writer, split, (inp, tgt), patch, stride, pool)
+                sources.append({**entry, "split": split, "start": start, "count": count})
+                if count == 0:
                     log.warning(
                         "%s: %dx%d pixels is smaller than the %dx%d patch; no patches",
                         entry["path"],
