@@ -57,6 +57,22 @@ def test_round_trip_is_exact_in_any_order(tmp_path: Path, rng: np.random.Generat
     np.testing.assert_array_equal(clone.read("test", [4]), data["test"][0][4:5])
 
 
+def test_reserved_slots_filled_from_threads_in_any_order(tmp_path: Path, rng: np.random.Generator) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    inp = rng.standard_normal((40, 8, 8)).astype(np.float32)
+    with StoreWriter(tmp_path / "s", 8) as w:
+        starts = [w.reserve("train", 10) for _ in range(4)]
+        assert starts == [0, 10, 20, 30]
+        with pytest.raises(ValueError, match="slots 35..44 of 'train' were not reserved"):
+            w.write_at("train", 35, inp[:10], -inp[:10])
+        with ThreadPoolExecutor(4) as pool:  # last reservation first
+            list(pool.map(lambda a: w.write_at("train", a, inp[a : a + 10], -inp[a : a + 10]), starts[::-1]))
+        store = w.finish()
+    np.testing.assert_array_equal(store.read("train", range(40)), inp)
+    np.testing.assert_array_equal(store.read("train", range(40), "target"), -inp)
+
+
 def test_writer_refuses_existing_and_incomplete_stores(tmp_path: Path, rng: np.random.Generator) -> None:
     _write_store(tmp_path / "s", rng, {"train": 3})
     with pytest.raises(OutputError, match="already exists"):
