@@ -13,10 +13,11 @@ computes from the input, so a training input is exactly what inference feeds the
 Every input's header is read first, so an unreadable file stops the run before any work.
 Memory: at most two micrographs are in flight (one being written while the next is read and
 prepared), each needing about three times its float32 size (a stack counts as one micrograph);
-``workers`` threads share out each image's bands of rows, so memory depends on neither the number
-of micrographs nor the number of workers. Each band draws its noise from its own seeded stream:
-the store is the same for any number of workers. The patches are written by the workers too
-(positional writes into reserved slots), each copying at most 2 x 4 MB at a time.
+``workers`` threads share out each image's bands of 64 rows, so memory does not depend on the
+number of micrographs and grows with workers only by each thread's temporaries (a few float64
+bands: ~8 MB per thread for 4096-pixel-wide images). Each band draws its noise from its own
+seeded stream: the store is the same for any number of workers. The patches are written by the
+workers too (positional writes into reserved slots), each copying at most 2 x 4 MB at a time.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ log = logging.getLogger(__name__)
 #: The kinds of targets :func:`preprocess` can make.
 TARGET_MODES = ("noise", "noise2noise", "pairs")
 #: Rows per band: the unit of parallel work and of noise streams; keeps float64 temporaries small.
-_BAND_ROWS = 256
+_BAND_ROWS = 64
 #: Bytes of input patches one write job copies out of an image (and as many of targets).
 _JOB_BYTES = 4 << 20
 

@@ -64,7 +64,7 @@ def test_reserved_slots_filled_from_threads_in_any_order(tmp_path: Path, rng: np
     with StoreWriter(tmp_path / "s", 8) as w:
         starts = [w.reserve("train", 10) for _ in range(4)]
         assert starts == [0, 10, 20, 30]
-        with pytest.raises(ValueError, match="slots 35..44 of 'train' were not reserved"):
+        with pytest.raises(ValueError, match=r"slots 35\.\.44 of 'train' were not reserved"):
             w.write_at("train", 35, inp[:10], -inp[:10])
         with ThreadPoolExecutor(4) as pool:  # last reservation first
             list(pool.map(lambda a: w.write_at("train", a, inp[a : a + 10], -inp[a : a + 10]), starts[::-1]))

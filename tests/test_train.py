@@ -187,7 +187,8 @@ def test_config_is_validated(change: dict[str, object], message: str) -> None:
 def test_cli_train_and_resume(store: Path, tmp_path: Path) -> None:
     runner = CliRunner()
     args = ["train", str(store), "-o", str(tmp_path / "run"), "--batch", "4", "--epochs", "1", "-q",
-            "--max-batches", "2", "--optimizer", "sgd", "--lr", "0.01", "--loader-threads", "3", "--buffers", "4"]
+            "--max-batches", "2", "--optimizer", "sgd", "--lr", "0.01", "--loader-threads", "3",
+            "--buffers", "4"]
     res = runner.invoke(cli, args)
     assert res.exit_code == 0, res.output
     assert "trained 1 epoch(s), 2 steps" in res.output
