@@ -140,6 +140,21 @@ def _rng(config: PreprocessConfig, index: int, *key: int) -> np.random.Generator
     return np.random.default_rng(np.random.SeedSequence([config.seed, 1, index], spawn_key=key))
 
 
+def _normalize_into(
+    outs: tuple[np.ndarray, ...],
+    images: tuple[np.ndarray, ...],
+    stats: NormStats,
+    pool: ThreadPoolExecutor | None,
+) -> None:
+    """``outs[k] = normalize(images[k], stats)``, band by band (in place where they are the same)."""
+
+    def work(_: int, rows: slice) -> None:
+        for out, image in zip(outs, images, strict=True):
+            out[rows] = normalize(image[rows], stats)
+
+    _in_bands(pool, outs[0].shape[0], work)
+
+
 def _prepare_frame(
     image: np.ndarray,
     partner: np.ndarray | None,
@@ -153,12 +168,7 @@ def _prepare_frame(
     if config.targets == "pairs":
         assert partner is not None
         stats = norm_stats(image, config.normalization)
-
-        def normalize_pair(_: int, rows: slice) -> None:
-            inp[rows] = normalize(image[rows], stats)
-            tgt[rows] = normalize(partner[rows], stats)
-
-        _in_bands(pool, image.shape[0], normalize_pair)
+        _normalize_into((inp, tgt), (image, partner), stats, pool)
         return inp, tgt, stats, None
 
     index, frame = key
@@ -176,12 +186,7 @@ def _prepare_frame(
 
     _in_bands(pool, image.shape[0], draw)
     stats = norm_stats(inp, config.normalization)
-
-    def normalize_both(_: int, rows: slice) -> None:
-        inp[rows] = normalize(inp[rows], stats)
-        tgt[rows] = normalize(tgt[rows], stats)
-
-    _in_bands(pool, image.shape[0], normalize_both)
+    _normalize_into((inp, tgt), (inp, tgt), stats, pool)
     return inp, tgt, stats, dose
 
 
