@@ -97,7 +97,8 @@ class StreamingLoader:
     ``indices`` (None = the whole split) are taken as a set. ``targets`` is None when the split
     has none. Memory is ``buffers x batch bytes``
     (see :attr:`memory_bytes`); buffers are pinned when ``pin_memory`` and CUDA is available.
-    The yielded tensors are views of a reused buffer, valid until the next batch is requested:
+    The yielded tensors are views of a reused buffer, valid until the next batch is requested
+    (buffers pass from one epoch to the next):
     copy them (``.to(device, non_blocking=True)`` on the current CUDA stream is safe: a CUDA
     event makes the loader wait for the copy before refilling) or ``.clone()`` them to keep them.
     Call :meth:`set_epoch` before each epoch (as with DistributedSampler); leaving a loop early

@@ -328,6 +328,7 @@ class StoreWriter:
 
     def append(self, split: str, inputs: np.ndarray, targets: np.ndarray) -> None:
         """Append patches ``inputs``/``targets`` (each [n, H, W]) to ``split``."""
+        self._check(inputs, targets)
         self.write_at(split, self.reserve(split, len(inputs)), inputs, targets)
 
     def reserve(self, split: str, n: int) -> int:
@@ -339,11 +340,7 @@ class StoreWriter:
     def write_at(self, split: str, start: int, inputs: np.ndarray, targets: np.ndarray) -> None:
         """Write patches ``inputs``/``targets`` (each [n, H, W]) to reserved slots ``start``... of
         ``split``; safe to call from several threads at once."""
-        if inputs.shape != targets.shape or inputs.shape[1:] != self.patch:
-            raise ValueError(
-                f"expected inputs and targets [n, {self.patch[0]}, {self.patch[1]}], "
-                f"got {inputs.shape} and {targets.shape}"
-            )
+        self._check(inputs, targets)
         if not 0 <= start <= start + inputs.shape[0] <= self.counts[split]:
             raise ValueError(f"slots {start}..{start + inputs.shape[0] - 1} of {split!r} were not reserved")
         offset = start * self.patch[0] * self.patch[1] * _DTYPE.itemsize
@@ -358,6 +355,13 @@ class StoreWriter:
                     done += written
         except OSError as err:
             raise OutputError(f"{self.path}: cannot write patches ({err.strerror or err})") from err
+
+    def _check(self, inputs: np.ndarray, targets: np.ndarray) -> None:
+        if inputs.shape != targets.shape or inputs.shape[1:] != self.patch:
+            raise ValueError(
+                f"expected inputs and targets [n, {self.patch[0]}, {self.patch[1]}], "
+                f"got {inputs.shape} and {targets.shape}"
+            )
 
     def finish(self, **fields: Any) -> PatchStore:
         """Flush and sync the data, write the manifest (with ``fields`` added), return the store."""

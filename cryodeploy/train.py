@@ -125,10 +125,13 @@ def train(store_path: str | os.PathLike[str], rundir: str | os.PathLike[str], co
     after every optimizer step; returning True stops like Ctrl-C does (save a resumable state)
     and the result says ``interrupted``. Ctrl-C saves the same state, then raises KeyboardInterrupt.
     """
+    import torch
+
     from .distributed import setup_distributed
     from .trainer import Trainer
 
     ctx = setup_distributed(config.device)
+    benchmark = torch.backends.cudnn.benchmark  # the trainer turns it on for CUDA; restored after
     try:
         out = Path(rundir)
         run = Trainer(Path(store_path), out, config, ctx)
@@ -142,4 +145,5 @@ def train(store_path: str | os.PathLike[str], rundir: str | os.PathLike[str], co
             raise KeyboardInterrupt
         return result
     finally:
+        torch.backends.cudnn.benchmark = benchmark
         ctx.close()

@@ -67,7 +67,7 @@ def _default_workers() -> int:
     type=click.IntRange(min=0),
     default=_default_workers,
     show_default="min(16, cores)",
-    help="Threads drawing noise and normalizing (memory does not grow with it; 0 = none).",
+    help="Threads drawing noise, normalizing and writing (each adds only small temporaries; 0 = none).",
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing store.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
