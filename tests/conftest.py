@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -61,3 +64,29 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"{SHARED_DATA} not present")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def cnn3_onnx(cnn3_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``cnn3_checkpoint`` exported to ONNX (read-only for the tests that share it)."""
+    from cryodeploy.export.onnx import export_onnx
+
+    return export_onnx(cnn3_checkpoint, tmp_path_factory.mktemp("onnx") / "cnn3.onnx")
+
+
+@pytest.fixture(scope="session")
+def unet_onnx(unet_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``unet_checkpoint`` exported to ONNX."""
+    from cryodeploy.export.onnx import export_onnx
+
+    return export_onnx(unet_checkpoint, tmp_path_factory.mktemp("onnx") / "unet.onnx")
+
+
+def load_plugin(path: Path, name: str) -> ModuleType:
+    """Import a plugin script (not a package module) from its file, as ``name``."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

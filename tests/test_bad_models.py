@@ -40,13 +40,6 @@ def micrograph(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def onnx_file(cnn3_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from cryodeploy.export.onnx import export_onnx
-
-    return export_onnx(cnn3_checkpoint, tmp_path_factory.mktemp("onnx") / "cnn3.onnx")
-
-
-@pytest.fixture(scope="module")
 def raw_folder(cnn3_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     from cryodeploy.rawweights import export_raw
 
@@ -240,8 +233,8 @@ def test_real_process_truncated_checkpoint_prints_one_line(
 
 
 @pytest.mark.parametrize("cut", ["10", "100", "half", "last-byte"])
-def test_truncated_onnx(tmp_path: Path, onnx_file: Path, micrograph: Path, cut: str) -> None:
-    data = onnx_file.read_bytes()
+def test_truncated_onnx(tmp_path: Path, cnn3_onnx: Path, micrograph: Path, cut: str) -> None:
+    data = cnn3_onnx.read_bytes()
     size = {"half": len(data) // 2, "last-byte": len(data) - 1}.get(cut) or int(cut)
     model = tmp_path / "cut.onnx"
     model.write_bytes(data[:size])
@@ -280,11 +273,11 @@ def _edit_metadata(src: Path, dst: Path, spec: str | None) -> Path:
     return dst
 
 
-def test_onnx_without_cryodeploy_metadata(tmp_path: Path, onnx_file: Path, micrograph: Path) -> None:
+def test_onnx_without_cryodeploy_metadata(tmp_path: Path, cnn3_onnx: Path, micrograph: Path) -> None:
     import onnx
     from onnx import TensorProto, helper
 
-    stripped = _edit_metadata(onnx_file, tmp_path / "stripped.onnx", None)
+    stripped = _edit_metadata(cnn3_onnx, tmp_path / "stripped.onnx", None)
     _assert_error(
         _denoise(micrograph, stripped, tmp_path / "out", AUTO_CPU),
         tmp_path / "out",
@@ -308,9 +301,9 @@ def test_onnx_without_cryodeploy_metadata(tmp_path: Path, onnx_file: Path, micro
 
 
 def test_onnx_with_broken_metadata_or_the_wrong_backend(
-    tmp_path: Path, onnx_file: Path, micrograph: Path
+    tmp_path: Path, cnn3_onnx: Path, micrograph: Path
 ) -> None:
-    broken = _edit_metadata(onnx_file, tmp_path / "broken.onnx", "{not json")
+    broken = _edit_metadata(cnn3_onnx, tmp_path / "broken.onnx", "{not json")
     _assert_error(
         _denoise(micrograph, broken, tmp_path / "out", AUTO_CPU),
         tmp_path / "out",
@@ -318,7 +311,7 @@ def test_onnx_with_broken_metadata_or_the_wrong_backend(
         ": invalid 'model_spec' metadata (Expecting property name",
     )
     other = _edit_metadata(
-        onnx_file, tmp_path / "other.onnx", json.dumps({"format": "x", "architecture": "cnn3"})
+        cnn3_onnx, tmp_path / "other.onnx", json.dumps({"format": "x", "architecture": "cnn3"})
     )
     _assert_error(
         _denoise(micrograph, other, tmp_path / "out", AUTO_CPU),
@@ -327,9 +320,9 @@ def test_onnx_with_broken_metadata_or_the_wrong_backend(
         ": invalid 'model_spec' metadata (model config format 'x'",
     )
     _assert_error(
-        _denoise(micrograph, onnx_file, tmp_path / "out", CPU),
+        _denoise(micrograph, cnn3_onnx, tmp_path / "out", CPU),
         tmp_path / "out",
-        onnx_file,
+        cnn3_onnx,
         "cannot be run by PyTorch; use a checkpoint",
     )
 
@@ -351,7 +344,7 @@ def _graph_with_metadata(src: Path, dst: Path, node: str, names: tuple[str, str]
     return dst
 
 
-def test_onnx_graph_that_contradicts_its_metadata(tmp_path: Path, onnx_file: Path, micrograph: Path) -> None:
+def test_onnx_graph_that_contradicts_its_metadata(tmp_path: Path, cnn3_onnx: Path, micrograph: Path) -> None:
     """Valid metadata on a foreign graph loads, then fails every file on its first batch: one line per
     file naming the model's problem, exit 1, no output."""
     cases = {
@@ -363,7 +356,7 @@ def test_onnx_graph_that_contradicts_its_metadata(tmp_path: Path, onnx_file: Pat
     }
     for name, ((node, names), needle) in cases.items():
         attrs = {"kernel_shape": [2, 2], "strides": [2, 2]} if node == "MaxPool" else {}
-        model = _graph_with_metadata(onnx_file, tmp_path / name, node, names, **attrs)
+        model = _graph_with_metadata(cnn3_onnx, tmp_path / name, node, names, **attrs)
         outdir = tmp_path / f"out-{name}"
         result = _denoise(
             micrograph, model, outdir, ("--backend", "ort", "--device", "cpu", "--batch", "2", "-q")

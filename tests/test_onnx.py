@@ -27,16 +27,6 @@ from cryodeploy.export.onnx import (
 from cryodeploy.source import load_source
 
 
-@pytest.fixture(scope="module")
-def cnn3_onnx(cnn3_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return export_onnx(cnn3_checkpoint, tmp_path_factory.mktemp("onnx") / "cnn3.onnx")
-
-
-@pytest.fixture(scope="module")
-def unet_onnx(unet_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return export_onnx(unet_checkpoint, tmp_path_factory.mktemp("onnx") / "unet.onnx")
-
-
 def _dims(value_info: onnx.ValueInfoProto) -> list[str | int]:
     return [d.dim_param or d.dim_value for d in value_info.type.tensor_type.shape.dim]
 

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import mrcfile
 import numpy as np
 import pytest
+from conftest import load_plugin
 
 from cryodeploy.errors import InputError
 from cryodeploy.synth import SynthConfig, synth_micrographs
@@ -23,12 +22,7 @@ PLUGIN = Path(__file__).resolve().parents[1] / "plugins" / "cryosparc" / "cryode
 
 @pytest.fixture(scope="module")
 def plugin() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("cryodeploy_cryosparc", PLUGIN)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["cryodeploy_cryosparc"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_plugin(PLUGIN, "cryodeploy_cryosparc")
 
 
 @pytest.fixture(scope="module")

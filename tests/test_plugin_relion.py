@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -15,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import starfile
+from conftest import load_plugin
 
 from cryodeploy.synth import SynthConfig, synth_micrographs
 
@@ -24,12 +24,7 @@ JOB = "External/job001/"
 
 @pytest.fixture(scope="module")
 def relion() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("cryodeploy_relion", PLUGIN)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["cryodeploy_relion"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_plugin(PLUGIN, "cryodeploy_relion")
 
 
 def _write_star(blocks: dict[str, pd.DataFrame], path: Path, version: int | None) -> None:
