@@ -12,9 +12,10 @@ DDP averages the gradients: K processes with global batch B follow one process w
 up to float rounding. Validation shares are disjoint and their sums all-reduced.
 
 Speed: bf16/fp16 autocast (fp16 with a grad scaler), channels_last, cuDNN's benchmarked
-algorithms and fused optimizers on CUDA, the loader's reader threads and non-blocking copies
-from pinned buffers overlap loading with compute, and the loss is accumulated on the device and
-read only at log points (and when the resume state is saved).
+algorithms (set by :func:`~cryodeploy.train.train`) and fused optimizers on CUDA, the loader's
+reader threads and non-blocking copies from pinned buffers overlap loading with compute, and
+the loss is accumulated on the device and read only at log points (and when the resume state
+is saved).
 """
 
 from __future__ import annotations
@@ -118,8 +119,6 @@ class Trainer:
                               f"minimum for {config.model} with --method {config.method}")
         self._loaders()
         cuda = self.dev.type == "cuda"
-        if cuda:  # fixed shapes: let cuDNN time its algorithms once (fp16 on an H100: 1.3x the heuristic's)
-            torch.backends.cudnn.benchmark = True
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
             self.net = build_model(self.spec).to(self.dev)
