@@ -33,12 +33,13 @@ import torch
 from cryodeploy.backends import Backend, BackendOptions, availability, create_backend
 from cryodeploy.bench import IdentityBackend, device_label, median_wall_ms
 from cryodeploy.checkpoint import save_checkpoint
+from cryodeploy.contract import pad_to_stride
 from cryodeploy.models import ModelSpec, build_model
+from cryodeploy.models.source import ModelSource
 from cryodeploy.mrc import read_header, read_micrograph, write_micrograph
 from cryodeploy.normalize import norm_stats, normalize
 from cryodeploy.runner import RunConfig, RunSummary, denoise_files
-from cryodeploy.source import ModelSource, load_source
-from cryodeploy.tiling import pad_to_stride
+from cryodeploy.source import load_source
 
 
 def make_inputs(folder: Path, count: int, size: int, seed: int = 0) -> list[Path]:

@@ -41,9 +41,10 @@ import torch
 
 from cryodeploy.backends import BackendOptions, availability, create_backend
 from cryodeploy.bench import device_label, median_wall_ms
-from cryodeploy.checkpoint import file_sha256, save_checkpoint
+from cryodeploy.checkpoint import save_checkpoint
+from cryodeploy.files import file_sha256
 from cryodeploy.models import ModelSpec, build_model
-from cryodeploy.source import ModelSource
+from cryodeploy.models.source import ModelSource
 
 #: (label, precision, tf32, extra) of the ORT variants on CUDA; the first is cryodeploy's default
 CUDA_VARIANTS: list[tuple[str, str, bool, dict[str, Any]]] = [

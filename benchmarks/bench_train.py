@@ -38,7 +38,8 @@ from cryodeploy.normalize import NormSpec, norm_stats, normalize
 from cryodeploy.patches import StoreWriter, data_file_name
 from cryodeploy.runfiles import read_metrics
 from cryodeploy.synth import SynthConfig, render_clean
-from cryodeploy.train import TrainConfig, train
+from cryodeploy.train import train
+from cryodeploy.trainconfig import TrainConfig
 
 
 def make_store(path: Path, patches: int, size: int, seed: int = 0) -> Path:

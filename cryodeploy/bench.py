@@ -17,10 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from .backends import availability, create_backend
+from .backends import BenchVariant, availability, bench_variants, create_backend
 from .backends.base import Backend, BackendOptions
 from .errors import CryoDeployError
-from .source import ModelSource
+from .models.source import ModelSource
 
 __all__ = [
     "VARIANTS",
@@ -37,30 +37,8 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
-class BenchVariant:
-    """One way of running the model: backend, precision and backend-specific options."""
-
-    label: str
-    backend: str
-    precision: str
-    extra: tuple[tuple[str, Any], ...] = ()
-
-
-#: Every variant the bench knows; unavailable ones are reported with the reason.
-VARIANTS: tuple[BenchVariant, ...] = (
-    BenchVariant("eager fp32", "torch", "fp32"),
-    BenchVariant("eager fp16 + channels_last", "torch", "fp16"),
-    BenchVariant("eager bf16 + channels_last", "torch", "bf16"),
-    BenchVariant("CUDA graphs fp16", "torch", "fp16", (("cuda_graphs", True),)),
-    BenchVariant("torch.compile fp16", "torch", "fp16", (("compile", True),)),
-    BenchVariant("ONNX Runtime fp32", "ort", "fp32"),
-    BenchVariant("ONNX Runtime fp16", "ort", "fp16"),
-    BenchVariant("TensorRT fp32", "trt", "fp32"),
-    BenchVariant("TensorRT fp16", "trt", "fp16"),
-    BenchVariant("fused Triton fp16", "fused", "fp16"),
-    BenchVariant("fused Triton bf16", "fused", "bf16"),
-)
+#: Every variant the bench knows (each backend declares its own); unavailable ones are reported.
+VARIANTS: tuple[BenchVariant, ...] = bench_variants()
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,6 @@ the ``.safetensors`` file, the ``.json`` file, or a training run folder (meaning
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -19,16 +18,7 @@ from .models import ModelSpec, build_model
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["file_sha256", "load_checkpoint", "resolve_checkpoint", "save_checkpoint"]
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+__all__ = ["load_checkpoint", "resolve_checkpoint", "save_checkpoint"]
 
 
 def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
@@ -54,7 +44,7 @@ def save_checkpoint(path: str | os.PathLike[str], model: torch.nn.Module, spec: 
     """Write ``path`` (.safetensors) and its ``.json`` config atomically; returns the weights path."""
     from safetensors.torch import save
 
-    from .mrc import atomic_write
+    from .files import atomic_write
 
     weights = Path(path).with_suffix(".safetensors")
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}

@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 
 from .errors import OutputError
-from .mrc import TEMP_PREFIX
+from .files import TEMP_PREFIX
 
 __all__ = ["CLAIM_PREFIX", "Claim", "claim_owner", "clean_leftovers", "try_claim"]
 

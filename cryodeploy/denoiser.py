@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import BackendUnavailable, ConfigError, ModelError
+from .errors import ConfigError
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -24,20 +24,9 @@ if TYPE_CHECKING:
     from .backends import Backend
     from .jobs import RunConfig, RunSummary
     from .models import ModelSpec
-    from .source import ModelSource
+    from .models.source import ModelSource
 
-__all__ = ["BACKEND_PREFERENCE", "Denoiser", "resolve_device"]
-
-#: ``backend="auto"``: the first of these that is registered, available and can load the model.
-#: CPU: ONNX Runtime (issue 6: CNN3 2048^2, 2 threads: ORT 203 ms, torch channels_last 627 ms).
-#: CUDA: the fused Triton kernel where it applies (CNN3 at fp16/bf16: 2.3 ms vs 4.8 ms for eager
-#: fp16 at 4096^2 on an H200, docs/benchmarks.md), then torch (no build step) for checkpoints;
-#: TensorRT, then ONNX Runtime for ONNX files and engines.
-BACKEND_PREFERENCE: dict[str, tuple[str, ...]] = {
-    "cpu": ("ort", "torch"),
-    "cuda": ("fused", "torch", "trt", "ort"),
-}
-
+__all__ = ["Denoiser", "resolve_device"]
 
 def resolve_device(device: str = "auto", environ: dict[str, str] | None = None) -> str:
     """``auto``: ``cuda`` if torch sees a GPU, else ``cpu``; ``cuda`` under torchrun: ``cuda:LOCAL_RANK``."""
@@ -49,24 +38,6 @@ def resolve_device(device: str = "auto", environ: dict[str, str] | None = None) 
     if device == "cuda" and "LOCAL_RANK" in env:
         device = f"cuda:{int(env['LOCAL_RANK'])}"
     return device
-
-
-def _auto_backend(source: ModelSource, options: Any) -> Backend:
-    """The first backend of :data:`BACKEND_PREFERENCE` for the device that can run ``source``."""
-    from .backends import BACKENDS, create_backend
-
-    reasons = []
-    for name in BACKEND_PREFERENCE[options.device.split(":")[0]]:
-        if name not in BACKENDS:
-            continue
-        try:
-            return create_backend(name, source, options)
-        except (BackendUnavailable, ModelError) as err:
-            reasons.append(str(err))
-    raise BackendUnavailable(
-        f"{source.path}: no backend can run it on {options.device} "
-        f"({'; '.join(reasons) or 'none registered'})"
-    )
 
 
 def _run_config(config: RunConfig | None, options: dict[str, Any]) -> RunConfig:
@@ -99,10 +70,10 @@ class Denoiser:
         """Load ``model`` (``"default"``, a checkpoint/run folder, raw weights, ``.onnx`` or an engine).
 
         ``device``: ``auto``/``cpu``/``cuda``/``cuda:N``; ``backend``: ``auto`` (see
-        :data:`BACKEND_PREFERENCE`) or a registered name; ``options`` go to the backend
+        :data:`~cryodeploy.backends.BACKEND_PREFERENCE`) or a registered name; ``options`` go to the backend
         (e.g. ``cuda_graphs=True`` for torch).
         """
-        from .backends import BackendOptions
+        from .backends import BackendOptions, create_auto, create_backend
         from .source import load_source
 
         source = load_source(model)
@@ -111,9 +82,7 @@ class Denoiser:
             extra=tuple(sorted(options.items())),
         )
         if backend == "auto":
-            return cls(source, _auto_backend(source, opts))
-        from .backends import create_backend
-
+            return cls(source, create_auto(source, opts))
         return cls(source, create_backend(backend, source, opts))
 
     @property

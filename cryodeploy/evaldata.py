@@ -244,14 +244,11 @@ def _model_method(name: str, model: str, config: EvalConfig, normalized: bool, s
     if not normalized:
         return Method(name, lambda x: np.asarray(d(x), dtype=np.float32),
                       label=f"Denoiser on {d.backend.label}")
-    from .tiling import pad_to_stride
-
-    stride = d.spec.stride
+    contract = d.spec.contract
 
     def forward(x: np.ndarray) -> np.ndarray:
-        h, w = x.shape
-        xp = pad_to_stride(x, stride)
-        return d.backend.run(np.ascontiguousarray(xp, dtype=np.float32)[None, None])[0, 0, :h, :w]
+        xp = contract.pad(np.ascontiguousarray(x, dtype=np.float32))
+        return contract.crop(d.backend.run(xp[None, None])[0, 0], x.shape)
 
     return Method(name, forward, label=f"{d.backend.label} forward pass on normalized patches")
 

@@ -40,16 +40,15 @@ from .evaldata import (
     check_outputs,
     model_info,
 )
+from .redflags import red_flags
 from .report import Figures, pick_crop, write_report
 
-__all__ = ["EvalConfig", "HalvesData", "Method", "PairsData", "StoreData", "evaluate", "red_flags"]
+__all__ = ["EvalConfig", "HalvesData", "Method", "PairsData", "StoreData", "evaluate"]
 
 log = logging.getLogger(__name__)
 
 #: Metrics reported per item and averaged at the top of each method.
 METRICS = ("psnr", "ssim", "mse", "rmse", "corr", "mean_shift", "std_ratio", "flat_noise")
-#: An output whose std is below this fraction of the target's (or input's) std is flagged as constant.
-CONSTANT_STD_RATIO = 0.01
 DATA_RANGE_NOTE = "PSNR and SSIM use each item's clean image range, max(clean) - min(clean)"
 
 
@@ -64,37 +63,6 @@ def item_metrics(pred: np.ndarray, clean: np.ndarray, mask: np.ndarray | None) -
         "std_ratio": float(np.std(pred, dtype=np.float64)) / sd,
         "flat_noise": M.flat_noise(pred, mask) if mask is not None else None,
     }
-
-
-def red_flags(methods: dict[str, dict[str, Any]], tolerance: float) -> list[dict[str, str]]:
-    """Problems the seeds learned to look for, checked for every method but the baselines:
-    negative correlation, PSNR below identity or the Gaussian baseline, mean shift > ``tolerance``
-    (in units of the target's standard deviation), and a (nearly) constant output."""
-    flags: list[dict[str, str]] = []
-
-    def flag(name: str, check: str, text: str) -> None:
-        flags.append({"method": name, "check": check, "message": f"{name}: {text}"})
-
-    for name, m in methods.items():
-        if name in ("identity", "gaussian"):
-            continue
-        items = m.get("per_item", [])
-        negative = sum(1 for r in items if r.get("corr") is not None and r["corr"] < 0)
-        if (m.get("corr") is not None and m["corr"] < 0) or negative:
-            flag(name, "negative_correlation", f"negative correlation with the target (mean {m['corr']:.3f}; "
-                 f"{negative} of {len(items)} items)")
-        for base in ("identity", "gaussian"):
-            if base in methods and m.get("psnr") is not None and m["psnr"] < methods[base]["psnr"]:
-                flag(name, f"worse_than_{base}",
-                     f"PSNR {m['psnr']:.2f} dB is below the {base} baseline ({methods[base]['psnr']:.2f} dB)")
-        if m.get("std_ratio") is not None and m["std_ratio"] < CONSTANT_STD_RATIO:
-            flag(name, "constant_output",
-                 f"output is nearly constant (std {m['std_ratio']:.2g} x std(target))")
-        shifts = [abs(r["mean_shift"]) for r in items if r.get("mean_shift") is not None]
-        if shifts and float(np.mean(shifts)) > tolerance:
-            flag(name, "mean_shift", f"mean |mean(pred) - mean(target)| is {np.mean(shifts):.3f} x "
-                 f"std(target), above the tolerance {tolerance:g}")
-    return flags
 
 
 def _evaluate_paired(source: PairedSource, methods: list[Method],

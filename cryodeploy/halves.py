@@ -32,11 +32,12 @@ from .evaldata import (
     read_frame,
     voxel_size,
 )
+from .redflags import halves_red_flags
 
 if TYPE_CHECKING:
     from .report import Figures
 
-__all__ = ["evaluate_halves", "halves_red_flags"]
+__all__ = ["evaluate_halves"]
 
 FRC_NOTE = ("halves are the two diagonals of each 2x2 block (twice the pixel size), denoised separately; "
             "FRC shows agreement between halves, not truth")
@@ -45,8 +46,6 @@ HALVES_METRICS = ("corr_input", "mean_shift", "std_ratio", "flat_noise", "flat_n
                   "frc_0.5", "frc_0.143")
 #: Raw halves whose FRC averages above this over the top 10% of rings have correlated pixel noise.
 CORRELATED_NOISE_FRC = 0.143
-#: A denoised-halves FRC 0.143 crossing coarser than this many times the raw one is flagged.
-FRC_LOSS_TOLERANCE = 1.25
 
 
 def _micrographs(data: HalvesData) -> list[tuple[Path, int]]:
@@ -111,36 +110,6 @@ def _half_pairs(data: HalvesData, models: list[Method], limit: int | None) -> di
     return {"folders": [str(p) for p in data.half_pairs], "n_items": len(pairs), "per_item": per_item,
             "crossings": {k: _crossings(freq, c) for k, c in mean.items()},
             "frc": {"unit": unit, "freq": freq.tolist(), "curves": {k: v.tolist() for k, v in mean.items()}}}
-
-
-def halves_red_flags(methods: dict[str, dict[str, Any]], tolerance: float) -> list[dict[str, str]]:
-    """Red flags without a target: negative correlation with the input, a (nearly) constant output,
-    mean shift beyond ``tolerance`` x std(input), and denoised-halves FRC 0.143 much coarser than
-    the raw halves'."""
-    from .evaluate import CONSTANT_STD_RATIO
-
-    flags = []
-    raw = methods["identity"].get("frc_0.143")
-    for name, m in methods.items():
-        if name == "identity":
-            continue
-        if m.get("corr_input") is not None and m["corr_input"] < 0:
-            flags.append({"method": name, "check": "negative_correlation",
-                          "message": f"{name}: negative correlation with the input ({m['corr_input']:.3f})"})
-        if m.get("std_ratio") is not None and m["std_ratio"] < CONSTANT_STD_RATIO:
-            flags.append({"method": name, "check": "constant_output",
-                          "message": f"{name}: output is nearly constant "
-                                     f"(std {m['std_ratio']:.2g} x std(input))"})
-        if m.get("mean_shift") is not None and abs(m["mean_shift"]) > tolerance:
-            flags.append({"method": name, "check": "mean_shift",
-                          "message": f"{name}: mean shifted by {m['mean_shift']:+.3f} x std(input), "
-                                     f"beyond the tolerance {tolerance:g}"})
-        res = m.get("frc_0.143")
-        if raw is not None and res is not None and res > FRC_LOSS_TOLERANCE * raw:
-            flags.append({"method": name, "check": "frc_loss",
-                          "message": f"{name}: denoised halves agree only to {res:.2f} at FRC 0.143, "
-                                     f"raw halves to {raw:.2f} (more than {FRC_LOSS_TOLERANCE}x coarser)"})
-    return flags
 
 
 def _score(item: Item, methods: list[Method], curves: Curves) -> tuple[dict[str, Any], dict[str, np.ndarray]]:

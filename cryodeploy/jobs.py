@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from .claims import CLAIM_PREFIX
 from .errors import ConfigError, OutputError
-from .mrc import TEMP_PREFIX
+from .files import TEMP_PREFIX
 
 __all__ = [
     "FileResult",
@@ -253,7 +253,7 @@ class RunSummary:
     def write(self, path: str | os.PathLike[str]) -> Path:
         """Write the summary JSON atomically (under a claim, so a concurrent cleanup leaves it alone)."""
         from .claims import try_claim
-        from .mrc import atomic_write
+        from .files import atomic_write
 
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -7,10 +7,7 @@ one-line :class:`~cryodeploy.errors.InputError` naming the file.
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import os
-import secrets
 import stat
 import struct
 import warnings
@@ -21,14 +18,13 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError, OutputError, first_line
+from .files import atomic_write
 
 __all__ = [
     "MIN_SIZE",
     "SUPPORTED_MODES",
-    "TEMP_PREFIX",
     "Micrograph",
     "MicrographHeader",
-    "atomic_write",
     "read_header",
     "read_micrograph",
     "validate_array",
@@ -39,8 +35,6 @@ __all__ = [
 SUPPORTED_MODES = {0: "int8", 1: "int16", 2: "float32", 6: "uint16", 12: "float16"}
 #: Smallest accepted image side in pixels (a model with a larger receptive field asks for more).
 MIN_SIZE = 32
-#: Temporary files of atomic writes start with this, so a crashed run's leftovers are recognisable.
-TEMP_PREFIX = ".cryodeploy-tmp-"
 
 
 @dataclass(frozen=True)
@@ -248,50 +242,6 @@ def read_micrograph(path: str | os.PathLike[str], min_size: int = MIN_SIZE) -> M
         raise _open_error(p, err) from err
     validate_array(data, p, min_size)
     return Micrograph(path=p, data=np.ascontiguousarray(data), header=header)
-
-
-def _temp_path(target: Path) -> Path:
-    """Create a new empty file beside ``target`` with the usual permissions (0666 less the umask)."""
-    for _ in range(100):
-        tmp = target.parent / f"{TEMP_PREFIX}{target.name}.{secrets.token_hex(6)}"
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        except FileExistsError:
-            continue
-        os.close(fd)
-        return tmp
-    raise FileExistsError(errno.EEXIST, "no unused temporary file name", str(target.parent))
-
-
-@contextlib.contextmanager
-def atomic_write(
-    target: str | os.PathLike[str], protect: tuple[str | os.PathLike[str], ...] = ()
-) -> Iterator[Path]:
-    """Yield a temp path beside ``target``; on success it is fsynced and renamed onto ``target``.
-
-    On any exception the temp file is removed and ``target`` is untouched. ``protect`` lists
-    files (the inputs) that must never be replaced.
-    """
-    t = Path(target)
-    for src in map(Path, protect):
-        same = t.exists() and src.exists() and os.path.samefile(t, src)
-        if same or t.resolve() == src.resolve():
-            raise OutputError(f"{t}: refusing to overwrite an input file")
-    try:
-        tmp = _temp_path(t)
-    except OSError as err:
-        raise OutputError(f"{t}: cannot write ({err.strerror or err})") from err
-    try:
-        yield tmp
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, t)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise OutputError(f"{t}: cannot write ({err.strerror or err})") from err
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 _OUT_DTYPES = {"float32": np.float32, "float16": np.float16}

@@ -36,13 +36,13 @@ import numpy as np
 from .backends import BACKENDS, PRECISIONS, BackendOptions, create_backend
 from .errors import BackendUnavailable, ConfigError, CryoDeployError, ModelError
 from .mrc import read_micrograph
-from .normalize import NormStats, norm_stats, normalize
-from .tiling import pad_to_stride
+from .normalize import NormStats, norm_stats
 
 if TYPE_CHECKING:
     import torch
 
-    from .source import ModelSource
+    from .contract import FrameContract
+    from .models.source import ModelSource
 
 __all__ = [
     "PairResult", "ParityConfig", "ParityReport", "VariantResult", "compare_arrays", "render", "run_parity",
@@ -151,7 +151,7 @@ class ParityReport:
 
     def write_json(self, path: str | os.PathLike[str]) -> Path:
         """Write :meth:`to_dict` atomically."""
-        from .mrc import atomic_write
+        from .files import atomic_write
 
         with atomic_write(path) as tmp:
             tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
@@ -231,16 +231,17 @@ def _reference_module(source: ModelSource, config: ParityConfig) -> tuple[torch.
 
 
 def _reference(
-    module: torch.nn.Module, frames: np.ndarray, stats: list[NormStats], stride: int
+    module: torch.nn.Module, frames: np.ndarray, stats: list[NormStats], contract: FrameContract
 ) -> np.ndarray:
+    """The float64 whole-frame forward of each frame, in normalized units."""
     import torch
 
     out = np.empty(frames.shape, np.float64)
     for i, (frame, s) in enumerate(zip(frames, stats, strict=True)):
-        image = pad_to_stride(normalize(frame, s), stride)
+        p = contract.prepare(frame, s)
         with torch.inference_mode():
-            y = module(torch.from_numpy(image.astype(np.float64))[None, None])[0, 0].numpy()
-        out[i] = y[: frame.shape[0], : frame.shape[1]]
+            y = module(torch.from_numpy(p.image.astype(np.float64))[None, None])[0, 0].numpy()
+        out[i] = contract.crop(y, p.shape)
     return out
 
 
@@ -276,7 +277,7 @@ def _measure(
         stats = [norm_stats(f, source.spec.normalization) for f in frames]
         out = {v.label: _frames(read_micrograph(v.outputs[str(path)]).data) for v in done}
         if module is not None:
-            out[REFERENCE] = _reference(module, frames, stats, source.spec.stride)
+            out[REFERENCE] = _reference(module, frames, stats, source.spec.contract)
         for p in pairs:
             max_abs, rel, pair_psnr = compare_arrays(out[p.a], out[p.b])
             p.max_abs, p.rel, p.psnr = max(p.max_abs, max_abs), max(p.rel, rel), min(p.psnr, pair_psnr)

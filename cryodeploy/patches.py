@@ -30,7 +30,7 @@ import numpy as np
 
 from ._version import __version__
 from .errors import OutputError, StoreError
-from .mrc import atomic_write
+from .files import atomic_write
 
 __all__ = [
     "FORMAT",

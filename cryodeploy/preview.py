@@ -29,7 +29,7 @@ def write_preview(path: str | os.PathLike[str], before: np.ndarray, after: np.nd
     """Write ``before | after`` side by side (8-bit grey PNG) atomically to ``path``."""
     from PIL import Image  # a matplotlib dependency
 
-    from .mrc import atomic_write
+    from .files import atomic_write
 
     a, b = _contrast(downsample(before)), _contrast(downsample(after))
     gap = np.ones((a.shape[0], max(2, a.shape[1] // 64)), np.float32)

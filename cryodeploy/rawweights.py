@@ -86,8 +86,8 @@ def _file_entry(path: Path, array: np.ndarray, layout: str) -> dict[str, Any]:
 
 def export_raw(checkpoint: str | os.PathLike[str], outdir: str | os.PathLike[str]) -> Path:
     """Write a checkpoint's conv weights/biases as raw files + ``layers.json`` into ``outdir``; returns it."""
-    from .checkpoint import file_sha256, load_checkpoint, resolve_checkpoint
-    from .mrc import atomic_write
+    from .checkpoint import load_checkpoint, resolve_checkpoint
+    from .files import atomic_write, file_sha256
 
     model, spec = load_checkpoint(checkpoint)
     out = Path(outdir)

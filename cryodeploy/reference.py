@@ -88,7 +88,7 @@ def make_reference(checkpoint: str | os.PathLike[str], outdir: str | os.PathLike
     """Write a reference bundle for ``checkpoint`` (a fixed ``batch`` x ``size``² batch from ``seed``)."""
     from ._version import __version__
     from .checkpoint import load_checkpoint
-    from .mrc import atomic_write
+    from .files import atomic_write
     from .rawweights import export_raw, write_raw_array
 
     model, spec = load_checkpoint(checkpoint)
@@ -195,6 +195,7 @@ def check_reference(folder: str | os.PathLike[str], backend: str = "torch",
     The torch backend recomputes output, loss and gradients; other backends run the forward
     pass only (gradients are reported as skipped).
     """
+    from .backends import BACKENDS
     from .rawweights import load_raw
 
     d = Path(folder)
@@ -203,7 +204,8 @@ def check_reference(folder: str | os.PathLike[str], backend: str = "torch",
     expected = {name: _read_array(d, name, entry) for name, entry in arrays.items()}
     x, t = expected["input"], expected["target"]
     weights = d / manifest.get("weights", "weights")
-    if backend == "torch":
+    spec = BACKENDS.get(backend)
+    if spec is not None and spec.gradients:
         computed = _forward_backward(load_raw(weights)[0], x, t, device)
     else:
         out = _backend_forward(weights, backend, device, x)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
-from .mrc import atomic_write
+from .files import atomic_write
 
 __all__ = ["METRICS", "PLOT", "STATE", "STATE_FORMAT", "append_metrics", "check_resumable", "load_state",
            "plot_losses", "read_metrics", "refuse_existing_run", "save_state", "truncate_metrics"]

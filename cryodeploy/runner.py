@@ -57,15 +57,15 @@ from .jobs import (
     resolve_shard,
 )
 from .mrc import MIN_SIZE, read_micrograph, validate_array, write_micrograph
-from .normalize import denormalize, norm_stats, normalize
 from .progress import ProgressTask, progress
-from .tiling import TilePlan, pad_to_stride
+from .tiling import TilePlan
 
 if TYPE_CHECKING:
     import os
 
     from .backends import Backend
     from .models import ModelSpec
+    from .normalize import NormStats
 
 __all__ = [
     "FileResult",
@@ -92,10 +92,9 @@ def _int_or_none(value: int | str) -> int | None:
     return None if value == "auto" else int(value)
 
 
-def _frame_task(key: Any, frame: np.ndarray, spec: ModelSpec) -> tuple[FrameTask, Any]:
-    stats = norm_stats(frame, spec.normalization)
-    image = pad_to_stride(normalize(frame, stats), spec.stride)
-    return FrameTask(key, image, (int(frame.shape[0]), int(frame.shape[1]))), stats
+def _frame_task(key: Any, frame: np.ndarray, spec: ModelSpec) -> tuple[FrameTask, NormStats]:
+    p = spec.contract.prepare(frame)
+    return FrameTask(key, p.image, p.shape), p.stats
 
 
 def denoise_image(
@@ -131,8 +130,7 @@ def denoise_image(
     for task in finished:
         if task.error is not None:
             raise task.error
-        y = task.output()
-        out[task.key] = y if keep_normalized else denormalize(y, stats[task.key])
+        out[task.key] = spec.contract.finish(task.output(), stats[task.key], keep_normalized=keep_normalized)
     return out.reshape(arr.shape)
 
 
@@ -256,7 +254,9 @@ class _Pipeline:
                 rt.setdefault("error", f"{job.input}: {error_text(item.error, self.backend.label)}")
             else:
                 y = item.output()
-                rt["frames"][index] = y if self.config.keep_normalized else denormalize(y, rt["stats"][index])
+                rt["frames"][index] = self.spec.contract.finish(
+                    y, rt["stats"][index], keep_normalized=self.config.keep_normalized
+                )
                 if index == 0 and self.config.preview:
                     rt["preview"] = (item.plan.crop(item.image), y)  # type: ignore[union-attr]
             rt["received"] += 1

@@ -5,43 +5,13 @@ folder, ``model.onnx``, a TensorRT engine) into a :class:`ModelSource` the backe
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
 
 from .errors import ModelError
 from .models import ModelSpec
-
-if TYPE_CHECKING:
-    import torch
+from .models.source import Kind, ModelSource
 
 __all__ = ["ModelSource", "default_model_path", "load_source"]
-
-Kind = Literal["checkpoint", "raw", "onnx", "engine"]
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """A resolved model: its kind, file, spec (geometry and normalization) and content hash."""
-
-    kind: Kind
-    path: Path
-    spec: ModelSpec
-    sha256: str
-
-    def torch_module(self) -> torch.nn.Module:
-        """The model as an eval-mode CPU torch module (checkpoints and raw folders only)."""
-        if self.kind == "checkpoint":
-            from .checkpoint import load_checkpoint
-
-            return load_checkpoint(self.path)[0]
-        if self.kind == "raw":
-            from .rawweights import load_raw
-
-            return load_raw(self.path)[0]
-        what = "an ONNX model" if self.kind == "onnx" else "a TensorRT engine"
-        raise ModelError(f"{self.path}: {what} cannot be run by PyTorch; use a checkpoint")
-
 
 def _detect_kind(p: Path) -> Kind:
     if p.is_dir():
@@ -77,7 +47,8 @@ def default_model_path() -> Path:
 
 def load_source(model: str | os.PathLike[str]) -> ModelSource:
     """Resolve ``model`` (a path, or ``"default"`` for the shipped model) to a :class:`ModelSource`."""
-    from .checkpoint import file_sha256, load_checkpoint, resolve_checkpoint
+    from .checkpoint import load_checkpoint, resolve_checkpoint
+    from .files import file_sha256
 
     p = default_model_path() if str(model) == "default" else Path(model)
     if not p.exists():

@@ -22,7 +22,8 @@ import numpy as np
 
 from ._version import __version__
 from .errors import ConfigError, OutputError
-from .mrc import MIN_SIZE, MicrographHeader, atomic_write, write_micrograph
+from .files import atomic_write
+from .mrc import MIN_SIZE, MicrographHeader, write_micrograph
 from .noise import NoiseSpec, add_noise
 from .progress import progress
 

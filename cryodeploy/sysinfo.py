@@ -8,7 +8,7 @@ import os
 import platform
 from typing import Any
 
-__all__ = ["package_version", "system_info", "tensorrt_runtime"]
+__all__ = ["package_version", "system_info"]
 
 
 def package_version(dist: str) -> str | None:
@@ -17,24 +17,6 @@ def package_version(dist: str) -> str | None:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
         return None
-
-
-def tensorrt_runtime() -> tuple[Any | None, str]:
-    """The ``tensorrt`` module if its runtime is present, else None and why.
-
-    The type stubs make ``import tensorrt`` succeed without a runtime, so the test is
-    whether ``tensorrt.Builder`` exists.
-    """
-    try:
-        trt = importlib.import_module("tensorrt")
-    except ImportError:
-        return None, "tensorrt: not installed (pip install cryodeploy[gpu] on a CUDA machine)"
-    if not hasattr(trt, "Builder"):
-        return (
-            None,
-            "tensorrt: only type stubs are installed, no TensorRT runtime (install the tensorrt package)",
-        )
-    return trt, "available"
 
 
 def _importable(module: str) -> bool:
@@ -72,8 +54,9 @@ def _devices() -> list[dict[str, Any]]:
 
 def system_info() -> dict[str, Any]:
     """Versions, devices and backend availability as a JSON-ready dict."""
-    from . import __version__
+    from ._version import __version__
     from .backends import BACKENDS, BackendOptions, availability
+    from .backends.trt.probe import tensorrt_runtime
 
     versions: dict[str, str | None] = {"cryodeploy": __version__, "python": platform.python_version()}
     for dist in (

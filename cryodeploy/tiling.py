@@ -14,9 +14,10 @@ Construction (why the result is exact for a convolutional net without downsampli
   so no output pixel there sees the window's artificial padding.
 
 For a net with total stride ``s`` (a U-Net), H and W are first padded to multiples of ``s``
-by reflection at the bottom/right (:func:`pad_to_stride`, identical for whole-image and tiled
-runs; reflection avoids a step edge in the padded strip), and the tile, halo and every window
-offset are multiples of ``s``, so pooling grids of a tile coincide with the whole image's.
+by reflection at the bottom/right (:func:`~cryodeploy.contract.pad_to_stride`, identical for
+whole-image and tiled runs; reflection avoids a step edge in the padded strip), and the tile,
+halo and every window offset are multiples of ``s``, so pooling grids of a tile coincide with
+the whole image's.
 """
 
 from __future__ import annotations
@@ -26,9 +27,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .contract import pad_to_stride
 from .errors import ConfigError
 
-__all__ = ["Tile", "TilePlan", "halo_for", "min_tile", "pad_to_stride"]
+__all__ = ["Tile", "TilePlan", "halo_for", "min_tile"]
 
 Region = tuple[slice, slice]
 
@@ -41,17 +43,6 @@ def halo_for(radius: int, stride: int = 1) -> int:
 def min_tile(radius: int, stride: int = 1) -> int:
     """The smallest tile side that leaves a valid centre after two halos."""
     return 2 * halo_for(radius, stride) + stride
-
-
-def pad_to_stride(image: np.ndarray, stride: int) -> np.ndarray:
-    """Reflect-pad a 2-D image at the bottom/right so both sides are multiples of ``stride``."""
-    h, w = image.shape
-    ph, pw = -h % stride, -w % stride
-    if ph == 0 and pw == 0:
-        return image
-    if ph >= h or pw >= w:
-        raise ConfigError(f"image {w}x{h} is too small to pad to a multiple of the model stride {stride}")
-    return np.pad(image, ((0, ph), (0, pw)), mode="reflect")
 
 
 @dataclass(frozen=True)

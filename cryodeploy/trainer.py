@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .errors import ConfigError, CryoDeployError, StoreError
-from .train import TrainConfig, TrainResult
+from .trainconfig import TrainConfig, TrainResult
 
 if TYPE_CHECKING:
     import torch

@@ -70,16 +70,18 @@ def shared_data() -> Path:
 def cnn3_onnx(cnn3_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``cnn3_checkpoint`` exported to ONNX (read-only for the tests that share it)."""
     from cryodeploy.export.onnx import export_onnx
+    from cryodeploy.source import load_source
 
-    return export_onnx(cnn3_checkpoint, tmp_path_factory.mktemp("onnx") / "cnn3.onnx")
+    return export_onnx(load_source(cnn3_checkpoint), tmp_path_factory.mktemp("onnx") / "cnn3.onnx")
 
 
 @pytest.fixture(scope="session")
 def unet_onnx(unet_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``unet_checkpoint`` exported to ONNX."""
     from cryodeploy.export.onnx import export_onnx
+    from cryodeploy.source import load_source
 
-    return export_onnx(unet_checkpoint, tmp_path_factory.mktemp("onnx") / "unet.onnx")
+    return export_onnx(load_source(unet_checkpoint), tmp_path_factory.mktemp("onnx") / "unet.onnx")
 
 
 def load_plugin(path: Path, name: str) -> ModuleType:

@@ -20,12 +20,12 @@ import pytest
 from click.testing import CliRunner, Result
 from mrc_cases import pixels, write_mrc
 
-from cryodeploy.checkpoint import file_sha256
+from cryodeploy.backends.trt.probe import tensorrt_runtime
 from cryodeploy.cli import cli
 from cryodeploy.export.engine_cache import EngineKey, EngineSidecar, Platform, read_sidecar, write_sidecar
 from cryodeploy.export.profile import DEFAULT_SHAPES
+from cryodeploy.files import file_sha256
 from cryodeploy.models import ModelSpec
-from cryodeploy.sysinfo import tensorrt_runtime
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -516,8 +516,9 @@ def test_engine_for_another_gpu_or_tensorrt_version(
     from cryodeploy.export.onnx import export_onnx
     from cryodeploy.export.profile import ProfileShapes
     from cryodeploy.export.tensorrt import build_engines
+    from cryodeploy.source import load_source
 
-    onnx_path = export_onnx(cnn3_checkpoint, tmp_path / "m.onnx")
+    onnx_path = export_onnx(load_source(cnn3_checkpoint), tmp_path / "m.onnx")
     config = BuildConfig(
         precisions=("fp32",),
         shapes=ProfileShapes((1, 32, 32), (2, 64, 64), (4, 128, 128)),

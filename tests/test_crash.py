@@ -20,7 +20,8 @@ from cryodeploy.backends import BackendOptions
 from cryodeploy.backends.torch import TorchBackend
 from cryodeploy.checkpoint import load_checkpoint
 from cryodeploy.claims import CLAIM_PREFIX
-from cryodeploy.mrc import TEMP_PREFIX, read_micrograph, write_micrograph
+from cryodeploy.files import TEMP_PREFIX
+from cryodeploy.mrc import read_micrograph, write_micrograph
 from cryodeploy.runner import RunConfig, denoise_files
 
 N_FILES = 24

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from cryodeploy import Denoiser
-from cryodeploy.backends import BACKENDS, availability
+from cryodeploy.backends import BACKEND_PREFERENCE, BACKENDS, availability
 from cryodeploy.backends.base import BackendOptions
 from cryodeploy.checkpoint import load_checkpoint
-from cryodeploy.denoiser import BACKEND_PREFERENCE, resolve_device
+from cryodeploy.denoiser import resolve_device
 from cryodeploy.errors import BackendUnavailable, ConfigError, InputError
 from cryodeploy.mrc import read_micrograph, write_micrograph
 from cryodeploy.normalize import denormalize, norm_stats, normalize

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from cryodeploy.errors import InputError, OutputError
+from cryodeploy.files import TEMP_PREFIX
 from cryodeploy.mrc import (
-    TEMP_PREFIX,
     MicrographHeader,
     atomic_write,
     read_header,

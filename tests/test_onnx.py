@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from cryodeploy import __version__
-from cryodeploy.checkpoint import file_sha256, load_checkpoint
+from cryodeploy.checkpoint import load_checkpoint
 from cryodeploy.cli import cli
 from cryodeploy.errors import ConfigError, ModelError
 from cryodeploy.export.onnx import (
@@ -24,6 +24,7 @@ from cryodeploy.export.onnx import (
     read_onnx_spec,
     verify_shape,
 )
+from cryodeploy.files import file_sha256
 from cryodeploy.source import load_source
 
 
@@ -69,7 +70,7 @@ def test_export_equals_torch(which: str, request: pytest.FixtureRequest, rng: np
 def test_simplify_keeps_contract(
     unet_checkpoint: Path, unet_onnx: Path, tmp_path: Path, rng: np.random.Generator
 ) -> None:
-    slim = export_onnx(unet_checkpoint, tmp_path / "slim.onnx", simplify=True)
+    slim = export_onnx(load_source(unet_checkpoint), tmp_path / "slim.onnx", simplify=True)
     model = onnx.load(str(slim))
     onnx.checker.check_model(model, full_check=True)
     assert len(model.graph.node) <= len(onnx.load(str(unet_onnx)).graph.node)
@@ -81,9 +82,9 @@ def test_simplify_keeps_contract(
 
 def test_opset_range(cnn3_checkpoint: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="opset 16 unsupported"):
-        export_onnx(cnn3_checkpoint, tmp_path / "m.onnx", opset=16)
+        export_onnx(load_source(cnn3_checkpoint), tmp_path / "m.onnx", opset=16)
     assert not (tmp_path / "m.onnx").exists()
-    out = export_onnx(cnn3_checkpoint, tmp_path / "m18.onnx", opset=18)
+    out = export_onnx(load_source(cnn3_checkpoint), tmp_path / "m18.onnx", opset=18)
     assert [o.version for o in onnx.load(str(out)).opset_import if o.domain in ("", "ai.onnx")] == [18]
 
 
@@ -113,7 +114,7 @@ def test_unexportable_checkpoint(case: str, message: str, cnn3_checkpoint: Path,
         _copy_checkpoint(cnn3_checkpoint, bad, weights=cnn3_checkpoint.read_bytes()[:200])
     out = tmp_path / "out.onnx"
     with pytest.raises(ModelError, match=message) as info:
-        export_onnx(bad, out)
+        export_onnx(load_source(bad), out)
     assert "\n" not in str(info.value)
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".cryodeploy-tmp")]
@@ -121,7 +122,7 @@ def test_unexportable_checkpoint(case: str, message: str, cnn3_checkpoint: Path,
 
 def test_onnx_source_is_not_exported_again(cnn3_onnx: Path, tmp_path: Path) -> None:
     with pytest.raises(ModelError, match="found an onnx model, expected a checkpoint"):
-        export_onnx(cnn3_onnx, tmp_path / "again.onnx")
+        export_onnx(load_source(cnn3_onnx), tmp_path / "again.onnx")
 
 
 def test_load_source_onnx(cnn3_onnx: Path, cnn3_checkpoint: Path) -> None:

@@ -63,7 +63,7 @@ def test_checkpoint_source_equals_torch(which: str, shape: tuple[int, ...], requ
 
 
 def test_onnx_source_and_options(unet_checkpoint: Path, tmp_path: Path, rng: np.random.Generator) -> None:
-    path = export_onnx(unet_checkpoint, tmp_path / "unet.onnx")
+    path = export_onnx(load_source(unet_checkpoint), tmp_path / "unet.onnx")
     batch = rng.standard_normal((1, 1, 36, 52)).astype(np.float32)
     ref = _torch_forward(unet_checkpoint, batch)
     for level in ("disable", "basic", "extended", "all"):
@@ -129,7 +129,7 @@ def test_denoise_cli_with_onnx_model(cnn3_checkpoint: Path, tmp_path: Path) -> N
     from cryodeploy.synth import SynthConfig, synth_micrographs
 
     noisy = synth_micrographs(tmp_path / "synth", SynthConfig(2, size=(120, 90), seed=5))
-    model = export_onnx(cnn3_checkpoint, tmp_path / "model.onnx")
+    model = export_onnx(load_source(cnn3_checkpoint), tmp_path / "model.onnx")
     runner = CliRunner()
     for backend in ("ort", "torch"):
         model_arg = model if backend == "ort" else cnn3_checkpoint

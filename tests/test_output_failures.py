@@ -24,7 +24,8 @@ from mrc_cases import MODEL_ARGS, denoise_process, pixels, unsharded_env, withou
 
 from cryodeploy.cli import cli
 from cryodeploy.errors import OutputError
-from cryodeploy.mrc import TEMP_PREFIX, read_micrograph, write_micrograph
+from cryodeploy.files import TEMP_PREFIX
+from cryodeploy.mrc import read_micrograph, write_micrograph
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -99,13 +99,13 @@ def _poison_cache(good: Path, other_seed: int, tmp_path: Path) -> None:
     import torch
 
     from cryodeploy.checkpoint import save_checkpoint
-    from cryodeploy.export.cache import cache_root
+    from cryodeploy.files import cache_root
     from cryodeploy.models import build_model
 
     src = load_source(good)
     torch.manual_seed(other_seed)
     other = save_checkpoint(tmp_path / "other.safetensors", build_model(src.spec), src.spec)
-    model = onnx.load(str(export_onnx(other, tmp_path / "other.onnx")))
+    model = onnx.load(str(export_onnx(load_source(other), tmp_path / "other.onnx")))
     for entry in model.metadata_props:
         if entry.key == "source_sha256":
             entry.value = src.sha256
@@ -139,7 +139,7 @@ def test_cli_fails_on_a_real_mismatch(cnn3_checkpoint: Path, tmp_path: Path) -> 
 
 
 def test_cli_onnx_model_and_usage(unet_checkpoint: Path, micrographs: list[Path], tmp_path: Path) -> None:
-    onnx_path = export_onnx(unet_checkpoint, tmp_path / "unet.onnx")
+    onnx_path = export_onnx(load_source(unet_checkpoint), tmp_path / "unet.onnx")
     runner = CliRunner()
     res = runner.invoke(cli, ["parity", str(onnx_path), str(micrographs[0]), "--backends", "torch,ort",
                               "--threads", "1", "-q", "--json", str(tmp_path / "r.json")])

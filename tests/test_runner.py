@@ -27,12 +27,13 @@ from cryodeploy.batching import (
 )
 from cryodeploy.checkpoint import load_checkpoint
 from cryodeploy.claims import try_claim
+from cryodeploy.contract import pad_to_stride
 from cryodeploy.errors import ConfigError, InputError, OutputError
+from cryodeploy.files import TEMP_PREFIX
 from cryodeploy.jobs import parse_shard, resolve_shard
-from cryodeploy.mrc import TEMP_PREFIX, read_header, read_micrograph
+from cryodeploy.mrc import read_header, read_micrograph
 from cryodeploy.normalize import norm_stats, normalize
 from cryodeploy.runner import RunConfig, denoise_files, denoise_image, denoise_pairs
-from cryodeploy.tiling import pad_to_stride
 
 
 def write_mrc(path: Path, data: np.ndarray, stack: bool = False, ext: bytes = b"") -> Path:

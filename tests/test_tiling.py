@@ -9,10 +9,11 @@ import torch
 from cryodeploy.backends import BackendOptions
 from cryodeploy.backends.torch import TorchBackend
 from cryodeploy.checkpoint import load_checkpoint
+from cryodeploy.contract import pad_to_stride
 from cryodeploy.errors import ConfigError
 from cryodeploy.normalize import norm_stats, normalize
 from cryodeploy.runner import denoise_image
-from cryodeploy.tiling import TilePlan, halo_for, min_tile, pad_to_stride
+from cryodeploy.tiling import TilePlan, halo_for, min_tile
 
 # (image shape, tile): tile+1 sizes, odd sizes, K3 aspect 5760x4092 scaled by 1/16, tiles 16 .. > image
 CNN3_CASES = [

@@ -26,7 +26,8 @@ from cryodeploy.noise import NoiseSpec, add_noise, to_unit_range
 from cryodeploy.normalize import NormSpec, norm_stats, normalize
 from cryodeploy.objectives import PAIRS, neighbor_pairs, subsample
 from cryodeploy.patches import StoreWriter, adopt_raw_store
-from cryodeploy.train import TrainConfig, train
+from cryodeploy.train import train
+from cryodeploy.trainconfig import TrainConfig
 
 FAST = TrainConfig(epochs=2, batch=4, lr=3e-3, log_every=2)
 

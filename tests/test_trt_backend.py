@@ -19,6 +19,7 @@ import pytest
 from click.testing import CliRunner
 
 from cryodeploy.backends import BACKENDS, BackendOptions, availability, create_backend
+from cryodeploy.backends.trt.probe import tensorrt_runtime
 from cryodeploy.cli import cli
 from cryodeploy.errors import ModelError
 from cryodeploy.export.engine_cache import (
@@ -32,7 +33,6 @@ from cryodeploy.export.engine_cache import (
 from cryodeploy.export.profile import ProfileShapes
 from cryodeploy.models import ModelSpec
 from cryodeploy.source import load_source
-from cryodeploy.sysinfo import tensorrt_runtime
 
 
 def _trt_missing() -> str | None:
@@ -144,8 +144,8 @@ def test_denoise_backend_trt_is_a_clean_one_line_error(cnn3_checkpoint: Path, tm
 
 
 def test_load_source_reads_the_engine_sidecar(tmp_path: Path) -> None:
-    from cryodeploy.checkpoint import file_sha256
     from cryodeploy.export.engine_cache import EngineKey, Platform
+    from cryodeploy.files import file_sha256
 
     spec = ModelSpec("unet", params={"base_channels": 8, "depth": 2})
     engine = tmp_path / "m.engine"
@@ -172,7 +172,7 @@ def built(cnn3_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> li
     from cryodeploy.export.tensorrt import build_engines
 
     folder = tmp_path_factory.mktemp("trt")
-    onnx = export_onnx(cnn3_checkpoint, folder / "model.onnx")
+    onnx = export_onnx(load_source(cnn3_checkpoint), folder / "model.onnx")
     cfg = BuildConfig(precisions=("fp32", "fp16"), shapes=PROFILE, workspace_bytes=256 << 20)
     return build_engines(onnx, folder / "engines", cfg)
 

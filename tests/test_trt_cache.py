@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+from cryodeploy.backends.trt.probe import INSTALL_HINT, require_tensorrt
 from cryodeploy.errors import BackendUnavailable, ConfigError, ModelError
 from cryodeploy.export.engine_cache import (
-    INSTALL_HINT,
     BuildConfig,
     EngineKey,
     EngineRecord,
@@ -28,7 +28,6 @@ from cryodeploy.export.engine_cache import (
     check_platform,
     key_differences,
     read_sidecar,
-    require_tensorrt,
     sidecar_path,
     timing_cache_path,
     write_sidecar,
@@ -130,7 +129,7 @@ def test_engine_key_is_stable_and_validated() -> None:
 # --- sidecars and the cache ----------------------------------------------------------------------
 
 def _sidecar(engine: Path, key: EngineKey = KEY, gate: GateResult | None = None) -> EngineSidecar:
-    from cryodeploy.checkpoint import file_sha256
+    from cryodeploy.files import file_sha256
 
     return EngineSidecar(key, ModelSpec("cnn3").to_dict(), file_sha256(engine), 12.5,
                          "2026-01-01T00:00:00+00:00", 1 << 30, "/x/model.onnx", gate)
@@ -265,7 +264,7 @@ def test_build_config_from_command_line_options() -> None:
 
 
 def test_require_tensorrt_says_how_to_install() -> None:
-    from cryodeploy.sysinfo import tensorrt_runtime
+    from cryodeploy.backends.trt.probe import tensorrt_runtime
 
     if tensorrt_runtime()[0] is not None:
         pytest.skip("TensorRT's runtime is installed here")

@@ -13,7 +13,7 @@ from ._params import split_csv
 
 if TYPE_CHECKING:
     from ..bench import BenchConfig
-    from ..source import ModelSource
+    from ..models.source import ModelSource
 
 
 @click.command()

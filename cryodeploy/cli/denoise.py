@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from ..backends import backend_help
 from ._params import size_or_auto
 
 
@@ -15,7 +16,7 @@ from ._params import size_or_auto
               help="Output folder; outputs keep their input's file name.")
 @click.option("--model", default="default", show_default=True,
               help="default, a checkpoint (.safetensors or run folder), raw weights, .onnx or an engine.")
-@click.option("--backend", default="auto", show_default=True, help="auto, torch, ort, trt, ...")
+@click.option("--backend", default="auto", show_default=True, help=backend_help())
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
 @click.option("--threads", type=int, default=0, help="CPU threads for the backend (0: library default).")

@@ -38,7 +38,8 @@ def export(
 
     build = None
     if trt:  # checked before anything is written; without TensorRT this says how to install it
-        from ..export.engine_cache import BuildConfig, require_tensorrt
+        from ..backends.trt.probe import require_tensorrt
+        from ..export.engine_cache import BuildConfig
 
         require_tensorrt()
     elif precision or shapes or workspace or allow_accuracy_loss:

@@ -5,9 +5,8 @@ Importing this package imports neither torch nor onnx; the functions import them
 
 from __future__ import annotations
 
-from .cache import cache_root
 from .onnx import cached_onnx, check_against_torch, convert_fp16, export_onnx, read_onnx_spec
 
 __all__ = [
-    "cache_root", "cached_onnx", "check_against_torch", "convert_fp16", "export_onnx", "read_onnx_spec",
+    "cached_onnx", "check_against_torch", "convert_fp16", "export_onnx", "read_onnx_spec",
 ]

@@ -15,13 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ..errors import BackendUnavailable, ConfigError, ModelError
+from ..errors import ConfigError, ModelError
 from .gate import CalibrationPair, GateResult
 from .profile import DEFAULT_SHAPES, ProfileShapes, parse_shapes
 
 __all__ = [
     "ENGINE_PRECISIONS",
-    "INSTALL_HINT",
     "BuildConfig",
     "CacheDecision",
     "EngineKey",
@@ -33,7 +32,6 @@ __all__ = [
     "check_platform",
     "key_differences",
     "read_sidecar",
-    "require_tensorrt",
     "sidecar_path",
     "timing_cache_path",
     "write_sidecar",
@@ -41,7 +39,6 @@ __all__ = [
 
 SIDECAR_FORMAT = "cryodeploy-engine/1"
 ENGINE_PRECISIONS = ("fp32", "fp16")
-INSTALL_HINT = "install TensorRT on a CUDA machine: pip install tensorrt (or pip install 'cryodeploy[gpu]')"
 
 
 @dataclass(frozen=True)
@@ -83,20 +80,6 @@ class BuildConfig:
         profile.check_stride(stride)
         return cls(precisions=choices[precision], shapes=profile, workspace_bytes=workspace_mib << 20,
                    allow_accuracy_loss=allow_accuracy_loss)
-
-
-def require_tensorrt(device: int = 0) -> None:
-    """Raise :class:`BackendUnavailable` saying how to install TensorRT unless its runtime (not just
-    the type stubs) and CUDA device ``device`` are here."""
-    from ..sysinfo import tensorrt_runtime
-
-    found, reason = tensorrt_runtime()
-    if found is None:
-        raise BackendUnavailable(f"TensorRT engines cannot be built or run here: {reason}; {INSTALL_HINT}")
-    import torch
-
-    if not torch.cuda.is_available() or device >= torch.cuda.device_count():
-        raise BackendUnavailable(f"TensorRT engines cannot be built or run here: no CUDA device {device}")
 
 
 @dataclass(frozen=True)
@@ -205,7 +188,7 @@ def sidecar_path(engine: Path) -> Path:
 
 def write_sidecar(engine: Path, sidecar: EngineSidecar) -> Path:
     """Write the sidecar of ``engine`` atomically; returns its path."""
-    from ..mrc import atomic_write
+    from ..files import atomic_write
 
     path = sidecar_path(engine)
     with atomic_write(path) as tmp:
@@ -271,7 +254,7 @@ def key_differences(cached: EngineKey, wanted: EngineKey) -> list[str]:
 
 def cache_lookup(cache_dir: Path, key: EngineKey) -> CacheDecision:
     """Decide from the cache folder whether the engine for ``key`` is reused or built."""
-    from ..checkpoint import file_sha256
+    from ..files import file_sha256
 
     path = Path(cache_dir) / key.engine_name()
     if not path.is_file():

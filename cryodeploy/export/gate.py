@@ -96,18 +96,17 @@ def synthetic_calibration(
 def denoising_psnr(backend: Backend, spec: ModelSpec, pairs: list[CalibrationPair]) -> float:
     """Mean PSNR (dB) of ``backend``'s whole-image denoising against the clean targets.
 
-    Each noisy image is normalized as the model was trained, run as one ``[1, 1, H, W]``
-    batch, de-normalized, and scored with the target's value range as the data range.
+    Each noisy image goes through the model's image contract as one ``[1, 1, H, W]``
+    batch (normalized, padded to stride, cropped, de-normalized) and is scored with the
+    target's value range as the data range.
     """
     from ..metrics import psnr
-    from ..normalize import denormalize, norm_stats, normalize
 
     if not pairs:
         raise ConfigError("no calibration pairs to measure PSNR on")
     scores = []
     for noisy, clean in pairs:
-        stats = norm_stats(noisy, spec.normalization)
-        out = backend.run(normalize(noisy, stats)[None, None].astype(np.float32))[0, 0]
+        out = spec.contract.apply(noisy, lambda x: backend.run(x[None, None])[0, 0])
         target = np.asarray(clean, np.float32)
-        scores.append(psnr(denormalize(out, stats), target, data_range=float(target.max() - target.min())))
+        scores.append(psnr(out, target, data_range=float(target.max() - target.min())))
     return float(np.mean(scores))

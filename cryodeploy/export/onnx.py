@@ -21,14 +21,14 @@ import numpy as np
 
 from .._version import __version__
 from ..errors import ConfigError, CryoDeployError, ModelError, first_line
+from ..files import cache_root
 from ..models import ModelSpec
-from .cache import cache_root
 
 if TYPE_CHECKING:
     import onnx
     import torch
 
-    from ..source import ModelSource
+    from ..models.source import ModelSource
 
 __all__ = [
     "DEFAULT_OPSET",
@@ -58,10 +58,7 @@ _AXES = {0: "batch", 2: "height", 3: "width"}
 #: an export must reproduce PyTorch to this relative error (max|a-b| / max|b|) on a random input
 VERIFY_RTOL = 1e-5
 
-def _resolve(model: str | os.PathLike[str] | ModelSource) -> ModelSource:
-    from ..source import ModelSource, load_source
-
-    src = model if isinstance(model, ModelSource) else load_source(model)
+def _exportable(src: ModelSource) -> ModelSource:
     if src.kind not in ("checkpoint", "raw"):
         raise ModelError(
             f"{src.path}: found an {src.kind} model, expected a checkpoint or raw weight folder to export"
@@ -159,12 +156,12 @@ def _verify(graph: onnx.ModelProto, module: torch.nn.Module, spec: ModelSpec, wh
 
 
 def export_onnx(
-    model: str | os.PathLike[str] | ModelSource,
+    source: ModelSource,
     out_path: str | os.PathLike[str],
     opset: int = DEFAULT_OPSET,
     simplify: bool = False,
 ) -> Path:
-    """Export a checkpoint, run folder or raw weight folder (or a resolved source) to ONNX at ``out_path``.
+    """Export a loaded checkpoint or raw-weight source to ONNX at ``out_path``.
 
     The file is written atomically and passes ``onnx.checker.check_model(full_check=True)``.
     Where onnxruntime is installed the graph is first run on a random input and compared with
@@ -174,12 +171,12 @@ def export_onnx(
     """
     import onnx
 
-    from ..mrc import atomic_write
+    from ..files import atomic_write
 
     newest = onnx.defs.onnx_opset_version()
     if not MIN_OPSET <= opset <= newest:
         raise ConfigError(f"opset {opset} unsupported, expected {MIN_OPSET}..{newest}")
-    src = _resolve(model)
+    src = _exportable(source)
     module = src.torch_module().float().eval()
     out = Path(out_path)
     with atomic_write(out) as tmp:
@@ -259,7 +256,7 @@ def convert_fp16(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Pa
     """
     import onnx
 
-    from ..mrc import atomic_write
+    from ..files import atomic_write
 
     try:
         from onnxconverter_common import float16

@@ -5,7 +5,7 @@ strongly typed (an fp16 engine is built from an fp16 copy of the ONNX), which Te
 supports and TensorRT 11 requires.
 
 Import this module only where TensorRT's runtime is present (check with
-:func:`~cryodeploy.export.engine_cache.require_tensorrt`, which :func:`build_engines` calls
+:func:`~cryodeploy.backends.trt.probe.require_tensorrt`, which :func:`build_engines` calls
 too); the configs, cache keys and sidecars live in :mod:`.engine_cache`.
 """
 
@@ -20,6 +20,8 @@ from pathlib import Path
 
 import tensorrt as trt
 
+from ..backends.trt.loader import TrtLogger, current_platform
+from ..backends.trt.probe import require_tensorrt
 from ..errors import ModelError
 from ..models import ModelSpec
 from .engine_cache import (
@@ -27,41 +29,16 @@ from .engine_cache import (
     EngineKey,
     EngineRecord,
     EngineSidecar,
-    Platform,
     cache_lookup,
     check_gate,
-    require_tensorrt,
     timing_cache_path,
     write_sidecar,
 )
 from .gate import denoising_psnr, fp16_gate, synthetic_calibration
 
-__all__ = ["TrtLogger", "build_engines", "current_platform"]
+__all__ = ["build_engines"]
 
 log = logging.getLogger(__name__)
-
-
-class TrtLogger(trt.ILogger):
-    """Routes TensorRT's messages to :mod:`logging` (errors as errors, the rest as debug)."""
-
-    def __init__(self) -> None:
-        trt.ILogger.__init__(self)
-
-    def log(self, severity: trt.ILogger.Severity, msg: str) -> None:
-        if severity <= trt.ILogger.Severity.ERROR:
-            log.error("TensorRT: %s", msg)
-        elif severity == trt.ILogger.Severity.WARNING:
-            log.warning("TensorRT: %s", msg)
-        else:
-            log.debug("TensorRT: %s", msg)
-
-
-def current_platform(device: int = 0) -> Platform:
-    """The GPU ``device`` and the TensorRT version an engine built now is bound to."""
-    import torch
-
-    major, minor = torch.cuda.get_device_capability(device)
-    return Platform(torch.cuda.get_device_name(device), f"{major}.{minor}", trt.__version__)
 
 
 def _parse(onnx_path: Path, builder: trt.Builder, logger: trt.ILogger) -> tuple[trt.INetworkDefinition, str]:
@@ -90,8 +67,7 @@ def _timing_cache(config: trt.IBuilderConfig, path: Path) -> None:
 def _build(
     onnx_path: Path, spec: ModelSpec, key: EngineKey, cache_dir: Path, config: BuildConfig
 ) -> EngineRecord:
-    from ..checkpoint import file_sha256
-    from ..mrc import atomic_write
+    from ..files import atomic_write, file_sha256
     from .onnx import convert_fp16
 
     logger = TrtLogger()
@@ -159,7 +135,7 @@ def build_engines(
     :class:`ModelError` with the numbers if it loses more than ``max_drop_db`` of PSNR, unless
     ``allow_accuracy_loss``.
     """
-    from ..checkpoint import file_sha256
+    from ..files import file_sha256
     from .onnx import read_onnx_spec
 
     cfg = config or BuildConfig()

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ..contract import FrameContract
 from ..errors import ConfigError
 from ..normalize import NormSpec
 
@@ -106,6 +107,11 @@ class ModelSpec:
     def stride(self) -> int:
         """Total downsampling factor; tile offsets and padded sizes align to it."""
         return get_architecture(self.architecture).stride(self.params)
+
+    @property
+    def contract(self) -> FrameContract:
+        """How this model sees an image: its normalization and stride (see :mod:`cryodeploy.contract`)."""
+        return FrameContract(self.normalization, self.stride)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (format-tagged)."""

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from cryodeploy.errors import ConfigError, CryoDeployError, InputError
-from cryodeploy.mrc import atomic_write
+from cryodeploy.files import atomic_write
 
 __all__ = [
     "FAILURE",

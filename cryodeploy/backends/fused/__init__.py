@@ -12,7 +12,7 @@ from ...errors import BackendUnavailable
 from ..base import BackendOptions
 
 if TYPE_CHECKING:
-    from ...source import ModelSource
+    from ...models.source import ModelSource
     from .runner import FusedBackend
 
 __all__ = ["availability", "create"]

@@ -14,7 +14,7 @@ from .loader import build_session, import_ort, model_path
 from .runner import OrtBackend
 
 if TYPE_CHECKING:
-    from ...source import ModelSource
+    from ...models.source import ModelSource
 
 __all__ = ["OrtBackend", "availability", "create"]
 

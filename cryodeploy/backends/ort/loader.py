@@ -25,7 +25,7 @@ from ..base import BackendOptions
 if TYPE_CHECKING:
     import onnxruntime
 
-    from ...source import ModelSource
+    from ...models.source import ModelSource
 
 __all__ = [
     "CONV_SEARCH", "GRAPH_LEVELS", "build_session", "import_ort", "model_path", "ort_errors", "providers",
@@ -114,9 +114,8 @@ def providers(options: BackendOptions) -> list[tuple[str, dict[str, str]]]:
 
 def model_path(source: ModelSource, precision: str) -> Path:
     """The ONNX file to load: the source's (exported to the cache if it is a checkpoint), fp16 on request."""
-    from ...checkpoint import file_sha256
-    from ...export.cache import cache_root
     from ...export.onnx import cached_onnx, convert_fp16, onnx_metadata
+    from ...files import cache_root, file_sha256
 
     fp32 = cached_onnx(source)
     if precision == "fp32":

@@ -8,7 +8,7 @@ from ..base import BackendOptions
 from .runner import TorchBackend
 
 if TYPE_CHECKING:
-    from ...source import ModelSource
+    from ...models.source import ModelSource
 
 __all__ = ["TorchBackend", "availability", "create"]
 

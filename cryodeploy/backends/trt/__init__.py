@@ -12,14 +12,14 @@ from typing import TYPE_CHECKING
 from ..base import Backend, BackendOptions
 
 if TYPE_CHECKING:
-    from ...source import ModelSource
+    from ...models.source import ModelSource
 
 __all__ = ["availability", "create"]
 
 
 def availability(options: BackendOptions) -> tuple[bool, str]:
     """TensorRT runs only with its runtime (not just type stubs) and a CUDA device."""
-    from ...sysinfo import tensorrt_runtime
+    from .probe import tensorrt_runtime
 
     found, reason = tensorrt_runtime()
     if found is None:
@@ -36,7 +36,7 @@ def availability(options: BackendOptions) -> tuple[bool, str]:
 def create(source: ModelSource, options: BackendOptions) -> Backend:
     """A TensorRT backend for an engine file, or for the cached engine of a checkpoint/ONNX model
     on this GPU (built into the engine cache first if missing)."""
-    from .loader import engine_for_source
+    from .engines import engine_for_source
     from .runner import TrtBackend
 
     return TrtBackend(engine_for_source(source, options), options)

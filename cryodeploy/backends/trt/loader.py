@@ -8,23 +8,42 @@ inside TensorRT.
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import tensorrt as trt
 import torch
 
 from ...errors import ConfigError, ModelError
-from ...export.engine_cache import ENGINE_PRECISIONS, BuildConfig, EngineSidecar, check_gate, check_platform
-from ...export.profile import DEFAULT_SHAPES, ProfileShapes, parse_shapes
-from ...export.tensorrt import TrtLogger, build_engines, current_platform
-from ..base import BackendOptions
+from ...export.engine_cache import EngineSidecar, Platform, check_gate, check_platform
 
-if TYPE_CHECKING:
-    from ...source import ModelSource
+__all__ = ["LoadedEngine", "TrtLogger", "current_platform", "device_index", "load_engine"]
 
-__all__ = ["LoadedEngine", "device_index", "engine_for_source", "load_engine"]
+log = logging.getLogger(__name__)
+
+
+class TrtLogger(trt.ILogger):
+    """Routes TensorRT's messages to :mod:`logging` (errors as errors, the rest as debug)."""
+
+    def __init__(self) -> None:
+        trt.ILogger.__init__(self)
+
+    def log(self, severity: trt.ILogger.Severity, msg: str) -> None:
+        if severity <= trt.ILogger.Severity.ERROR:
+            log.error("TensorRT: %s", msg)
+        elif severity == trt.ILogger.Severity.WARNING:
+            log.warning("TensorRT: %s", msg)
+        else:
+            log.debug("TensorRT: %s", msg)
+
+
+def current_platform(device: int = 0) -> Platform:
+    """The GPU ``device`` and the TensorRT version an engine built now is bound to."""
+    import torch
+
+    major, minor = torch.cuda.get_device_capability(device)
+    return Platform(torch.cuda.get_device_name(device), f"{major}.{minor}", trt.__version__)
 
 
 @dataclass(frozen=True)
@@ -64,33 +83,3 @@ def load_engine(
     if engine is None:
         raise ModelError(f"{path}: TensorRT could not deserialize the engine (see its log)")
     return LoadedEngine(logger, runtime, engine)
-
-
-def _profile(options: BackendOptions, stride: int) -> ProfileShapes:
-    shapes = options.get("shapes")
-    if shapes is None:
-        return DEFAULT_SHAPES
-    return shapes if isinstance(shapes, ProfileShapes) else parse_shapes(str(shapes), stride)
-
-
-def engine_for_source(source: ModelSource, options: BackendOptions) -> Path:
-    """The engine file to run for ``source``: the file itself for an engine, else the engine of
-    this model, GPU, TensorRT version, precision and profile from the engine cache (built there
-    if missing or stale). Options: ``shapes`` (a ProfileShapes or ``--shapes`` text),
-    ``engine_cache`` (a folder), ``allow_accuracy_loss``."""
-    if source.kind == "engine":
-        return source.path
-    from ...export.cache import cache_root
-    from ...export.onnx import cached_onnx
-
-    if options.precision not in ENGINE_PRECISIONS:
-        raise ConfigError(f"trt: precision {options.precision!r} not supported, expected fp32 or fp16")
-    folder = options.get("engine_cache")
-    config = BuildConfig(
-        precisions=(options.precision,),
-        shapes=_profile(options, source.spec.stride),
-        allow_accuracy_loss=bool(options.get("allow_accuracy_loss", False)),
-        device=device_index(options.device),
-    )
-    cache = Path(folder) if folder else cache_root("engines")
-    return build_engines(cached_onnx(source), cache, config)[0].path

@@ -1,0 +1,49 @@
+"""The engine a TensorRT backend runs: an engine file as given, or one from the engine cache
+(built there from the model's ONNX export when missing or stale)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ...errors import ConfigError
+from ...export.engine_cache import ENGINE_PRECISIONS, BuildConfig
+from ...export.profile import DEFAULT_SHAPES, ProfileShapes, parse_shapes
+from ...export.tensorrt import build_engines
+from ..base import BackendOptions
+from .loader import device_index
+
+if TYPE_CHECKING:
+    from ...models.source import ModelSource
+
+__all__ = ["engine_for_source"]
+
+
+def _profile(options: BackendOptions, stride: int) -> ProfileShapes:
+    shapes = options.get("shapes")
+    if shapes is None:
+        return DEFAULT_SHAPES
+    return shapes if isinstance(shapes, ProfileShapes) else parse_shapes(str(shapes), stride)
+
+
+def engine_for_source(source: ModelSource, options: BackendOptions) -> Path:
+    """The engine file to run for ``source``: the file itself for an engine, else the engine of
+    this model, GPU, TensorRT version, precision and profile from the engine cache (built there
+    if missing or stale). Options: ``shapes`` (a ProfileShapes or ``--shapes`` text),
+    ``engine_cache`` (a folder), ``allow_accuracy_loss``."""
+    if source.kind == "engine":
+        return source.path
+    from ...export.onnx import cached_onnx
+    from ...files import cache_root
+
+    if options.precision not in ENGINE_PRECISIONS:
+        raise ConfigError(f"trt: precision {options.precision!r} not supported, expected fp32 or fp16")
+    folder = options.get("engine_cache")
+    config = BuildConfig(
+        precisions=(options.precision,),
+        shapes=_profile(options, source.spec.stride),
+        allow_accuracy_loss=bool(options.get("allow_accuracy_loss", False)),
+        device=device_index(options.device),
+    )
+    cache = Path(folder) if folder else cache_root("engines")
+    return build_engines(cached_onnx(source), cache, config)[0].path
