@@ -6,7 +6,7 @@ Run (GPU machine; prints docs/benchmarks.md rows, writes JSON):
 CPU smoke test: ``python3 benchmarks/bench_denoise.py --count 4 --size 512``.
 
 - Inputs: ``--count`` float32 micrographs of ``--size``^2 (a synthetic micrograph from
-  cryodeploy.synth, rolled differently per file), written once to ``WORKDIR/inputs``.
+  cryodeploy.imaging.synth, rolled differently per file), written once to ``WORKDIR/inputs``.
 - I/O floor: the same files through the same pipeline (reader thread, tiling, writer thread,
   atomic writes) with the ``identity`` backend below, a real :class:`Backend` that returns its
   input: reading + normalizing + writing with no model and no device copies.
@@ -31,15 +31,15 @@ import numpy as np
 import torch
 
 from cryodeploy.backends import Backend, BackendOptions, availability, create_backend
-from cryodeploy.bench import IdentityBackend, device_label, median_wall_ms
-from cryodeploy.checkpoint import save_checkpoint
-from cryodeploy.contract import pad_to_stride
+from cryodeploy.backends.sources import load_source
+from cryodeploy.imaging.contract import pad_to_stride
+from cryodeploy.imaging.normalize import norm_stats, normalize
+from cryodeploy.inference.runner import RunConfig, RunSummary, denoise_files
+from cryodeploy.io.mrc import read_header, read_micrograph, write_micrograph
 from cryodeploy.models import ModelSpec, build_model
+from cryodeploy.models.checkpoint import save_checkpoint
 from cryodeploy.models.source import ModelSource
-from cryodeploy.mrc import read_header, read_micrograph, write_micrograph
-from cryodeploy.normalize import norm_stats, normalize
-from cryodeploy.runner import RunConfig, RunSummary, denoise_files
-from cryodeploy.source import load_source
+from cryodeploy.verify.bench import IdentityBackend, device_label, median_wall_ms
 
 
 def make_inputs(folder: Path, count: int, size: int, seed: int = 0) -> list[Path]:
@@ -50,8 +50,8 @@ def make_inputs(folder: Path, count: int, size: int, seed: int = 0) -> list[Path
         return paths
     rng = np.random.default_rng(seed)
     try:
-        from cryodeploy.noise import NoiseSpec, add_noise
-        from cryodeploy.synth import render_clean
+        from cryodeploy.imaging.noise import NoiseSpec, add_noise
+        from cryodeploy.imaging.synth import render_clean
 
         base = add_noise(render_clean(rng, (size, size)), NoiseSpec(), rng)
     except ImportError:

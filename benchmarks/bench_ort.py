@@ -40,11 +40,11 @@ import numpy as np
 import torch
 
 from cryodeploy.backends import BackendOptions, availability, create_backend
-from cryodeploy.bench import device_label, median_wall_ms
-from cryodeploy.checkpoint import save_checkpoint
 from cryodeploy.files import file_sha256
 from cryodeploy.models import ModelSpec, build_model
+from cryodeploy.models.checkpoint import save_checkpoint
 from cryodeploy.models.source import ModelSource
+from cryodeploy.verify.bench import device_label, median_wall_ms
 
 #: (label, precision, tf32, extra) of the ORT variants on CUDA; the first is cryodeploy's default
 CUDA_VARIANTS: list[tuple[str, str, bool, dict[str, Any]]] = [

@@ -1,6 +1,6 @@
 """Patch store speed and memory: preprocess and loader throughput beside plain reads of the same bytes.
 
-Creates its own micrographs in a temporary folder (``cryodeploy.synth`` clean images, or fast
+Creates its own micrographs in a temporary folder (``cryodeploy.imaging.synth`` clean images, or fast
 smooth random ones with ``--inputs smooth``), then runs each phase in a fresh child process so
 its peak RSS (VmHWM) is its own:
 
@@ -8,7 +8,7 @@ its peak RSS (VmHWM) is its own:
   as many bytes as the store holds (the I/O floor);
 - ``preprocess`` (noise targets) into a store, MB/s of input;
 - plain sequential read of the store's train files (8 MiB reads), and one shuffled
-  epoch of :class:`~cryodeploy.loader.StreamingLoader`, patches/s;
+  epoch of :class:`~cryodeploy.training.loader.StreamingLoader`, patches/s;
 - imports only (numpy, torch, cryodeploy), the RSS baseline; every phase imports the same.
 
 Files are evicted from the page cache (fsync + POSIX_FADV_DONTNEED) before each phase unless
@@ -63,9 +63,9 @@ def _phase(name: str, a: dict[str, Any]) -> dict[str, Any]:
     """Run one phase in this (child) process; return its numbers (imports are not timed)."""
     import torch  # every phase that needs it imports it before the clock starts
 
-    from cryodeploy.loader import LoaderConfig, StreamingLoader
-    from cryodeploy.patches import PatchStore
-    from cryodeploy.preprocess import PreprocessConfig, preprocess
+    from cryodeploy.training.loader import LoaderConfig, StreamingLoader
+    from cryodeploy.training.preprocess import PreprocessConfig, preprocess
+    from cryodeploy.training.store import PatchStore
 
     out: dict[str, Any] = {}
     if name == "loader" and torch.cuda.is_available():
@@ -133,10 +133,10 @@ def best_of(
 
 def make_inputs(d: Path, count: int, size: int, kind: str) -> list[Path]:
     """``count`` float32 micrographs of ``size``^2 pixels in ``d``."""
-    from cryodeploy.mrc import write_micrograph
+    from cryodeploy.io.mrc import write_micrograph
 
     if kind == "synth":
-        from cryodeploy.synth import SynthConfig, synth_micrographs
+        from cryodeploy.imaging.synth import SynthConfig, synth_micrographs
 
         synth_micrographs(d, SynthConfig(count, size=(size, size), seed=0))
         return sorted((d / "clean").glob("*.mrc"))
@@ -178,7 +178,7 @@ def main() -> None:
     args = ap.parse_args()
 
     try:
-        import cryodeploy.synth  # noqa: F401
+        import cryodeploy.imaging.synth  # noqa: F401
 
         kind = args.inputs or "synth"
     except ImportError:

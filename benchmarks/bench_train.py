@@ -8,7 +8,7 @@ Quick check on a CPU:
 What is measured, all in one run, global batch ``--batch`` (8), Adam lr 1e-3, MSE:
 - baseline: the naive loop most people write: the whole batch already in device memory,
   fp32 eager, NCHW, ``loss.item()`` every step; samples/s over ``--batches`` steps after warm-up.
-- ``cryodeploy.train.train`` streaming the store through the double-buffered loader, for each
+- ``cryodeploy.training.train.train`` streaming the store through the double-buffered loader, for each
   of ``--precisions`` (fp32; bf16 = bf16 autocast + channels_last on CUDA); samples/s is the
   median of the log windows after the first (warm-up), excluding validation and checkpoints.
   ``--cold`` evicts the store's pages from the OS cache before every epoch (posix_fadvise
@@ -31,15 +31,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cryodeploy.bench import device_label
+from cryodeploy.imaging.noise import NoiseSpec, add_noise
+from cryodeploy.imaging.normalize import NormSpec, norm_stats, normalize
+from cryodeploy.imaging.synth import SynthConfig, render_clean
 from cryodeploy.models import ModelSpec, build_model
-from cryodeploy.noise import NoiseSpec, add_noise
-from cryodeploy.normalize import NormSpec, norm_stats, normalize
-from cryodeploy.patches import StoreWriter, data_file_name
-from cryodeploy.runfiles import read_metrics
-from cryodeploy.synth import SynthConfig, render_clean
-from cryodeploy.train import train
-from cryodeploy.trainconfig import TrainConfig
+from cryodeploy.training.config import TrainConfig
+from cryodeploy.training.runfiles import read_metrics
+from cryodeploy.training.store import StoreWriter, data_file_name
+from cryodeploy.training.train import train
+from cryodeploy.verify.bench import device_label
 
 
 def make_store(path: Path, patches: int, size: int, seed: int = 0) -> Path:

@@ -21,7 +21,7 @@ shards() {
   python3 - "$model" <<'PY' || return
 import sys
 import torch
-from cryodeploy.checkpoint import save_checkpoint
+from cryodeploy.models.checkpoint import save_checkpoint
 from cryodeploy.models import ModelSpec, build_model
 torch.manual_seed(0)
 spec = ModelSpec("cnn3")

@@ -13,7 +13,7 @@ step info; python3 -m cryodeploy info
 step checkpoints
 python3 - <<'PY'
 import torch
-from cryodeploy.checkpoint import save_checkpoint
+from cryodeploy.models.checkpoint import save_checkpoint
 from cryodeploy.models import ModelSpec, build_model
 for arch, params in (("cnn3", {}), ("unet", {"base_channels": 16, "depth": 3})):
     torch.manual_seed(0)

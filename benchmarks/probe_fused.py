@@ -11,8 +11,8 @@ import functools
 import torch
 
 from cryodeploy.backends.fused.kernel import fused_cnn3_forward, pack_weights
-from cryodeploy.bench import median_ms
 from cryodeploy.models import ModelSpec, build_model
+from cryodeploy.verify.bench import median_ms
 
 
 def main() -> None:

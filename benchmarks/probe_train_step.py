@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
-from cryodeploy.loader import LoaderConfig, StreamingLoader
 from cryodeploy.models import ModelSpec, build_model
-from cryodeploy.patches import PatchStore
+from cryodeploy.training.loader import LoaderConfig, StreamingLoader
+from cryodeploy.training.store import PatchStore
 
 
 def step_rate(size: int, batch: int, steps: int, dtype: torch.dtype | None, channels_last: bool,

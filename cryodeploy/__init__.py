@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ._version import __version__
-from .errors import CryoDeployError, InputError, ModelError, OutputError
+from cryodeploy._version import __version__
+from cryodeploy.errors import CryoDeployError, InputError, ModelError, OutputError
 
 if TYPE_CHECKING:
-    from .denoiser import Denoiser
+    from cryodeploy.inference.denoiser import Denoiser
 
 __all__ = [
     "CryoDeployError",
@@ -26,15 +26,15 @@ __all__ = [
 
 
 def load_model(model: str = "default") -> Any:
-    """Resolve a model name or path to a :class:`~cryodeploy.source.ModelSource`."""
-    from .source import load_source
+    """Resolve a model name or path to a :class:`~cryodeploy.backends.sources.ModelSource`."""
+    from cryodeploy.backends.sources import load_source
 
     return load_source(model)
 
 
 def __getattr__(name: str) -> Any:
     if name == "Denoiser":
-        from .denoiser import Denoiser
+        from cryodeploy.inference.denoiser import Denoiser
 
         return Denoiser
     raise AttributeError(f"module 'cryodeploy' has no attribute {name!r}")

@@ -1,5 +1,5 @@
 """``python -m cryodeploy`` runs the command line."""
 
-from .cli import main
+from cryodeploy.cli import main
 
 main()

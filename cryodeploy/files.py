@@ -10,7 +10,7 @@ import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import OutputError
+from cryodeploy.errors import OutputError
 
 __all__ = ["CACHE_ENV", "TEMP_PREFIX", "atomic_write", "cache_root", "file_sha256"]
 

@@ -54,9 +54,9 @@ def _devices() -> list[dict[str, Any]]:
 
 def system_info() -> dict[str, Any]:
     """Versions, devices and backend availability as a JSON-ready dict."""
-    from ._version import __version__
-    from .backends import BACKENDS, BackendOptions, availability
-    from .backends.trt.probe import tensorrt_runtime
+    from cryodeploy._version import __version__
+    from cryodeploy.backends import BACKENDS, BackendOptions, availability
+    from cryodeploy.backends.trt.probe import tensorrt_runtime
 
     versions: dict[str, str | None] = {"cryodeploy": __version__, "python": platform.python_version()}
     for dist in (

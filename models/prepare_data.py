@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cryodeploy.mrc import read_micrograph, write_micrograph
-from cryodeploy.noise import NoiseSpec, add_noise, to_unit_range
+from cryodeploy.io.mrc import read_micrograph, write_micrograph
+from cryodeploy.imaging.noise import NoiseSpec, add_noise, to_unit_range
 
 
 def _write(path: Path, data: np.ndarray, label: str | None = None) -> None:

@@ -35,8 +35,8 @@ def cnn3_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A seeded, randomly initialised CNN3 saved as a checkpoint (``.safetensors`` + ``.json``)."""
     import torch
 
-    from cryodeploy.checkpoint import save_checkpoint
     from cryodeploy.models import ModelSpec, build_model
+    from cryodeploy.models.checkpoint import save_checkpoint
 
     torch.manual_seed(0)
     spec = ModelSpec("cnn3")
@@ -49,8 +49,8 @@ def unet_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A seeded, randomly initialised small U-Net (base 8, depth 2) checkpoint."""
     import torch
 
-    from cryodeploy.checkpoint import save_checkpoint
     from cryodeploy.models import ModelSpec, build_model
+    from cryodeploy.models.checkpoint import save_checkpoint
 
     torch.manual_seed(0)
     spec = ModelSpec("unet", params={"base_channels": 8, "depth": 2})
@@ -69,8 +69,8 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def cnn3_onnx(cnn3_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``cnn3_checkpoint`` exported to ONNX (read-only for the tests that share it)."""
+    from cryodeploy.backends.sources import load_source
     from cryodeploy.export.onnx import export_onnx
-    from cryodeploy.source import load_source
 
     return export_onnx(load_source(cnn3_checkpoint), tmp_path_factory.mktemp("onnx") / "cnn3.onnx")
 
@@ -78,8 +78,8 @@ def cnn3_onnx(cnn3_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -
 @pytest.fixture(scope="session")
 def unet_onnx(unet_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``unet_checkpoint`` exported to ONNX."""
+    from cryodeploy.backends.sources import load_source
     from cryodeploy.export.onnx import export_onnx
-    from cryodeploy.source import load_source
 
     return export_onnx(load_source(unet_checkpoint), tmp_path_factory.mktemp("onnx") / "unet.onnx")
 

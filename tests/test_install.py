@@ -38,7 +38,7 @@ def test_wheel_install_finds_default_model(tmp_path: Path) -> None:
         capture_output=True,
     )
     code = (
-        "import cryodeploy, sys; from cryodeploy.source import load_source;"
+        "import cryodeploy, sys; from cryodeploy.backends.sources import load_source;"
         "s = load_source('default'); print(cryodeploy.__file__); print(s.path); print(s.spec.architecture)"
     )
     out = subprocess.run(

@@ -6,8 +6,8 @@ is imported only when it is asked about or used (see :mod:`.registry`).
 
 from __future__ import annotations
 
-from .base import PRECISIONS, Backend, BackendOptions
-from .registry import (
+from cryodeploy.backends.base import PRECISIONS, Backend, BackendOptions
+from cryodeploy.backends.registry import (
     BACKEND_PREFERENCE,
     BACKENDS,
     BackendSpec,

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ConfigError
+from cryodeploy.errors import ConfigError
 
 __all__ = ["PRECISIONS", "Backend", "BackendOptions"]
 

@@ -12,11 +12,11 @@ import importlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..errors import BackendUnavailable, ConfigError, ModelError
-from .base import Backend, BackendOptions
+from cryodeploy.backends.base import Backend, BackendOptions
+from cryodeploy.errors import BackendUnavailable, ConfigError, ModelError
 
 if TYPE_CHECKING:
-    from ..models.source import ModelSource
+    from cryodeploy.models.source import ModelSource
 
 __all__ = [
     "BACKENDS",

@@ -14,8 +14,8 @@ from typing import Any
 
 import click
 
-from .._version import __version__
-from ..errors import CryoDeployError
+from cryodeploy._version import __version__
+from cryodeploy.errors import CryoDeployError
 
 __all__ = ["cli", "main"]
 

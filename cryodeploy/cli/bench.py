@@ -9,11 +9,11 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from ._params import split_csv
+from cryodeploy.cli._params import split_csv
 
 if TYPE_CHECKING:
-    from ..bench import BenchConfig
-    from ..models.source import ModelSource
+    from cryodeploy.models.source import ModelSource
+    from cryodeploy.verify.bench import BenchConfig
 
 
 @click.command()
@@ -57,8 +57,8 @@ def bench(
     quiet: bool,
 ) -> None:
     """Time one micrograph's forward pass for every backend and precision, with the ratio to eager fp32."""
-    from ..bench import BenchConfig, run_bench
-    from ..source import load_source
+    from cryodeploy.backends.sources import load_source
+    from cryodeploy.verify.bench import BenchConfig, run_bench
 
     if device is None:
         import torch
@@ -111,8 +111,8 @@ def _end_to_end(
     """Whole runs over ``inputs`` per variant vs the I/O floor; prints the rows, returns them."""
     import tempfile
 
-    from ..bench import run_e2e
-    from ..inputs import expand_inputs
+    from cryodeploy.io.inputs import expand_inputs
+    from cryodeploy.verify.bench import run_e2e
 
     paths = expand_inputs(list(inputs))
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:

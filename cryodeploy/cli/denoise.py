@@ -6,8 +6,8 @@ from pathlib import Path
 
 import click
 
-from ..backends import backend_help
-from ._params import size_or_auto
+from cryodeploy.backends import backend_help
+from cryodeploy.cli._params import size_or_auto
 
 
 @click.command()
@@ -44,9 +44,9 @@ def denoise(
     cuda_graphs: bool, quiet: bool,
 ) -> None:
     """Denoise micrographs INPUTS (.mrc/.mrcs files, quoted globs, folders, RELION STAR files) into OUTDIR."""
-    from ..denoiser import Denoiser
-    from ..inputs import expand_inputs
-    from ..runner import RunConfig
+    from cryodeploy.inference.denoiser import Denoiser
+    from cryodeploy.inference.runner import RunConfig
+    from cryodeploy.io.inputs import expand_inputs
 
     config = RunConfig(
         tile=size_or_auto(tile, "--tile"), batch=size_or_auto(batch, "--batch"), output_dtype=output_dtype,  # type: ignore[arg-type]

@@ -53,8 +53,8 @@ def evaluate(model: str, pairs: tuple[Path, Path] | None, store: Path | None, sp
     Give exactly one of --pairs NOISY_DIR CLEAN_DIR, --store STORE, or --halves [INPUTS...]
     [--half-pairs DIR_A DIR_B] (micrographs without a clean target).
     """
-    from ..evaluate import EvalConfig, HalvesData, PairsData, StoreData
-    from ..evaluate import evaluate as run_evaluate
+    from cryodeploy.evaluation.evaluate import EvalConfig, HalvesData, PairsData, StoreData
+    from cryodeploy.evaluation.evaluate import evaluate as run_evaluate
 
     modes = [m for m, on in (("--pairs", pairs), ("--store", store), ("--halves", halves)) if on]
     if len(modes) != 1:

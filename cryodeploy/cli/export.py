@@ -32,14 +32,14 @@ def export(
     precision: str | None, shapes: str | None, workspace: int | None, allow_accuracy_loss: bool,
 ) -> None:
     """Export CHECKPOINT (a .safetensors file, its .json, or a run folder) to OUTDIR/model.onnx."""
-    from ..errors import OutputError
-    from ..export.onnx import export_onnx, onnx_metadata
-    from ..source import load_source
+    from cryodeploy.backends.sources import load_source
+    from cryodeploy.errors import OutputError
+    from cryodeploy.export.onnx import export_onnx, onnx_metadata
 
     build = None
     if trt:  # checked before anything is written; without TensorRT this says how to install it
-        from ..backends.trt.probe import require_tensorrt
-        from ..export.engine_cache import BuildConfig
+        from cryodeploy.backends.trt.cache import BuildConfig
+        from cryodeploy.backends.trt.probe import require_tensorrt
 
         require_tensorrt()
     elif precision or shapes or workspace or allow_accuracy_loss:
@@ -58,11 +58,11 @@ def export(
                f"{meta['receptive_radius']} px, stride {meta['stride']})")
     click.echo(f"  verified: {meta['verified']}")
     if raw_dir is not None:
-        from ..rawweights import export_raw
+        from cryodeploy.models.rawweights import export_raw
 
         click.echo(f"wrote raw weights {export_raw(checkpoint, raw_dir)}")
     if build is not None:
-        from ..export.tensorrt import build_engines
+        from cryodeploy.backends.trt.build import build_engines
 
         for record in build_engines(onnx_path, outdir / "engines", build):
             click.echo(record.describe())

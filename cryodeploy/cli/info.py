@@ -11,7 +11,7 @@ import click
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 def info(as_json: bool) -> None:
     """Show package versions, devices, and which backends can run here."""
-    from ..sysinfo import system_info
+    from cryodeploy.sysinfo import system_info
 
     data = system_info()
     if as_json:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from ._params import size_or_auto, split_csv
+from cryodeploy.cli._params import size_or_auto, split_csv
 
 
 @click.command()
@@ -50,10 +50,10 @@ def parity(
     """
     from rich.console import Console
 
-    from ..denoiser import resolve_device
-    from ..inputs import expand_inputs
-    from ..parity import ParityConfig, render, run_parity
-    from ..source import load_source
+    from cryodeploy.backends.sources import load_source
+    from cryodeploy.inference.denoiser import resolve_device
+    from cryodeploy.io.inputs import expand_inputs
+    from cryodeploy.verify.parity import ParityConfig, render, run_parity
 
     if bool(inputs) == bool(synth_count):
         raise click.UsageError("give either INPUTS or --synth N")
@@ -67,7 +67,7 @@ def parity(
         work = workdir or Path(tmp)
         clean: dict[Path, Path] | None
         if synth_count:
-            from ..synth import SynthConfig, synth_micrographs
+            from cryodeploy.imaging.synth import SynthConfig, synth_micrographs
 
             paths = synth_micrographs(work / "synth", SynthConfig(synth_count, size=size, seed=seed))
             clean = {p: p.parent.parent / "clean" / p.name for p in paths}

@@ -107,7 +107,7 @@ def preprocess(
     if adopt is not None:
         if inputs or store or pairs or noise2noise or noise_given:
             raise click.UsageError("--adopt DIR takes only --patch and --overwrite")
-        from ..patches import adopt_raw_store
+        from cryodeploy.training.store import adopt_raw_store
 
         adopted = adopt_raw_store(adopt, patch, overwrite=overwrite)
         click.echo(f"adopted {adopted}")
@@ -123,10 +123,10 @@ def preprocess(
     if dose is not None and dose_range is not None:
         raise click.UsageError("give --dose or --dose-range, not both")
 
-    from ..inputs import expand_inputs
-    from ..noise import NoiseSpec
-    from ..preprocess import PreprocessConfig
-    from ..preprocess import preprocess as run
+    from cryodeploy.imaging.noise import NoiseSpec
+    from cryodeploy.io.inputs import expand_inputs
+    from cryodeploy.training.preprocess import PreprocessConfig
+    from cryodeploy.training.preprocess import preprocess as run
 
     given: dict[str, Any] = {
         k: v for k, v in (("kind", noise_kind), ("dose", dose), ("sigma", sigma)) if v is not None

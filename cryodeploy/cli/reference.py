@@ -22,7 +22,7 @@ def reference() -> None:
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the fixed batch.")
 def make(checkpoint: Path, outdir: Path, batch: int, size: int, seed: int) -> None:
     """Write the reference bundle of CHECKPOINT (file or run folder) into OUTDIR."""
-    from ..reference import make_reference
+    from cryodeploy.verify.reference import make_reference
 
     out = make_reference(checkpoint, outdir, batch=batch, size=size, seed=seed)
     click.echo(f"wrote reference bundle {out}")
@@ -36,7 +36,7 @@ def make(checkpoint: Path, outdir: Path, batch: int, size: int, seed: int) -> No
 @click.pass_context
 def check(ctx: click.Context, bundle: Path, backend: str, device: str) -> None:
     """Recompute BUNDLE and fail (exit 1) if any array differs by more than the tolerance."""
-    from ..reference import check_reference
+    from cryodeploy.verify.reference import check_reference
 
     report = check_reference(bundle, backend=backend, device=device)
     for line in report.lines():

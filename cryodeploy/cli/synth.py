@@ -65,7 +65,7 @@ def synth(
     quiet: bool,
 ) -> None:
     """Write COUNT synthetic micrographs to OUTDIR/clean, OUTDIR/noisy and OUTDIR/noisy2."""
-    from ..synth import SynthConfig, synth_micrographs
+    from cryodeploy.imaging.synth import SynthConfig, synth_micrographs
 
     config = SynthConfig(
         count=count,

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import click
 
-from ..objectives import METHODS
-from ..trainconfig import OPTIMIZERS, PRECISIONS
+from cryodeploy.training.config import OPTIMIZERS, PRECISIONS
+from cryodeploy.training.objectives import METHODS
 
 
 def _params(values: tuple[str, ...]) -> dict[str, object]:
@@ -61,8 +61,8 @@ def train(store: Path, rundir: Path, model: str, params: tuple[str, ...], method
           device: str, loader_threads: int, buffers: int, seed: int, log_every: int, resume: bool,
           quiet: bool) -> None:
     """Train a denoiser on the patch store STORE into the run folder RUNDIR (-o)."""
-    from ..train import train as run_training
-    from ..trainconfig import TrainConfig
+    from cryodeploy.training.config import TrainConfig
+    from cryodeploy.training.train import train as run_training
 
     config = TrainConfig(model=model, model_params=_params(params), epochs=epochs, batch=batch, lr=lr,
                          optimizer=optimizer, val_split=val_split, max_batches=max_batches,

@@ -5,7 +5,7 @@ Importing this package imports neither torch nor onnx; the functions import them
 
 from __future__ import annotations
 
-from .onnx import cached_onnx, check_against_torch, convert_fp16, export_onnx, read_onnx_spec
+from cryodeploy.export.onnx import cached_onnx, check_against_torch, convert_fp16, export_onnx, read_onnx_spec
 
 __all__ = [
     "cached_onnx", "check_against_torch", "convert_fp16", "export_onnx", "read_onnx_spec",

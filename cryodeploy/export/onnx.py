@@ -19,16 +19,16 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .._version import __version__
-from ..errors import ConfigError, CryoDeployError, ModelError, first_line
-from ..files import cache_root
-from ..models import ModelSpec
+from cryodeploy._version import __version__
+from cryodeploy.errors import ConfigError, CryoDeployError, ModelError, first_line
+from cryodeploy.files import cache_root
+from cryodeploy.models import ModelSpec
 
 if TYPE_CHECKING:
     import onnx
     import torch
 
-    from ..models.source import ModelSource
+    from cryodeploy.models.source import ModelSource
 
 __all__ = [
     "DEFAULT_OPSET",
@@ -171,7 +171,7 @@ def export_onnx(
     """
     import onnx
 
-    from ..files import atomic_write
+    from cryodeploy.files import atomic_write
 
     newest = onnx.defs.onnx_opset_version()
     if not MIN_OPSET <= opset <= newest:
@@ -256,7 +256,7 @@ def convert_fp16(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Pa
     """
     import onnx
 
-    from ..files import atomic_write
+    from cryodeploy.files import atomic_write
 
     try:
         from onnxconverter_common import float16

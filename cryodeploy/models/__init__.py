@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from .registry import ARCHITECTURES, ModelSpec, build_model, get_architecture
+from cryodeploy.models.registry import ARCHITECTURES, ModelSpec, build_model, get_architecture
 
 __all__ = ["ARCHITECTURES", "ModelSpec", "build_model", "get_architecture"]

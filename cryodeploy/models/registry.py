@@ -6,9 +6,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..contract import FrameContract
-from ..errors import ConfigError
-from ..normalize import NormSpec
+from cryodeploy.errors import ConfigError
+from cryodeploy.imaging.contract import FrameContract
+from cryodeploy.imaging.normalize import NormSpec
 
 if TYPE_CHECKING:
     import torch
@@ -29,19 +29,19 @@ class Architecture:
 
 
 def _cnn3(**params: Any) -> torch.nn.Module:
-    from .cnn3 import CNN3
+    from cryodeploy.models.cnn3 import CNN3
 
     return CNN3(**params)
 
 
 def _unet(**params: Any) -> torch.nn.Module:
-    from .unet import UNet
+    from cryodeploy.models.unet import UNet
 
     return UNet(**params)
 
 
 def _unet_radius(p: dict[str, Any]) -> int:
-    from .unet import unet_receptive_radius
+    from cryodeploy.models.unet import unet_receptive_radius
 
     return unet_receptive_radius(int(p["depth"]))
 
@@ -110,7 +110,7 @@ class ModelSpec:
 
     @property
     def contract(self) -> FrameContract:
-        """How this model sees an image: its normalization and stride (see :mod:`cryodeploy.contract`)."""
+        """How this model sees an image: its normalization and stride (:mod:`cryodeploy.imaging.contract`)."""
         return FrameContract(self.normalization, self.stride)
 
     def to_dict(self) -> dict[str, Any]:

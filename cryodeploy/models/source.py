@@ -1,4 +1,7 @@
-"""A resolved model: what every backend and the exporter load from (resolution: :mod:`cryodeploy.source`)."""
+"""A resolved model: what every backend and the exporter load from.
+
+Resolving a name or path to one is :mod:`cryodeploy.backends.sources`.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from ..errors import ModelError
-from .registry import ModelSpec
+from cryodeploy.errors import ModelError
+from cryodeploy.models.registry import ModelSpec
 
 if TYPE_CHECKING:
     import torch
@@ -29,11 +32,11 @@ class ModelSource:
     def torch_module(self) -> torch.nn.Module:
         """The model as an eval-mode CPU torch module (checkpoints and raw folders only)."""
         if self.kind == "checkpoint":
-            from ..checkpoint import load_checkpoint
+            from cryodeploy.models.checkpoint import load_checkpoint
 
             return load_checkpoint(self.path)[0]
         if self.kind == "raw":
-            from ..rawweights import load_raw
+            from cryodeploy.models.rawweights import load_raw
 
             return load_raw(self.path)[0]
         what = "an ONNX model" if self.kind == "onnx" else "a TensorRT engine"

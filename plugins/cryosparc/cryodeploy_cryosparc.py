@@ -26,7 +26,7 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from cryodeploy.errors import InputError
-from cryodeploy.mrc import read_header
+from cryodeploy.io.mrc import read_header
 
 if TYPE_CHECKING:
     from cryosparc.dataset import Dataset

@@ -8,12 +8,12 @@ from __future__ import annotations
 import importlib.util
 from typing import TYPE_CHECKING
 
-from ...errors import BackendUnavailable
-from ..base import BackendOptions
+from cryodeploy.backends.base import BackendOptions
+from cryodeploy.errors import BackendUnavailable
 
 if TYPE_CHECKING:
-    from ...models.source import ModelSource
-    from .runner import FusedBackend
+    from cryodeploy.backends.fused.runner import FusedBackend
+    from cryodeploy.models.source import ModelSource
 
 __all__ = ["availability", "create"]
 
@@ -37,6 +37,6 @@ def create(source: ModelSource, options: BackendOptions) -> FusedBackend:
     """A fused backend for a CNN3 model (checkpoint or raw weights)."""
     if source.spec.architecture != "cnn3" or source.spec.params.get("channels", 16) != 16:
         raise BackendUnavailable(f"fused: only for cnn3 with 16 channels, not {source.spec.architecture}")
-    from .runner import FusedBackend
+    from cryodeploy.backends.fused.runner import FusedBackend
 
     return FusedBackend(source.torch_module(), options)

@@ -32,7 +32,7 @@ def pack_weights(
     module: torch.nn.Module, dtype: torch.dtype, device: torch.device
 ) -> dict[str, torch.Tensor]:
     """CNN3 weights in the kernel's layouts: w1 [9,16] fp32, w2 [9,16(in),16(out)], w3 [16(in),16(tap)]."""
-    from ...models.cnn3 import CNN3
+    from cryodeploy.models.cnn3 import CNN3
 
     if not isinstance(module, CNN3):
         raise ValueError(f"fused kernel needs a CNN3 module, found {type(module).__name__}")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..base import Backend, BackendOptions
-from .kernel import fused_cnn3_forward, pack_weights
+from cryodeploy.backends.base import Backend, BackendOptions
+from cryodeploy.backends.fused.kernel import fused_cnn3_forward, pack_weights
 
 __all__ = ["FusedBackend"]
 

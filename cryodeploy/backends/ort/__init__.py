@@ -9,12 +9,12 @@ from __future__ import annotations
 import importlib.util
 from typing import TYPE_CHECKING
 
-from ..base import BackendOptions
-from .loader import build_session, import_ort, model_path
-from .runner import OrtBackend
+from cryodeploy.backends.base import BackendOptions
+from cryodeploy.backends.ort.loader import build_session, import_ort, model_path
+from cryodeploy.backends.ort.runner import OrtBackend
 
 if TYPE_CHECKING:
-    from ...models.source import ModelSource
+    from cryodeploy.models.source import ModelSource
 
 __all__ = ["OrtBackend", "availability", "create"]
 

@@ -19,13 +19,13 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ...errors import BackendUnavailable, ConfigError, ModelError, first_line
-from ..base import BackendOptions
+from cryodeploy.backends.base import BackendOptions
+from cryodeploy.errors import BackendUnavailable, ConfigError, ModelError, first_line
 
 if TYPE_CHECKING:
     import onnxruntime
 
-    from ...models.source import ModelSource
+    from cryodeploy.models.source import ModelSource
 
 __all__ = [
     "CONV_SEARCH", "GRAPH_LEVELS", "build_session", "import_ort", "model_path", "ort_errors", "providers",
@@ -114,8 +114,8 @@ def providers(options: BackendOptions) -> list[tuple[str, dict[str, str]]]:
 
 def model_path(source: ModelSource, precision: str) -> Path:
     """The ONNX file to load: the source's (exported to the cache if it is a checkpoint), fp16 on request."""
-    from ...export.onnx import cached_onnx, convert_fp16, onnx_metadata
-    from ...files import cache_root, file_sha256
+    from cryodeploy.export.onnx import cached_onnx, convert_fp16, onnx_metadata
+    from cryodeploy.files import cache_root, file_sha256
 
     fp32 = cached_onnx(source)
     if precision == "fp32":

@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ...errors import ModelError, first_line
-from ...export.onnx import INPUT_NAME, OUTPUT_NAME
-from ..base import Backend, BackendOptions
-from .loader import ort_errors
+from cryodeploy.backends.base import Backend, BackendOptions
+from cryodeploy.backends.ort.loader import ort_errors
+from cryodeploy.errors import ModelError, first_line
+from cryodeploy.export.onnx import INPUT_NAME, OUTPUT_NAME
 
 if TYPE_CHECKING:
     import onnxruntime

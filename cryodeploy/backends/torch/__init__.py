@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ..base import BackendOptions
-from .runner import TorchBackend
+from cryodeploy.backends.base import BackendOptions
+from cryodeploy.backends.torch.runner import TorchBackend
 
 if TYPE_CHECKING:
-    from ...models.source import ModelSource
+    from cryodeploy.models.source import ModelSource
 
 __all__ = ["TorchBackend", "availability", "create"]
 

@@ -1,4 +1,4 @@
-"""The PyTorch runner: inference only; the module is loaded by :mod:`cryodeploy.source`.
+"""The PyTorch runner: inference only; the module is loaded by :mod:`cryodeploy.backends.sources`.
 
 channels_last on CPU and CUDA (issue 6 measured CNN3 at 2048^2 on 2 CPU threads: 627 ms
 channels_last vs 1277 ms NCHW). On CUDA a batch goes through reusable pinned host buffers
@@ -15,7 +15,7 @@ import contextlib
 import numpy as np
 import torch
 
-from ..base import Backend, BackendOptions
+from cryodeploy.backends.base import Backend, BackendOptions
 
 __all__ = ["TorchBackend"]
 

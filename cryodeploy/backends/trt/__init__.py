@@ -9,17 +9,17 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ..base import Backend, BackendOptions
+from cryodeploy.backends.base import Backend, BackendOptions
 
 if TYPE_CHECKING:
-    from ...models.source import ModelSource
+    from cryodeploy.models.source import ModelSource
 
 __all__ = ["availability", "create"]
 
 
 def availability(options: BackendOptions) -> tuple[bool, str]:
     """TensorRT runs only with its runtime (not just type stubs) and a CUDA device."""
-    from .probe import tensorrt_runtime
+    from cryodeploy.backends.trt.probe import tensorrt_runtime
 
     found, reason = tensorrt_runtime()
     if found is None:
@@ -36,7 +36,7 @@ def availability(options: BackendOptions) -> tuple[bool, str]:
 def create(source: ModelSource, options: BackendOptions) -> Backend:
     """A TensorRT backend for an engine file, or for the cached engine of a checkpoint/ONNX model
     on this GPU (built into the engine cache first if missing)."""
-    from .engines import engine_for_source
-    from .runner import TrtBackend
+    from cryodeploy.backends.trt.engines import engine_for_source
+    from cryodeploy.backends.trt.runner import TrtBackend
 
     return TrtBackend(engine_for_source(source, options), options)

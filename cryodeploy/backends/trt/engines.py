@@ -6,15 +6,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ...errors import ConfigError
-from ...export.engine_cache import ENGINE_PRECISIONS, BuildConfig
-from ...export.profile import DEFAULT_SHAPES, ProfileShapes, parse_shapes
-from ...export.tensorrt import build_engines
-from ..base import BackendOptions
-from .loader import device_index
+from cryodeploy.backends.base import BackendOptions
+from cryodeploy.backends.trt.build import build_engines
+from cryodeploy.backends.trt.cache import ENGINE_PRECISIONS, BuildConfig
+from cryodeploy.backends.trt.loader import device_index
+from cryodeploy.backends.trt.profile import DEFAULT_SHAPES, ProfileShapes, parse_shapes
+from cryodeploy.errors import ConfigError
 
 if TYPE_CHECKING:
-    from ...models.source import ModelSource
+    from cryodeploy.models.source import ModelSource
 
 __all__ = ["engine_for_source"]
 
@@ -33,8 +33,8 @@ def engine_for_source(source: ModelSource, options: BackendOptions) -> Path:
     ``engine_cache`` (a folder), ``allow_accuracy_loss``."""
     if source.kind == "engine":
         return source.path
-    from ...export.onnx import cached_onnx
-    from ...files import cache_root
+    from cryodeploy.export.onnx import cached_onnx
+    from cryodeploy.files import cache_root
 
     if options.precision not in ENGINE_PRECISIONS:
         raise ConfigError(f"trt: precision {options.precision!r} not supported, expected fp32 or fp16")

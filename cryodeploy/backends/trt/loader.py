@@ -15,8 +15,8 @@ from pathlib import Path
 import tensorrt as trt
 import torch
 
-from ...errors import ConfigError, ModelError
-from ...export.engine_cache import EngineSidecar, Platform, check_gate, check_platform
+from cryodeploy.backends.trt.cache import EngineSidecar, Platform, check_gate, check_platform
+from cryodeploy.errors import ConfigError, ModelError
 
 __all__ = ["LoadedEngine", "TrtLogger", "current_platform", "device_index", "load_engine"]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from ...errors import BackendUnavailable
+from cryodeploy.errors import BackendUnavailable
 
 __all__ = ["INSTALL_HINT", "require_tensorrt", "tensorrt_runtime"]
 

@@ -10,11 +10,11 @@ import numpy as np
 import tensorrt as trt
 import torch
 
-from ...errors import ModelError
-from ...export.engine_cache import read_sidecar
-from ...export.profile import ProfileShapes, plan_batches, select_shape
-from ..base import Backend, BackendOptions
-from .loader import LoadedEngine, device_index, load_engine
+from cryodeploy.backends.base import Backend, BackendOptions
+from cryodeploy.backends.trt.cache import read_sidecar
+from cryodeploy.backends.trt.loader import LoadedEngine, device_index, load_engine
+from cryodeploy.backends.trt.profile import ProfileShapes, plan_batches, select_shape
+from cryodeploy.errors import ModelError
 
 __all__ = ["TrtBackend"]
 

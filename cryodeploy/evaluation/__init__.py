@@ -1,0 +1,2 @@
+"""Denoising quality: evaluation data, metrics against baselines, half-set evaluation, red flags,
+the report."""

@@ -1,0 +1,82 @@
+"""Per-micrograph robust normalization, the same in training and inference, with its exact inverse."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from cryodeploy.errors import ConfigError
+
+__all__ = ["NormSpec", "NormStats", "denormalize", "norm_stats", "normalize"]
+
+#: At most this many pixels (a regular subsample) are used to estimate the statistics.
+_MAX_SAMPLES = 1 << 20
+
+
+@dataclass(frozen=True)
+class NormSpec:
+    """How to normalize: ``robust`` = mean/std of the pixels between two percentiles.
+
+    Stored in every model's config so inference applies exactly what training used.
+    """
+
+    method: str = "robust"
+    low_percentile: float = 1.0
+    high_percentile: float = 99.0
+
+    def __post_init__(self) -> None:
+        if self.method != "robust":
+            raise ConfigError(f"normalization method {self.method!r} unknown, expected 'robust'")
+        if not 0.0 <= self.low_percentile < self.high_percentile <= 100.0:
+            raise ConfigError(
+                f"normalization percentiles ({self.low_percentile}, {self.high_percentile}) "
+                "must satisfy 0 <= low < high <= 100"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> NormSpec:
+        """Inverse of :meth:`to_dict`; rejects unknown fields."""
+        unknown = set(d) - {"method", "low_percentile", "high_percentile"}
+        if unknown:
+            raise ConfigError(f"normalization has unknown fields {sorted(unknown)}")
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class NormStats:
+    """The affine map of one micrograph: ``normalized = (x - center) / scale``."""
+
+    center: float
+    scale: float
+
+
+def norm_stats(image: np.ndarray, spec: NormSpec = NormSpec()) -> NormStats:
+    """Robust center and scale of one 2-D image (deterministic regular subsample of large images)."""
+    flat = np.asarray(image, dtype=np.float32).reshape(-1)
+    step = max(1, flat.size // _MAX_SAMPLES)
+    sample = flat[::step].astype(np.float64)
+    lo, hi = np.percentile(sample, [spec.low_percentile, spec.high_percentile])
+    core = sample[(sample >= lo) & (sample <= hi)]
+    if core.size < 2:
+        core = sample
+    center = float(core.mean())
+    scale = float(core.std())
+    if not np.isfinite(scale) or scale <= 0.0:
+        scale = float(sample.std()) or 1.0
+    return NormStats(center=center, scale=scale)
+
+
+def normalize(image: np.ndarray, stats: NormStats) -> np.ndarray:
+    """Apply ``(x - center) / scale`` in float64 (no overflow near the float32 limit); float32 out."""
+    return ((np.asarray(image, dtype=np.float64) - stats.center) / stats.scale).astype(np.float32)
+
+
+def denormalize(image: np.ndarray, stats: NormStats) -> np.ndarray:
+    """Inverse of :func:`normalize`: ``x * scale + center``, computed in float64, as float32."""
+    return (np.asarray(image, dtype=np.float64) * stats.scale + stats.center).astype(np.float32)

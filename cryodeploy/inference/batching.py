@@ -1,0 +1,267 @@
+"""Batched tiled inference: frames go in, tiles of several frames share a batch, denoised frames
+come out. Picks the tile and batch size for ``"auto"`` and halves them on out-of-memory errors.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from cryodeploy.errors import CryoDeployError, first_line
+from cryodeploy.inference.tiling import TilePlan, min_tile
+
+if TYPE_CHECKING:
+    from cryodeploy.backends import Backend
+    from cryodeploy.models import ModelSpec
+
+__all__ = [
+    "CPU_BATCH",
+    "CPU_TILE",
+    "FrameTask",
+    "TiledEngine",
+    "activation_bytes_per_pixel",
+    "auto_geometry",
+    "error_text",
+    "fit_geometry",
+    "is_out_of_memory",
+]
+
+log = logging.getLogger(__name__)
+
+#: ``"auto"`` on the CPU: a fixed tile and batch (speed there hardly depends on them).
+CPU_TILE = 1024
+CPU_BATCH = 2
+#: share of the free device memory ``"auto"`` plans to use (the rest: workspaces, fragmentation)
+_MEMORY_SHARE = 0.5
+_MAX_AUTO_BATCH = 8
+#: pixels per batch that keep a GPU busy; more only delays the writer (whole 4096^2 frames: batch 1)
+_BATCH_PIXELS = 4096 * 4096
+_OOM_MESSAGES = ("out of memory", "failed to allocate memory", "can't allocate memory")
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """True for torch's OutOfMemoryError and for allocation failures of ONNX Runtime / TensorRT."""
+    if type(err).__name__ == "OutOfMemoryError":
+        return True
+    text = str(err).lower()
+    return any(m in text for m in _OOM_MESSAGES)
+
+
+def _release_device_cache() -> None:
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def activation_bytes_per_pixel(spec: ModelSpec) -> float:
+    """Upper bound of fp32 activation bytes per input pixel: every layer output kept, traced on 'meta'."""
+    import torch
+
+    from cryodeploy.models import build_model
+
+    with torch.device("meta"):
+        model = build_model(spec)
+    total = 0
+
+    def count(_m: Any, _i: Any, out: Any) -> None:
+        nonlocal total
+        total += out.numel() * 4 if isinstance(out, torch.Tensor) else 0
+
+    hooks = [m.register_forward_hook(count) for m in model.modules() if not list(m.children())]
+    side = 8 * spec.stride
+    with torch.no_grad():
+        model(torch.empty(1, 1, side, side, device="meta"))
+    for h in hooks:
+        h.remove()
+    return (total + 8 * side * side) / (side * side)
+
+
+def _free_bytes(device: str) -> int | None:
+    """Free memory of a CUDA device (via torch), or None where it cannot be asked."""
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+    except (ImportError, RuntimeError):
+        return None
+
+
+def auto_geometry(
+    shape: tuple[int, int], spec: ModelSpec, device: str, tile: int | None, batch: int | None
+) -> tuple[int, int]:
+    """Tile and batch for frames of padded ``shape``: the largest that fit half the free device memory.
+
+    On the CPU (or where free memory is unknown) a fixed :data:`CPU_TILE` / :data:`CPU_BATCH`.
+    """
+    free = _free_bytes(device) if device.startswith("cuda") else None
+    if free is None:
+        return tile or CPU_TILE, batch or CPU_BATCH
+    tile, batch = fit_geometry(shape, spec, free, tile, batch)
+    log.info("auto geometry on %s (%.1f GiB free): tile %d, batch %d", device, free / 2**30, tile, batch)
+    return tile, batch
+
+
+def fit_geometry(
+    shape: tuple[int, int],
+    spec: ModelSpec,
+    free_bytes: int,
+    tile: int | None = None,
+    batch: int | None = None,
+) -> tuple[int, int]:
+    """The largest tile (whole frame if possible, else halved) and batch whose activations fit in
+    half of ``free_bytes``; a batch holds at most a 4096^2 frame's worth of pixels."""
+    budget = free_bytes * _MEMORY_SHARE
+    bpp = activation_bytes_per_pixel(spec)
+    if tile is None:
+        tile = max(shape)
+        floor = min_tile(spec.receptive_radius, spec.stride)
+        while tile > floor and min(tile, shape[0]) * min(tile, shape[1]) * bpp > budget:
+            tile = max(floor, tile // 2)
+    if batch is None:
+        pixels = min(tile, shape[0]) * min(tile, shape[1])
+        batch = int(max(1, min(_MAX_AUTO_BATCH, _BATCH_PIXELS // pixels, budget // (pixels * bpp))))
+    return tile, batch
+
+
+@dataclass(eq=False)
+class FrameTask:
+    """One 2-D frame: normalized and padded to the model stride; ``output()`` once done."""
+
+    key: Any
+    image: np.ndarray
+    shape: tuple[int, int]
+    plan: TilePlan | None = None
+    out: np.ndarray | None = None
+    remaining: int = 0
+    error: BaseException | None = None
+
+    def output(self) -> np.ndarray:
+        """The denoised frame (normalized units), cropped to :attr:`shape`."""
+        assert self.plan is not None and self.out is not None
+        return self.plan.crop(self.out)
+
+
+class TiledEngine:
+    """Feeds frames' tiles to a backend in batches (several frames per batch) and stitches results.
+
+    ``add`` and ``flush`` return the frames that finished, successfully or with ``error`` set.
+    An out-of-memory error halves the batch, then the tile, and retries instead of failing.
+    """
+
+    def __init__(
+        self, backend: Backend, spec: ModelSpec, tile: int | str = "auto", batch: int | str = "auto"
+    ) -> None:
+        self.backend = backend
+        self.radius, self.stride = spec.receptive_radius, spec.stride
+        self._spec = spec
+        self.tile: int | None = None if tile == "auto" else int(tile)
+        self.batch: int | None = None if batch == "auto" else int(batch)
+        if self.tile is not None:
+            TilePlan.create((self.tile, self.tile), self.tile, self.radius, self.stride)  # rejects too small
+        self._pending: list[tuple[FrameTask, int]] = []
+        self._buffer = np.empty((0, 1, 0, 0), np.float32)
+
+    def add(self, frame: FrameTask) -> list[FrameTask]:
+        """Queue all tiles of ``frame``; run every full batch."""
+        if self.tile is None or self.batch is None:
+            self.tile, self.batch = auto_geometry(
+                frame.image.shape, self._spec, self.backend.device, self.tile, self.batch
+            )
+        self._plan(frame)
+        assert frame.plan is not None
+        done: list[FrameTask] = []
+        if self._pending and self._pending[0][0].plan.tile_shape != frame.plan.tile_shape:  # type: ignore[union-attr]
+            done += self._drain(final=True)
+        self._pending += [(frame, i) for i in range(len(frame.plan))]
+        return done + self._drain(final=False)
+
+    def flush(self) -> list[FrameTask]:
+        """Run what is queued, partial batch included."""
+        return self._drain(final=True)
+
+    def _plan(self, frame: FrameTask) -> None:
+        assert self.tile is not None
+        frame.plan = TilePlan.create(frame.shape, self.tile, self.radius, self.stride)
+        frame.out, frame.remaining = None, len(frame.plan)
+
+    def _drain(self, final: bool) -> list[FrameTask]:
+        done: list[FrameTask] = []
+        while self._pending and self.batch and (final or len(self._pending) >= self.batch):
+            chunk = self._pending[: self.batch]
+            try:
+                outputs = self._forward(chunk)
+            except Exception as err:  # backends raise library-specific types; OOM is told by class/message
+                if is_out_of_memory(err) and self._back_off(chunk):
+                    continue
+                done += self._fail(chunk, err)
+                continue
+            del self._pending[: len(chunk)]
+            for (frame, i), result in zip(chunk, outputs, strict=True):
+                assert frame.plan is not None
+                if frame.out is None:
+                    frame.out = np.empty(frame.plan.padded_shape, np.float32)
+                frame.plan.stitch(frame.out, i, result[0])
+                frame.remaining -= 1
+                if frame.remaining == 0:
+                    done.append(frame)
+        return done
+
+    def _forward(self, chunk: list[tuple[FrameTask, int]]) -> np.ndarray:
+        """Run one batch; a partial batch is zero-filled to the full batch size, because results
+        must not depend on how many tiles happened to be left (CPU kernels differ for N=1)."""
+        plan = chunk[0][0].plan
+        assert plan is not None and self.batch is not None
+        th, tw = plan.tile_shape
+        if self._buffer.shape[0] < self.batch or self._buffer.shape[2:] != (th, tw):
+            self._buffer = np.empty((self.batch, 1, th, tw), np.float32)
+        buf = self._buffer[: self.batch]
+        for k, (frame, i) in enumerate(chunk):
+            assert frame.plan is not None
+            buf[k, 0] = frame.plan.extract(frame.image, i)
+        buf[len(chunk):] = 0.0
+        return self.backend.run(buf)[: len(chunk)]
+
+    def _back_off(self, chunk: list[tuple[FrameTask, int]]) -> bool:
+        """Halve the batch (or, at batch 1, the tile and re-plan queued frames); False if at the minimum."""
+        _release_device_cache()
+        assert self.batch is not None
+        if self.batch > 1:  # the failed batch was padded to self.batch
+            self.batch //= 2
+            log.warning("%s: out of memory; batch reduced to %d", self.backend.label, self.batch)
+            return True
+        plan = chunk[0][0].plan
+        assert plan is not None and self.tile is not None
+        tile = min(self.tile, max(plan.tile_shape)) // 2 // self.stride * self.stride
+        if tile < min_tile(self.radius, self.stride):
+            return False
+        self.tile = tile
+        log.warning("%s: out of memory; tile reduced to %d", self.backend.label, tile)
+        frames = list(dict.fromkeys(f for f, _ in self._pending))
+        self._pending = []
+        for frame in frames:
+            self._plan(frame)
+            assert frame.plan is not None
+            self._pending += [(frame, i) for i in range(len(frame.plan))]
+        return True
+
+    def _fail(self, chunk: list[tuple[FrameTask, int]], err: Exception) -> list[FrameTask]:
+        failed = list(dict.fromkeys(f for f, _ in chunk))
+        for frame in failed:
+            frame.error = err
+        self._pending = [(f, i) for f, i in self._pending if f.error is None]
+        return failed
+
+
+def error_text(err: BaseException, label: str) -> str:
+    """One line for a summary: library errors as they are, anything else with its type and ``label``."""
+    if isinstance(err, CryoDeployError):
+        return str(err)
+    first = first_line(err)
+    return f"{label}: {type(err).__name__}: {first}"
+

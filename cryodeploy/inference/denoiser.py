@@ -1,0 +1,138 @@
+"""The Python API: ``Denoiser.load(model, device, backend)``, then ``d(array)``, ``d.denoise_files(...)``
+or ``d.denoise_pairs(...)``.
+
+    from cryodeploy import Denoiser
+    with Denoiser.load("default", device="auto") as d:
+        clean = d(noisy)                                   # 2-D image or 3-D stack, input's scale
+        summary = d.denoise_files(paths, "denoised/", skip_existing=True)
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from cryodeploy.errors import ConfigError
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from cryodeploy.backends import Backend
+    from cryodeploy.inference.jobs import RunConfig, RunSummary
+    from cryodeploy.models import ModelSpec
+    from cryodeploy.models.source import ModelSource
+
+__all__ = ["Denoiser", "resolve_device"]
+
+def resolve_device(device: str = "auto", environ: dict[str, str] | None = None) -> str:
+    """``auto``: ``cuda`` if torch sees a GPU, else ``cpu``; ``cuda`` under torchrun: ``cuda:LOCAL_RANK``."""
+    env = os.environ if environ is None else environ
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and "LOCAL_RANK" in env:
+        device = f"cuda:{int(env['LOCAL_RANK'])}"
+    return device
+
+
+def _run_config(config: RunConfig | None, options: dict[str, Any]) -> RunConfig:
+    """``config``, or a :class:`~cryodeploy.inference.runner.RunConfig` built from ``options`` (not both)."""
+    from cryodeploy.inference.runner import RunConfig
+
+    if config is not None and options:
+        raise ConfigError(f"pass either a RunConfig or options, not both (found {sorted(options)})")
+    return config if config is not None else RunConfig.from_options(**options)
+
+
+class Denoiser:
+    """A loaded model on one backend: call it on arrays, or run it over files."""
+
+    def __init__(self, source: ModelSource, backend: Backend) -> None:
+        self.source = source
+        self.backend = backend
+
+    @classmethod
+    def load(
+        cls,
+        model: str | os.PathLike[str] = "default",
+        device: str = "auto",
+        backend: str = "auto",
+        precision: str = "fp32",
+        threads: int = 0,
+        tf32: bool = False,
+        **options: Any,
+    ) -> Denoiser:
+        """Load ``model`` (``"default"``, a checkpoint/run folder, raw weights, ``.onnx`` or an engine).
+
+        ``device``: ``auto``/``cpu``/``cuda``/``cuda:N``; ``backend``: ``auto`` (see
+        :data:`~cryodeploy.backends.BACKEND_PREFERENCE`) or a registered name; ``options`` go to the backend
+        (e.g. ``cuda_graphs=True`` for torch).
+        """
+        from cryodeploy.backends import BackendOptions, create_auto, create_backend
+        from cryodeploy.backends.sources import load_source
+
+        source = load_source(model)
+        opts = BackendOptions(
+            device=resolve_device(device), precision=precision, threads=threads, tf32=tf32,
+            extra=tuple(sorted(options.items())),
+        )
+        if backend == "auto":
+            return cls(source, create_auto(source, opts))
+        return cls(source, create_backend(backend, source, opts))
+
+    @property
+    def spec(self) -> ModelSpec:
+        """The model's geometry and normalization."""
+        return self.source.spec
+
+    def __call__(self, array: np.ndarray, tile: int | str = "auto", batch: int | str = "auto") -> np.ndarray:
+        """Denoise a 2-D image or a 3-D stack (frames first); same shape, in the input's intensity scale."""
+        from cryodeploy.inference.runner import denoise_image
+
+        return denoise_image(np.asarray(array), self.backend, self.spec, tile=tile, batch=batch)
+
+    def denoise_files(
+        self,
+        paths: Iterable[str | os.PathLike[str]],
+        outdir: str | os.PathLike[str],
+        config: RunConfig | None = None,
+        **options: Any,
+    ) -> RunSummary:
+        """Denoise files into ``outdir`` with ``config``, or with ``options`` naming
+        :class:`~cryodeploy.inference.runner.RunConfig` fields (``skip_existing=True``, ``tile=512``, ...)."""
+        from cryodeploy.inference.runner import denoise_files
+
+        return denoise_files(paths, Path(outdir), self.backend, self.spec, _run_config(config, options))
+
+    def denoise_pairs(
+        self,
+        pairs: Iterable[tuple[str | os.PathLike[str], str | os.PathLike[str]]],
+        config: RunConfig | None = None,
+        **options: Any,
+    ) -> RunSummary:
+        """Denoise each ``(input, output)`` pair (outputs in any folders); ``config``/``options`` as
+        for :meth:`denoise_files`."""
+        from cryodeploy.inference.runner import denoise_pairs
+
+        return denoise_pairs(pairs, self.backend, self.spec, _run_config(config, options))
+
+    def close(self) -> None:
+        """Release the backend (idempotent)."""
+        self.backend.close()
+
+    def __enter__(self) -> Denoiser:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Denoiser({self.source.path.name}, {self.spec.architecture}, {self.backend.label})"
+

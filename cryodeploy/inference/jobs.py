@@ -1,0 +1,264 @@
+"""What a denoising run does before any work: its configuration, the shard of the file list it
+owns, one output path per input (by default its own name in the output folder, never two
+inputs on one output), and the summary it reports at the end."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from cryodeploy.errors import ConfigError, OutputError
+from cryodeploy.files import TEMP_PREFIX
+from cryodeploy.inference.claims import CLAIM_PREFIX
+
+__all__ = [
+    "FileResult",
+    "Job",
+    "RunConfig",
+    "RunSummary",
+    "output_name",
+    "output_pairs",
+    "parse_shard",
+    "plan_jobs",
+    "resolve_shard",
+]
+
+Status = Literal["pending", "done", "skipped", "failed"]
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """Parse ``"i/n"`` (0-based shard i of n)."""
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise ConfigError(f"shard {text!r}: expected 'i/n' with integers, e.g. 0/4") from None
+    return _check_shard(i, n, f"shard {text!r}")
+
+
+def _check_shard(i: int, n: int, what: str) -> tuple[int, int]:
+    if n < 1 or not 0 <= i < n:
+        raise ConfigError(f"{what}: found index {i} of {n}, expected 0 <= index < count")
+    return i, n
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """How :func:`cryodeploy.inference.runner.denoise_files` runs; validated on construction.
+
+    ``tile``/``batch``: ``"auto"`` (fit the device's free memory) or an int. ``shard``: ``(i, n)``,
+    ``"i/n"``, or None for the environment (torchrun RANK/WORLD_SIZE, SLURM array) or the whole
+    list. ``queue_depth`` bounds the micrograph frames held between reader, model and writer.
+    """
+
+    tile: int | Literal["auto"] = "auto"
+    batch: int | Literal["auto"] = "auto"
+    output_dtype: Literal["float32", "float16"] = "float32"
+    suffix: str = ""
+    skip_existing: bool = False
+    overwrite: bool = False
+    shard: tuple[int, int] | str | None = None
+    summary: Path | str | None = None
+    quiet: bool = False
+    preview: bool = False
+    keep_normalized: bool = False
+    queue_depth: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("tile", "batch"):
+            value = getattr(self, name)
+            if value != "auto" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ConfigError(f"{name} {value!r}: expected 'auto' or a positive integer")
+        if self.output_dtype not in ("float32", "float16"):
+            raise ConfigError(f"output dtype {self.output_dtype!r}: expected float32 or float16")
+        if any(c in self.suffix for c in ("/", "\\", "\0")):
+            raise ConfigError(f"suffix {self.suffix!r}: must not contain path separators")
+        if self.skip_existing and self.overwrite:
+            raise ConfigError("skip_existing and overwrite contradict each other: choose one")
+        if self.queue_depth < 1:
+            raise ConfigError(f"queue_depth {self.queue_depth}: expected >= 1")
+        if isinstance(self.shard, str):
+            object.__setattr__(self, "shard", parse_shard(self.shard))
+        elif self.shard is not None:
+            object.__setattr__(self, "shard", _check_shard(int(self.shard[0]), int(self.shard[1]), "shard"))
+        if self.summary is not None:
+            object.__setattr__(self, "summary", Path(self.summary))
+
+    @classmethod
+    def from_options(cls, **options: Any) -> RunConfig:
+        """Build from keyword options, naming unknown ones in a :class:`ConfigError`."""
+        unknown = sorted(set(options) - set(cls.__dataclass_fields__))
+        if unknown:
+            known = sorted(cls.__dataclass_fields__)
+            raise ConfigError(f"unknown run options {unknown}, expected some of {known}")
+        return cls(**options)
+
+
+def resolve_shard(shard: tuple[int, int] | None, environ: Mapping[str, str] | None = None) -> tuple[int, int]:
+    """The shard to run: explicit, else torchrun's RANK/WORLD_SIZE, else a SLURM array task, else (0, 1)."""
+    env = os.environ if environ is None else environ
+    if shard is not None:
+        return shard
+    try:
+        if "RANK" in env and "WORLD_SIZE" in env:
+            return _check_shard(int(env["RANK"]), int(env["WORLD_SIZE"]), "RANK/WORLD_SIZE")
+        if "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
+            step = int(env.get("SLURM_ARRAY_TASK_STEP", "1"))
+            index = (int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", "0"))) // step
+            return _check_shard(index, int(env["SLURM_ARRAY_TASK_COUNT"]), "SLURM_ARRAY_TASK_ID/COUNT")
+    except ValueError as err:
+        raise ConfigError(f"shard from the environment: {err}") from err
+    return 0, 1
+
+
+def output_name(source: Path, suffix: str = "") -> str:
+    """The output file name of input ``source``: its own name, ``suffix`` added to the stem."""
+    name = Path(source).name
+    stem, dot, ext = name.rpartition(".")
+    out = f"{stem}{suffix}.{ext}" if dot and stem else f"{name}{suffix}"
+    if out in ("", ".", "..") or Path(out).name != out or out.startswith((TEMP_PREFIX, CLAIM_PREFIX)):
+        raise OutputError(f"{source}: cannot derive a safe output name (found {out!r})")
+    return out
+
+
+@dataclass
+class FileResult:
+    """One input's outcome: status done/skipped/failed, wall seconds, and the error or reason."""
+
+    input: str
+    output: str
+    status: Status = "pending"
+    seconds: float = 0.0
+    error: str | None = None
+    frames: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+
+@dataclass
+class Job:
+    """A planned input -> output; ``planned`` is the output's identity when planned (None: absent)."""
+
+    input: Path
+    output: Path
+    planned: tuple[int, int] | None
+    result: FileResult
+    runtime: dict[str, Any] = field(default_factory=dict)
+
+
+def file_identity(path: Path) -> tuple[int, int] | None:
+    """(inode, mtime in ns) of ``path``, or None if it does not exist; a rewrite changes it."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
+def output_pairs(
+    paths: Iterable[str | os.PathLike[str]], outdir: Path, suffix: str = ""
+) -> list[tuple[Path, Path]]:
+    """(input, output) for each input: the output is ``outdir`` / its :func:`output_name`."""
+    return [(src, outdir / output_name(src, suffix)) for src in map(Path, paths)]
+
+
+def plan_jobs(pairs: Iterable[tuple[Path, Path]], config: RunConfig) -> list[Job]:
+    """This shard's (input, output) jobs; every conflict is an error before any work.
+
+    Two inputs of the whole list (not just this shard) on one output (its name compared
+    case-insensitively, previews included), an output that is its own input, or existing
+    outputs without ``skip_existing``/``overwrite`` raise :class:`OutputError`.
+    """
+    # one job per pair (two spellings of one path are one file), keeping the first spelling
+    unique = {(os.path.abspath(s), os.path.abspath(o)): (s, o) for s, o in reversed(list(pairs))}
+    everything = sorted(unique.values(), key=lambda pair: (str(pair[0]), str(pair[1])))
+    owner: dict[tuple[str, str], tuple[Path, Path]] = {}
+    for src, out in everything:
+        names = [out.name] + ([out.stem + ".png"] if config.preview else [])
+        for name in names:
+            other = owner.setdefault((os.path.abspath(out.parent), name.casefold()), (src, out))
+            if other != (src, out):
+                raise OutputError(
+                    f"{other[0]} and {src} would both write {out.parent / name}: rename one of them"
+                )
+    i, n = resolve_shard(config.shard if isinstance(config.shard, tuple) else None)
+    jobs: list[Job] = []
+    existing: list[Path] = []
+    for src, out in everything[i::n]:  # round-robin over the sorted list: shards are disjoint
+        if src.exists() and out.exists() and os.path.samefile(src, out):
+            raise OutputError(f"{out}: the output would replace its input; use another folder or a suffix")
+        job = Job(src, out, file_identity(out), FileResult(str(src), str(out)))
+        if job.planned is not None and not config.overwrite:
+            if config.skip_existing:
+                job.result.status, job.result.error = "skipped", "output exists"
+            else:
+                existing.append(out)
+        jobs.append(job)
+    if existing:
+        more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
+        raise OutputError(f"{existing[0]}: output exists{more}; use --skip-existing or --overwrite")
+    return jobs
+
+
+@dataclass
+class RunSummary:
+    """The outcome of a run: one :class:`FileResult` per input of this shard, in processing order."""
+
+    files: list[FileResult]
+    seconds: float
+    backend: str
+    shard: tuple[int, int] = (0, 1)
+    tile: int | None = None
+    batch: int | None = None
+
+    def count(self, status: Status) -> int:
+        """Number of files with ``status``."""
+        return sum(f.status == status for f in self.files)
+
+    @property
+    def ok(self) -> bool:
+        """True when no file failed."""
+        return self.count("failed") == 0
+
+    @property
+    def megabytes_per_second(self) -> float:
+        """Input megabytes of the denoised files per wall second."""
+        return sum(f.bytes_in for f in self.files) / 1e6 / max(self.seconds, 1e-9)
+
+    def line(self) -> str:
+        """One line: counts, seconds and throughput."""
+        return (
+            f"denoised {self.count('done')}, skipped {self.count('skipped')}, failed {self.count('failed')} "
+            f"in {self.seconds:.1f} s ({self.megabytes_per_second:.1f} MB/s)"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {
+            "format": "cryodeploy-denoise-summary/1",
+            "backend": self.backend,
+            "shard": list(self.shard),
+            "tile": self.tile,
+            "batch": self.batch,
+            "seconds": round(self.seconds, 3),
+            "done": self.count("done"),
+            "skipped": self.count("skipped"),
+            "failed": self.count("failed"),
+            "files": [{**asdict(f), "seconds": round(f.seconds, 3)} for f in self.files],
+        }
+
+    def write(self, path: str | os.PathLike[str]) -> Path:
+        """Write the summary JSON atomically (under a claim, so a concurrent cleanup leaves it alone)."""
+        from cryodeploy.files import atomic_write
+        from cryodeploy.inference.claims import try_claim
+
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        claim = try_claim(target, blocking=True)
+        assert claim is not None  # a blocking claim waits instead of giving up
+        with claim, atomic_write(target) as tmp:
+            tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return target

@@ -1,0 +1,83 @@
+"""Expand what the user names as inputs (files, quoted globs, directories, RELION micrograph STAR
+files) into an ordered, de-duplicated list of micrograph paths."""
+
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+
+from cryodeploy.errors import InputError
+
+__all__ = ["MICROGRAPH_SUFFIXES", "expand_inputs", "read_star_micrographs"]
+
+#: File name endings taken from a directory.
+MICROGRAPH_SUFFIXES = (".mrc", ".mrcs")
+
+
+def _resolve_star_path(name: str, star: Path, project_dir: Path | None) -> Path:
+    """RELION paths are relative to the project directory; find it if not given.
+
+    Tried in order: ``project_dir`` (or the working directory), then each parent of the STAR file.
+    """
+    p = Path(name)
+    if p.is_absolute():
+        return p
+    bases = [project_dir or Path.cwd(), *star.resolve().parents]
+    for base in bases:
+        if (base / p).exists():
+            return base / p
+    return bases[0] / p
+
+
+def read_star_micrographs(star: str | os.PathLike[str], project_dir: Path | None = None) -> list[Path]:
+    """Micrograph paths (``rlnMicrographName``) of a RELION 3.0-5 micrographs STAR file."""
+    import starfile
+
+    s = Path(star)
+    try:
+        blocks = starfile.read(s, always_dict=True)
+    except Exception as err:  # starfile raises many types on malformed input
+        raise InputError(f"{s}: not a readable STAR file ({type(err).__name__}: {err})") from err
+    for block in blocks.values():
+        if hasattr(block, "columns") and "rlnMicrographName" in block.columns:
+            return [_resolve_star_path(str(n), s, project_dir) for n in block["rlnMicrographName"]]
+    raise InputError(f"{s}: no table with rlnMicrographName, expected a RELION micrographs STAR file")
+
+
+def expand_inputs(items: list[str] | tuple[str, ...], project_dir: Path | None = None) -> list[Path]:
+    """Expand files, globs, directories (``*.mrc``, ``*.mrcs``) and ``.star`` files, keeping order.
+
+    A name that matches nothing is an :class:`InputError`; duplicates are dropped.
+    """
+    out: list[Path] = []
+    seen: set[Path] = set()
+
+    def add(p: Path) -> None:
+        key = p.absolute()
+        if key not in seen:
+            seen.add(key)
+            out.append(p)
+
+    for item in items:
+        p = Path(item)
+        if p.suffix.lower() == ".star" and p.is_file():
+            for m in read_star_micrographs(p, project_dir):
+                add(m)
+        elif p.is_dir():
+            found = sorted(q for q in p.iterdir() if q.suffix.lower() in MICROGRAPH_SUFFIXES and q.is_file())
+            if not found:
+                raise InputError(f"{p}: directory holds no .mrc or .mrcs files")
+            for q in found:
+                add(q)
+        elif p.exists() or p.is_symlink():
+            add(p)
+        elif glob.has_magic(item):
+            matches = sorted(glob.glob(item))
+            if not matches:
+                raise InputError(f"{item}: pattern matches no files")
+            for match in matches:
+                add(Path(match))
+        else:
+            raise InputError(f"{p}: no such file")
+    return out

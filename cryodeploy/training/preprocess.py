@@ -1,0 +1,345 @@
+"""Stream micrographs into a patch store, one micrograph at a time, with a per-micrograph test split.
+
+Three kinds of targets:
+
+- ``noise``: the seeds' recipe. A micrograph is mapped to [0, 1]
+  (:func:`~cryodeploy.imaging.noise.to_unit_range`), a Poisson + Gaussian draw is the input and
+  the [0, 1] image the target.
+- ``noise2noise``: two independent draws (same dose) are input and target.
+- ``pairs``: the user's own pairs, e.g. even/odd frame sums or noisy/clean; each input's target is the
+  file of the same name in ``target_dir`` (both must share one intensity scale).
+
+Input and target get the SAME affine normalization, the one :func:`~cryodeploy.imaging.normalize.norm_stats`
+computes from the input, so a training input is exactly what inference feeds the model.
+Every input's header is read first, so an unreadable file stops the run before any work.
+Memory: at most two micrographs are in flight (one being written while the next is read and
+prepared), each needing about three times its float32 size (a stack counts as one micrograph);
+``workers`` threads share out each image's bands of 64 rows, so memory does not depend on the
+number of micrographs and grows with workers only by each thread's temporaries (a few float64
+bands: ~8 MB per thread for 4096-pixel-wide images). Each band draws its noise from its own
+seeded stream: the store is the same for any number of workers. The patches are written by the
+workers too (positional writes into reserved slots), each copying at most 2 x 4 MB at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cryodeploy.errors import ConfigError, InputError
+from cryodeploy.imaging.noise import NoiseSpec, add_noise, unit_range
+from cryodeploy.imaging.normalize import NormSpec, NormStats, norm_stats, normalize
+from cryodeploy.io.mrc import read_header, read_micrograph
+from cryodeploy.progress import progress
+from cryodeploy.training.store import PatchStore, StoreWriter, held_out_mask
+
+__all__ = ["TARGET_MODES", "PreprocessConfig", "preprocess", "split_micrographs"]
+
+log = logging.getLogger(__name__)
+
+#: The kinds of targets :func:`preprocess` can make.
+TARGET_MODES = ("noise", "noise2noise", "pairs")
+#: Rows per band: the unit of parallel work and of noise streams; keeps float64 temporaries small.
+_BAND_ROWS = 64
+#: Bytes of input patches one write job copies out of an image (and as many of targets).
+_JOB_BYTES = 4 << 20
+
+
+def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
+    t = (int(value), int(value)) if isinstance(value, int | np.integer) else tuple(int(v) for v in value)
+    if len(t) != 2 or min(t) < 1:
+        raise ConfigError(f"{name} {value!r} invalid, expected a positive int or (H, W)")
+    return t[0], t[1]
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """How to cut micrographs into a patch store.
+
+    ``patch``/``stride`` are ints or (H, W); stride defaults to the patch (no overlap).
+    ``test_fraction`` of the micrographs (at least one when > 0 and there are >= 2) go to the
+    test split, chosen by ``seed``. ``workers`` threads draw noise and normalize bands of
+    rows in parallel, and the next micrograph is prepared while one is written (0 = all in the
+    calling thread). ``target_dir`` is required by, and only allowed with, ``pairs``.
+    """
+
+    patch: int | tuple[int, int] = 1024
+    stride: int | tuple[int, int] | None = None
+    test_fraction: float = 0.1
+    seed: int = 0
+    targets: str = "noise"
+    noise: NoiseSpec = field(default_factory=NoiseSpec)
+    normalization: NormSpec = field(default_factory=NormSpec)
+    target_dir: Path | None = None
+    workers: int = 0
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        _pair(self.patch, "patch")
+        _pair(self.stride if self.stride is not None else self.patch, "stride")
+        if not 0.0 <= self.test_fraction < 1.0:
+            raise ConfigError(f"test fraction {self.test_fraction} invalid, expected 0 <= f < 1")
+        if self.targets not in TARGET_MODES:
+            raise ConfigError(f"targets {self.targets!r} unknown, expected one of {', '.join(TARGET_MODES)}")
+        if (self.targets == "pairs") != (self.target_dir is not None):
+            raise ConfigError("a target directory is required by, and only allowed with, targets='pairs'")
+        if self.workers < 0 or self.seed < 0:
+            raise ConfigError(f"workers and seed must be >= 0, found {self.workers} and {self.seed}")
+
+    @property
+    def patch_shape(self) -> tuple[int, int]:
+        """(H, W) of a patch."""
+        return _pair(self.patch, "patch")
+
+    @property
+    def stride_shape(self) -> tuple[int, int]:
+        """(dy, dx) between patches."""
+        return _pair(self.stride if self.stride is not None else self.patch, "stride")
+
+
+def split_micrographs(n: int, test_fraction: float, seed: int) -> np.ndarray:
+    """Boolean mask of the micrographs in the test split (deterministic in ``n``, fraction and seed)."""
+    return held_out_mask(n, test_fraction, seed, stream=0)
+
+
+@dataclass
+class _Prepared:
+    """One micrograph ready to be cut: per frame the normalized input and target images and
+    the stats that normalized both."""
+
+    frames: list[tuple[np.ndarray, np.ndarray, NormStats]]
+    info: list[dict[str, Any]]
+
+
+def _run(pool: ThreadPoolExecutor | None, jobs: list[Callable[[], None]]) -> None:
+    """Run ``jobs`` on ``pool`` (waiting for all), or one after the other without one."""
+    if pool is None:
+        for job in jobs:
+            job()
+        return
+    for future in [pool.submit(job) for job in jobs]:
+        future.result()
+
+
+def _in_bands(pool: ThreadPoolExecutor | None, rows: int, work: Callable[[int, slice], None]) -> None:
+    """Call ``work(band, rows_slice)`` for every band of ``_BAND_ROWS`` rows, on ``pool`` if given."""
+    _run(pool, [partial(work, b, slice(r, r + _BAND_ROWS)) for b, r in enumerate(range(0, rows, _BAND_ROWS))])
+
+
+def _rng(config: PreprocessConfig, index: int, *key: int) -> np.random.Generator:
+    """The random stream of micrograph ``index`` named by ``key`` (frame, or frame/draw/band):
+    each band draws its own noise, so the store does not depend on the number of workers."""
+    return np.random.default_rng(np.random.SeedSequence([config.seed, 1, index], spawn_key=key))
+
+
+def _normalize_into(
+    outs: tuple[np.ndarray, ...],
+    images: tuple[np.ndarray, ...],
+    stats: NormStats,
+    pool: ThreadPoolExecutor | None,
+) -> None:
+    """``outs[k] = normalize(images[k], stats)``, band by band (in place where they are the same)."""
+
+    def work(_: int, rows: slice) -> None:
+        for out, image in zip(outs, images, strict=True):
+            out[rows] = normalize(image[rows], stats)
+
+    _in_bands(pool, outs[0].shape[0], work)
+
+
+def _prepare_frame(
+    image: np.ndarray,
+    partner: np.ndarray | None,
+    config: PreprocessConfig,
+    key: tuple[int, int],
+    pool: ThreadPoolExecutor | None,
+) -> tuple[np.ndarray, np.ndarray, NormStats, float | None]:
+    """Normalized input and target of one frame (``key`` = micrograph index, frame index)."""
+    inp = np.empty(image.shape, np.float32)
+    tgt = np.empty(image.shape, np.float32)
+    if config.targets == "pairs":
+        assert partner is not None
+        stats = norm_stats(image, config.normalization)
+        _normalize_into((inp, tgt), (image, partner), stats, pool)
+        return inp, tgt, stats, None
+
+    index, frame = key
+    lo, hi = unit_range(image)
+    dose = config.noise.draw_dose(_rng(config, index, frame))
+    n2n = config.targets == "noise2noise"
+
+    def draw(band: int, rows: slice) -> None:
+        clean01 = np.clip((image[rows] - np.float32(lo)) / np.float32(hi - lo), 0.0, 1.0, dtype=np.float32)
+        inp[rows] = add_noise(clean01, config.noise, _rng(config, index, frame, 0, band), dose=dose)
+        if n2n:
+            tgt[rows] = add_noise(clean01, config.noise, _rng(config, index, frame, 1, band), dose=dose)
+        else:
+            tgt[rows] = clean01
+
+    _in_bands(pool, image.shape[0], draw)
+    stats = norm_stats(inp, config.normalization)
+    _normalize_into((inp, tgt), (inp, tgt), stats, pool)
+    return inp, tgt, stats, dose
+
+
+def _prepare(
+    index: int, path: Path, partner: Path | None, config: PreprocessConfig, pool: ThreadPoolExecutor | None
+) -> _Prepared:
+    mic = read_micrograph(path)
+    other = read_micrograph(partner) if partner is not None else None
+    frames, info = [], []
+    partners: Iterable[np.ndarray | None] = (
+        other.frames() if other is not None else [None] * mic.header.n_frames
+    )
+    for f, (image, pimage) in enumerate(zip(mic.frames(), partners, strict=True)):
+        inp, tgt, stats, dose = _prepare_frame(image, pimage, config, (index, f), pool)
+        frames.append((inp, tgt, stats))
+        entry: dict[str, Any] = {
+            "path": str(path.resolve()),
+            "shape": list(image.shape),
+            "center": stats.center,
+            "scale": stats.scale,
+        }
+        if mic.data.ndim == 3:
+            entry["frame"] = f
+        if partner is not None:
+            entry["target_path"] = str(partner.resolve())
+        if dose is not None:
+            entry["dose"] = dose
+        info.append(entry)
+    return _Prepared(frames, info)
+
+
+def _write_frame(
+    writer: StoreWriter,
+    split: str,
+    images: tuple[np.ndarray, np.ndarray],
+    patch: tuple[int, int],
+    stride: tuple[int, int],
+    pool: ThreadPoolExecutor | None,
+) -> int:
+    """Write the patches of one frame's (input, target) images to the next slots of ``split``,
+    top to bottom, left to right, in jobs of about ``_JOB_BYTES`` on ``pool``; returns their count."""
+    (ph, pw), (sy, sx) = patch, stride
+    h, w = images[0].shape
+    corners = [(y, x) for y in range(0, h - ph + 1, sy) for x in range(0, w - pw + 1, sx)]
+    start = writer.reserve(split, len(corners))
+    per_job = max(1, _JOB_BYTES // (ph * pw * 4))
+
+    def write(first: int) -> None:
+        part = corners[first : first + per_job]
+        inp, tgt = (np.stack([img[y : y + ph, x : x + pw] for y, x in part]) for img in images)
+        writer.write_at(split, start + first, inp, tgt)
+
+    _run(pool, [partial(write, first) for first in range(0, len(corners), per_job)])
+    return len(corners)
+
+
+def _check_inputs(inputs: list[Path], target_dir: Path | None) -> list[Path | None]:
+    """Read every header before any work (fail fast); return each input's target file, if pairs."""
+    partners: list[Path | None] = []
+    for p in inputs:
+        shape = read_header(p).shape
+        q = None if target_dir is None else target_dir / p.name
+        if q is not None:
+            if not q.is_file():
+                raise InputError(f"{q}: no such file, expected the target of {p} (pairs match by file name)")
+            target_shape = read_header(q).shape
+            if target_shape != shape:
+                raise InputError(f"{q}: shape {target_shape} differs from {p}'s {shape}, expected pairs")
+        partners.append(q)
+    return partners
+
+
+def _prepared_stream(
+    inputs: list[Path], partners: list[Path | None], config: PreprocessConfig, pool: ThreadPoolExecutor | None
+) -> Iterator[_Prepared]:
+    """Prepared micrographs in input order. With a pool, the next micrograph is read and
+    prepared (its bands on the pool) while the caller writes the current one."""
+    if pool is None:
+        for i, (p, q) in enumerate(zip(inputs, partners, strict=True)):
+            yield _prepare(i, p, q, config, None)
+        return
+    jobs = list(enumerate(zip(inputs, partners, strict=True)))
+    with ThreadPoolExecutor(1, thread_name_prefix="preprocess-next") as ahead:
+        pending: Future[_Prepared] | None = None
+        try:
+            for i, (p, q) in jobs:
+                current = pending or ahead.submit(_prepare, i, p, q, config, pool)
+                pending = None
+                if i + 1 < len(jobs):
+                    j, (p2, q2) = jobs[i + 1]
+                    pending = ahead.submit(_prepare, j, p2, q2, config, pool)
+                yield current.result()
+                del current
+        finally:
+            if pending is not None:
+                pending.cancel()
+
+
+def preprocess(
+    inputs: Sequence[str | os.PathLike[str]],
+    store_dir: str | os.PathLike[str],
+    config: PreprocessConfig,
+    quiet: bool = False,
+) -> PatchStore:
+    """Cut ``inputs`` (micrograph paths) into patches and write the patch store ``store_dir``.
+
+    Micrographs are streamed one at a time (see the module docstring for memory). The
+    manifest is written last; on an error no manifest is written and the data files are removed.
+    """
+    paths = [Path(p) for p in inputs]
+    if not paths:
+        raise InputError("no input micrographs given")
+    partners = _check_inputs(paths, config.target_dir)
+    is_test = split_micrographs(len(paths), config.test_fraction, config.seed)
+    patch, stride = config.patch_shape, config.stride_shape
+    sources: list[dict[str, Any]] = []
+    pool = ThreadPoolExecutor(config.workers, "preprocess") if config.workers else None
+    with (
+        pool or contextlib.nullcontext(),
+        StoreWriter(store_dir, patch, config.overwrite) as writer,
+        progress(len(paths), "preprocess", quiet) as task,
+    ):
+        for i, prepared in enumerate(_prepared_stream(paths, partners, config, pool)):
+            split = "test" if is_test[i] else "train"
+            for (inp, tgt, _), entry in zip(prepared.frames, prepared.info, strict=True):
+                start = writer.counts[split]
+                count = _write_frame(writer, split, (inp, tgt), patch, stride, pool)
+                sources.append({**entry, "split": split, "start": start, "count": count})
+                if count == 0:
+                    log.warning(
+                        "%s: %dx%d pixels is smaller than the %dx%d patch; no patches",
+                        entry["path"],
+                        inp.shape[1],
+                        inp.shape[0],
+                        patch[1],
+                        patch[0],
+                    )
+            del prepared
+            task.advance(1, patches=sum(writer.counts.values()))
+        if writer.counts["train"] == 0:
+            raise ConfigError(
+                f"no training patches: no train micrograph is at least {patch[1]}x{patch[0]} "
+                "pixels (the patch size)"
+            )
+        store = writer.finish(
+            normalization=config.normalization.to_dict(),
+            noise=config.noise.to_dict() if config.targets != "pairs" else None,
+            targets=config.targets,
+            stride=list(stride),
+            test_fraction=config.test_fraction,
+            seed=config.seed,
+            sources=sources,
+        )
+    log.info("wrote %r", store)
+    return store

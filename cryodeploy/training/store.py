@@ -1,0 +1,448 @@
+"""The patch store: a directory of raw float32 patch files described by ``manifest.json``.
+
+Layout (see docs/design.md, "Patch store")::
+
+    STORE/manifest.json        {"format": "cryodeploy-patches/1", "patch": [H, W], "dtype": "float32",
+                                "byte_order": "little", "splits": {"train": {"input": ..., "target": ...,
+                                "count": N}, "test": {...}}, "normalization", "noise", "sources", ...}
+    STORE/train_input.bin      N patches, float32 little-endian, sample-major, C order
+    STORE/train_target.bin     (absent or null in the manifest for a split without targets)
+    STORE/test_input.bin ...
+
+This is the seeds' layout, so their raw files become a store by writing a manifest
+(:func:`adopt_raw_store`). Reading never loads a whole file: :meth:`PatchStore.read` uses
+``os.preadv`` straight into the caller's buffer. A store without ``manifest.json`` is
+incomplete; :class:`StoreWriter` writes the manifest last.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cryodeploy._version import __version__
+from cryodeploy.errors import OutputError, StoreError
+from cryodeploy.files import atomic_write
+
+__all__ = [
+    "FORMAT",
+    "MANIFEST",
+    "SPLITS",
+    "PatchStore",
+    "StoreWriter",
+    "adopt_raw_store",
+    "data_file_name",
+    "held_out_mask",
+]
+
+log = logging.getLogger(__name__)
+
+#: Value of the manifest's "format" field that this code reads and writes.
+FORMAT = "cryodeploy-patches/1"
+#: Name of the manifest file inside a store.
+MANIFEST = "manifest.json"
+#: The splits a store may hold, in manifest order.
+SPLITS = ("train", "test")
+_WHICH = ("input", "target")
+_DTYPE = np.dtype("<f4")
+
+
+def held_out_mask(k: int, fraction: float, seed: int, stream: int) -> np.ndarray:
+    """Which of ``k`` units (micrographs) are held out: about ``k * fraction``, at least one and never
+    all when ``fraction`` > 0 and ``k`` >= 2; deterministic in (k, fraction, seed, stream)."""
+    n = 0 if fraction <= 0 or k < 2 else min(k - 1, max(1, round(k * fraction)))
+    mask = np.zeros(k, dtype=bool)
+    mask[np.random.default_rng([seed, stream]).permutation(k)[:n]] = True
+    return mask
+
+
+def data_file_name(split: str, which: str) -> str:
+    """The seeds' data file name, e.g. ``train_input.bin``."""
+    return f"{split}_{which}.bin"
+
+
+def _data_files() -> list[str]:
+    return [data_file_name(s, w) for s in SPLITS for w in _WHICH]
+
+
+def _patch_shape(patch: int | Sequence[int]) -> tuple[int, int]:
+    shape = (int(patch), int(patch)) if isinstance(patch, int | np.integer) else tuple(int(p) for p in patch)
+    if len(shape) != 2 or min(shape) < 1:
+        raise StoreError(f"patch size {patch!r} invalid, expected a positive int or (H, W)")
+    return shape[0], shape[1]
+
+
+def _count_patches(f: Path, patch: tuple[int, int], hint: str = "") -> int:
+    """Whole patches in data file ``f``; refuses a size that is not a multiple of the patch bytes."""
+    patch_bytes, size = patch[0] * patch[1] * _DTYPE.itemsize, f.stat().st_size
+    if size % patch_bytes:
+        raise StoreError(
+            f"{f}: size {size} bytes is not a multiple of the patch size "
+            f"({patch_bytes} bytes = {patch[0]}x{patch[1]} float32){hint}"
+        )
+    return size // patch_bytes
+
+
+def _load_manifest(path: Path) -> dict[str, Any]:
+    mpath = path / MANIFEST
+    if not path.is_dir():
+        raise StoreError(f"{path}: no such patch store (expected a directory with {MANIFEST})")
+    if not mpath.is_file():
+        raw = [n for n in _data_files() if (path / n).exists()]
+        hint = (
+            f"; to use raw seeds-style files run `cryodeploy preprocess --adopt {path} --patch N`"
+            if raw
+            else ""
+        )
+        raise StoreError(f"{path}: no {MANIFEST} (an incomplete or raw patch store){hint}")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except (OSError, ValueError) as err:
+        raise StoreError(f"{mpath}: not readable JSON ({err})") from err
+    if not isinstance(manifest, dict):
+        raise StoreError(f"{mpath}: found a JSON {type(manifest).__name__}, expected an object")
+    return manifest
+
+
+class PatchStore:
+    """A validated, read-only patch store.
+
+    Opening checks the manifest (format, patch shape, dtype, byte order) and that every data
+    file exists with exactly ``count`` patches; any problem is a one-line :class:`StoreError`.
+    Reads are thread-safe (``pread`` on file descriptors opened once).
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self._manifest = _load_manifest(self.path)
+        self._patch = self._validate()
+        self._fds: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def _validate(self) -> tuple[int, int]:
+        m, where = self._manifest, self.path / MANIFEST
+        if m.get("format") != FORMAT:
+            raise StoreError(f"{where}: found format {m.get('format')!r}, expected {FORMAT!r}")
+        try:
+            patch = _patch_shape(m.get("patch"))  # type: ignore[arg-type]
+        except (StoreError, TypeError, ValueError) as err:
+            raise StoreError(f"{where}: found patch {m.get('patch')!r}, expected [H, W]") from err
+        for key, want in (("dtype", "float32"), ("byte_order", "little")):
+            if m.get(key) != want:
+                raise StoreError(f"{where}: found {key} {m.get(key)!r}, expected {want!r}")
+        splits = m.get("splits")
+        if not isinstance(splits, dict) or not splits or not set(splits) <= set(SPLITS):
+            raise StoreError(f"{where}: found splits {splits!r}, expected a mapping with keys from {SPLITS}")
+        for split, entry in splits.items():
+            count = entry.get("count") if isinstance(entry, dict) else None
+            if not isinstance(count, int) or count < 0 or not isinstance(entry.get("input"), str):
+                raise StoreError(f"{where}: split {split!r} is {entry!r}, expected {{input, target, count}}")
+            for which in _WHICH:
+                name = entry.get(which)
+                if name is not None:
+                    self._check_file(name, count, patch, where)
+        return patch
+
+    def _check_file(self, name: object, count: int, patch: tuple[int, int], where: Path) -> None:
+        if not isinstance(name, str) or not name or Path(name).name != name:
+            raise StoreError(f"{where}: data file {name!r} invalid, expected a file name inside the store")
+        f = self.path / name
+        if not f.is_file():
+            raise StoreError(f"{f}: missing data file named in {MANIFEST}")
+        found = _count_patches(f, patch)
+        if found != count:
+            raise StoreError(f"{f}: found {found} patches, expected {count} (the manifest's count)")
+
+    @property
+    def patch(self) -> tuple[int, int]:
+        """(H, W) of one patch."""
+        return self._patch
+
+    @property
+    def patch_bytes(self) -> int:
+        """Bytes of one patch in a data file."""
+        return self._patch[0] * self._patch[1] * _DTYPE.itemsize
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        """A copy of the parsed manifest."""
+        return json.loads(json.dumps(self._manifest))
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        """The splits present, e.g. ("train", "test")."""
+        return tuple(s for s in SPLITS if s in self._manifest["splits"])
+
+    def _entry(self, split: str) -> dict[str, Any]:
+        entry = self._manifest["splits"].get(split)
+        if entry is None:
+            raise StoreError(f"{self.path}: no split {split!r}, found {', '.join(self.splits)}")
+        return entry  # type: ignore[no-any-return]
+
+    def count(self, split: str) -> int:
+        """Number of patches in ``split``."""
+        return int(self._entry(split)["count"])
+
+    def has_target(self, split: str) -> bool:
+        """Whether ``split`` has a target file."""
+        return self._entry(split).get("target") is not None
+
+    def groups(self, split: str) -> list[tuple[int, int]] | None:
+        """(first index, count) of each source image's patches in ``split``, or None if unknown."""
+        sources = self._manifest.get("sources")
+        if not sources or not all(isinstance(s, dict) and "start" in s for s in sources):
+            return None
+        return [(int(s["start"]), int(s["count"])) for s in sources if s.get("split") == split and s["count"]]
+
+    def _fd(self, split: str, which: str) -> int:
+        if which not in _WHICH:
+            raise ValueError(f"which must be 'input' or 'target', got {which!r}")
+        name = self._entry(split).get(which)
+        if name is None:
+            raise StoreError(f"{self.path}: split {split!r} has no {which} file")
+        with self._lock:
+            fd = self._fds.get(name)
+            if fd is None:
+                fd = self._fds[name] = os.open(self.path / name, os.O_RDONLY)
+            return fd
+
+    def read(
+        self,
+        split: str,
+        indices: Sequence[int] | np.ndarray,
+        which: str = "input",
+        out: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """Patches ``indices`` (in that order) of ``split`` as float32 [n, H, W].
+
+        Consecutive indices are read with one call. ``out`` (C-contiguous float32 [n, H, W])
+        is filled in place and returned, so a caller can read into a reused (pinned) buffer.
+        """
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        n_split = self.count(split)
+        if idx.size and (idx.min() < 0 or idx.max() >= n_split):
+            raise IndexError(f"patch index out of range 0..{n_split - 1} of split {split!r}")
+        shape = (idx.size, *self._patch)
+        if out is None:
+            out = np.empty(shape, dtype=np.float32)
+        elif out.shape != shape or out.dtype != np.float32 or not out.flags.c_contiguous:
+            raise ValueError(f"out must be C-contiguous float32 {shape}, got {out.dtype} {out.shape}")
+        fd, pb = self._fd(split, which), self.patch_bytes
+        buf = out.reshape(-1).view(np.uint8).data
+        breaks = np.flatnonzero(np.diff(idx) != 1) + 1
+        for run in np.split(np.arange(idx.size), breaks):
+            if run.size:
+                self._pread(fd, buf[run[0] * pb : (run[-1] + 1) * pb], int(idx[run[0]]) * pb, split, which)
+        return out
+
+    def _pread(self, fd: int, view: memoryview, offset: int, split: str, which: str) -> None:
+        done = 0
+        while done < len(view):
+            n = os.preadv(fd, [view[done:]], offset + done)
+            if n == 0:
+                name = self._entry(split)[which]
+                raise StoreError(f"{self.path / name}: file shorter than its manifest says (truncated?)")
+            done += n
+
+    def close(self) -> None:
+        """Close the data files (reads reopen them)."""
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+    def __enter__(self) -> PatchStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_fds", None):
+            self.close()
+
+    def __reduce__(self) -> tuple[type[PatchStore], tuple[Path]]:
+        return (PatchStore, (self.path,))
+
+    def __repr__(self) -> str:
+        counts = ", ".join(f"{s}={self.count(s)}" for s in self.splits)
+        return f"PatchStore({str(self.path)!r}, patch={self._patch[0]}x{self._patch[1]}, {counts})"
+
+
+def _write_manifest(store: Path, manifest: dict[str, Any]) -> None:
+    with atomic_write(store / MANIFEST) as tmp:
+        tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+
+
+def _base_manifest(patch: tuple[int, int]) -> dict[str, Any]:
+    return {
+        "format": FORMAT,
+        "patch": list(patch),
+        "dtype": "float32",
+        "byte_order": "little",
+        "splits": {},
+        "created_by": f"cryodeploy {__version__}",
+    }
+
+
+class StoreWriter:
+    """Builds a store by appending patches; :meth:`finish` writes the manifest last.
+
+    Writes are positional: :meth:`reserve` claims the next slots of a split (one thread, in
+    order) and :meth:`write_at` fills them from any thread, so patches can be written in parallel.
+
+    Refuses a directory that already holds a store (complete or not) unless ``overwrite``,
+    in which case the old manifest is removed first. On :meth:`abort` (or an exception inside
+    a ``with`` block) the data files it created are removed.
+    """
+
+    def __init__(
+        self, path: str | os.PathLike[str], patch: int | Sequence[int], overwrite: bool = False
+    ) -> None:
+        self.path = Path(path)
+        self.patch = _patch_shape(patch)
+        names = _data_files()
+        if (self.path / MANIFEST).exists() and not overwrite:
+            raise OutputError(
+                f"{self.path}: a patch store already exists here; use --overwrite to replace it"
+            )
+        if any((self.path / n).exists() for n in names) and not overwrite:
+            raise OutputError(
+                f"{self.path}: holds an incomplete patch store (no {MANIFEST}); use --overwrite to replace it"
+            )
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            (self.path / MANIFEST).unlink(missing_ok=True)
+            self._files = {n: open(self.path / n, "wb", buffering=0) for n in names}  # noqa: SIM115
+        except OSError as err:
+            raise OutputError(f"{self.path}: cannot write the patch store ({err.strerror or err})") from err
+        self.counts = dict.fromkeys(SPLITS, 0)
+
+    def append(self, split: str, inputs: np.ndarray, targets: np.ndarray) -> None:
+        """Append patches ``inputs``/``targets`` (each [n, H, W]) to ``split``."""
+        self._check(inputs, targets)
+        self.write_at(split, self.reserve(split, len(inputs)), inputs, targets)
+
+    def reserve(self, split: str, n: int) -> int:
+        """Claim the next ``n`` patch slots of ``split``; returns the first (see :meth:`write_at`)."""
+        start = self.counts[split]
+        self.counts[split] += n
+        return start
+
+    def write_at(self, split: str, start: int, inputs: np.ndarray, targets: np.ndarray) -> None:
+        """Write patches ``inputs``/``targets`` (each [n, H, W]) to reserved slots ``start``... of
+        ``split``; safe to call from several threads at once."""
+        self._check(inputs, targets)
+        if not 0 <= start <= start + inputs.shape[0] <= self.counts[split]:
+            raise ValueError(f"slots {start}..{start + inputs.shape[0] - 1} of {split!r} were not reserved")
+        offset = start * self.patch[0] * self.patch[1] * _DTYPE.itemsize
+        try:
+            for which, arr in (("input", inputs), ("target", targets)):
+                data = np.ascontiguousarray(arr, dtype=_DTYPE).reshape(-1).view(np.uint8).data
+                fd, done = self._files[data_file_name(split, which)].fileno(), 0
+                while done < len(data):
+                    written = os.pwrite(fd, data[done:], offset + done)
+                    if written == 0:
+                        raise OSError(errno.EIO, "the file accepted no bytes")
+                    done += written
+        except OSError as err:
+            raise OutputError(f"{self.path}: cannot write patches ({err.strerror or err})") from err
+
+    def _check(self, inputs: np.ndarray, targets: np.ndarray) -> None:
+        if inputs.shape != targets.shape or inputs.shape[1:] != self.patch:
+            raise ValueError(
+                f"expected inputs and targets [n, {self.patch[0]}, {self.patch[1]}], "
+                f"got {inputs.shape} and {targets.shape}"
+            )
+
+    def finish(self, **fields: Any) -> PatchStore:
+        """Flush and sync the data, write the manifest (with ``fields`` added), return the store."""
+        try:
+            for fh in self._files.values():
+                os.fsync(fh.fileno())
+                fh.close()
+        except OSError as err:
+            raise OutputError(f"{self.path}: cannot write patches ({err.strerror or err})") from err
+        manifest = _base_manifest(self.patch)
+        manifest["splits"] = {
+            s: {
+                "input": data_file_name(s, "input"),
+                "target": data_file_name(s, "target"),
+                "count": self.counts[s],
+            }
+            for s in SPLITS
+        }
+        manifest.update(fields)
+        _write_manifest(self.path, manifest)
+        return PatchStore(self.path)
+
+    def abort(self) -> None:
+        """Close and delete the data files written so far (no manifest is written)."""
+        for name, fh in self._files.items():
+            fh.close()
+            (self.path / name).unlink(missing_ok=True)
+
+    def __enter__(self) -> StoreWriter:
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is not None:
+            self.abort()
+
+
+def adopt_raw_store(
+    path: str | os.PathLike[str], patch: int | Sequence[int], overwrite: bool = False
+) -> PatchStore:
+    """Write a manifest for seeds-style raw files (``train_input.bin`` ... ``test_target.bin``).
+
+    Each file's size must be a multiple of the patch bytes and an input and its target must
+    hold the same number of patches. Normalization and noise are recorded as unknown (null).
+    """
+    store, shape = Path(path), _patch_shape(patch)
+    if not store.is_dir():
+        raise StoreError(f"{store}: no such directory")
+    if (store / MANIFEST).exists() and not overwrite:
+        raise StoreError(f"{store}: already has a {MANIFEST}; use --overwrite to replace it")
+    splits: dict[str, Any] = {}
+    for split in SPLITS:
+        counts: dict[str, int] = {}
+        for which in _WHICH:
+            f = store / data_file_name(split, which)
+            if f.is_file():
+                counts[which] = _count_patches(f, shape, "; wrong --patch?")
+        if not counts:
+            continue
+        if "input" not in counts:
+            raise StoreError(
+                f"{store / data_file_name(split, 'target')}: found a target file, "
+                f"expected {data_file_name(split, 'input')} beside it"
+            )
+        if counts.get("target", counts["input"]) != counts["input"]:
+            raise StoreError(
+                f"{store / data_file_name(split, 'target')}: found {counts['target']} patches, "
+                f"expected {counts['input']} as in {data_file_name(split, 'input')}"
+            )
+        splits[split] = {
+            "input": data_file_name(split, "input"),
+            "target": data_file_name(split, "target") if "target" in counts else None,
+            "count": counts["input"],
+        }
+    if "train" not in splits:
+        raise StoreError(
+            f"{store}: found no {data_file_name('train', 'input')}, expected seeds-style raw files"
+        )
+    manifest = _base_manifest(shape)
+    manifest.update(
+        splits=splits, normalization=None, noise=None, targets="unknown", sources=[], adopted=True
+    )
+    _write_manifest(store, manifest)
+    log.info("adopted %s: %s", store, {s: e["count"] for s, e in splits.items()})
+    return PatchStore(store)

@@ -1,0 +1,287 @@
+"""Side-by-side speed of every available backend and precision on one device, in one run.
+
+Each variant denoises the same ``[1, 1, size, size]`` batch; on CUDA the backend's
+device-resident path (:meth:`Backend.run_device`) is timed with CUDA events, so host copies
+are excluded (variants without one are timed through :meth:`Backend.run` and say so). The
+memory-traffic floors come from the device-to-device copy bandwidth measured in the same run.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cryodeploy.backends import BenchVariant, availability, bench_variants, create_backend
+from cryodeploy.backends.base import Backend, BackendOptions
+from cryodeploy.errors import CryoDeployError
+from cryodeploy.models.source import ModelSource
+
+__all__ = [
+    "VARIANTS",
+    "BenchConfig",
+    "BenchRow",
+    "BenchVariant",
+    "E2ERow",
+    "IdentityBackend",
+    "device_label",
+    "median_ms",
+    "median_wall_ms",
+    "run_bench",
+    "run_e2e",
+]
+
+
+#: Every variant the bench knows (each backend declares its own); unavailable ones are reported.
+VARIANTS: tuple[BenchVariant, ...] = bench_variants()
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What to measure: image ``size``, ``device``, ``backends`` filter (None = all), timing ``repeats``."""
+
+    size: int = 4096
+    device: str = "cuda"
+    backends: tuple[str, ...] | None = None
+    repeats: int = 20
+    warmup: int = 3
+
+
+@dataclass
+class BenchRow:
+    """One variant's result; ``ms`` is None when it could not run (``note`` says why)."""
+
+    label: str
+    backend: str
+    precision: str
+    ms: float | None
+    ratio_vs_eager_fp32: float | None = None
+    max_rel_err_vs_fp32: float | None = None
+    timed: str = ""
+    note: str = ""
+
+
+@dataclass
+class BenchReport:
+    """All rows plus the device description and memory floors."""
+
+    device: str
+    size: int
+    rows: list[BenchRow] = field(default_factory=list)
+    copy_bandwidth_gbs: float | None = None
+    floors_ms: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return asdict(self)
+
+
+def median_ms(fn: Callable[[], Any], repeats: int, warmup: int = 3, cuda: bool = False) -> float:
+    """Median time of ``fn`` in ms after ``warmup`` calls: CUDA events on a GPU, perf_counter on a CPU."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    if cuda:
+        import torch
+
+        torch.cuda.synchronize()
+        for _ in range(repeats):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+    else:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return float(statistics.median(times))
+
+
+def median_wall_ms(fn: Callable[[], Any], repeats: int, warmup: int = 3, cuda: bool = False) -> float:
+    """Median wall time of ``fn`` in ms, the GPU synchronized around each call (includes host work
+    and work on other streams, e.g. ONNX Runtime's)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if cuda:
+            import torch
+
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return float(statistics.median(times))
+
+
+def _floors(source: ModelSource, size: int, cuda: bool, device: str) -> tuple[float | None, dict[str, float]]:
+    """Copy bandwidth and the unfused / fused memory-traffic floors for a stride-1 conv net."""
+    if not cuda:
+        return None, {}
+    import torch
+
+    n = 1 << 28  # 1 GiB of float32, far larger than L2
+    buf = torch.empty(n, dtype=torch.float32, device=device)
+    ms = median_ms(buf.clone, 10, 2, True)
+    bw = 2 * n * 4 / (ms * 1e-3) / 1e9  # read + write, GB/s
+    buf = torch.empty(0, device=device)
+    floors: dict[str, float] = {}
+    if source.spec.stride == 1:
+        convs = [m for m in source.torch_module().modules() if isinstance(m, torch.nn.Conv2d)]
+        px = size * size
+        unfused_fp16 = sum((c.in_channels + c.out_channels) * 2 for c in convs) * px
+        floors["unfused fp16 traffic"] = unfused_fp16 / (bw * 1e9) * 1e3
+        floors["fused (fp32 in + out only)"] = 8 * px / (bw * 1e9) * 1e3
+    return bw, floors
+
+
+def run_bench(
+    source: ModelSource, config: BenchConfig, progress: Callable[[str], None] | None = None
+) -> BenchReport:
+    """Measure every variant of :data:`VARIANTS` (filtered by ``config.backends``) on ``config.device``."""
+    cuda = config.device.startswith("cuda")
+    rng = np.random.default_rng(0)
+    host = rng.standard_normal((1, 1, config.size, config.size), dtype=np.float32)
+    report = BenchReport(device=device_label(config.device), size=config.size)
+    report.copy_bandwidth_gbs, report.floors_ms = _floors(source, config.size, cuda, config.device)
+    reference: np.ndarray | None = None
+    for v in VARIANTS:
+        if config.backends is not None and v.backend not in config.backends:
+            continue
+        if progress:
+            progress(v.label)
+        opts = BackendOptions(device=config.device, precision=v.precision, extra=v.extra)
+        try:
+            ok, reason = availability(v.backend, opts)
+        except CryoDeployError as err:
+            ok, reason = False, str(err)
+        if not ok:
+            report.rows.append(BenchRow(v.label, v.backend, v.precision, None, note=reason))
+            continue
+        try:
+            row, out = _measure(source, v, opts, host, config, cuda)
+        except (CryoDeployError, RuntimeError, NotImplementedError, ValueError) as err:
+            report.rows.append(BenchRow(v.label, v.backend, v.precision, None, note=f"failed: {err}"[:300]))
+            continue
+        if reference is None and v.backend == VARIANTS[0].backend and v.precision == "fp32" and not v.extra:
+            reference = out
+        if reference is not None:
+            row.max_rel_err_vs_fp32 = float(
+                np.abs(out - reference).max() / max(np.abs(reference).max(), 1e-12)
+            )
+        report.rows.append(row)
+    base = next((r.ms for r in report.rows if r.label == VARIANTS[0].label and r.ms), None)
+    for r in report.rows:
+        if base and r.ms:
+            r.ratio_vs_eager_fp32 = base / r.ms
+    return report
+
+
+def _measure(
+    source: ModelSource,
+    v: BenchVariant,
+    opts: BackendOptions,
+    host: np.ndarray,
+    config: BenchConfig,
+    cuda: bool,
+) -> tuple[BenchRow, np.ndarray]:
+    with create_backend(v.backend, source, opts) as backend:
+        if cuda:
+            import torch
+
+            x = torch.from_numpy(host).to(config.device)
+            try:
+                out = backend.run_device(x).float().cpu().numpy()
+                fn: Callable[[], Any] = lambda: backend.run_device(x)  # noqa: E731
+                timed = "device-resident (no host copies)"
+            except NotImplementedError:
+                out = backend.run(host)
+                fn = lambda: backend.run(host)  # noqa: E731
+                timed = "incl. host<->device copies"
+        else:
+            out = backend.run(host)
+            fn = lambda: backend.run(host)  # noqa: E731
+            timed = "host (CPU)"
+        ms = median_ms(fn, config.repeats, config.warmup, cuda)
+    return BenchRow(v.label, v.backend, v.precision, ms, timed=timed), out
+
+
+def device_label(device: str) -> str:
+    """How benchmark rows name a device: the GPU's name, or the CPU's architecture and threads."""
+    if device.startswith("cuda"):
+        import torch
+
+        return str(torch.cuda.get_device_name(torch.device(device)))
+    import os
+    import platform
+
+    return f"CPU {platform.machine()} ({os.cpu_count()} threads)"
+
+
+class IdentityBackend(Backend):
+    """Returns its input: the runner with no model, whose wall time is the I/O floor."""
+
+    name = "identity"
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        return batch
+
+
+@dataclass
+class E2ERow:
+    """End-to-end wall time of one variant over the files, and its ratio to the I/O floor."""
+
+    label: str
+    seconds: float | None
+    ratio_vs_floor: float | None = None
+    note: str = ""
+
+
+def run_e2e(
+    source: ModelSource, paths: list[Path], workdir: Path, config: BenchConfig
+) -> tuple[float, list[E2ERow]]:
+    """Denoise ``paths`` with every available variant through the runner, next to the I/O floor.
+
+    The floor is the same runner (reader thread, tiling, writer thread, atomic writes) with
+    :class:`IdentityBackend`. Each variant gets an untimed warm-up on the first file. Returns
+    the floor in seconds and one row per variant.
+    """
+    from cryodeploy.inference.runner import RunConfig, denoise_files
+
+    run_cfg = RunConfig(quiet=True, overwrite=True, shard=(0, 1))
+
+    def timed(backend: Backend, name: str) -> float:
+        denoise_files(paths[:1], workdir / f"{name}-warmup", backend, source.spec, run_cfg)
+        summary = denoise_files(paths, workdir / name, backend, source.spec, run_cfg)
+        if not summary.ok:
+            raise CryoDeployError(f"{backend.label}: {summary.line()}")
+        return float(summary.seconds)
+
+    floor = timed(IdentityBackend(BackendOptions(device=config.device)), "floor")
+    rows: list[E2ERow] = []
+    for i, v in enumerate(VARIANTS):
+        if config.backends is not None and v.backend not in config.backends:
+            continue
+        opts = BackendOptions(device=config.device, precision=v.precision, extra=v.extra)
+        try:
+            ok, reason = availability(v.backend, opts)
+            if not ok:
+                rows.append(E2ERow(v.label, None, note=reason))
+                continue
+            with create_backend(v.backend, source, opts) as backend:
+                seconds = timed(backend, f"variant{i}")
+        except (CryoDeployError, RuntimeError, ValueError) as err:
+            rows.append(E2ERow(v.label, None, note=f"failed: {err}"[:300]))
+            continue
+        rows.append(E2ERow(v.label, seconds, seconds / floor))
+    return floor, rows

@@ -1,0 +1,337 @@
+"""The RELION External job plugin: a RELION-style project in a temp dir, real STAR and MRC files."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import mrcfile
+import numpy as np
+import pandas as pd
+import pytest
+import starfile
+from conftest import load_plugin
+
+from cryodeploy.imaging.synth import SynthConfig, synth_micrographs
+
+PLUGIN = Path(__file__).resolve().parents[2] / "plugins" / "relion" / "cryodeploy_relion.py"
+JOB = "External/job001/"
+
+
+@pytest.fixture(scope="module")
+def relion() -> ModuleType:
+    return load_plugin(PLUGIN, "cryodeploy_relion")
+
+
+def _write_star(blocks: dict[str, pd.DataFrame], path: Path, version: int | None) -> None:
+    """Write with starfile, then add RELION's "# version" line before each block (as RELION 3.1+ does)."""
+    starfile.write(blocks, path, overwrite=True)
+    if version is not None:
+        text = path.read_text().replace("\ndata_", f"\n# version {version}\n\ndata_")
+        path.write_text(text)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A RELION project: 3 synthetic micrographs in two folders (two share a file name), two STAR forms."""
+    root = tmp_path_factory.mktemp("relion_project")
+    noisy = synth_micrographs(
+        root / "Raw", SynthConfig(count=2, size=(48, 64), seed=3, voxel_size=1.5, carbon=False, ctf=False)
+    )
+    movies = root / "MotionCorr" / "job002" / "Movies"
+    movies.mkdir(parents=True)
+    shutil.copy(noisy[1], movies / noisy[0].name)  # same name as Raw/noisy/synth_0000.mrc, other content
+    names = [str(p.relative_to(root)) for p in noisy] + [f"MotionCorr/job002/Movies/{noisy[0].name}"]
+    optics = pd.DataFrame(
+        {
+            "rlnOpticsGroupName": ["opticsGroup1", "opticsGroup2"],
+            "rlnOpticsGroup": [1, 2],
+            "rlnMicrographPixelSize": [0.885, 1.77],
+            "rlnVoltage": [300.0, 200.0],
+        }
+    )
+    mics = pd.DataFrame(
+        {
+            "rlnCtfPowerSpectrum": [n.replace(".mrc", "_PS.mrc") for n in names],
+            "rlnMicrographName": names,
+            "rlnOpticsGroup": [1, 2, 1],
+            "rlnAccumMotionTotal": ["16.420495", "2.506308", "13.914187"],
+        }
+    )
+    _write_star({"optics": optics, "micrographs": mics}, root / "mics31.star", version=30001)
+    _write_star({"": mics[["rlnMicrographName", "rlnAccumMotionTotal"]]}, root / "mics30.star", version=None)
+    return root
+
+
+def _job(project: Path, name: str) -> Path:
+    """A fresh copy of the project for one test (jobs write into it)."""
+    dest = project.parent / f"{project.name}_{name}"
+    shutil.copytree(project, dest)
+    return dest
+
+
+def _argv(checkpoint: Path, star: str, *extra: str) -> list[str]:
+    return ["--o", JOB, "--in_mics", star, "--model", str(checkpoint), *extra, "--j", "1"]
+
+
+def _read(path: Path) -> np.ndarray:
+    with mrcfile.open(path, permissive=True) as mrc:
+        return np.asarray(mrc.data, dtype=np.float32)
+
+
+def test_executable_runs_like_relion_and_writes_all_outputs(project: Path, cnn3_checkpoint: Path) -> None:
+    from cryodeploy import Denoiser
+
+    root = _job(project, "exe")
+    assert os.access(PLUGIN, os.X_OK) and PLUGIN.read_text().startswith("#!/usr/bin/env python3\n")
+    cmd = [str(PLUGIN), *_argv(cnn3_checkpoint, "mics31.star", "--pipeline_control", JOB)]
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    job = root / JOB
+    assert (job / "RELION_JOB_EXIT_SUCCESS").exists() and not (job / "RELION_JOB_EXIT_FAILURE").exists()
+
+    before = starfile.read(root / "mics31.star", always_dict=True)
+    after = starfile.read(job / "micrographs_denoised.star", always_dict=True)
+    assert list(after) == ["optics", "micrographs"]
+    pd.testing.assert_frame_equal(after["optics"], before["optics"])
+    mics_in, mics_out = before["micrographs"], after["micrographs"]
+    assert list(mics_out.columns) == list(mics_in.columns) and len(mics_out) == len(mics_in) == 3
+    rest = [c for c in mics_in.columns if c != "rlnMicrographName"]
+    pd.testing.assert_frame_equal(mics_out[rest], mics_in[rest])
+    assert "16.420495" in (job / "micrographs_denoised.star").read_text()  # values kept verbatim
+    assert (job / "micrographs_denoised.star").read_text().count("# version 30001") == 2
+
+    denoiser = Denoiser.load(str(cnn3_checkpoint), device="cpu", backend="torch")
+    for src, dst in zip(mics_in["rlnMicrographName"], mics_out["rlnMicrographName"], strict=True):
+        assert dst == JOB + src  # project-relative, keeps the input's relative path (no collisions)
+        raw, den = _read(root / src), _read(root / dst)
+        assert den.shape == raw.shape == (48, 64)
+        assert np.abs(den - raw).max() > 1e-3  # the model changed it
+        np.testing.assert_allclose(den, denoiser(raw), atol=1e-5)
+    assert len(set(mics_out["rlnMicrographName"])) == 3
+
+    nodes = starfile.read(job / "RELION_OUTPUT_NODES.star", always_dict=True)
+    assert list(nodes) == ["output_nodes"]
+    assert nodes["output_nodes"].to_dict("list") == {
+        "rlnPipeLineNodeName": [JOB + "micrographs_denoised.star"],
+        "rlnPipeLineNodeType": [1],
+    }
+    assert "ignoring arguments: --pipeline_control" in proc.stdout
+
+
+def test_old_single_table_star_and_rerun_skips_finished(project: Path, cnn3_checkpoint: Path, relion) -> None:
+    root = _job(project, "old")
+    assert relion.main(_argv(cnn3_checkpoint, "mics30.star"), project_dir=root) == 0
+    out = starfile.read(root / JOB / "micrographs_denoised.star", always_dict=True)
+    assert list(out) == [""]  # the single data_ block stays a single data_ block
+    names = list(out[""]["rlnMicrographName"])
+    assert names == [JOB + n for n in starfile.read(root / "mics30.star")["rlnMicrographName"]]
+    stamps = {n: (root / n).stat().st_mtime_ns for n in names}
+
+    (root / names[1]).unlink()  # as if the first run had died before this one
+    assert relion.main(_argv(cnn3_checkpoint, "mics30.star"), project_dir=root) == 0
+    assert (root / names[1]).exists()
+    assert all((root / n).stat().st_mtime_ns == stamps[n] for n in (names[0], names[2]))
+    assert (root / JOB / "RELION_JOB_EXIT_SUCCESS").exists()
+
+
+def test_node_type_follows_the_relion_version(project: Path, cnn3_checkpoint: Path, relion) -> None:
+    root = _job(project, "v5")
+    label = {
+        "rlnPipeLineNodeName": [JOB + "micrographs_denoised.star"],
+        "rlnPipeLineNodeTypeLabel": ["MicrographGroupMetadata.star.relion"],
+    }
+    # RELION 4/5 project: its pipeline uses type labels
+    (root / "default_pipeline.star").write_text(
+        "# version 30001\n\ndata_pipeline_processes\n\nloop_\n_rlnPipeLineProcessName #1\n"
+        "_rlnPipeLineProcessAlias #2\n_rlnPipeLineProcessTypeLabel #3\n_rlnPipeLineProcessStatusLabel #4\n"
+        f"{JOB} None relion.external Running\n"
+    )
+    assert relion.main(_argv(cnn3_checkpoint, "mics31.star"), project_dir=root) == 0
+    assert starfile.read(root / JOB / "RELION_OUTPUT_NODES.star").to_dict("list") == label
+    # explicit option wins over the project
+    assert (
+        relion.main(_argv(cnn3_checkpoint, "mics31.star", "--relion_version", "3.1"), project_dir=root) == 0
+    )
+    assert starfile.read(root / JOB / "RELION_OUTPUT_NODES.star")["rlnPipeLineNodeType"].tolist() == [1]
+    # no pipeline: a RELION 5 STAR file ("# version 50001") means labels
+    (root / "default_pipeline.star").unlink()
+    star5 = (root / "mics31.star").read_text().replace("30001", "50001")
+    (root / "mics50.star").write_text(star5)
+    assert relion.main(_argv(cnn3_checkpoint, "mics50.star"), project_dir=root) == 0
+    assert starfile.read(root / JOB / "RELION_OUTPUT_NODES.star").to_dict("list") == label
+    assert (root / JOB / "micrographs_denoised.star").read_text().count("# version 50001") == 2
+
+
+def test_corrupt_micrograph_fails_with_a_readable_reason(
+    project: Path, cnn3_checkpoint: Path, relion, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = _job(project, "bad")
+    bad = root / "Raw" / "noisy" / "synth_0001.mrc"
+    bad.write_bytes(b"not an MRC file at all" * 10)
+    job = root / JOB
+    job.mkdir(parents=True)
+    for stale in ("RELION_JOB_EXIT_SUCCESS", "micrographs_denoised.star", "RELION_OUTPUT_NODES.star"):
+        (job / stale).write_text("from an earlier run\n")
+    assert relion.main(_argv(cnn3_checkpoint, "mics31.star"), project_dir=root) == 1
+    assert (job / "RELION_JOB_EXIT_FAILURE").exists() and not (job / "RELION_JOB_EXIT_SUCCESS").exists()
+    reason = (job / "RELION_JOB_EXIT_FAILURE").read_text().strip()
+    assert "synth_0001.mrc" in reason and "1 of 3 micrographs failed" in reason and "\n" not in reason
+    assert f"error: {reason}" in capsys.readouterr().err
+    assert (
+        not (job / "micrographs_denoised.star").exists() and not (job / "RELION_OUTPUT_NODES.star").exists()
+    )
+    assert (
+        job / "Raw" / "noisy" / "synth_0000.mrc"
+    ).exists()  # the good ones are done: Continue redoes only the bad
+
+    shutil.copy(project / "Raw" / "noisy" / "synth_0001.mrc", bad)  # fix the input, then "Continue"
+    assert relion.main(_argv(cnn3_checkpoint, "mics31.star"), project_dir=root) == 0
+    assert (job / "RELION_JOB_EXIT_SUCCESS").exists() and not (job / "RELION_JOB_EXIT_FAILURE").exists()
+
+
+def test_bad_command_lines_leave_a_failure_marker(
+    tmp_path: Path, relion, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert relion.main(["--o", JOB, "--j", "2"], project_dir=tmp_path) == 1
+    assert "--in_mics: missing" in (tmp_path / JOB / "RELION_JOB_EXIT_FAILURE").read_text()
+    assert relion.main(["--o", JOB, "--in_mics", "nope.star", "--tile", "big"], project_dir=tmp_path) == 1
+    assert "--tile big" in (tmp_path / JOB / "RELION_JOB_EXIT_FAILURE").read_text()
+    assert relion.main(["--o", JOB, "--in_mics", "nope.star"], project_dir=tmp_path) == 1
+    assert "nope.star: no such file" in (tmp_path / JOB / "RELION_JOB_EXIT_FAILURE").read_text()
+    assert "error: " in capsys.readouterr().err
+
+
+def test_output_paths_stay_inside_outdir_and_never_collide(tmp_path: Path, relion) -> None:
+    from cryodeploy.errors import InputError
+
+    out = tmp_path / "External" / "job009"
+    pairs = relion.output_paths(["a/x.mrc", "b/x.mrc", "a/../c/x.mrc", "/data/x.mrc"], tmp_path, out)
+    assert [dst.relative_to(out).as_posix() for _, dst in pairs] == [
+        "a/x.mrc",
+        "b/x.mrc",
+        "c/x.mrc",
+        "_abs/data/x.mrc",
+    ]
+    assert all(dst.is_relative_to(out) for _, dst in pairs)
+    with pytest.raises(InputError, match="also the output of"):
+        relion.output_paths(["/data/x.mrc", "_abs/data/x.mrc"], tmp_path, out)
+
+
+_JOB_STAR = """# version 30001
+
+data_job
+
+_rlnJobType                             99
+_rlnJobIsContinue                       0
+
+# version 30001
+
+data_joboptions_values
+
+loop_
+_rlnJobOptionVariable #1
+_rlnJobOptionValue #2
+{options}
+"""
+
+
+def _relion_job_star(exe: Path, in_mics: str, params: dict[str, str]) -> str:
+    """job.star of an External job (type 99 in RELION 3.1) as the GUI saves it."""
+    options = {
+        "fn_exe": str(exe),
+        "in_mov": "",
+        "in_mic": in_mics,
+        "in_part": "",
+        "in_coords": "",
+        "in_3dref": "",
+        "in_mask": "",
+    }
+    labels = list(params.items())
+    for i in range(1, 11):
+        label, value = labels[i - 1] if i <= len(labels) else ("", "")
+        options[f"param{i}_label"], options[f"param{i}_value"] = label, value
+    options |= {
+        "nr_threads": "1",
+        "do_queue": "No",
+        "queuename": "",
+        "qsub": "",
+        "qsubscript": "",
+        "min_dedicated": "1",
+        "other_args": "",
+    }
+    return _JOB_STAR.format(options="\n".join(f"{k} {v or chr(34) * 2}" for k, v in options.items()))
+
+
+def _image_stats(path: Path) -> dict[str, float]:
+    """Mean, std and max as RELION's own reader sees them (``relion_image_handler --stats``)."""
+    out = subprocess.run(
+        ["relion_image_handler", "--i", str(path), "--stats"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    fields = out.replace("=", " ").replace(";", " ").split()
+    return {k: float(fields[fields.index(k) + 1]) for k in ("avg", "stddev", "maxval", "angpix")}
+
+
+@pytest.mark.slow
+def test_real_relion_pipeliner_runs_the_job_and_registers_its_output(
+    project: Path, cnn3_checkpoint: Path
+) -> None:
+    if shutil.which("relion_pipeliner") is None:
+        pytest.skip("relion_pipeliner not on PATH (RELION 3.1 is not installed: apt-get install -y relion)")
+    root = _job(project, "relion")
+    (root / "default_pipeline.star").write_text(
+        "# version 30001\n\ndata_pipeline_general\n\n_rlnPipeLineJobCounter                       1\n"
+    )
+    params = {"model": str(cnn3_checkpoint), "device": "cpu", "tile": "auto"}
+    (root / "job.star").write_text(_relion_job_star(PLUGIN, "mics31.star", params))
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    subprocess.run(
+        ["relion_pipeliner", "--addJobFromStar", "job.star"], cwd=root, env=env, check=True, timeout=60
+    )
+    subprocess.run(
+        ["relion_pipeliner", "--RunJobs", JOB, "--sec_wait_after", "1"],
+        cwd=root,
+        env=env,
+        check=True,
+        timeout=300,
+        capture_output=True,
+    )
+    job = root / JOB
+    logs = f"run.out: {(job / 'run.out').read_text()}\nrun.err: {(job / 'run.err').read_text()}"
+    assert (job / "RELION_JOB_EXIT_SUCCESS").exists(), logs
+    assert "--in_mics mics31.star --model" in (job / "note.txt").read_text()  # RELION built the command line
+
+    node = JOB + "micrographs_denoised.star"
+    pipeline = starfile.read(root / "default_pipeline.star", always_dict=True)
+    nodes = pipeline["pipeline_nodes"].set_index("rlnPipeLineNodeName")["rlnPipeLineNodeType"]
+    assert nodes[node] == 1  # registered as a micrographs node
+    edges = pipeline["pipeline_output_edges"]
+    assert ((edges["rlnPipeLineEdgeProcess"] == JOB) & (edges["rlnPipeLineEdgeToNode"] == node)).sum() == 1
+    processes = pipeline["pipeline_processes"].set_index("rlnPipeLineProcessName")
+    assert processes.loc[JOB, "rlnPipeLineProcessStatus"] == 2  # finished successfully
+
+    listed = subprocess.run(
+        ["relion_star_printtable", node, "data_micrographs", "rlnMicrographName"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout.split()
+    assert listed == list(starfile.read(root / node, always_dict=True)["micrographs"]["rlnMicrographName"])
+    assert len(listed) == 3
+    for name in listed:
+        data = _read(root / name)
+        stats = _image_stats(root / name)
+        assert stats["avg"] == pytest.approx(float(data.mean()), rel=1e-3, abs=1e-4)
+        assert stats["stddev"] == pytest.approx(float(data.std()), rel=1e-3)
+        assert stats["maxval"] == pytest.approx(float(data.max()), rel=1e-3, abs=1e-4)
+        assert stats["angpix"] == pytest.approx(1.5)  # voxel size kept
