@@ -14,6 +14,7 @@ from typing import Any, Literal
 from cryodeploy.errors import ConfigError, OutputError
 from cryodeploy.files import TEMP_PREFIX
 from cryodeploy.inference.claims import CLAIM_PREFIX
+from cryodeploy.io.writers import output_format
 
 __all__ = [
     "FileResult",
@@ -51,12 +52,14 @@ class RunConfig:
 
     ``tile``/``batch``: ``"auto"`` (fit the device's free memory) or an int. ``shard``: ``(i, n)``,
     ``"i/n"``, or None for the environment (torchrun RANK/WORLD_SIZE, SLURM array) or the whole
-    list. ``queue_depth`` bounds the micrograph frames held between reader, model and writer.
+    list. ``output_format``: a name in :data:`cryodeploy.io.writers.FORMATS`. ``queue_depth``
+    bounds the micrograph frames held between reader, model and writer.
     """
 
     tile: int | Literal["auto"] = "auto"
     batch: int | Literal["auto"] = "auto"
     output_dtype: Literal["float32", "float16"] = "float32"
+    output_format: str = "mrc"
     suffix: str = ""
     skip_existing: bool = False
     overwrite: bool = False
@@ -74,6 +77,7 @@ class RunConfig:
                 raise ConfigError(f"{name} {value!r}: expected 'auto' or a positive integer")
         if self.output_dtype not in ("float32", "float16"):
             raise ConfigError(f"output dtype {self.output_dtype!r}: expected float32 or float16")
+        output_format(self.output_format)
         if any(c in self.suffix for c in ("/", "\\", "\0")):
             raise ConfigError(f"suffix {self.suffix!r}: must not contain path separators")
         if self.skip_existing and self.overwrite:

@@ -57,7 +57,8 @@ from cryodeploy.inference.jobs import (
     resolve_shard,
 )
 from cryodeploy.inference.tiling import TilePlan
-from cryodeploy.io.mrc import MIN_SIZE, read_micrograph, validate_array, write_micrograph
+from cryodeploy.io.mrc import MIN_SIZE, read_micrograph, validate_array
+from cryodeploy.io.writers import output_format
 from cryodeploy.progress import ProgressTask, progress
 
 if TYPE_CHECKING:
@@ -272,9 +273,9 @@ class _Pipeline:
         header = rt["header"]
         data = np.stack(rt.pop("frames")) if header.is_stack else rt.pop("frames")[0]
         try:
-            write_micrograph(
-                job.output, data, header, dtype=self.config.output_dtype, protect=(job.input,),
-                label=f"cryodeploy {__version__} denoise ({self.spec.architecture})",
+            output_format(self.config.output_format).write(
+                job.output, data, header, self.config.output_dtype, (job.input,),
+                f"cryodeploy {__version__} denoise ({self.spec.architecture})",
             )
             if "preview" in rt:
                 from cryodeploy.io.preview import write_preview
