@@ -8,9 +8,9 @@ byte-identical files.
 
 Usage (from the repository root)::
 
-    python examples/make_examples.py [PATH/TO/epu2.9_example.mrc]
+    python examples/make_examples.py PATH/TO/epu2.9_example.mrc
 
-The default source is ``../shared/data/epu2.9_example.mrc``. To get it elsewhere::
+Get the original with::
 
     pip download --no-deps --no-binary :all: -d DIR mrcfile==1.5.4
     tar xzf DIR/mrcfile-1.5.4.tar.gz mrcfile-1.5.4/tests/test_data/epu2.9_example.mrc
@@ -25,7 +25,6 @@ import mrcfile
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-DEFAULT_SOURCE = HERE.parent.parent / "shared" / "data" / "epu2.9_example.mrc"
 SIZE = 768
 #: (name, row, column) of each crop's top-left corner in the 4096x4096 original.
 CROPS = (("epu_crop_a", 512, 512), ("epu_crop_b", 1792, 2304), ("epu_crop_c", 3072, 1024))
@@ -53,7 +52,9 @@ def make_examples(source: Path, outdir: Path) -> list[Path]:
 
 
 def main() -> None:
-    source = Path(sys.argv[1]) if len(sys.argv) > 1 else DEFAULT_SOURCE
+    if len(sys.argv) != 2:
+        sys.exit("usage: python examples/make_examples.py PATH/TO/epu2.9_example.mrc")
+    source = Path(sys.argv[1])
     for path in make_examples(source, HERE):
         print(f"wrote {path.relative_to(HERE.parent)} ({path.stat().st_size:,} bytes)")
 
