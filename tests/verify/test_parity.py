@@ -115,7 +115,7 @@ def _poison_cache(good: Path, other_seed: int, tmp_path: Path) -> None:
 def test_cli_fails_on_a_real_mismatch(cnn3_checkpoint: Path, tmp_path: Path) -> None:
     runner = CliRunner()
     args = ["parity", str(cnn3_checkpoint), "--synth", "1", "--size", "96", "80", "--backends", "torch,ort",
-            "--precisions", "fp32,fp16", "--threads", "1", "-q", "--json"]
+            "--precisions", "fp32,fp16", "--threads", "1", "--device", "cpu", "-q", "--json"]
     good = runner.invoke(cli, [*args, str(tmp_path / "good.json")])
     assert good.exit_code == 0, good.output
     assert "parity: PASS" in good.output
