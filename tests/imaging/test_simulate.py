@@ -16,7 +16,6 @@ from cryodeploy.errors import ConfigError, InputError
 from cryodeploy.imaging.simulate import (
     KINDS,
     SimConfig,
-    _scatter,
     ctf_2d,
     electron_wavelength,
     interaction_constant,
@@ -24,6 +23,7 @@ from cryodeploy.imaging.simulate import (
     procedural_model,
     simulate,
 )
+from cryodeploy.imaging.simulate.specimen import _scatter
 
 # Small fields keep the file fast; no carbon/contamination unless a test asks for them.
 PLAIN = SimConfig(shape=(128, 128), p_carbon=0.0, p_contamination=0.0, p_gain=0.0, p_interpolated=0.0)
