@@ -25,12 +25,21 @@ def _compare(ctx: click.Context, param: click.Parameter,
               metavar="NOISY_DIR CLEAN_DIR", help="Noisy and clean micrographs matched by file name.")
 @click.option("--store", type=click.Path(path_type=Path),
               help="A patch store (normalized patches with targets).")
-@click.option("--split", default="test", show_default=True, help="Patch store split to evaluate.")
+@click.option("--store-split", default="test", show_default=True, help="Patch store split to evaluate.")
 @click.option("--halves", is_flag=True,
               help="No clean target: FRC of diagonal halves of the INPUTS micrographs.")
 @click.option("--half-pairs", nargs=2, type=click.Path(file_okay=False, path_type=Path),
               metavar="DIR_A DIR_B",
               help="Independent halves (e.g. even/odd frame sums) matched by file name (with --halves).")
+@click.option("--split", type=click.Choice(["auto", "thin", "diagonal"]),
+              help="No clean target: split gain on two independent halves of the INPUTS micrographs "
+                   "(thin = binomial thinning of counts, diagonal = 2x2 diagonals, auto = thin for integer "
+                   "data, else diagonal).")
+@click.option("--write-halves", type=click.Path(file_okay=False, path_type=Path),
+              help="With --split: write the halves (NAME_A.mrc, NAME_B.mrc, NAME_full.mrc) here, for other "
+                   "tools to denoise and --compare.")
+@click.option("--seed", default=0, show_default=True,
+              help="Seed of the thinning and the plots' pixel sample.")
 @click.argument("inputs", nargs=-1)
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Report folder (metrics.json, index.html, PNGs).")
@@ -44,34 +53,46 @@ def _compare(ctx: click.Context, param: click.Parameter,
 @click.option("--backend", default="auto", show_default=True, help="Backend name, or auto.")
 @click.option("--strict", is_flag=True, help="Exit with status 3 if there is any red flag.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def evaluate(model: str, pairs: tuple[Path, Path] | None, store: Path | None, split: str, halves: bool,
-             half_pairs: tuple[Path, Path] | None, inputs: tuple[str, ...], output: Path, model_b: str | None,
-             compare: tuple[tuple[str, Path], ...], train_log: Path | None, limit: int | None, device: str,
-             backend: str, strict: bool, quiet: bool) -> None:
+def evaluate(model: str, pairs: tuple[Path, Path] | None, store: Path | None, store_split: str, halves: bool,
+             half_pairs: tuple[Path, Path] | None, split: str | None, write_halves: Path | None, seed: int,
+             inputs: tuple[str, ...], output: Path, model_b: str | None,
+             compare: tuple[tuple[str, Path], ...],
+             train_log: Path | None, limit: int | None, device: str, backend: str, strict: bool,
+             quiet: bool) -> None:
     """Score a model against the noisy input, the best Gaussian blur and optional other models/tools.
 
-    Give exactly one of --pairs NOISY_DIR CLEAN_DIR, --store STORE, or --halves [INPUTS...]
-    [--half-pairs DIR_A DIR_B] (micrographs without a clean target).
+    Give exactly one of --pairs NOISY_DIR CLEAN_DIR, --store STORE, --halves [INPUTS...]
+    [--half-pairs DIR_A DIR_B] or --split auto|thin|diagonal INPUTS... (the last two: micrographs
+    without a clean target).
     """
-    from cryodeploy.evaluation.evaluate import EvalConfig, HalvesData, PairsData, StoreData
+    from cryodeploy.evaluation.evaluate import EvalConfig, HalvesData, PairsData, SplitData, StoreData
     from cryodeploy.evaluation.evaluate import evaluate as run_evaluate
 
-    modes = [m for m, on in (("--pairs", pairs), ("--store", store), ("--halves", halves)) if on]
+    modes = [m for m, on in (("--pairs", pairs), ("--store", store), ("--halves", halves), ("--split", split))
+             if on]
     if len(modes) != 1:
         found = ", ".join(modes) or "none"
-        raise click.UsageError(f"give exactly one of --pairs, --store, --halves (found {found})")
-    if (inputs or half_pairs) and not halves:
-        raise click.UsageError("INPUTS and --half-pairs go with --halves")
+        raise click.UsageError(f"give exactly one of --pairs, --store, --halves, --split (found {found})")
+    if inputs and not (halves or split):
+        raise click.UsageError("INPUTS go with --halves or --split")
+    if half_pairs and not halves:
+        raise click.UsageError("--half-pairs goes with --halves")
+    if write_halves and not split:
+        raise click.UsageError("--write-halves goes with --split")
     if halves and not inputs and not half_pairs:
         raise click.UsageError("--halves needs micrographs (INPUTS) or --half-pairs DIR_A DIR_B")
-    data = (PairsData(*pairs) if pairs else StoreData(store, split) if store
+    if split and not inputs:
+        raise click.UsageError("--split needs micrographs (INPUTS)")
+    data = (PairsData(*pairs) if pairs else StoreData(store, store_split) if store
+            else SplitData(tuple(inputs), split, write_halves) if split
             else HalvesData(tuple(inputs), half_pairs))
     config = EvalConfig(model_b=model_b, compare=compare, train_log=train_log, device=device, backend=backend,
-                        limit=limit, quiet=quiet)
+                        limit=limit, seed=seed, quiet=quiet)
     result = run_evaluate(model, data, output, config)
     if not quiet:
         for name, m in result["methods"].items():
-            parts = [f"{k}={m[k]:.4g}" for k in ("psnr", "ssim", "corr", "frc_0.143", "flat_noise_ratio")
+            parts = [f"{k}={m[k]:.4g}" for k in ("psnr", "ssim", "corr", "split_gain_db", "change",
+                                                 "residual_spread", "frc_0.143", "flat_noise_ratio")
                      if m.get(k) is not None]
             click.echo(f"{name:12s} " + " ".join(parts))
         click.echo(f"report: {output / 'index.html'}")

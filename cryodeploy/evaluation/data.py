@@ -16,7 +16,8 @@ from cryodeploy.errors import ConfigError, InputError
 from cryodeploy.imaging import metrics as M
 
 __all__ = [
-    "EvalConfig", "EvalData", "HalvesData", "Item", "Method", "PairedSource", "PairsData", "StoreData",
+    "EvalConfig", "EvalData", "HalvesData", "Item", "Method", "PairedSource", "PairsData", "SplitData",
+    "StoreData",
     "build_methods", "check_outputs", "matched_files", "micrograph_files", "model_info", "read_frame",
     "voxel_size",
 ]
@@ -48,7 +49,22 @@ class HalvesData:
     half_pairs: tuple[Path, Path] | None = None
 
 
-EvalData = PairsData | StoreData | HalvesData
+@dataclass(frozen=True)
+class SplitData:
+    """Micrographs without a clean target, each split into two independent halves: ``split`` is
+    auto, thin (binomial thinning of counts) or diagonal; ``write_halves`` = a folder to write the
+    halves into (for other tools to denoise)."""
+
+    inputs: tuple[str, ...] = ()
+    split: str = "auto"
+    write_halves: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.split not in ("auto", "thin", "diagonal"):
+            raise ConfigError(f"split is {self.split!r}, expected auto, thin or diagonal")
+
+
+EvalData = PairsData | StoreData | HalvesData | SplitData
 
 
 @dataclass(frozen=True)
@@ -80,7 +96,7 @@ class EvalConfig:
             raise ConfigError(f"limit is {self.limit}, expected >= 1")
         if self.crop < 16:
             raise ConfigError(f"crop is {self.crop}, expected >= 16 px")
-        taken = {"identity", "gaussian", "clean", "noisy", "model", "model-b"}
+        taken = {"identity", "gaussian", "constant", "clean", "noisy", "model", "model-b"}
         for name, folder in self.compare:
             if name in taken or not name:
                 raise ConfigError(f"--compare name {name!r} is empty or taken, expected a new name")
@@ -279,6 +295,6 @@ def build_methods(model: str, config: EvalConfig, normalized: bool, stack: ExitS
     if config.model_b:
         methods.append(_model_method("model-b", config.model_b, config, normalized, stack))
     if config.compare and normalized:
-        raise ConfigError("--compare needs file data (--pairs or --halves), not patch store data")
+        raise ConfigError("--compare needs file data (--pairs, --halves or --split), not patch store data")
     methods += [Method(name, folder=Path(folder)) for name, folder in config.compare]
     return methods

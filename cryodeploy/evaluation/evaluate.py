@@ -6,7 +6,9 @@ Three kinds of data:
 * :class:`StoreData` - a patch store split with targets (patches already normalized, so the
   network runs on them directly);
 * :class:`HalvesData` - real micrographs without a clean target: Fourier ring correlation of
-  independent halves (see :mod:`cryodeploy.evaluation.halves`).
+  independent halves (see :mod:`cryodeploy.evaluation.halves`);
+* :class:`SplitData` - real micrographs without a clean target, scored by split gain on two
+  independent halves (see :mod:`cryodeploy.evaluation.split`).
 
 Every evaluation with a target scores the model against the noisy input ("identity") and the
 best Gaussian low-pass ("gaussian", sigma chosen on the first ``val_fraction`` of the items),
@@ -34,6 +36,7 @@ from cryodeploy.evaluation.data import (
     Method,
     PairedSource,
     PairsData,
+    SplitData,
     StoreData,
     build_methods,
     check_outputs,
@@ -43,7 +46,7 @@ from cryodeploy.evaluation.flags import red_flags
 from cryodeploy.evaluation.report import Figures, pick_crop, write_report
 from cryodeploy.imaging import metrics as M
 
-__all__ = ["EvalConfig", "HalvesData", "Method", "PairsData", "StoreData", "evaluate"]
+__all__ = ["EvalConfig", "HalvesData", "Method", "PairsData", "SplitData", "StoreData", "evaluate"]
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +191,11 @@ def evaluate(model: str | os.PathLike[str], data: EvalData, outdir: str | os.Pat
 
             methods = build_methods(str(model), config, False, stack)
             result, figures = evaluate_halves(methods, data, config)
+        elif isinstance(data, SplitData):
+            from cryodeploy.evaluation.split import evaluate_split
+
+            methods = build_methods(str(model), config, False, stack)
+            result, figures = evaluate_split(methods, data, config)
         else:
             source = PairedSource(data, config.limit)
             methods = build_methods(str(model), config, isinstance(data, StoreData), stack)

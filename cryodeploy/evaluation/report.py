@@ -24,6 +24,8 @@ __all__ = ["Figures", "pick_crop", "write_report"]
 
 #: (metrics.json key, column title, format) of the metrics table; columns absent in the data are left out.
 COLUMNS = (
+    ("split_gain_db", "split gain (dB)", "{:.2f}"), ("split_error", "split error E", "{:.4f}"),
+    ("change", "change RMS(f(x)-x)/std(x)", "{:.3f}"), ("residual_spread", "residual spread", "{:.3f}"),
     ("psnr", "PSNR (dB)", "{:.2f}"), ("ssim", "SSIM", "{:.4f}"), ("mse", "MSE", "{:.4g}"),
     ("rmse", "RMSE", "{:.4g}"), ("corr", "corr", "{:.4f}"), ("corr_input", "corr with input", "{:.4f}"),
     ("mean_shift", "mean shift (std)", "{:+.3f}"), ("std_ratio", "std ratio", "{:.3f}"),
@@ -162,7 +164,7 @@ def _plot_per_item(out: Path, result: dict[str, Any]) -> str | None:
     methods = result["methods"]
     if result["n_items"] < 2:
         return None
-    keys = [k for k in ("psnr", "ssim", "flat_noise_ratio", "frc_0.143")
+    keys = [k for k in ("split_gain_db", "psnr", "ssim", "flat_noise_ratio", "frc_0.143")
             if any(r.get(k) is not None for m in methods.values() for r in m["per_item"])][:2]
     if not keys:
         return None
@@ -208,7 +210,7 @@ def _plot_frc(out: Path, result: dict[str, Any]) -> str:
     panels = [(result["frc"], result["frc"].get("title", "FRC against the clean target"))]
     if result.get("half_pairs"):
         panels.append((result["half_pairs"]["frc"], "FRC between the given half pairs (e.g. even/odd)"))
-    labels = {"identity": "raw halves"} if result["mode"] == "halves" else {}
+    labels = {"identity": "raw halves"} if result["mode"] in ("halves", "split") else {}
     f, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.5), squeeze=False)
     for ax, (frc, title) in zip(axes.flat, panels, strict=True):
         _frc_axes(ax, frc, title, labels)
@@ -227,7 +229,8 @@ def _plot_sigma(out: Path, result: dict[str, Any]) -> str | None:
     ax.plot(s, v, "o-")
     ax.axvline(g["sigma"], color="r", linestyle="--", label=f"chosen sigma = {g['sigma']:g} px")
     ax.set_xlabel("Gaussian sigma (px)")
-    ax.set_ylabel("mean PSNR on validation items (dB)")
+    split = result["mode"] == "split"
+    ax.set_ylabel("mean split gain (dB)" if split else "mean PSNR on validation items (dB)")
     ax.set_title(f"Gaussian baseline: {g['sigma_chosen_on']}", fontsize=9)
     ax.legend(fontsize=8)
     return _save(f, out / "gaussian_sigma.png")
@@ -289,7 +292,7 @@ def _metrics_table(result: dict[str, Any]) -> str:
 
 def _summary_table(result: dict[str, Any]) -> str:
     methods = result["methods"]
-    keys = [c for c in COLUMNS if c[0] in ("psnr", "ssim", "flat_noise_ratio", "frc_0.143")
+    keys = [c for c in COLUMNS if c[0] in ("split_gain_db", "psnr", "ssim", "flat_noise_ratio", "frc_0.143")
             and any(c[0] in m["summary"] for m in methods.values())]
     head = "".join(f"<th>{html.escape(_label(k, result))} min / median / max</th>" for k, _, _ in keys)
     body = ""
@@ -361,6 +364,10 @@ def write_report(out: Path, result: dict[str, Any], fig: Figures, train_log: Pat
              ("Gaussian baseline", _plot_sigma(out, result)),
              ("Training loss", _plot_loss(out, train_log) if train_log else None)]
     plot_html = "".join(f'<h2>{t}</h2><img class="plot" src="{p}" alt="{t}">' for t, p in plots if p)
+    if result["mode"] == "split":
+        from cryodeploy.evaluation.splitreport import split_section
+
+        plot_html = split_section(out, result) + plot_html
     page = (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>cryodeploy evaluation</title>'
             f"<style>{_CSS}</style></head><body>"
             f"<h1>cryodeploy evaluation ({html.escape(result['mode'])})</h1>"
