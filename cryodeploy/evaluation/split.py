@@ -185,11 +185,13 @@ def _record(m: SplitMethod, item: Item, s: Split, edges: list[float],
     sd = float(x.std())
     vs = item.voxel_size * s.scale if item.voxel_size else None
     freq, curve = M.frc(fa, fb, vs)
+    flat = float(np.ptp(fa)) == 0.0 or float(np.ptp(fb)) == 0.0  # a constant: no FRC to cross
     _, power = S.power_ratio(fx, x, power_edges)
     rec = {"name": item.name, "split_error": S.split_error(fa, fb, s.a, s.b),
            "split_gain_db": S.split_gain(fa, fb, s.a, s.b),
            "band_error": S.band_errors(fa, fb, s.a, s.b, edges), "power_ratio": power.tolist(),
-           "frc_0.5": M.frc_crossing(freq, curve, 0.5), "frc_0.143": M.frc_crossing(freq, curve, 0.143),
+           "frc_0.5": None if flat else M.frc_crossing(freq, curve, 0.5),
+           "frc_0.143": None if flat else M.frc_crossing(freq, curve, 0.143),
            "change": float(np.sqrt(np.mean((fx - x) ** 2))) / sd,
            "residual_spread": S.residual_spread(fa, fb, s.a, s.b),
            "corr_input": M.pearson(fx, x), "mean_shift": float((fx.mean(dtype=np.float64) - x.mean()) / sd),
@@ -303,8 +305,9 @@ def evaluate_split(methods: list[Method], data: SplitData,
         res["band_error"] = _mean_lists(records[m.name], "band_error")
         res["power_ratio"] = _mean_lists(records[m.name], "power_ratio")
         freq, mean = _mean_curve(curves[m.name])
-        res["frc_0.5"] = M.frc_crossing(freq, mean, 0.5)
-        res["frc_0.143"] = M.frc_crossing(freq, mean, 0.143)
+        if res["frc_0.143"] is not None:
+            res["frc_0.5"] = M.frc_crossing(freq, mean, 0.5)
+            res["frc_0.143"] = M.frc_crossing(freq, mean, 0.143)
         result_methods[m.name] = res
     result_methods["gaussian"].update({
         "sigma": sigma, "sigma_chosen_on": f"all {count} micrographs, by mean split gain (sigma in "

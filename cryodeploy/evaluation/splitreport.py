@@ -11,6 +11,9 @@ import numpy as np
 
 __all__ = ["split_section"]
 
+#: Values below this (a band error can be slightly negative: it is an estimate) are drawn at it.
+FLOOR = 1e-3
+
 
 def _cell(v: float | None, fmt: str = "{:.3f}") -> str:
     return "<td>n/a</td>" if v is None else f"<td>{fmt.format(v)}</td>"
@@ -38,16 +41,16 @@ def _plot_bands(out: Path, result: dict[str, Any]) -> str:
 
     f, axes = plt.subplots(1, 2, figsize=(13, 4.5))
     panels = ((axes[0], "band_error", result["bands"]["names"],
-               "signal error per band relative to identity (1 = input, lower is better)"),
+               f"signal error per band relative to identity (1 = input, lower is better; floor {FLOOR:g})"),
               (axes[1], "power_ratio", result["bands"]["power_names"],
                "power of f(x) / power of x per band (1 = unchanged)"))
     for ax, key, names, title in panels:
         x = np.arange(len(names))
-        for name, m in result["methods"].items():
+        for i, (name, m) in enumerate(result["methods"].items()):
             if name == "constant" and key == "band_error":
                 continue  # its low-band error (all the signal) would squash the others
-            vals = [np.nan if v is None else v for v in m[key]]
-            ax.plot(x, vals, "o-", label=name, linewidth=2.2 if name == "model" else 1.2)
+            vals = [np.nan if v is None else max(v, FLOOR) for v in m[key]]
+            ax.plot(x, vals, "o-", label=name, color=f"C{i % 10}", linewidth=2.2 if name == "model" else 1.2)
         ax.axhline(1.0, color="gray", linestyle="--", linewidth=0.8)
         ax.set_xticks(x, names, rotation=15)
         ax.set_yscale("log")

@@ -137,7 +137,7 @@ def split_gain(fa: np.ndarray, fb: np.ndarray, a: np.ndarray, b: np.ndarray) -> 
     """-10 log10(:func:`split_error`) in dB (0 for identity); inf where E <= 0 (a denoiser better
     than the noise estimate can resolve)."""
     e = split_error(fa, fb, a, b)
-    return float(-10.0 * np.log10(e)) if e > 0 else float("inf")
+    return float(-10.0 * np.log10(e)) + 0.0 if e > 0 else float("inf")  # + 0.0: identity is 0, not -0
 
 
 def band_edges(voxel_size: float | None) -> tuple[list[float], list[str]]:
