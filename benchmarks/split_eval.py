@@ -56,12 +56,13 @@ def table(result: dict[str, Any]) -> str:
     flags: dict[str, list[str]] = {}
     for f in result["red_flags"]:
         flags.setdefault(f["method"], []).append(f["check"])
-    head = (["method", "split gain (dB)", *[f"{n}" for n in items[:8]], *[f"E {b}" for b in bands],
+    head = (["method", "split gain (dB) ± sd", *[f"{n}" for n in items[:8]], *[f"E {b}" for b in bands],
              "change", "residual spread", "red flags"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, m in result["methods"].items():
         label = f"gaussian (sigma {m['sigma']:g})" if name == "gaussian" else name
-        row = [label, _fmt(m["split_gain_db"]), *[_fmt(r["split_gain_db"]) for r in m["per_item"][:8]],
+        gain = _fmt(m["split_gain_db"]) + (f" ± {m['split_gain_sd_db']:.2f}" if m["split_gain_sd_db"] else "")
+        row = [label, gain, *[_fmt(r["split_gain_db"]) for r in m["per_item"][:8]],
                *[_fmt(v, "{:.3f}") for v in m["band_error"]], _fmt(m["change"], "{:.3f}"),
                _fmt(m["residual_spread"], "{:.3f}"), ", ".join(flags.get(name, [])) or "-"]
         lines.append("| " + " | ".join(row) + " |")

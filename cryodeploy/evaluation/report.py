@@ -24,7 +24,8 @@ __all__ = ["Figures", "pick_crop", "write_report"]
 
 #: (metrics.json key, column title, format) of the metrics table; columns absent in the data are left out.
 COLUMNS = (
-    ("split_gain_db", "split gain (dB)", "{:.2f}"), ("split_error", "split error E", "{:.4f}"),
+    ("split_gain_db", "split gain (dB)", "{:.2f}"), ("split_gain_sd_db", "split gain sd (dB)", "{:.2f}"),
+    ("split_error", "split error E", "{:.4f}"),
     ("change", "change RMS(f(x)-x)/std(x)", "{:.3f}"), ("residual_spread", "residual spread", "{:.3f}"),
     ("psnr", "PSNR (dB)", "{:.2f}"), ("ssim", "SSIM", "{:.4f}"), ("mse", "MSE", "{:.4g}"),
     ("rmse", "RMSE", "{:.4g}"), ("corr", "corr", "{:.4f}"), ("corr_input", "corr with input", "{:.4f}"),

@@ -43,6 +43,8 @@ UNIT_GAIN = (0.5, 2.0)
 NOTES = {
     "split_gain": "-10 log10(E), E = (mean(MSE(f(A), B), MSE(f(B), A)) - s2) / s2, s2 = MSE(A, B) / 2; "
                   "identity 0 dB, higher is better; per micrograph, then averaged",
+    "split_gain_sd": "standard deviation of the split-gain estimate, 10/ln10 (sqrt(2E) + 1 + E) / "
+                     "(E sqrt(N)) for N pixels per half (of the mean: combined over micrographs)",
     "band_error": "E per frequency band: the signal error left in the band relative to identity's "
                   "(1 = as noisy as the input, 0 = perfect)",
     "change": "RMS(f(x) - x) / std(x) on the whole input x; power ratio = radial power spectrum of f(x) "
@@ -187,8 +189,9 @@ def _record(m: SplitMethod, item: Item, s: Split, edges: list[float],
     freq, curve = M.frc(fa, fb, vs)
     flat = float(np.ptp(fa)) == 0.0 or float(np.ptp(fb)) == 0.0  # a constant: no FRC to cross
     _, power = S.power_ratio(fx, x, power_edges)
-    rec = {"name": item.name, "split_error": S.split_error(fa, fb, s.a, s.b),
-           "split_gain_db": S.split_gain(fa, fb, s.a, s.b),
+    err = S.split_error(fa, fb, s.a, s.b)
+    rec = {"name": item.name, "split_error": err, "split_gain_db": S.split_gain(fa, fb, s.a, s.b),
+           "split_gain_sd_db": S.split_gain_sd(err, s.a.size),
            "band_error": S.band_errors(fa, fb, s.a, s.b, edges), "power_ratio": power.tolist(),
            "frc_0.5": None if flat else M.frc_crossing(freq, curve, 0.5),
            "frc_0.143": None if flat else M.frc_crossing(freq, curve, 0.143),
@@ -302,6 +305,8 @@ def evaluate_split(methods: list[Method], data: SplitData,
     result_methods = {}
     for m in all_methods:
         res = M.summarize(records[m.name], SPLIT_METRICS)
+        sds = [r["split_gain_sd_db"] for r in records[m.name] if r["split_gain_sd_db"] is not None]
+        res["split_gain_sd_db"] = float(np.sqrt(np.sum(np.square(sds)))) / len(sds) if sds else None
         res["band_error"] = _mean_lists(records[m.name], "band_error")
         res["power_ratio"] = _mean_lists(records[m.name], "power_ratio")
         freq, mean = _mean_curve(curves[m.name])

@@ -34,6 +34,7 @@ __all__ = [
     "residual_spread",
     "split_error",
     "split_gain",
+    "split_gain_sd",
 ]
 
 #: Raw halves whose pooled FRC in an outer band (1/2-3/4 or 3/4-1 of Nyquist) exceeds this in
@@ -138,6 +139,15 @@ def split_gain(fa: np.ndarray, fb: np.ndarray, a: np.ndarray, b: np.ndarray) -> 
     than the noise estimate can resolve)."""
     e = split_error(fa, fb, a, b)
     return float(-10.0 * np.log10(e)) + 0.0 if e > 0 else float("inf")  # + 0.0: identity is 0, not -0
+
+
+def split_gain_sd(error: float, n: int) -> float | None:
+    """Standard deviation (dB) of :func:`split_gain` for split error ``error`` on halves of ``n``
+    pixels: E's estimate errs by -(<eA nB> + <eB nA>) / s2 + (1 + E) <nA nB> / s2, whose standard
+    deviation is at most (sqrt(2 E) + 1 + E) / sqrt(n) for uniform noise (None where E <= 0)."""
+    if not error > 0:
+        return None
+    return float(10.0 / np.log(10.0) * (np.sqrt(2.0 * error) + 1.0 + error) / (error * np.sqrt(n)))
 
 
 def band_edges(voxel_size: float | None) -> tuple[list[float], list[str]]:

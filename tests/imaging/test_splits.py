@@ -85,6 +85,7 @@ def test_split_gain_agrees_with_the_true_gain(dose: float, sigma: float) -> None
     k = math.sqrt(float(np.mean(c * c))) / float(np.mean(c))
     tol_db = 4 * 10 / math.log(10) * k * (math.sqrt(2 * e_true) + 1 + e_true) / math.sqrt(x.size) / e_true
     gain = S.split_gain(fa, fb, a, b)
+    assert tol_db == pytest.approx(4 * k * S.split_gain_sd(e_true, x.size))
     assert gain > 0 and tol_db < 1.5
     assert abs(gain - -10 * math.log10(e_true)) <= tol_db
 
