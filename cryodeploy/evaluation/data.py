@@ -18,7 +18,8 @@ from cryodeploy.imaging import metrics as M
 __all__ = [
     "EvalConfig", "EvalData", "HalvesData", "Item", "Method", "PairedSource", "PairsData", "SplitData",
     "StoreData",
-    "build_methods", "check_outputs", "matched_files", "micrograph_files", "model_info", "read_frame",
+    "build_methods", "check_outputs", "matched_files", "micrograph_files", "micrograph_items", "model_info",
+    "read_frame",
     "voxel_size",
 ]
 
@@ -154,6 +155,24 @@ def read_frame(path: Path, frame: int | None) -> np.ndarray:
     if data.ndim != 3 or frame >= data.shape[0]:
         raise InputError(f"{path}: found shape {data.shape}, expected a stack with frame {frame}")
     return data[frame]
+
+
+def micrograph_items(paths: list[Path], limit: int | None) -> Iterator[tuple[Item, str]]:
+    """The frames of ``paths`` (the first ``limit``), read one file at a time, each with where it
+    came from (``path`` or ``path[frame]``)."""
+    from cryodeploy.io.mrc import read_micrograph
+
+    n = 0
+    for path in paths:
+        mic = read_micrograph(path)
+        vs = voxel_size(path)
+        stack = mic.data.ndim == 3
+        for f, frame in enumerate(mic.frames()):
+            if n == limit:
+                return
+            yield (Item(f"{path.name}[{f}]" if stack else path.name, frame, None, key=path.name,
+                        frame=f if stack else None, voxel_size=vs), f"{path}[{f}]" if stack else str(path))
+            n += 1
 
 
 def voxel_size(path: Path) -> float | None:

@@ -29,6 +29,7 @@ from cryodeploy.evaluation.data import (
     Method,
     check_outputs,
     matched_files,
+    micrograph_items,
     read_frame,
     voxel_size,
 )
@@ -59,19 +60,7 @@ def _micrographs(data: HalvesData) -> list[tuple[Path, int]]:
 
 def _items(files: list[tuple[Path, int]], count: int) -> Iterator[Item]:
     """The first ``count`` frames of ``files``, read one file at a time."""
-    from cryodeploy.io.mrc import read_micrograph
-
-    n = 0
-    for path, frames in files:
-        mic = read_micrograph(path)
-        vs = voxel_size(path)
-        for f, frame in enumerate(mic.frames()):
-            if n == count:
-                return
-            stack = frames > 1 or mic.data.ndim == 3
-            yield Item(f"{path.name}[{f}]" if stack else path.name, frame, None, key=path.name,
-                       frame=f if stack else None, voxel_size=vs)
-            n += 1
+    return (item for item, _ in micrograph_items([p for p, _ in files], count))
 
 
 Curves = dict[str, list[tuple[np.ndarray, np.ndarray]]]

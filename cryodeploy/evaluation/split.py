@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cryodeploy.errors import ConfigError, InputError, OutputError
-from cryodeploy.evaluation.data import EvalConfig, Item, Method, SplitData, voxel_size
+from cryodeploy.evaluation.data import EvalConfig, Item, Method, SplitData, micrograph_items
 from cryodeploy.evaluation.flags import split_red_flags
 from cryodeploy.imaging import metrics as M
 from cryodeploy.imaging import splits as S
@@ -154,19 +154,8 @@ def _folder(method: Method) -> SplitMethod:
 
 def _items(data: SplitData, limit: int | None) -> Iterator[tuple[Item, str]]:
     from cryodeploy.io.inputs import expand_inputs
-    from cryodeploy.io.mrc import read_micrograph
 
-    n = 0
-    for path in expand_inputs(list(data.inputs)):
-        mic = read_micrograph(path)
-        stack = mic.data.ndim == 3
-        for f, frame in enumerate(mic.frames()):
-            if n == limit:
-                return
-            name = f"{path.name}[{f}]" if stack else path.name
-            yield Item(name, frame, None, key=path.name, frame=f if stack else None,
-                       voxel_size=voxel_size(path)), f"{path}[{f}]" if stack else str(path)
-            n += 1
+    return micrograph_items(expand_inputs(list(data.inputs)), limit)
 
 
 def _write_halves(folder: Path, item: Item, s: Split) -> None:
