@@ -45,10 +45,15 @@ VAL_SEED = 7001
 TRAIN_SEED = 1
 
 
+#: The simulator's defaults, widened to the pixel sizes and doses of split halves (twice the pixel
+#: size of the micrograph, so up to ~3.5 A, with twice the dose per pixel).
+TRAIN_SIM = {"pixel_size_a": (0.5, 3.5), "dose_e_per_px": (3.0, 150.0)}
+
+
 def _sim_config(size: int) -> Any:
     from cryodeploy.imaging.simulate import SimConfig
 
-    return SimConfig(shape=(size, size))
+    return SimConfig(shape=(size, size), **TRAIN_SIM)
 
 
 def train_worker(a: argparse.Namespace) -> None:
@@ -199,9 +204,13 @@ def orchestrate(a: argparse.Namespace) -> None:
     bench = _bench_module()
     models = {n: str(out / "candidates" / n / "best.safetensors") for n in names
               if (out / "candidates" / n / "best.safetensors").is_file()}
-    with tempfile.TemporaryDirectory() as tmp:
-        result = bench.run_benchmark(models, a.real, a.device, a.eval_size, a.eval_count,
-                                     os.environ.get("TOPAZ") == "1", Path(tmp))
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            result = bench.run_benchmark(models, a.real, a.device, a.eval_size, a.eval_count,
+                                         os.environ.get("TOPAZ") == "1", Path(tmp))
+    except Exception as err:  # keep the trained candidates and say why there is no table
+        (out / "quality_error.txt").write_text(f"{type(err).__name__}: {err}\n")
+        raise
     for n in names:
         summary = out / "candidates" / n / "summary.json"
         result["methods"].setdefault(n, {"error": f"training failed (exit {status[n]})"})
