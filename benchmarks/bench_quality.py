@@ -8,7 +8,8 @@ CPU smoke test: ``python3 benchmarks/bench_quality.py --model default --size 256
 Methods: identity, the best Gaussian low-pass (an oracle: sigma chosen per data set on the very
 items scored), each ``--model`` (through :class:`cryodeploy.Denoiser`, i.e. the runner's image
 contract and tiling) and, with ``--topaz``, Topaz-Denoise's pretrained ``unet`` run by
-``benchmarks/topaz_denoise.py`` in a subprocess (its own environment: ``PYTHONPATH`` with topaz-em).
+``benchmarks/topaz_denoise.py`` in a subprocess (its own environment: ``PYTHONPATH`` with topaz-em, or
+the python named by ``TOPAZ_PYTHON``).
 
 1. Held-out realistic simulation (:mod:`cryodeploy.imaging.simulate`, seed ``--seed``) at doses
    5, 20, 50 e-/px: mean PSNR against the exact clean image, data range = clean max - min.
@@ -146,7 +147,7 @@ def run_topaz(stacks: dict[str, np.ndarray], device: str, workdir: Path, timeout
     for name, x in stacks.items():
         write_micrograph(src / f"{name}.mrc", x)
     script = Path(__file__).with_name("topaz_denoise.py")
-    subprocess.run([sys.executable, str(script), str(src), "-o", str(dst), "--model", "unet",
+    subprocess.run([os.environ.get("TOPAZ_PYTHON", sys.executable), str(script), str(src), "-o", str(dst), "--model", "unet",
                     "--device", "cuda" if device.startswith("cuda") else "cpu", "-q"],
                    check=True, timeout=timeout)
     return {name: read_micrograph(dst / f"{name}.mrc").data.reshape(x.shape) for name, x in stacks.items()}
