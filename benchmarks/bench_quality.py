@@ -147,7 +147,8 @@ def run_topaz(stacks: dict[str, np.ndarray], device: str, workdir: Path, timeout
     for name, x in stacks.items():
         write_micrograph(src / f"{name}.mrc", x)
     script = Path(__file__).with_name("topaz_denoise.py")
-    subprocess.run([os.environ.get("TOPAZ_PYTHON", sys.executable), str(script), str(src), "-o", str(dst), "--model", "unet",
+    python = os.environ.get("TOPAZ_PYTHON", sys.executable)
+    subprocess.run([python, str(script), str(src), "-o", str(dst), "--model", "unet",
                     "--device", "cuda" if device.startswith("cuda") else "cpu", "-q"],
                    check=True, timeout=timeout)
     return {name: read_micrograph(dst / f"{name}.mrc").data.reshape(x.shape) for name, x in stacks.items()}

@@ -112,9 +112,9 @@ def _make_batch(source: SimSource, step: int, device: torch.device, library: Any
     return _crops(x, y, source.crop, source.crops_per_image, gen)
 
 
-def sim_batches(source: SimSource, device: str | torch.device = "cpu", start: int = 0,
+def sim_batches(source: SimSource, device: str | torch.device = "cpu", start: int = 0, stride: int = 1,
                 prefetch: bool | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Endless (input, target) batches [B, 1, crop, crop] on ``device``, steps ``start``, ``start+1``, ...
+    """Endless (input, target) batches [B, 1, crop, crop] on ``device``: steps ``start + i * stride``.
 
     ``prefetch`` (default: on CUDA) simulates the next batch in a background thread on a side stream.
     """
@@ -128,7 +128,7 @@ def sim_batches(source: SimSource, device: str | torch.device = "cpu", start: in
         step = start
         while True:
             yield _make_batch(source, step, dev, library)
-            step += 1
+            step += stride
     q: queue.Queue[Any] = queue.Queue(maxsize=2)
     stop = threading.Event()
 
@@ -150,7 +150,7 @@ def sim_batches(source: SimSource, device: str | torch.device = "cpu", start: in
                         break
                     except queue.Full:
                         continue
-                step += 1
+                step += stride
         except BaseException as err:  # handed to the consumer, which re-raises it
             q.put((err, None))
 
