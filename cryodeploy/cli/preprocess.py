@@ -52,6 +52,12 @@ def _default_workers() -> int:
 )
 @click.option("--noise2noise", is_flag=True, help="Target = a second independent noisy draw (Noise2Noise).")
 @click.option(
+    "--thin",
+    is_flag=True,
+    help="Noise2Noise from counted micrographs: input and target are binomially thinned halves of the "
+    "counts (integer data, or a gain estimated from variance/mean; other data refused).",
+)
+@click.option(
     "--pairs",
     nargs=2,
     type=click.Path(exists=True, file_okay=False, path_type=Path),
@@ -83,6 +89,7 @@ def preprocess(
     dose: float | None,
     dose_range: tuple[float, float] | None,
     noise2noise: bool,
+    thin: bool,
     pairs: tuple[Path, Path] | None,
     adopt: Path | None,
     workers: int,
@@ -92,7 +99,8 @@ def preprocess(
     """Cut micrographs (files, globs, folders, RELION STAR files) into a patch store for training.
 
     Targets: synthetic Poisson+Gaussian noise on the micrographs (default), two independent
-    noisy draws (--noise2noise), or your own pairs (--pairs DIR_A DIR_B).
+    noisy draws (--noise2noise), binomially thinned halves of counted micrographs (--thin), or
+    your own pairs (--pairs DIR_A DIR_B).
     """
     noise_given = [
         n
@@ -105,7 +113,7 @@ def preprocess(
         if v is not None
     ]
     if adopt is not None:
-        if inputs or store or pairs or noise2noise or noise_given:
+        if inputs or store or pairs or noise2noise or thin or noise_given:
             raise click.UsageError("--adopt DIR takes only --patch and --overwrite")
         from cryodeploy.training.store import adopt_raw_store
 
@@ -118,6 +126,9 @@ def preprocess(
         raise click.UsageError(
             f"--pairs takes no INPUTS, --noise2noise or noise options (got {noise_given or 'some'})"
         )
+    if thin and (pairs or noise2noise or noise_given):
+        raise click.UsageError(f"--thin takes no --pairs, --noise2noise or noise options "
+                               f"(got {noise_given or 'some'})")
     if pairs is None and not inputs:
         raise click.UsageError("give INPUTS (micrographs) or --pairs DIR_A DIR_B")
     if dose is not None and dose_range is not None:
@@ -137,7 +148,7 @@ def preprocess(
         stride=stride,
         test_fraction=test_fraction,
         seed=seed,
-        targets="pairs" if pairs else "noise2noise" if noise2noise else "noise",
+        targets="pairs" if pairs else "noise2noise" if noise2noise else "thin" if thin else "noise",
         noise=noise,
         target_dir=pairs[1] if pairs else None,
         workers=workers,

@@ -1,4 +1,4 @@
-"""``cryodeploy train``: train a denoiser on a patch store (also under ``torchrun`` for DDP)."""
+"""``cryodeploy train``: train a denoiser on a patch store or on simulation (also under ``torchrun``)."""
 
 from __future__ import annotations
 
@@ -25,11 +25,32 @@ def _params(values: tuple[str, ...]) -> dict[str, object]:
     return params
 
 
+def _sim_data(sim_config: Path | None, sim_size: int, crop: int, steps_per_epoch: int) -> object:
+    """The :class:`~cryodeploy.training.sources.SimulatedData` of ``--simulate`` (one-line errors)."""
+    from cryodeploy.errors import ConfigError
+    from cryodeploy.imaging.simulate import SimConfig
+    from cryodeploy.training.sources import SimulatedData
+
+    fields: dict[str, object] = {}
+    if sim_config is not None:
+        try:
+            fields = json.loads(sim_config.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ConfigError(f"{sim_config}: not a readable JSON simulation config ({err})") from err
+        if not isinstance(fields, dict):
+            raise ConfigError(f"{sim_config}: found {type(fields).__name__}, expected a JSON object")
+    try:
+        sim = SimConfig.from_dict({"shape": [sim_size, sim_size], **fields})
+    except ConfigError as err:
+        raise ConfigError(f"{sim_config or '--simulate'}: {err}") from err
+    return SimulatedData(sim, crop=min(crop, *sim.shape), crops_per_image=1, steps_per_epoch=steps_per_epoch)
+
+
 @click.command()
-@click.argument("store", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("store", required=False, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("-o", "--output", "rundir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Run folder: best/last checkpoints, state.pt, metrics.jsonl, loss.png.")
-@click.option("--model", default="cnn3", show_default=True, help="Architecture: cnn3 or unet.")
+@click.option("--model", default=None, help="Architecture: cnn3 (default) or unet; with --init, its own.")
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE",
               help="Architecture parameter, e.g. --param base_channels=16 --param depth=2.")
 @click.option("--method", default="supervised", show_default=True,
@@ -51,24 +72,53 @@ def _params(values: tuple[str, ...]) -> dict[str, object]:
               type=click.IntRange(min=1), help="Threads reading each batch from the store.")
 @click.option("--buffers", default=3, show_default=True, type=click.IntRange(min=1),
               help="Batches the loader holds in (pinned) memory: its memory is buffers x batch bytes.")
+@click.option("--simulate", is_flag=True,
+              help="Train on micrographs simulated on the fly (exact clean targets; no STORE).")
+@click.option("--sim-config", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="JSON of simulation settings (SimConfig fields; unknown fields refused).")
+@click.option("--sim-size", default=512, show_default=True, type=click.IntRange(min=32),
+              help="Simulated micrograph side (px), unless the --sim-config sets shape.")
+@click.option("--crop", default=256, show_default=True, type=click.IntRange(min=8),
+              help="Training crop side (px) cut from each simulated micrograph.")
+@click.option("--steps-per-epoch", default=200, show_default=True, type=click.IntRange(min=1),
+              help="Batches per epoch with --simulate.")
+@click.option("--init", default=None, metavar="CKPT|default",
+              help="Fine-tune this checkpoint (or the shipped default); the architecture is taken from it.")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
 @click.option("--log-every", default=50, show_default=True, type=click.IntRange(min=1),
               help="Log loss, RMSE and samples/s every N batches.")
 @click.option("--resume", is_flag=True, help="Continue the run in RUNDIR exactly where it stopped.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def train(store: Path, rundir: Path, model: str, params: tuple[str, ...], method: str, epochs: int,
-          batch: int, lr: float, optimizer: str, val_split: float, max_batches: int | None, precision: str,
-          device: str, loader_threads: int, buffers: int, seed: int, log_every: int, resume: bool,
-          quiet: bool) -> None:
-    """Train a denoiser on the patch store STORE into the run folder RUNDIR (-o)."""
+def train(store: Path | None, rundir: Path, model: str | None, params: tuple[str, ...], method: str,
+          epochs: int, batch: int, lr: float, optimizer: str, val_split: float, max_batches: int | None,
+          precision: str, device: str, loader_threads: int, buffers: int, simulate: bool,
+          sim_config: Path | None, sim_size: int, crop: int, steps_per_epoch: int, init: str | None,
+          seed: int, log_every: int, resume: bool, quiet: bool) -> None:
+    """Train a denoiser on the patch store STORE (or, with --simulate, on simulation) into RUNDIR (-o)."""
+    from cryodeploy.errors import ConfigError
     from cryodeploy.training.config import TrainConfig
     from cryodeploy.training.train import train as run_training
 
-    config = TrainConfig(model=model, model_params=_params(params), epochs=epochs, batch=batch, lr=lr,
-                         optimizer=optimizer, val_split=val_split, max_batches=max_batches,
+    if (store is None) == (not simulate):
+        raise ConfigError("give a patch STORE or --simulate, not both" if simulate else
+                          "missing STORE: give a patch store folder, or --simulate")
+    model_params = _params(params)
+    if init is not None:
+        from cryodeploy.training.finetune import init_spec
+
+        spec = init_spec(init)
+        differs = any(spec.params.get(k) != v for k, v in model_params.items())
+        if model not in (None, spec.architecture) or differs:
+            raise ConfigError(f"--init {init}: the checkpoint is {spec.architecture} {spec.params}, found "
+                              f"--model {model or spec.architecture} {model_params}; leave them out")
+        model, model_params = spec.architecture, dict(spec.params)
+    config = TrainConfig(model=model or "cnn3", model_params=model_params, epochs=epochs, batch=batch,
+                         lr=lr, optimizer=optimizer, val_split=val_split, max_batches=max_batches,
                          precision=precision, device=device, seed=seed, method=method, log_every=log_every,
-                         resume=resume, loader_threads=loader_threads, buffers=buffers)
-    result = run_training(store, rundir, config, quiet=quiet)
+                         resume=resume, loader_threads=loader_threads, buffers=buffers, init=init)
+    data = _sim_data(sim_config, sim_size, crop, steps_per_epoch) if simulate else store
+    assert data is not None
+    result = run_training(data, rundir, config, quiet=quiet)  # type: ignore[arg-type]
     if os.environ.get("RANK", "0") != "0":
         return
     best = "none"

@@ -1,6 +1,6 @@
 """Image-quality metrics for denoising: MSE/RMSE/PSNR/SSIM/Pearson against a clean target,
-Fourier ring correlation between independent halves, the Gaussian low-pass baseline, and the
-noise level left in flat (empty-ice) regions.
+Fourier ring correlation between independent halves, the Gaussian low-pass baseline, the
+noise level left in flat (empty-ice) regions and how uniformly a denoiser removes noise.
 
 Conventions: images are 2-D arrays; ``pred`` is compared with ``target`` (the clean image);
 PSNR's and SSIM's data range defaults to ``target.max() - target.min()``.
@@ -23,12 +23,14 @@ __all__ = [
     "frc_crossing",
     "gaussian_filter",
     "mse",
+    "patchiness",
     "pearson",
     "psnr",
     "rmse",
     "split_diagonals",
     "ssim",
     "summarize",
+    "window_noise_left",
 ]
 
 #: Gaussian sigmas (px) tried by default when choosing the low-pass baseline.
@@ -277,3 +279,44 @@ def summarize(records: list[dict[str, Any]], keys: tuple[str, ...]) -> dict[str,
     out["per_item"] = records
     return out
 
+
+
+def window_noise_left(out: np.ndarray, noisy: np.ndarray, clean: np.ndarray, window: int = 64) -> np.ndarray:
+    """Per ``window``-px block of a 2-D image or [N, H, W] stack: rms(out - clean) / rms(noisy - clean),
+    the fraction of the noise a denoiser left there (partial blocks at the edges dropped)."""
+    o, n, c = (np.asarray(a, dtype=np.float64) for a in (out, noisy, clean))
+    if not o.shape == n.shape == c.shape or o.ndim not in (2, 3):
+        raise InputError(f"found shapes {o.shape}, {n.shape}, {c.shape}, expected equal 2-D or 3-D shapes")
+    o, n, c = (a.reshape(-1, *a.shape[-2:]) for a in (o, n, c))
+    hh, ww = n.shape[1] // window, n.shape[2] // window
+    if hh == 0 or ww == 0:
+        raise InputError(f"image {n.shape[1:]} is smaller than the {window}-px window")
+
+    def blocks(x: np.ndarray) -> np.ndarray:
+        x = x[:, : hh * window, : ww * window]
+        return x.reshape(len(x), hh, window, ww, window).transpose(0, 1, 3, 2, 4).reshape(len(x), hh * ww, -1)
+
+    left = np.sqrt(np.mean((blocks(o) - blocks(c)) ** 2, axis=-1))
+    noise = np.sqrt(np.mean((blocks(n) - blocks(c)) ** 2, axis=-1))
+    ratios: np.ndarray = (left / noise).reshape(-1)
+    return ratios
+
+
+def patchiness(out: np.ndarray, noisy: np.ndarray, clean: np.ndarray, window: int = 64) -> dict[str, float]:
+    """How unevenly a denoiser removed noise over a region without structure (flat or empty ice).
+
+    ``spread``: the coefficient of variation of :func:`window_noise_left` over the windows;
+    ``uniform_spread``: the same for a Gaussian low-pass that leaves the same mean fraction of white
+    noise (sigma = 1 / (2 sqrt(pi) * noise_left)), a spatially uniform filter whose spread is only
+    the sampling noise of the windows' estimates (it grows with the smoothing); ``noise_left``: the
+    mean fraction left. A patchwork (raw noise beside smoothed patches) has ``spread`` far above
+    ``uniform_spread``.
+    """
+    r = window_noise_left(out, noisy, clean, window)
+    left = float(np.mean(r))
+    sigma = 1.0 / (2.0 * np.sqrt(np.pi) * max(left, 1e-3))
+    stack = np.asarray(noisy, dtype=np.float32).reshape(-1, *np.shape(noisy)[-2:])
+    smooth = np.stack([gaussian_filter(f, sigma) for f in stack]) if sigma > 0.3 else stack
+    u = window_noise_left(smooth, stack, np.asarray(clean).reshape(stack.shape), window)
+    return {"noise_left": left, "spread": float(np.std(r) / left),
+            "uniform_spread": float(np.std(u) / np.mean(u))}

@@ -1,4 +1,5 @@
-"""Noise models: the seeds' Poisson + Gaussian on a [0, 1] image, and independent draws for Noise2Noise."""
+"""Noise models: the seeds' Poisson + Gaussian on a [0, 1] image, independent draws for Noise2Noise,
+and binomial thinning of counted micrographs into two independent halves."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ from typing import Any
 
 import numpy as np
 
-from cryodeploy.errors import ConfigError
+from cryodeploy.errors import ConfigError, InputError
 
-__all__ = ["NoiseSpec", "add_noise", "to_unit_range", "unit_range"]
+__all__ = ["NoiseSpec", "add_noise", "count_gain", "thin", "to_unit_range", "unit_range"]
 
 
 @dataclass(frozen=True)
@@ -99,3 +100,43 @@ def add_noise(
     if spec.sigma > 0:
         noisy = noisy + rng.normal(0.0, spec.sigma, size=x.shape)
     return noisy.astype(np.float32)
+
+
+def count_gain(image: np.ndarray, name: str = "image") -> tuple[float, str]:
+    """Intensity units per detector count of a counted micrograph, and how it was found.
+
+    ``"integer"``: the pixels are non-negative integers (gain 1). ``"variance/mean"``: otherwise the
+    noise variance of the diagonal split (:func:`~cryodeploy.imaging.metrics.split_diagonals`: the
+    variance of A - B is the per-pixel noise variance) over the mean, which is the gain of scaled
+    Poisson counts; snapped to the data's value spacing when the values lie on such a grid. Raises
+    :class:`InputError` (naming ``name``) for data that cannot be counts.
+    """
+    from cryodeploy.imaging.metrics import split_diagonals
+
+    x = np.asarray(image, dtype=np.float64)
+    if not np.isfinite(x).all():
+        raise InputError(f"{name}: non-finite pixels, expected counts")
+    if x.min() < 0 or x.mean() <= 0:
+        raise InputError(f"{name}: pixels range {x.min():.4g}..{x.max():.4g} (mean {x.mean():.4g}), expected "
+                         "non-negative counts; thinning needs counted, not normalized, micrographs")
+    if np.array_equal(x, np.round(x)):
+        return 1.0, "integer"
+    a, b = split_diagonals(x)
+    gain = float(np.var(a.astype(np.float64) - b)) / float(x.mean())
+    if not gain > 0:
+        raise InputError(f"{name}: no shot noise found (variance/mean {gain:.3g}), expected counts")
+    values = np.unique(x[:: max(1, x.size // (1 << 18))])
+    step = float(np.min(np.diff(values))) if values.size > 1 else 0.0
+    if step > 0 and abs(step / gain - 1.0) < 0.2 and np.allclose(x / step, np.round(x / step), atol=1e-3):
+        gain = step
+    if x.mean() / gain < 0.05:
+        raise InputError(f"{name}: {x.mean() / gain:.3g} counts per pixel (variance/mean), expected counts")
+    return gain, "variance/mean"
+
+
+def thin(image: np.ndarray, gain: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Binomial thinning: each count of ``image`` (in units of ``gain``) goes to half A or B with p = 1/2,
+    so A and B share the signal (half each) with independent Poisson noise; both in the input's units."""
+    counts = np.rint(np.asarray(image, dtype=np.float64) / gain).astype(np.int64)
+    a = rng.binomial(counts, 0.5)
+    return (a * gain).astype(np.float32), ((counts - a) * gain).astype(np.float32)

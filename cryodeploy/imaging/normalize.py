@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from cryodeploy.errors import ConfigError
 
-__all__ = ["NormSpec", "NormStats", "denormalize", "norm_stats", "normalize"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["NormSpec", "NormStats", "denormalize", "norm_stats", "norm_stats_torch", "normalize"]
 
 #: At most this many pixels (a regular subsample) are used to estimate the statistics.
 _MAX_SAMPLES = 1 << 20
@@ -70,6 +73,33 @@ def norm_stats(image: np.ndarray, spec: NormSpec = NormSpec()) -> NormStats:
     if not np.isfinite(scale) or scale <= 0.0:
         scale = float(sample.std()) or 1.0
     return NormStats(center=center, scale=scale)
+
+
+def norm_stats_torch(images: torch.Tensor, spec: NormSpec = NormSpec()) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`norm_stats` of each image of a [N, H, W] tensor, on its device: ``(center, scale)``, [N] each.
+
+    The same definition (regular subsample, linear-interpolated percentiles, population std of
+    the core, the same fallbacks), in float64, so training on the GPU normalizes as the runner does.
+    """
+    import torch
+
+    flat = images.reshape(images.shape[0], -1)
+    step = max(1, flat.shape[1] // _MAX_SAMPLES)
+    sample = flat[:, ::step].to(torch.float64)
+    q = torch.tensor([spec.low_percentile / 100.0, spec.high_percentile / 100.0], dtype=torch.float64,
+                     device=sample.device)
+    lo, hi = torch.quantile(sample, q, dim=1, keepdim=True)
+    core = (sample >= lo) & (sample <= hi)
+    n = core.sum(dim=1, keepdim=True)
+    few = n < 2
+    core = torch.where(few, torch.ones_like(core), core)
+    n = torch.where(few, torch.full_like(n, sample.shape[1]), n)
+    center = (sample * core).sum(dim=1, keepdim=True) / n
+    scale = torch.sqrt((((sample - center) * core) ** 2).sum(dim=1, keepdim=True) / n)
+    fallback = sample.std(dim=1, unbiased=False, keepdim=True)
+    fallback = torch.where(fallback > 0, fallback, torch.ones_like(fallback))
+    scale = torch.where(torch.isfinite(scale) & (scale > 0), scale, fallback)
+    return center[:, 0], scale[:, 0]
 
 
 def normalize(image: np.ndarray, stats: NormStats) -> np.ndarray:

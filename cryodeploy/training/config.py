@@ -21,7 +21,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 class TrainConfig:
     """What to train and how. ``batch`` is the global batch (split over DDP ranks); ``max_batches``
     caps the batches per epoch; ``buffers`` is the loader's batches in memory, ``loader_threads`` its
-    parallel reads per batch."""
+    parallel reads per batch; ``init`` a checkpoint (or ``default``) to fine-tune, of the same model."""
 
     model: str = "cnn3"
     model_params: dict[str, Any] = field(default_factory=dict)
@@ -39,6 +39,7 @@ class TrainConfig:
     resume: bool = False
     buffers: int = 3
     loader_threads: int = 4
+    init: str | None = None
 
     def __post_init__(self) -> None:
         from cryodeploy.models import ModelSpec

@@ -1,11 +1,15 @@
 """Stream micrographs into a patch store, one micrograph at a time, with a per-micrograph test split.
 
-Three kinds of targets:
+Four kinds of targets:
 
 - ``noise``: the seeds' recipe. A micrograph is mapped to [0, 1]
   (:func:`~cryodeploy.imaging.noise.to_unit_range`), a Poisson + Gaussian draw is the input and
   the [0, 1] image the target.
 - ``noise2noise``: two independent draws (same dose) are input and target.
+- ``thin``: Noise2Noise from one counted micrograph: its counts (integers, or the
+  :func:`~cryodeploy.imaging.noise.count_gain` estimated from the variance/mean) are binomially
+  thinned into two halves with independent noise, input and target; data that cannot be counts
+  are refused.
 - ``pairs``: the user's own pairs, e.g. even/odd frame sums or noisy/clean; each input's target is the
   file of the same name in ``target_dir`` (both must share one intensity scale).
 
@@ -36,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from cryodeploy.errors import ConfigError, InputError
-from cryodeploy.imaging.noise import NoiseSpec, add_noise, unit_range
+from cryodeploy.imaging.noise import NoiseSpec, add_noise, count_gain, thin, unit_range
 from cryodeploy.imaging.normalize import NormSpec, NormStats, norm_stats, normalize
 from cryodeploy.io.mrc import read_header, read_micrograph
 from cryodeploy.progress import progress
@@ -47,7 +51,7 @@ __all__ = ["TARGET_MODES", "PreprocessConfig", "preprocess", "split_micrographs"
 log = logging.getLogger(__name__)
 
 #: The kinds of targets :func:`preprocess` can make.
-TARGET_MODES = ("noise", "noise2noise", "pairs")
+TARGET_MODES = ("noise", "noise2noise", "thin", "pairs")
 #: Rows per band: the unit of parallel work and of noise streams; keeps float64 temporaries small.
 _BAND_ROWS = 64
 #: Bytes of input patches one write job copies out of an image (and as many of targets).
@@ -162,17 +166,29 @@ def _prepare_frame(
     config: PreprocessConfig,
     key: tuple[int, int],
     pool: ThreadPoolExecutor | None,
-) -> tuple[np.ndarray, np.ndarray, NormStats, float | None]:
-    """Normalized input and target of one frame (``key`` = micrograph index, frame index)."""
+    name: str = "image",
+) -> tuple[np.ndarray, np.ndarray, NormStats, dict[str, Any]]:
+    """Normalized input and target of one frame (``key`` = micrograph index, frame index) and the facts
+    the manifest records about it (the drawn dose, or the thinning's gain)."""
     inp = np.empty(image.shape, np.float32)
     tgt = np.empty(image.shape, np.float32)
     if config.targets == "pairs":
         assert partner is not None
         stats = norm_stats(image, config.normalization)
         _normalize_into((inp, tgt), (image, partner), stats, pool)
-        return inp, tgt, stats, None
+        return inp, tgt, stats, {}
 
     index, frame = key
+    if config.targets == "thin":
+        gain, found = count_gain(image, name)
+
+        def halves(band: int, rows: slice) -> None:
+            inp[rows], tgt[rows] = thin(image[rows], gain, _rng(config, index, frame, 2, band))
+
+        _in_bands(pool, image.shape[0], halves)
+        stats = norm_stats(inp, config.normalization)
+        _normalize_into((inp, tgt), (inp, tgt), stats, pool)
+        return inp, tgt, stats, {"gain": gain, "gain_from": found}
     lo, hi = unit_range(image)
     dose = config.noise.draw_dose(_rng(config, index, frame))
     n2n = config.targets == "noise2noise"
@@ -188,7 +204,7 @@ def _prepare_frame(
     _in_bands(pool, image.shape[0], draw)
     stats = norm_stats(inp, config.normalization)
     _normalize_into((inp, tgt), (inp, tgt), stats, pool)
-    return inp, tgt, stats, dose
+    return inp, tgt, stats, {"dose": dose}
 
 
 def _prepare(
@@ -201,20 +217,19 @@ def _prepare(
         other.frames() if other is not None else [None] * mic.header.n_frames
     )
     for f, (image, pimage) in enumerate(zip(mic.frames(), partners, strict=True)):
-        inp, tgt, stats, dose = _prepare_frame(image, pimage, config, (index, f), pool)
+        inp, tgt, stats, facts = _prepare_frame(image, pimage, config, (index, f), pool, str(path))
         frames.append((inp, tgt, stats))
         entry: dict[str, Any] = {
             "path": str(path.resolve()),
             "shape": list(image.shape),
             "center": stats.center,
             "scale": stats.scale,
+            **facts,
         }
         if mic.data.ndim == 3:
             entry["frame"] = f
         if partner is not None:
             entry["target_path"] = str(partner.resolve())
-        if dose is not None:
-            entry["dose"] = dose
         info.append(entry)
     return _Prepared(frames, info)
 
@@ -334,7 +349,7 @@ def preprocess(
             )
         store = writer.finish(
             normalization=config.normalization.to_dict(),
-            noise=config.noise.to_dict() if config.targets != "pairs" else None,
+            noise=config.noise.to_dict() if config.targets in ("noise", "noise2noise") else None,
             targets=config.targets,
             stride=list(stride),
             test_fraction=config.test_fraction,

@@ -1,4 +1,5 @@
-"""Training from a patch store: ``train(store, rundir, TrainConfig(...))``, single process or DDP.
+"""Training from a patch store, ``train(store, rundir, TrainConfig(...))``, or from micrographs simulated
+on the fly, ``train(SimulatedData(SimConfig(...)), rundir, TrainConfig(...))``; single process or DDP.
 
 A run folder holds ``best.safetensors``/``best.json`` (lowest validation loss) beside
 ``last.*`` (end of the latest epoch, or the batch where the run was stopped), ``state.pt``
@@ -19,6 +20,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from cryodeploy.training.config import TrainConfig, TrainResult
+from cryodeploy.training.sources import SimulatedData
 
 __all__ = ["train"]
 
@@ -45,9 +47,11 @@ def _stop_on_sigint() -> Iterator[threading.Event]:
         signal.signal(signal.SIGINT, previous)
 
 
-def train(store_path: str | os.PathLike[str], rundir: str | os.PathLike[str], config: TrainConfig,
-          quiet: bool = False, on_step: Callable[[int], bool | None] | None = None) -> TrainResult:
-    """Train ``config.model`` on the store at ``store_path``, writing the run folder ``rundir``.
+def train(store_path: str | os.PathLike[str] | SimulatedData, rundir: str | os.PathLike[str],
+          config: TrainConfig, quiet: bool = False,
+          on_step: Callable[[int], bool | None] | None = None) -> TrainResult:
+    """Train ``config.model`` on the store at ``store_path`` (or on simulation), writing the run folder
+    ``rundir``.
 
     Under ``torchrun`` every rank calls this; rank 0 writes the files. ``on_step(step)`` is called
     after every optimizer step; returning True stops like Ctrl-C does (save a resumable state)
@@ -64,7 +68,8 @@ def train(store_path: str | os.PathLike[str], rundir: str | os.PathLike[str], co
         # fixed shapes: let cuDNN time its algorithms once (fp16 on an H100: 1.3x the heuristic's)
         torch.backends.cudnn.benchmark = benchmark or ctx.device.type == "cuda"
         out = Path(rundir)
-        run = Trainer(Path(store_path), out, config, ctx)
+        data = store_path if isinstance(store_path, SimulatedData) else Path(store_path)
+        run = Trainer(data, out, config, ctx)
         run.restore()
         ctx.barrier()
         if ctx.is_main:

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from cryodeploy.errors import ConfigError, CryoDeployError, StoreError
+from cryodeploy.errors import ConfigError, CryoDeployError
 from cryodeploy.training.config import TrainConfig, TrainResult
 
 if TYPE_CHECKING:
@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 
     from cryodeploy.models import ModelSpec
     from cryodeploy.training.distributed import DistContext
+    from cryodeploy.training.sources import SimulatedData
 
 __all__ = ["MAY_CHANGE_ON_RESUME", "Trainer", "device_batches"]
 
@@ -95,33 +96,37 @@ def device_batches(batches: Iterator[tuple[torch.Tensor, torch.Tensor | None]], 
 class Trainer:
     """One training run on one rank: data, model, optimizer and position."""
 
-    def __init__(self, store_path: Path, rundir: Path, config: TrainConfig, ctx: DistContext) -> None:
+    def __init__(self, data: Path | SimulatedData, rundir: Path, config: TrainConfig,
+                 ctx: DistContext) -> None:
         import torch
 
         from cryodeploy.models import build_model
         from cryodeploy.training.objectives import make_objective
-        from cryodeploy.training.store import PatchStore
+        from cryodeploy.training.sources import make_source
 
         self.rundir, self.config, self.ctx, self.dev = rundir, config, ctx, ctx.device
-        self.store = PatchStore(store_path)
-        if "train" not in self.store.splits:
-            raise StoreError(f"{store_path}: no 'train' split, found {', '.join(self.store.splits)}")
-        self.paired = config.method != "neighbor2neighbor"
-        if self.paired and not self.store.has_target("train"):
-            raise StoreError(f"{store_path}: split 'train' has no targets, expected input/target pairs for "
-                             f"--method {config.method}; use --method neighbor2neighbor")
         if config.batch % ctx.world_size:
             raise ConfigError(f"batch {config.batch} is not a multiple of the world size {ctx.world_size}")
+        self.source = make_source(data, config, ctx)
+        self.paired = self.source.paired
         self.spec = self._spec()
         need = self.spec.stride * (1 if self.paired else 2)
-        if min(self.store.patch) < need:
-            raise ConfigError(f"{store_path}: patches {self.store.patch} are smaller than {need} px, the "
+        if min(self.source.patch) < need:
+            raise ConfigError(f"{data}: patches {self.source.patch} are smaller than {need} px, the "
                               f"minimum for {config.model} with --method {config.method}")
-        self._loaders()
+        self.steps_per_epoch = self.source.steps_per_epoch
+        self.n_train, self.n_val = self.source.n_train, self.source.n_val
         cuda = self.dev.type == "cuda"
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
-            self.net = build_model(self.spec).to(self.dev)
+            self.net = build_model(self.spec)
+        if config.init is not None:
+            from cryodeploy.training.finetune import load_init
+
+            base = load_init(self.net, config, self.spec.normalization)
+            self.spec = dataclasses.replace(self.spec, training={**self.spec.training,
+                                                                 "init_training": base.training})
+        self.net = self.net.to(self.dev)
         if cuda:
             self.net = self.net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.model: torch.nn.Module = self.net
@@ -149,51 +154,19 @@ class Trainer:
         import torch
 
         from cryodeploy._version import __version__
-        from cryodeploy.imaging.normalize import NormSpec
         from cryodeploy.models import ModelSpec
 
-        manifest = self.store.manifest
-        if not manifest.get("normalization"):
-            log.warning("%s: the store records no normalization; the model assumes the default (robust)",
-                        self.store.path)
+        facts = self.source.describe()
         return ModelSpec(
-            self.config.model, dict(self.config.model_params),
-            normalization=NormSpec.from_dict(manifest.get("normalization") or {}),
-            noise=dict(manifest.get("noise") or {}),
-            training={**self.config.to_dict(), "store": str(self.store.path),
-                      "targets": manifest.get("targets"), "world_size": self.ctx.world_size},
+            self.config.model, dict(self.config.model_params), normalization=self.source.normalization,
+            noise=facts.pop("noise", {}),
+            training={**self.config.to_dict(), **facts, "world_size": self.ctx.world_size},
             versions={"cryodeploy": __version__, "torch": torch.__version__, "numpy": np.__version__})
-
-    def _loaders(self) -> None:
-        from cryodeploy.training.distributed import GlobalBatchLoader
-        from cryodeploy.training.loader import LoaderConfig, StreamingLoader, split_indices
-
-        c, ctx = self.config, self.ctx
-        n = self.store.count("train")
-        groups = self.store.groups("train")
-        # whole micrographs go to validation when the store knows them (no patch leaks across)
-        groups = groups if groups and len(groups) > 1 else None
-        train_idx, val_idx = split_indices(n, c.val_split, c.seed, groups)
-        if val_idx.size < ctx.world_size:
-            raise ConfigError(f"{self.store.path}: {val_idx.size} validation patches for {ctx.world_size} "
-                              f"process(es) (val_split {c.val_split} of {n}); need at least one each")
-        pin = self.dev.type == "cuda"
-        per_rank = c.batch // ctx.world_size
-        self.train_loader = GlobalBatchLoader(self.store, "train", train_idx, LoaderConfig(
-            per_rank, shuffle=True, seed=c.seed, buffers=c.buffers, threads=c.loader_threads),
-            ctx.rank, ctx.world_size, pin)
-        # validation: a disjoint strided share per rank, no padding, sums all-reduced -> the exact mean
-        val_config = LoaderConfig(per_rank, shuffle=False, drop_last=False, buffers=c.buffers,
-                                  threads=c.loader_threads)
-        self.val_loader = StreamingLoader(self.store, "train", val_idx[ctx.rank::ctx.world_size], val_config,
-                                          pin_memory=pin)
-        self.steps_per_epoch = min(len(self.train_loader), c.max_batches or len(self.train_loader))
-        self.n_train, self.n_val = int(train_idx.size), int(val_idx.size)
 
     @property
     def store_key(self) -> list[int]:
-        """(patch H, W, train, val): the store facts a resumed run must find unchanged."""
-        return [*self.store.patch, self.n_train, self.n_val]
+        """(patch H, W, train, val): the data facts a resumed run must find unchanged."""
+        return list(self.source.key)
 
     # --- resume -------------------------------------------------------------------------------
     def restore(self) -> None:
@@ -257,6 +230,10 @@ class Trainer:
         return save_checkpoint(self.rundir / f"{name}.safetensors", self.net,
                                dataclasses.replace(self.spec, training=training))
 
+    def _on_device(self, batches: Iterator[tuple[torch.Tensor, torch.Tensor | None]]
+                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        return batches if self.source.on_device else device_batches(batches, self.dev, self.paired)
+
     # --- the loop -----------------------------------------------------------------------------
     def train_step(self, x: torch.Tensor, t: torch.Tensor | None) -> None:
         """One optimizer step on a device batch; the loss stays on the device."""
@@ -306,7 +283,7 @@ class Trainer:
         self.net.eval()
         with torch.no_grad(), torch.autocast(self.dev.type, dtype=self.amp_dtype,
                                              enabled=self.amp_dtype is not None):
-            for i, (x, t) in enumerate(device_batches(iter(self.val_loader), self.dev, self.paired)):
+            for i, (x, t) in enumerate(self._on_device(self.source.val_batches())):
                 self.gen.manual_seed(_step_seed(self.config.seed, 1 << 20, i, self.ctx.rank))
                 loss = self.objective(self.net, self.net, x, t, self.gen, (0, 1))
                 loss_sum += loss.double() * x.shape[0]  # batch means weighted by images: the mean over all
@@ -336,10 +313,8 @@ class Trainer:
         with progress(c.epochs * self.steps_per_epoch, "train", quiet or not main) as task:
             task.advance(self.epoch * self.steps_per_epoch + self.batch)
             while self.epoch < c.epochs and not interrupted:
-                self.train_loader.set_epoch(self.epoch)
-                self.train_loader.skip = self.batch
-                batches = iter(self.train_loader)
-                on_device = device_batches(batches, self.dev, self.paired)
+                batches = self.source.train_batches(self.epoch, self.batch)
+                on_device = self._on_device(batches)
                 t0 = time.perf_counter()
                 try:
                     while self.batch < self.steps_per_epoch and not interrupted:

@@ -133,3 +133,17 @@ def test_flat_region_noise() -> None:
     assert mask[:, 128:].sum() == 0  # the flat region is the empty left half
     assert M.flat_noise(image, mask) == pytest.approx(0.1, rel=0.05)
     assert M.flat_noise(M.gaussian_filter(image, 2.0), mask) < 0.03
+
+
+def test_window_noise_left_is_exact_for_a_scaled_residual() -> None:
+    from cryodeploy.imaging.metrics import patchiness, window_noise_left
+
+    rng = np.random.default_rng(3)
+    clean = rng.random((2, 130, 200))
+    noisy = clean + rng.standard_normal(clean.shape)
+    r = window_noise_left(clean + 0.5 * (noisy - clean), noisy, clean)
+    assert r.shape == (2 * 2 * 3,)  # partial windows dropped
+    np.testing.assert_allclose(r, 0.5, rtol=1e-12)
+    assert patchiness(noisy, noisy, clean)["spread"] == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(InputError, match="smaller than the 64-px window"):
+        window_noise_left(clean[:, :60], noisy[:, :60], clean[:, :60])

@@ -73,3 +73,43 @@ def test_to_unit_range_maps_robust_percentiles(rng: np.random.Generator) -> None
     assert 0.001 < float(np.mean(unit == 1.0)) < 0.003
     with pytest.raises(ConfigError, match="no dynamic range"):
         to_unit_range(np.ones((64, 64), np.float32))
+
+
+def test_count_gain_of_integer_scaled_and_gain_corrected_counts() -> None:
+    from cryodeploy.imaging.noise import count_gain
+
+    rng = np.random.default_rng(11)
+    counts = rng.poisson(12.0, (256, 256)).astype(np.float32)
+    assert count_gain(counts) == (1.0, "integer")
+    assert count_gain(2.5 * counts) == (2.5, "variance/mean")  # snapped to the value spacing
+    # a gain-corrected counting image, Poisson(g * rate) / g with a 3 % per-pixel efficiency g
+    g = np.exp(0.03 * rng.standard_normal((256, 256)))
+    corrected = (rng.poisson(12.0 * g) / g).astype(np.float32)
+    gain, found = count_gain(corrected)
+    assert found == "variance/mean" and gain == pytest.approx(1.0, abs=0.03)
+
+
+def test_count_gain_refuses_data_that_cannot_be_counts() -> None:
+    from cryodeploy.errors import InputError
+    from cryodeploy.imaging.noise import count_gain
+
+    rng = np.random.default_rng(12)
+    with pytest.raises(InputError, match=r"^m\.mrc: pixels range .* expected non-negative counts"):
+        count_gain(rng.standard_normal((64, 64)).astype(np.float32), "m.mrc")
+    with pytest.raises(InputError, match="no shot noise found"):
+        count_gain(np.full((64, 64), 1.5, np.float32))
+
+
+def test_thin_halves_sum_to_the_counts_with_independent_noise() -> None:
+    from cryodeploy.imaging.noise import thin
+
+    rng = np.random.default_rng(13)
+    image = (2.0 * rng.poisson(20.0, (256, 256))).astype(np.float32)
+    a, b = thin(image, 2.0, np.random.default_rng(0))
+    np.testing.assert_array_equal(a + b, image)
+    assert a.mean() == pytest.approx(20.0, rel=0.01) and b.mean() == pytest.approx(20.0, rel=0.01)
+    # each half: Poisson(10) counts x 2 -> variance 40, and the halves uncorrelated
+    assert a.var() == pytest.approx(40.0, rel=0.05)
+    assert abs(np.corrcoef(a.ravel(), b.ravel())[0, 1]) < 0.02
+    a2, _ = thin(image, 2.0, np.random.default_rng(0))
+    np.testing.assert_array_equal(a, a2)

@@ -83,3 +83,18 @@ def test_percentiles_change_the_result(rng: np.random.Generator) -> None:
     narrow = norm_stats(img, NormSpec(low_percentile=25.0, high_percentile=75.0))
     assert wide.scale == pytest.approx(float(img.astype(np.float64).std()), rel=1e-6)
     assert narrow.scale < 0.5 * wide.scale
+
+
+def test_norm_stats_torch_is_norm_stats_per_image(rng: np.random.Generator) -> None:
+    import torch
+
+    from cryodeploy.imaging.normalize import norm_stats_torch
+
+    images = np.stack([_micrograph(rng, (64, 80)), rng.poisson(3.0, (64, 80)).astype(np.float32),
+                       np.full((64, 80), 7.0, np.float32)])  # counts with ties; a constant image
+    center, scale = norm_stats_torch(torch.from_numpy(images))
+    for i, img in enumerate(images):
+        stats = norm_stats(img)
+        assert center[i].item() == pytest.approx(stats.center, rel=1e-12, abs=1e-12)
+        assert scale[i].item() == pytest.approx(stats.scale, rel=1e-12)
+    assert (center[2].item(), scale[2].item()) == (7.0, 1.0)
