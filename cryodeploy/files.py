@@ -12,7 +12,9 @@ from pathlib import Path
 
 from cryodeploy.errors import OutputError
 
-__all__ = ["CACHE_ENV", "TEMP_PREFIX", "atomic_write", "cache_root", "file_sha256"]
+__all__ = [
+    "CACHE_ENV", "TEMP_PREFIX", "atomic_write", "cache_root", "file_sha256", "new_folders_removed_if_empty",
+]
 
 #: Temporary files of atomic writes start with this, so a crashed run's leftovers are recognisable.
 TEMP_PREFIX = ".cryodeploy-tmp-"
@@ -62,6 +64,24 @@ def atomic_write(
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def new_folders_removed_if_empty(*folders: str | os.PathLike[str]) -> Iterator[None]:
+    """On leaving, remove those of ``folders`` that did not exist on entry and are empty (deepest
+    first), so a run that wrote nothing (all inputs failed, or an error) leaves no empty folder."""
+    created: list[Path] = []
+    for folder in map(Path, folders):
+        p = folder.absolute()
+        while not p.exists() and p != p.parent:
+            created.append(p)
+            p = p.parent
+    try:
+        yield
+    finally:
+        for p in sorted(set(created), key=lambda q: len(q.parts), reverse=True):
+            with contextlib.suppress(OSError):  # not empty (or gone): keep it
+                p.rmdir()
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:

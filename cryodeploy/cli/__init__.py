@@ -7,6 +7,7 @@ stderr and a non-zero exit here, at the edge.
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import logging
 import sys
@@ -48,6 +49,16 @@ class LazyGroup(click.Group):
         cmd = getattr(mod, cmd_name.replace("-", "_"))
         assert isinstance(cmd, click.Command)
         return cmd
+
+    def resolve_command(
+        self, ctx: click.Context, args: list[str]
+    ) -> tuple[str | None, click.Command | None, list[str]]:
+        name = args[0] if args else ""
+        if name and not name.startswith("-") and name not in COMMANDS:
+            close = difflib.get_close_matches(name, COMMANDS, n=3, cutoff=0.5)
+            hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+            ctx.fail(f"No such command {name!r}.{hint} (commands: {', '.join(sorted(COMMANDS))})")
+        return super().resolve_command(ctx, args)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:

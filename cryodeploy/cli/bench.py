@@ -24,11 +24,13 @@ if TYPE_CHECKING:
     show_default=True,
     help="Model to time (checkpoint, run folder, ...).",
 )
-@click.option("--size", type=int, default=4096, show_default=True, help="Micrograph side in pixels.")
+@click.option("--size", type=click.IntRange(min=32), default=None,
+              help="Micrograph side in pixels [default: 4096 on cuda, 1024 on cpu].")
 @click.option("--backends", default=None, help="Comma-separated backends to include (default: all).")
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
 @click.option(
-    "--repeats", type=int, default=20, show_default=True, help="Timed runs per variant (median reported)."
+    "--repeats", type=click.IntRange(min=1), default=None,
+    help="Timed runs per variant, median reported [default: 20 on cuda, 3 on cpu (minutes, not hours)].",
 )
 @click.option(
     "--json",
@@ -47,10 +49,10 @@ if TYPE_CHECKING:
 @click.option("-q", "--quiet", is_flag=True, help="Print only the table.")
 def bench(
     model: str,
-    size: int,
+    size: int | None,
     backends: str | None,
     device: str | None,
-    repeats: int,
+    repeats: int | None,
     json_path: str | None,
     e2e: tuple[str, ...],
     workdir: str | None,
@@ -64,14 +66,17 @@ def bench(
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    cpu = device == "cpu"
+    size = size or (1024 if cpu else 4096)
     cfg = BenchConfig(
         size=size,
         device=device,
-        repeats=repeats,
+        repeats=repeats or (3 if cpu else 20),
+        warmup=1 if cpu else 3,
         backends=split_csv(backends),
     )
     source = load_source(model)
-    report = run_bench(source, cfg, None if quiet else lambda s: click.echo(f"timing {s} ...", err=True))
+    report = run_bench(source, cfg, None if quiet else lambda s: click.echo(s, err=True))
     today = datetime.date.today().isoformat()
     click.echo("| date | device | what | config | value | unit | baseline (same run) | ratio |")
     click.echo("|---|---|---|---|---|---|---|---|")

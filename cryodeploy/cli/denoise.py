@@ -18,12 +18,13 @@ from cryodeploy.cli._params import size_or_auto
               help="default, a checkpoint (.safetensors or run folder), raw weights, .onnx or an engine.")
 @click.option("--backend", default="auto", show_default=True, help=backend_help())
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
+              help="Compute precision of the backend (fp16/bf16: GPUs).")
 @click.option("--threads", type=int, default=0, help="CPU threads for the backend (0: library default).")
 @click.option("--tile", default="auto", show_default=True, help="Tile side (px) or auto.")
 @click.option("--batch", default="auto", show_default=True, help="Tiles per batch, or auto.")
 @click.option("--output-dtype", type=click.Choice(["float32", "float16"]), default="float32",
-              show_default=True)
+              show_default=True, help="MRC output data type (float16 halves the files).")
 @click.option("--suffix", default="", help="Added to each output's file stem, e.g. _denoised.")
 @click.option("--skip-existing", is_flag=True, help="Keep existing outputs (finish an interrupted run).")
 @click.option("--overwrite", is_flag=True, help="Replace outputs that exist.")

@@ -12,8 +12,8 @@ import click
 
 @click.command()
 @click.argument("checkpoint", type=click.Path(exists=True, path_type=Path))
-@click.option("-o", "--outdir", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Folder to write model.onnx into (created if missing).")
+@click.option("-o", "--outdir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder to write model.onnx into (created if missing); optional with --raw alone.")
 @click.option("--opset", default=17, show_default=True, type=click.IntRange(min=17), help="ONNX opset.")
 @click.option("--simplify", is_flag=True, help="Simplify the graph with onnxslim (skipped if absent).")
 @click.option("--raw", "raw_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -28,10 +28,13 @@ import click
               help="TensorRT builder workspace in MiB [default: 2048].")
 @click.option("--allow-accuracy-loss", is_flag=True, help="Keep an fp16 engine that fails the accuracy gate.")
 def export(
-    checkpoint: Path, outdir: Path, opset: int, simplify: bool, raw_dir: Path | None, trt: bool,
+    checkpoint: Path, outdir: Path | None, opset: int, simplify: bool, raw_dir: Path | None, trt: bool,
     precision: str | None, shapes: str | None, workspace: int | None, allow_accuracy_loss: bool,
 ) -> None:
-    """Export CHECKPOINT (a .safetensors file, its .json, or a run folder) to OUTDIR/model.onnx."""
+    """Export CHECKPOINT (a .safetensors file, its .json, or a run folder) to OUTDIR/model.onnx.
+
+    With --raw DIR and no -o, only the raw per-layer weights are written.
+    """
     from cryodeploy.backends.sources import load_source
     from cryodeploy.errors import OutputError
     from cryodeploy.export.onnx import export_onnx, onnx_metadata
@@ -44,6 +47,13 @@ def export(
         require_tensorrt()
     elif precision or shapes or workspace or allow_accuracy_loss:
         raise click.UsageError("--precision, --shapes, --workspace and --allow-accuracy-loss need --trt")
+    if outdir is None:
+        if raw_dir is None or trt or simplify:
+            raise click.UsageError("-o/--outdir is required (only --raw DIR alone can go without it)")
+        from cryodeploy.models.rawweights import export_raw
+
+        click.echo(f"wrote raw weights {export_raw(checkpoint, raw_dir)}")
+        return
     source = load_source(checkpoint)
     if trt:
         build = BuildConfig.from_options(precision or "both", shapes, workspace or 2048, allow_accuracy_loss,

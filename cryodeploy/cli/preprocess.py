@@ -16,7 +16,8 @@ def _default_workers() -> int:
 @click.command()
 @click.argument("inputs", nargs=-1)
 @click.option(
-    "-o", "--output", "store", type=click.Path(path_type=Path), help="The patch store folder to write."
+    "-o", "--output", "store", type=click.Path(path_type=Path),
+    help="The patch store folder to write (required, except with --adopt).",
 )
 @click.option(
     "--patch", type=click.IntRange(min=8), default=1024, show_default=True, help="Patch side in pixels."

@@ -51,6 +51,7 @@ import click
 )
 @click.option("--no-carbon", is_flag=True, help="No carbon film edge.")
 @click.option("--no-ctf", is_flag=True, help="No CTF modulation (an amplitude-contrast image).")
+@click.option("--overwrite", is_flag=True, help="Replace a dataset already in OUTDIR.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def synth(
     outdir: Path,
@@ -62,6 +63,7 @@ def synth(
     voxel_size: float,
     no_carbon: bool,
     no_ctf: bool,
+    overwrite: bool,
     quiet: bool,
 ) -> None:
     """Write COUNT synthetic micrographs to OUTDIR/clean, OUTDIR/noisy and OUTDIR/noisy2."""
@@ -77,7 +79,7 @@ def synth(
         carbon=not no_carbon,
         ctf=not no_ctf,
     )
-    paths = synth_micrographs(outdir, config, quiet=quiet)
+    paths = synth_micrographs(outdir, config, quiet=quiet, overwrite=overwrite)
     if not quiet:
         click.echo(
             f"wrote {len(paths)} micrographs of {size[0]}x{size[1]} pixels to {outdir}/clean, noisy, noisy2"

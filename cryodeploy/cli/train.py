@@ -56,18 +56,21 @@ def _sim_data(sim_config: Path | None, sim_size: int, crop: int, steps_per_epoch
 @click.option("--method", default="supervised", show_default=True,
               type=click.Choice(METHODS),
               help="Store pairs (clean or independent noisy targets), or self-supervised Neighbor2Neighbor.")
-@click.option("--epochs", default=5, show_default=True, type=click.IntRange(min=1))
+@click.option("--epochs", default=5, show_default=True, type=click.IntRange(min=1),
+              help="Passes over the training patches.")
 @click.option("--batch", default=8, show_default=True, type=click.IntRange(min=1),
               help="Global batch size (split over torchrun processes).")
 @click.option("--lr", default=1e-3, show_default=True, type=float, help="Learning rate.")
-@click.option("--optimizer", default="adam", show_default=True, type=click.Choice(OPTIMIZERS))
+@click.option("--optimizer", default="adam", show_default=True, type=click.Choice(OPTIMIZERS),
+              help="adam, or plain sgd (no momentum).")
 @click.option("--val-split", default=0.1, show_default=True, type=float,
               help="Fraction of training micrographs held out for validation.")
 @click.option("--max-batches", type=click.IntRange(min=1), default=None, help="At most N batches per epoch.")
 @click.option("--precision", default="fp32", show_default=True, type=click.Choice(PRECISIONS),
               help="bf16/fp16: autocast + channels_last on CUDA; fp16 (with loss scaling) is the fastest "
                    "on an H100 (docs/benchmarks.md).")
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--device", default="cpu", show_default=True,
+              help="cpu, cuda or cuda:N (fp16 needs cuda; on cpu: fp32, e.g. --epochs 2 --max-batches 20).")
 @click.option("--loader-threads", default=lambda: min(8, os.cpu_count() or 1), show_default="min(8, cores)",
               type=click.IntRange(min=1), help="Threads reading each batch from the store.")
 @click.option("--buffers", default=3, show_default=True, type=click.IntRange(min=1),
@@ -84,7 +87,8 @@ def _sim_data(sim_config: Path | None, sim_size: int, crop: int, steps_per_epoch
               help="Batches per epoch with --simulate.")
 @click.option("--init", default=None, metavar="CKPT|default",
               help="Fine-tune this checkpoint (or the shipped default); the architecture is taken from it.")
-@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Seed of the weights, the validation split and the patch order (same seed, same run).")
 @click.option("--log-every", default=50, show_default=True, type=click.IntRange(min=1),
               help="Log loss, RMSE and samples/s every N batches.")
 @click.option("--resume", is_flag=True, help="Continue the run in RUNDIR exactly where it stopped.")

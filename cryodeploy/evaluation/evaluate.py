@@ -44,6 +44,7 @@ from cryodeploy.evaluation.data import (
 )
 from cryodeploy.evaluation.flags import red_flags
 from cryodeploy.evaluation.report import Figures, pick_crop, write_report
+from cryodeploy.files import new_folders_removed_if_empty
 from cryodeploy.imaging import metrics as M
 
 __all__ = ["EvalConfig", "HalvesData", "Method", "PairsData", "SplitData", "StoreData", "evaluate"]
@@ -170,10 +171,15 @@ def _jsonable(obj: Any) -> Any:
 def evaluate(model: str | os.PathLike[str], data: EvalData, outdir: str | os.PathLike[str],
              config: EvalConfig | None = None) -> dict[str, Any]:
     """Evaluate ``model`` (and baselines) on ``data``; write ``metrics.json``, ``index.html`` and
-    the plots to ``outdir``; return the metrics dict (see ``metrics.json``)."""
-    from cryodeploy._version import __version__
+    the plots to ``outdir``; return the metrics dict (see ``metrics.json``). On an error, an
+    output folder created here is removed again if empty."""
+    with new_folders_removed_if_empty(outdir):
+        return _evaluate(model, data, outdir, config or EvalConfig())
 
-    config = config or EvalConfig()
+
+def _evaluate(model: str | os.PathLike[str], data: EvalData, outdir: str | os.PathLike[str],
+              config: EvalConfig) -> dict[str, Any]:
+    from cryodeploy._version import __version__
 
     out = Path(outdir)
     try:

@@ -308,14 +308,24 @@ def render_clean(
     return np.clip(image, 0.0, 1.0, out=image)
 
 
-def synth_micrographs(outdir: str | os.PathLike[str], config: SynthConfig, quiet: bool = True) -> list[Path]:
+def synth_micrographs(
+    outdir: str | os.PathLike[str], config: SynthConfig, quiet: bool = True, overwrite: bool = False
+) -> list[Path]:
     """Write ``config.count`` micrographs to ``outdir/{clean,noisy,noisy2}/synth_NNNN.mrc``.
 
     ``noisy`` and ``noisy2`` are independent noise draws of the same clean image (a Noise2Noise
-    pair). ``outdir/synth.json`` records the configuration. Existing files of the same name are
-    replaced. Returns the ``noisy`` paths.
+    pair). ``outdir/synth.json`` records the configuration. A folder that already holds a
+    dataset is refused (mixing two datasets breaks later commands) unless ``overwrite``, which
+    first removes the old dataset's ``synth_*.mrc`` files. Returns the ``noisy`` paths.
     """
     out = Path(outdir)
+    old = sorted(p for sub in SUBDIRS for p in (out / sub).glob("*.mrc"))
+    if (out / "synth.json").exists() or old:
+        if not overwrite:
+            raise OutputError(f"{out}: already holds a dataset; choose another folder or use --overwrite")
+        for p in old:
+            if p.name.startswith("synth_"):
+                p.unlink()
     try:
         for sub in SUBDIRS:
             (out / sub).mkdir(parents=True, exist_ok=True)

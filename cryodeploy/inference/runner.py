@@ -44,6 +44,7 @@ import numpy as np
 
 from cryodeploy._version import __version__
 from cryodeploy.errors import CryoDeployError, InputError, OutputError
+from cryodeploy.files import new_folders_removed_if_empty
 from cryodeploy.inference.batching import FrameTask, TiledEngine, auto_geometry, error_text
 from cryodeploy.inference.claims import claim_owner, clean_leftovers, try_claim
 from cryodeploy.inference.jobs import (
@@ -154,11 +155,22 @@ def _get(q: queue.Queue[Any], stop: threading.Event) -> Any:
     return _END
 
 
+class _FileBar:
+    """The progress bar advanced one file at a time, showing how many are done, skipped and failed."""
+
+    def __init__(self, bar: ProgressTask) -> None:
+        self.bar, self.counts = bar, {"done": 0, "skipped": 0, "failed": 0}
+
+    def file(self, status: str) -> None:
+        self.counts[status] += 1
+        self.bar.advance(1, **self.counts)
+
+
 class _Pipeline:
     """The three stages of :func:`denoise_files` and the state they share."""
 
     def __init__(
-        self, jobs: list[Job], engine: TiledEngine, spec: ModelSpec, config: RunConfig, bar: ProgressTask
+        self, jobs: list[Job], engine: TiledEngine, spec: ModelSpec, config: RunConfig, bar: _FileBar
     ) -> None:
         self.jobs, self.engine, self.spec, self.config, self.bar = jobs, engine, spec, config, bar
         self.backend = engine.backend
@@ -298,7 +310,7 @@ class _Pipeline:
         if job.result.status == "failed":  # info: the summary (and the CLI, on stderr) report it
             log.info("failed: %s", job.result.error)
         job.runtime = {}
-        self.bar.advance(1, done=job.result.status)
+        self.bar.file(job.result.status)
 
 
 def denoise_files(
@@ -339,6 +351,13 @@ def _run(
 ) -> RunSummary:
     """Plan and run ``pairs`` into ``folders`` (created first, then cleaned of killed runs' leftovers)."""
     engine = TiledEngine(backend, spec, cfg.tile, cfg.batch)  # rejects a tile too small for the model
+    with new_folders_removed_if_empty(*folders):  # every input failed: no empty output folder stays
+        return _run_in(pairs, folders, engine, spec, cfg)
+
+
+def _run_in(pairs: list[tuple[Path, Path]], folders: list[Path], engine: TiledEngine, spec: ModelSpec,
+            cfg: RunConfig) -> RunSummary:
+    backend = engine.backend
     for folder in folders:
         try:
             folder.mkdir(parents=True, exist_ok=True)
@@ -349,10 +368,11 @@ def _run(
         clean_leftovers(folder)
     start = time.perf_counter()
     with progress(len(jobs), "denoise", cfg.quiet) as bar:
+        files = _FileBar(bar)
         for job in jobs:
             if job.result.status != "pending":
-                bar.advance(1, done=job.result.status)
-        _Pipeline(jobs, engine, spec, cfg, bar).run()
+                files.file(job.result.status)
+        _Pipeline(jobs, engine, spec, cfg, files).run()
     summary = RunSummary(
         files=[j.result for j in jobs],
         seconds=time.perf_counter() - start,

@@ -101,7 +101,7 @@ def _header_from(mrc: object, path: Path) -> MicrographHeader:
         )
     nx, ny, nz = int(h.nx), int(h.ny), int(h.nz)
     ispg = int(h.ispg)
-    if nz > 1 and ispg != 0:
+    if nz > 1 and ispg != 0 and path.suffix.lower() != ".mrcs":  # .mrcs: a stack, as RELION reads it
         raise InputError(
             f"{path}: found a 3-D volume ({nx}x{ny}x{nz}, space group {ispg}), "
             "expected a 2-D micrograph or an image stack (space group 0)"

@@ -58,6 +58,9 @@ class TrainConfig:
             raise ConfigError(f"val_split {self.val_split} invalid, expected 0 < f < 1")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError(f"lr must be a positive number, found {self.lr}")
+        if self.precision == "fp16" and self.device == "cpu":  # CPU fp16 convolutions: hours, not seconds
+            raise ConfigError("precision fp16 on device cpu is too slow to train (one batch > 400 s); "
+                              "use fp32 or bf16 on cpu, or fp16 on cuda")
         if self.seed < 0:
             raise ConfigError(f"seed must be >= 0, found {self.seed}")
 

@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from cryodeploy.errors import ConfigError, InputError
+from cryodeploy.files import new_folders_removed_if_empty
 from cryodeploy.imaging.noise import NoiseSpec, add_noise, count_gain, thin, unit_range
 from cryodeploy.imaging.normalize import NormSpec, NormStats, norm_stats, normalize
 from cryodeploy.io.mrc import read_header, read_micrograph
@@ -321,6 +322,7 @@ def preprocess(
     sources: list[dict[str, Any]] = []
     pool = ThreadPoolExecutor(config.workers, "preprocess") if config.workers else None
     with (
+        new_folders_removed_if_empty(store_dir),
         pool or contextlib.nullcontext(),
         StoreWriter(store_dir, patch, config.overwrite) as writer,
         progress(len(paths), "preprocess", quiet) as task,

@@ -148,7 +148,9 @@ def _floors(source: ModelSource, size: int, cuda: bool, device: str) -> tuple[fl
 def run_bench(
     source: ModelSource, config: BenchConfig, progress: Callable[[str], None] | None = None
 ) -> BenchReport:
-    """Measure every variant of :data:`VARIANTS` (filtered by ``config.backends``) on ``config.device``."""
+    """Measure every variant of :data:`VARIANTS` (filtered by ``config.backends``) on ``config.device``.
+
+    ``progress`` gets one line before each variant and one with its result."""
     cuda = config.device.startswith("cuda")
     rng = np.random.default_rng(0)
     host = rng.standard_normal((1, 1, config.size, config.size), dtype=np.float32)
@@ -159,7 +161,7 @@ def run_bench(
         if config.backends is not None and v.backend not in config.backends:
             continue
         if progress:
-            progress(v.label)
+            progress(f"timing {v.label} ...")
         opts = BackendOptions(device=config.device, precision=v.precision, extra=v.extra)
         try:
             ok, reason = availability(v.backend, opts)
@@ -180,6 +182,8 @@ def run_bench(
                 np.abs(out - reference).max() / max(np.abs(reference).max(), 1e-12)
             )
         report.rows.append(row)
+        if progress:
+            progress(f"  {v.label}: {row.ms:.3f} ms")
     base = next((r.ms for r in report.rows if r.label == VARIANTS[0].label and r.ms), None)
     for r in report.rows:
         if base and r.ms:

@@ -133,6 +133,10 @@ class ParityReport:
     def failures(self) -> list[str]:
         """One line per failed check or failed run; empty when parity holds."""
         lines = [f"{v.label}: run failed ({v.reason})" for v in self.variants if v.status == "failed"]
+        for name in self.config.get("requested") or ():  # asked for by name: it must run at some precision
+            rows = [v for v in self.variants if v.backend == name]
+            if rows and not any(v.status == "ok" for v in rows):
+                lines.append(f"{name}: requested but did not run ({rows[0].reason or rows[0].status})")
         lines += [f"{p.a} vs {p.b}: {p.limit}" for p in self.pairs if p.ok is False]
         if not any(p.ok is not None for p in self.pairs):
             lines.append("nothing was checked: fewer than two results and no float64 reference")
@@ -140,7 +144,8 @@ class ParityReport:
 
     @property
     def ok(self) -> bool:
-        """True when every check passed, no available backend failed, and something was checked."""
+        """True when every check passed, no available backend failed, every backend requested by name
+        ran, and something was checked."""
         return not self.failures
 
     def to_dict(self) -> dict[str, Any]:
@@ -339,6 +344,7 @@ def run_parity(
     _judge(pairs, variants, config)
     cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()}
     cfg["backends"] = list(config.names())
+    cfg["requested"] = list(config.backends) if config.backends is not None else None
     return ParityReport(str(source.path), source.sha256, config.device, [str(p) for p in paths],
                         targets is not None, ref_note, variants, pairs, cfg)
 
@@ -356,15 +362,18 @@ def render(report: ParityReport) -> list[Any]:
     for col in ("backend/device/precision", "status", "seconds", "denoising PSNR dB", "reason"):
         runs.add_column(col)
     for v in report.variants:
-        runs.add_row(v.label, v.status, _fmt(v.seconds, ".2f"), _fmt(v.denoising_psnr, ".3f"), v.reason)
+        # reasons are plain text: Text() keeps "pip install 'cryodeploy[ort]'" from being read as markup
+        runs.add_row(Text(v.label), v.status, _fmt(v.seconds, ".2f"), _fmt(v.denoising_psnr, ".3f"),
+                     Text(v.reason))
     ref_status = "ok" if report.reference.startswith("torch") else "skipped"
-    runs.add_row(REFERENCE, ref_status, "", "", report.reference)
+    runs.add_row(REFERENCE, ref_status, "", "", Text(report.reference))
     pairs = Table(title="comparisons (worst micrograph)", title_justify="left")
     for col in ("result", "vs", "max abs", "rel error", "PSNR dB", "check", "verdict"):
         pairs.add_column(col)
     verdicts = {True: "[green]pass[/]", False: "[red]FAIL[/]", None: "info"}
     for p in report.pairs:
-        pairs.add_row(p.a, p.b, f"{p.max_abs:.3g}", f"{p.rel:.3g}", f"{p.psnr:.1f}", p.limit, verdicts[p.ok])
+        pairs.add_row(Text(p.a), Text(p.b), f"{p.max_abs:.3g}", f"{p.rel:.3g}", f"{p.psnr:.1f}",
+                      Text(p.limit), verdicts[p.ok])
     verdict = Text("parity: PASS", style="bold green") if report.ok else Text(
         "parity: FAIL\n" + "\n".join(report.failures), style="bold red")
     return [runs, pairs, verdict]

@@ -148,7 +148,9 @@ def test_cli_onnx_model_and_usage(unet_checkpoint: Path, micrographs: list[Path]
     assert torch_row["status"] == "unavailable" and "cannot be run by PyTorch" in torch_row["reason"]
     assert report["reference"].startswith("unavailable")
     assert res.exit_code == 1  # one result and no reference: nothing was checked, which must not pass
-    assert report["failures"] == ["nothing was checked: fewer than two results and no float64 reference"]
+    assert report["failures"][0].startswith("torch: requested but did not run (")  # not "PASS"
+    assert "cannot be run by PyTorch" in report["failures"][0] and "parity: FAIL" in res.output
+    assert report["failures"][1:] == ["nothing was checked: fewer than two results and no float64 reference"]
 
     assert runner.invoke(cli, ["parity", str(onnx_path)]).exit_code == 2  # neither INPUTS nor --synth
     unknown = runner.invoke(cli, ["parity", str(onnx_path), "--synth", "1", "--backends", "nope"])
