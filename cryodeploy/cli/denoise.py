@@ -8,6 +8,7 @@ import click
 
 from cryodeploy.backends import backend_help
 from cryodeploy.cli._params import size_or_auto
+from cryodeploy.io.writers import FORMATS
 
 
 @click.command()
@@ -24,7 +25,11 @@ from cryodeploy.cli._params import size_or_auto
 @click.option("--tile", default="auto", show_default=True, help="Tile side (px) or auto.")
 @click.option("--batch", default="auto", show_default=True, help="Tiles per batch, or auto.")
 @click.option("--output-dtype", type=click.Choice(["float32", "float16"]), default="float32",
-              show_default=True, help="MRC output data type (float16 halves the files).")
+              show_default=True, help="MRC or TIFF data type (float16 halves the files).")
+@click.option("--format", "output_format", type=click.Choice(sorted(FORMATS)), default="mrc",
+              show_default=True,
+              help="Output format: " + "; ".join(f"{f.name}: {f.description}" for f in FORMATS.values())
+              + ". The output's extension follows the format.")
 @click.option("--suffix", default="", help="Added to each output's file stem, e.g. _denoised.")
 @click.option("--skip-existing", is_flag=True, help="Keep existing outputs (finish an interrupted run).")
 @click.option("--overwrite", is_flag=True, help="Replace outputs that exist.")
@@ -40,7 +45,8 @@ from cryodeploy.cli._params import size_or_auto
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def denoise(
     inputs: tuple[str, ...], outdir: Path, model: str, backend: str, device: str, precision: str,
-    threads: int, tile: str, batch: str, output_dtype: str, suffix: str, skip_existing: bool, overwrite: bool,
+    threads: int, tile: str, batch: str, output_dtype: str, output_format: str, suffix: str,
+    skip_existing: bool, overwrite: bool,
     shard: str | None, summary: Path | None, preview: bool, keep_normalized: bool, project_dir: Path | None,
     cuda_graphs: bool, quiet: bool,
 ) -> None:
@@ -51,7 +57,8 @@ def denoise(
 
     config = RunConfig(
         tile=size_or_auto(tile, "--tile"), batch=size_or_auto(batch, "--batch"), output_dtype=output_dtype,  # type: ignore[arg-type]
-        suffix=suffix, skip_existing=skip_existing, overwrite=overwrite, shard=shard, summary=summary,
+        output_format=output_format, suffix=suffix, skip_existing=skip_existing, overwrite=overwrite,
+        shard=shard, summary=summary,
         quiet=quiet, preview=preview, keep_normalized=keep_normalized,
     )
     paths = expand_inputs(list(inputs), project_dir)

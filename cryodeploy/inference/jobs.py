@@ -78,6 +78,8 @@ class RunConfig:
         if self.output_dtype not in ("float32", "float16"):
             raise ConfigError(f"output dtype {self.output_dtype!r}: expected float32 or float16")
         output_format(self.output_format)
+        if self.preview and self.output_format == "png":
+            raise ConfigError("preview and output format png would write the same <name>.png: choose one")
         if any(c in self.suffix for c in ("/", "\\", "\0")):
             raise ConfigError(f"suffix {self.suffix!r}: must not contain path separators")
         if self.skip_existing and self.overwrite:
@@ -118,11 +120,15 @@ def resolve_shard(shard: tuple[int, int] | None, environ: Mapping[str, str] | No
     return 0, 1
 
 
-def output_name(source: Path, suffix: str = "") -> str:
-    """The output file name of input ``source``: its own name, ``suffix`` added to the stem."""
+def output_name(source: Path, suffix: str = "", extension: str | None = None) -> str:
+    """The output file name of input ``source``: its own name, ``suffix`` added to the stem, and
+    its extension replaced by ``extension`` (e.g. ``".tif"``) when given."""
     name = Path(source).name
     stem, dot, ext = name.rpartition(".")
-    out = f"{stem}{suffix}.{ext}" if dot and stem else f"{name}{suffix}"
+    if not (dot and stem):
+        stem, ext = name, ""
+    end = extension if extension is not None else (f".{ext}" if ext else "")
+    out = f"{stem}{suffix}{end}"
     if out in ("", ".", "..") or Path(out).name != out or out.startswith((TEMP_PREFIX, CLAIM_PREFIX)):
         raise OutputError(f"{source}: cannot derive a safe output name (found {out!r})")
     return out
@@ -163,10 +169,10 @@ def file_identity(path: Path) -> tuple[int, int] | None:
 
 
 def output_pairs(
-    paths: Iterable[str | os.PathLike[str]], outdir: Path, suffix: str = ""
+    paths: Iterable[str | os.PathLike[str]], outdir: Path, suffix: str = "", extension: str | None = None
 ) -> list[tuple[Path, Path]]:
     """(input, output) for each input: the output is ``outdir`` / its :func:`output_name`."""
-    return [(src, outdir / output_name(src, suffix)) for src in map(Path, paths)]
+    return [(src, outdir / output_name(src, suffix, extension)) for src in map(Path, paths)]
 
 
 def plan_jobs(pairs: Iterable[tuple[Path, Path]], config: RunConfig) -> list[Job]:

@@ -9,7 +9,8 @@ of one batch and of the stack being written), not by the number of files.
 
 Outputs and crashes:
 
-- In :func:`denoise_files` an output keeps its input's file name (``suffix`` added to the stem)
+- In :func:`denoise_files` an output keeps its input's file name (``suffix`` added to the stem,
+  the extension that of the output format, e.g. ``.tif``; MRC keeps ``.mrc``/``.mrcs``)
   directly in the output folder, whatever folders or ``..`` the input path has;
   :func:`denoise_pairs` takes each output's path instead. Two inputs mapping to one output
   name, or an output that is its own input, are errors before any work.
@@ -328,7 +329,8 @@ def denoise_files(
     """
     cfg = config or RunConfig()
     out = Path(outdir)
-    return _run(output_pairs(paths, out, cfg.suffix), [out], backend, spec, cfg)
+    pairs = output_pairs(paths, out, cfg.suffix, output_format(cfg.output_format).suffix)
+    return _run(pairs, [out], backend, spec, cfg)
 
 
 def denoise_pairs(

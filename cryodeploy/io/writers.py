@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from cryodeploy.errors import ConfigError
+from cryodeploy.io.images import write_jpeg, write_png, write_tiff
 from cryodeploy.io.mrc import MicrographHeader, write_micrograph
 
 __all__ = ["FORMATS", "OutputFormat", "Writer", "output_format"]
@@ -29,16 +30,20 @@ Writer = Callable[
 
 @dataclass(frozen=True)
 class OutputFormat:
-    """One output format: its name (``--format``), file suffix and writer."""
+    """One output format: its name (``--format``), file suffix (None: the input's own) and writer."""
 
     name: str
-    suffix: str
+    suffix: str | None
     write: Writer
     description: str
 
 
 FORMATS: dict[str, OutputFormat] = {
-    "mrc": OutputFormat("mrc", ".mrc", write_micrograph, "MRC, float32 or float16, input header kept"),
+    "mrc": OutputFormat("mrc", None, write_micrograph, "MRC (.mrc/.mrcs as the input), float32 or float16, "
+                        "input header kept"),
+    "tiff": OutputFormat("tiff", ".tif", write_tiff, "float32/float16 TIFF, stacks as pages, pixel size"),
+    "png": OutputFormat("png", ".png", write_png, "8-bit grey PNG, 0.5-99.5 percentile contrast, 2-D only"),
+    "jpg": OutputFormat("jpg", ".jpg", write_jpeg, "8-bit grey JPEG (quality 95), as png"),
 }
 
 

@@ -109,3 +109,27 @@ def test_bad_option_values(cnn3_checkpoint, inputs, tmp_path) -> None:
     assert res.exit_code == 1 and "no such model file" in res.stderr
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
     assert np.isfinite(read_micrograph(inputs[0]).data).all()
+
+
+def test_formats_name_outputs_by_format_and_keep_values(cnn3_checkpoint, inputs, tmp_path) -> None:
+    import tifffile
+    from PIL import Image
+
+    from cryodeploy.io.images import to_8bit
+
+    assert denoise(cnn3_checkpoint, *map(str, inputs), "-o", str(tmp_path / "mrc")).exit_code == 0
+    res = denoise(cnn3_checkpoint, *map(str, inputs), "-o", str(tmp_path / "tif"), "--format", "tiff",
+                  "--suffix", "_den")
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in (tmp_path / "tif").iterdir()) == ["m0_den.tif", "m1_den.tif", "m2_den.tif"]
+    for src in inputs:
+        ref = read_micrograph(tmp_path / "mrc" / src.name).data
+        np.testing.assert_array_equal(tifffile.imread(tmp_path / "tif" / f"{src.stem}_den.tif"), ref)
+    res = denoise(cnn3_checkpoint, str(inputs[0]), "-o", str(tmp_path / "png"), "--format", "png")
+    assert res.exit_code == 0, res.output
+    png = np.asarray(Image.open(tmp_path / "png" / "m0.png"))
+    assert np.array_equal(png, to_8bit(read_micrograph(tmp_path / "mrc" / "m0.mrc").data))
+    clash = denoise(cnn3_checkpoint, str(inputs[0]), "-o", str(tmp_path / "p2"), "--format", "png",
+                    "--preview")
+    assert clash.exit_code == 2 and "preview and output format png" in clash.output
+    assert not (tmp_path / "p2").exists()
