@@ -21,18 +21,22 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
-from cryodeploy.errors import InputError
+from cryodeploy.errors import CryoDeployError, InputError, first_line
 from cryodeploy.io.mrc import read_header
 
 if TYPE_CHECKING:
     from cryosparc.dataset import Dataset
     from cryosparc.tools import CryoSPARC
 
-__all__ = ["DEFAULT_SLOT", "INPUT_NAME", "OUTPUT_NAME", "denoise_dataset", "main", "output_paths", "run"]
+__all__ = [
+    "DEFAULT_SLOT", "INPUT_NAME", "OUTPUT_NAME", "ConnectionFailed", "build_parser", "connect",
+    "denoise_dataset", "main", "output_paths", "run",
+]
 
 log = logging.getLogger("cryodeploy.cryosparc")
 
@@ -167,34 +171,92 @@ def run(
     return job.uid
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command line: connect (``CRYOSPARC_*`` environment variables) and :func:`run`."""
-    from cryosparc.tools import CryoSPARC
-
-    p = argparse.ArgumentParser(description="Denoise a cryoSPARC job's micrographs in a new External job.")
-    p.add_argument("project_uid")
-    p.add_argument("workspace_uid")
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; parsing it needs neither cryosparc-tools nor a server."""
+    p = argparse.ArgumentParser(
+        description="Denoise a cryoSPARC job's micrographs in a new External job. Credentials: "
+        "CRYOSPARC_BASE_URL (or --url), CRYOSPARC_EMAIL and CRYOSPARC_PASSWORD, or a saved "
+        "'python -m cryosparc.tools login' session. Needs pip install 'cryodeploy[cryosparc]'."
+    )
+    p.add_argument("project_uid", help="project uid, e.g. P3")
+    p.add_argument("workspace_uid", help="workspace uid the new job goes into, e.g. W1")
     p.add_argument("input_job", help="job uid whose output holds the micrographs, e.g. J12")
     p.add_argument("input_output", help="that job's output name, e.g. exposures_accepted")
-    p.add_argument("--model", default="default")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--backend", default="auto")
-    p.add_argument("--precision", default="fp32")
-    p.add_argument("--slot", default=DEFAULT_SLOT)
-    args = p.parse_args(argv)
+    p.add_argument("--model", default="default",
+                   help="cryodeploy model: default, a checkpoint, raw weights, .onnx or an engine "
+                   "(default: %(default)s)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    p.add_argument("--backend", default="auto", help="cryodeploy backend, or auto (default: %(default)s)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"],
+                   help="compute precision (default: %(default)s)")
+    p.add_argument("--slot", default=DEFAULT_SLOT,
+                   help="output slot of the denoised micrographs; micrograph_blob replaces the originals "
+                   "downstream (default: %(default)s)")
+    p.add_argument("--url", default=None,
+                   help="cryoSPARC base URL, e.g. http://csmaster:39000 (default: $CRYOSPARC_BASE_URL)")
+    p.add_argument("--timeout", type=int, default=30,
+                   help="seconds to wait for the server (default: %(default)s)")
+    return p
+
+
+def connect(url: str | None, timeout: int, environ: dict[str, str] | None = None) -> CryoSPARC:
+    """A connected ``CryoSPARC``; :class:`ConnectionFailed` with one line when it cannot be had."""
+    env = dict(os.environ if environ is None else environ)
+    base_url = url or env.get("CRYOSPARC_BASE_URL")
+    if not base_url:
+        raise ConnectionFailed("no cryoSPARC server given: set CRYOSPARC_BASE_URL or pass --url")
+    try:
+        from cryosparc.tools import CryoSPARC
+    except ImportError:
+        raise ConnectionFailed(
+            "cryosparc-tools is not installed: pip install 'cryodeploy[cryosparc]' "
+            "(its major.minor version must match the server's)"
+        ) from None
+    email, password = env.get("CRYOSPARC_EMAIL"), env.get("CRYOSPARC_PASSWORD")
+    try:
+        with warnings.catch_warnings():  # its per-retry warnings: the one line below says it all
+            warnings.simplefilter("ignore")
+            return CryoSPARC(base_url, email=email, password=password, timeout=timeout)
+    except ValueError:  # no credentials and no saved session
+        raise ConnectionFailed(
+            f"no cryoSPARC credentials for {base_url}: set CRYOSPARC_EMAIL and CRYOSPARC_PASSWORD "
+            "(or run python -m cryosparc.tools login)"
+        ) from None
+    except Exception as err:  # cryosparc-tools wraps network and login failures in a RuntimeError
+        cause = err.__cause__ or err
+        raise ConnectionFailed(
+            f"cannot connect to cryoSPARC at {base_url}: {first_line(cause, type(cause).__name__)}"
+        ) from None
+
+
+class ConnectionFailed(CryoDeployError):
+    """The cryoSPARC server cannot be used (not given, not installed, no credentials, unreachable)."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line: parse, connect (``CRYOSPARC_*`` environment variables) and :func:`run`.
+
+    Errors are one line on stderr (``error: ...``) and a non-zero exit status.
+    """
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    uid = run(
-        CryoSPARC(),
-        args.project_uid,
-        args.workspace_uid,
-        args.input_job,
-        args.input_output,
-        model=args.model,
-        device=args.device,
-        backend=args.backend,
-        precision=args.precision,
-        slot=args.slot,
-    )
+    try:
+        cs = connect(args.url, args.timeout)
+        uid = run(
+            cs,
+            args.project_uid,
+            args.workspace_uid,
+            args.input_job,
+            args.input_output,
+            model=args.model,
+            device=args.device,
+            backend=args.backend,
+            precision=args.precision,
+            slot=args.slot,
+        )
+    except CryoDeployError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     print(f"{args.project_uid} {uid}: done")
     return 0
 

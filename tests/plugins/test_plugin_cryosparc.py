@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -127,3 +128,50 @@ def test_command_line_help_needs_no_server(plugin, capsys: pytest.CaptureFixture
         plugin.main(["--help"])
     assert exc.value.code == 0
     assert "input_output" in capsys.readouterr().out
+
+
+def test_every_option_has_help_and_parsing_needs_no_cryosparc_tools() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['cryosparc'] = None; sys.modules['cryosparc.tools'] = None; "
+            f"sys.path.insert(0, {str(PLUGIN.parent)!r}); import cryodeploy_cryosparc as p; "
+            "import argparse; parser = p.build_parser(); "
+            "print([a.dest for a in parser._actions if not a.help]); p.main(['--help'])")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines()[0] == "[]"  # every argument and option has help
+    assert "--precision {fp32,fp16,bf16}" in res.stdout and "cryodeploy[cryosparc]" in res.stdout
+
+
+def test_missing_tools_credentials_or_server_are_one_line_errors(
+    plugin, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import socket
+
+    args = ["P1", "W1", "J2", "exposures"]
+    for var in ("CRYOSPARC_BASE_URL", "CRYOSPARC_EMAIL", "CRYOSPARC_PASSWORD"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", "/nonexistent")  # no saved cryosparc.tools login session
+    assert plugin.main(args) == 1
+    err = capsys.readouterr().err
+    assert err == "error: no cryoSPARC server given: set CRYOSPARC_BASE_URL or pass --url\n"
+
+    with socket.socket() as s:  # a port with nobody listening: connection refused at once
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    assert plugin.main([*args, "--url", url]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: no cryoSPARC credentials for {url}: set CRYOSPARC_EMAIL")
+    assert err.count("\n") == 1
+
+    monkeypatch.setenv("CRYOSPARC_EMAIL", "me@lab.org")
+    monkeypatch.setenv("CRYOSPARC_PASSWORD", "secret")
+    assert plugin.main([*args, "--url", url, "--timeout", "5"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot connect to cryoSPARC at {url}: ") and err.count("\n") == 1
+
+    monkeypatch.setitem(sys.modules, "cryosparc.tools", None)  # as if cryosparc-tools were not installed
+    assert plugin.main([*args, "--url", url]) == 1
+    assert "pip install 'cryodeploy[cryosparc]'" in capsys.readouterr().err
