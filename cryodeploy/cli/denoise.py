@@ -34,7 +34,12 @@ from cryodeploy.io.writers import FORMATS
 @click.option("--skip-existing", is_flag=True, help="Keep existing outputs (finish an interrupted run).")
 @click.option("--overwrite", is_flag=True, help="Replace outputs that exist.")
 @click.option("--shard", default=None, metavar="I/N",
-              help="Process shard I of N (default: RANK/WORLD_SIZE or SLURM array variables, else all).")
+              help="Process shard I of N (default: from torchrun, Open MPI, PMI, srun or SLURM array "
+                   "variables, else all).")
+@click.option("--pull", is_flag=True,
+              help="Share the list with any number of other runs started at any time on this output "
+                   "folder (a shared file system): each takes the next unclaimed file "
+                   "(implies --skip-existing).")
 @click.option("--summary", type=click.Path(dir_okay=False, path_type=Path), help="Write a JSON summary here.")
 @click.option("--preview", is_flag=True, help="Write a downsampled input|denoised PNG beside each output.")
 @click.option("--keep-normalized", is_flag=True, help="Write normalized intensities, not the input's scale.")
@@ -46,8 +51,8 @@ from cryodeploy.io.writers import FORMATS
 def denoise(
     inputs: tuple[str, ...], outdir: Path, model: str, backend: str, device: str, precision: str,
     threads: int, tile: str, batch: str, output_dtype: str, output_format: str, suffix: str,
-    skip_existing: bool, overwrite: bool,
-    shard: str | None, summary: Path | None, preview: bool, keep_normalized: bool, project_dir: Path | None,
+    skip_existing: bool, overwrite: bool, shard: str | None, pull: bool, summary: Path | None,
+    preview: bool, keep_normalized: bool, project_dir: Path | None,
     cuda_graphs: bool, quiet: bool,
 ) -> None:
     """Denoise micrographs INPUTS (.mrc/.mrcs files, quoted globs, folders, RELION STAR files) into OUTDIR."""
@@ -58,7 +63,7 @@ def denoise(
     config = RunConfig(
         tile=size_or_auto(tile, "--tile"), batch=size_or_auto(batch, "--batch"), output_dtype=output_dtype,  # type: ignore[arg-type]
         output_format=output_format, suffix=suffix, skip_existing=skip_existing, overwrite=overwrite,
-        shard=shard, summary=summary,
+        shard=shard, pull=pull, summary=summary,
         quiet=quiet, preview=preview, keep_normalized=keep_normalized,
     )
     paths = expand_inputs(list(inputs), project_dir)

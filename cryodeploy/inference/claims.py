@@ -8,6 +8,12 @@ writing a temporary file until after the rename, which makes the cleanup of a ki
 run's ``.cryodeploy-tmp-*`` files safe: a temporary file is deleted only while its owner's
 claim is held by the cleaner, i.e. while nobody can be writing it; a claim file is removed
 by taking it over and releasing it.
+
+Why ``flock`` here and not the ``filelock`` package: its Unix ``FileLock`` is this same
+``fcntl.flock`` call (so the same NFS/Lustre behaviour, see ``docs/slurm.md``), its
+``SoftFileLock`` is a bare file that a killed process leaves behind (the stale claims this
+design avoids), and neither takes over a claim file unlinked between open and lock, nor
+records the owner's PID, both of which the cleanup and the messages here need.
 """
 
 from __future__ import annotations
@@ -78,6 +84,12 @@ def try_claim(output: str | os.PathLike[str], blocking: bool = False) -> Claim |
         except BlockingIOError:
             os.close(fd)
             return None
+        except OSError as err:  # e.g. ENOSYS on Lustre mounted without -o flock
+            os.close(fd)
+            raise OutputError(
+                f"{output}: cannot lock the claim file ({err.strerror or err}); the output folder's file "
+                "system needs flock support (Lustre: mount with -o flock)"
+            ) from err
         # the previous holder may have unlinked the file between our open and lock: retry on a fresh one
         try:
             same = os.stat(path).st_ino == os.fstat(fd).st_ino

@@ -17,6 +17,7 @@ from cryodeploy.inference.claims import CLAIM_PREFIX
 from cryodeploy.io.writers import output_format
 
 __all__ = [
+    "LAUNCHERS",
     "FileResult",
     "Job",
     "RunConfig",
@@ -52,8 +53,11 @@ class RunConfig:
 
     ``tile``/``batch``: ``"auto"`` (fit the device's free memory) or an int. ``shard``: ``(i, n)``,
     ``"i/n"``, or None for the environment (torchrun RANK/WORLD_SIZE, SLURM array) or the whole
-    list. ``output_format``: a name in :data:`cryodeploy.io.writers.FORMATS`. ``queue_depth``
-    bounds the micrograph frames held between reader, model and writer.
+    list. ``pull``: share the whole list with any number of other runs on the same output
+    folder, started at any time (no shard; existing outputs skipped; each run takes the next
+    file nobody has claimed; see :mod:`cryodeploy.inference.runner`). ``output_format``: a name
+    in :data:`cryodeploy.io.writers.FORMATS`. ``queue_depth`` bounds the micrograph frames held
+    between reader, model and writer.
     """
 
     tile: int | Literal["auto"] = "auto"
@@ -63,6 +67,7 @@ class RunConfig:
     suffix: str = ""
     skip_existing: bool = False
     overwrite: bool = False
+    pull: bool = False
     shard: tuple[int, int] | str | None = None
     summary: Path | str | None = None
     quiet: bool = False
@@ -82,6 +87,11 @@ class RunConfig:
             raise ConfigError("preview and output format png would write the same <name>.png: choose one")
         if any(c in self.suffix for c in ("/", "\\", "\0")):
             raise ConfigError(f"suffix {self.suffix!r}: must not contain path separators")
+        if self.pull and (self.overwrite or self.shard is not None):
+            raise ConfigError("pull shares the whole list and keeps finished outputs: "
+                              "it takes neither shard nor overwrite")
+        if self.pull:
+            object.__setattr__(self, "skip_existing", True)
         if self.skip_existing and self.overwrite:
             raise ConfigError("skip_existing and overwrite contradict each other: choose one")
         if self.queue_depth < 1:
@@ -103,21 +113,41 @@ class RunConfig:
         return cls(**options)
 
 
+#: (rank, size) variables of the process launchers, first match wins: torchrun, Open MPI, MPICH/Intel
+#: MPI (PMI), and a SLURM job step (``srun``; SLURM_NTASKS alone is also set in a plain batch script,
+#: where one process must not take 1/n of the list, so the step's own task count is required).
+LAUNCHERS = (
+    ("RANK", "WORLD_SIZE"),
+    ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),
+    ("PMI_RANK", "PMI_SIZE"),
+    ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS"),
+)
+
+
 def resolve_shard(shard: tuple[int, int] | None, environ: Mapping[str, str] | None = None) -> tuple[int, int]:
-    """The shard to run: explicit, else torchrun's RANK/WORLD_SIZE, else a SLURM array task, else (0, 1)."""
+    """The shard to run: explicit, else from the environment, else (0, 1).
+
+    From the environment: a process launcher's rank and size (:data:`LAUNCHERS`), a SLURM array
+    task (``SLURM_ARRAY_TASK_ID/MIN/STEP/COUNT``), or both: then array task ``a`` of ``A`` with
+    rank ``r`` of ``n`` runs shard ``a * n + r`` of ``A * n``.
+    """
     env = os.environ if environ is None else environ
     if shard is not None:
         return shard
     try:
-        if "RANK" in env and "WORLD_SIZE" in env:
-            return _check_shard(int(env["RANK"]), int(env["WORLD_SIZE"]), "RANK/WORLD_SIZE")
+        rank = next(((int(env[r]), int(env[s]), f"{r}/{s}") for r, s in LAUNCHERS if r in env and s in env),
+                    None)
+        array = None
         if "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
             step = int(env.get("SLURM_ARRAY_TASK_STEP", "1"))
             index = (int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", "0"))) // step
-            return _check_shard(index, int(env["SLURM_ARRAY_TASK_COUNT"]), "SLURM_ARRAY_TASK_ID/COUNT")
+            array = _check_shard(index, int(env["SLURM_ARRAY_TASK_COUNT"]), "SLURM_ARRAY_TASK_ID/COUNT")
     except ValueError as err:
         raise ConfigError(f"shard from the environment: {err}") from err
-    return 0, 1
+    if rank is not None:
+        r, n = _check_shard(rank[0], rank[1], rank[2])
+        return (array[0] * n + r, array[1] * n) if array else (r, n)
+    return array or (0, 1)
 
 
 def output_name(source: Path, suffix: str = "", extension: str | None = None) -> str:
@@ -194,7 +224,7 @@ def plan_jobs(pairs: Iterable[tuple[Path, Path]], config: RunConfig) -> list[Job
                 raise OutputError(
                     f"{other[0]} and {src} would both write {out.parent / name}: rename one of them"
                 )
-    i, n = resolve_shard(config.shard if isinstance(config.shard, tuple) else None)
+    i, n = (0, 1) if config.pull else resolve_shard(config.shard if isinstance(config.shard, tuple) else None)
     jobs: list[Job] = []
     existing: list[Path] = []
     for src, out in everything[i::n]:  # round-robin over the sorted list: shards are disjoint

@@ -18,7 +18,7 @@ Outputs and crashes:
   that exists is complete. After ``kill -9``, a rerun with ``skip_existing`` finishes the rest
   and removes the killed run's temporary and claim files.
 
-Concurrent runs on one output folder:
+Concurrent runs on one output folder (``RunConfig.pull`` for any number of workers sharing one list):
 
 - Each output is *claimed* (an ``flock``-ed ``.cryodeploy-claim-<name>`` file, released by the
   kernel if the process dies) from before its input is read until its output is renamed into
@@ -26,7 +26,9 @@ Concurrent runs on one output folder:
   process"); one finding that an output appeared or changed after it planned its work skips it
   ("written by another process during this run"). So two runs never write one file, and never
   redo each other's work; each output is written once. Start concurrent runs with
-  ``skip_existing`` (without it, a run refuses to start when outputs already exist).
+  ``skip_existing`` (without it, a run refuses to start when outputs already exist), or with
+  ``pull``: then every run walks the whole list taking the next unclaimed file, and at the end
+  takes over the files whose claimer died (a free claim, no output) until none is left.
 - Temporary files are removed only while their output's claim is held by the cleaner, so a
   run never deletes a file another live run is writing.
 """
@@ -165,6 +167,11 @@ class _FileBar:
     def file(self, status: str) -> None:
         self.counts[status] += 1
         self.bar.advance(1, **self.counts)
+
+    def retract(self, status: str, n: int) -> None:
+        """Take back ``n`` files counted as ``status`` (they are run again)."""
+        self.counts[status] -= n
+        self.bar.advance(-n, **self.counts)
 
 
 class _Pipeline:
@@ -314,6 +321,24 @@ class _Pipeline:
         self.bar.file(job.result.status)
 
 
+def _orphans(jobs: list[Job]) -> list[Job]:
+    """Jobs skipped as claimed by another run whose output is still missing and whose claim is free
+    now (that run died); reset to pending, to be run again."""
+    orphans = []
+    for job in jobs:
+        if job.result.status != "skipped" or not (job.result.error or "").startswith("being written"):
+            continue
+        if job.output.exists():
+            continue
+        claim = try_claim(job.output)
+        if claim is None:  # still held by a live run: it will finish the file
+            continue
+        claim.release()
+        job.planned, job.result.status, job.result.error = None, "pending", None
+        orphans.append(job)
+    return orphans
+
+
 def denoise_files(
     paths: Iterable[str | os.PathLike[str]],
     outdir: str | os.PathLike[str],
@@ -375,11 +400,16 @@ def _run_in(pairs: list[tuple[Path, Path]], folders: list[Path], engine: TiledEn
             if job.result.status != "pending":
                 files.file(job.result.status)
         _Pipeline(jobs, engine, spec, cfg, files).run()
+        while cfg.pull and (orphans := _orphans(jobs)):  # their claimer died: finish them here
+            files.retract("skipped", len(orphans))
+            for folder in folders:
+                clean_leftovers(folder)
+            _Pipeline(orphans, engine, spec, cfg, files).run()
     summary = RunSummary(
         files=[j.result for j in jobs],
         seconds=time.perf_counter() - start,
         backend=backend.label,
-        shard=resolve_shard(cfg.shard if isinstance(cfg.shard, tuple) else None),
+        shard=(0, 1) if cfg.pull else resolve_shard(cfg.shard if isinstance(cfg.shard, tuple) else None),
         tile=engine.tile,
         batch=engine.batch,
     )

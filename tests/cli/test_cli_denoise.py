@@ -13,12 +13,13 @@ import starfile
 from click.testing import CliRunner
 
 from cryodeploy.cli import cli
+from cryodeploy.inference.jobs import LAUNCHERS
 from cryodeploy.io.mrc import read_header, read_micrograph, write_micrograph
 
 
 @pytest.fixture(autouse=True)
 def _no_shard_env(monkeypatch):
-    for var in ("RANK", "WORLD_SIZE", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT"):
+    for var in ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", *(v for pair in LAUNCHERS for v in pair)):
         monkeypatch.delenv(var, raising=False)
 
 

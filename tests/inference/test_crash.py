@@ -20,13 +20,15 @@ from cryodeploy.backends import BackendOptions
 from cryodeploy.backends.torch import TorchBackend
 from cryodeploy.files import TEMP_PREFIX
 from cryodeploy.inference.claims import CLAIM_PREFIX
+from cryodeploy.inference.jobs import LAUNCHERS
 from cryodeploy.inference.runner import RunConfig, denoise_files
 from cryodeploy.io.mrc import read_micrograph, write_micrograph
 from cryodeploy.models.checkpoint import load_checkpoint
 
 N_FILES = 24
 GEOMETRY = ("--tile", "32", "--batch", "2")  # many small batches: slow enough to be killed mid-run
-SHARD_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT")
+SHARD_VARS = ("LOCAL_RANK", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT",
+              *(v for pair in LAUNCHERS for v in pair))
 
 
 @pytest.fixture(autouse=True)
@@ -110,3 +112,70 @@ def test_two_concurrent_runs_write_each_output_once(dataset, cnn3_checkpoint, tm
     assert reasons <= {"being written by another process", "written by another process during this run",
                        "output exists"}
     print(f"run 1 wrote {len(done[0])}, run 2 wrote {len(done[1])}; skip reasons: {sorted(reasons)}")
+
+
+def _wait_for_outputs(out: Path, n: int, procs: list[subprocess.Popen[bytes]]) -> None:
+    deadline = time.monotonic() + 120
+    while not (out.is_dir() and sum(p.name.startswith("mic_") for p in out.iterdir()) >= n):
+        for proc in procs:
+            assert proc.poll() is None or proc.returncode == 0, proc.communicate()[1].decode()
+        assert time.monotonic() < deadline
+        time.sleep(0.002)
+
+
+@pytest.fixture(scope="module")
+def big_dataset(tmp_path_factory, cnn3_checkpoint):
+    """40 larger inputs (about half a second each here): long enough for late workers to join in."""
+    root = tmp_path_factory.mktemp("pull")
+    (root / "in").mkdir()
+    rng = np.random.default_rng(8)
+    for i in range(40):
+        write_micrograph(root / "in" / f"mic_{i:03d}.mrc", (rng.standard_normal((192, 192)) * 20 + 300))
+    model, spec = load_checkpoint(cnn3_checkpoint)
+    with TorchBackend(model, BackendOptions()) as backend:
+        config = RunConfig(tile=int(GEOMETRY[1]), batch=int(GEOMETRY[3]), quiet=True)
+        assert denoise_files(sorted((root / "in").iterdir()), root / "reference", backend, spec, config).ok
+    return root, {p.name: _sha(p) for p in (root / "reference").iterdir()}
+
+
+def test_pull_workers_started_at_staggered_times_write_each_file_once(
+    big_dataset, cnn3_checkpoint, tmp_path
+) -> None:
+    root, reference = big_dataset
+    out = tmp_path / "out"
+    runs: list[subprocess.Popen[bytes]] = []
+    for i in range(3):  # worker i starts once the others have written i outputs
+        if i:
+            _wait_for_outputs(out, i, runs)
+        runs.append(_denoise(root, out, cnn3_checkpoint, "--pull", "--summary", str(tmp_path / f"s{i}.json")))
+    for proc in runs:
+        _, stderr = proc.communicate(timeout=180)
+        assert proc.returncode == 0, stderr.decode()
+    assert _outputs(out) == reference
+    summaries = [json.loads((tmp_path / f"s{i}.json").read_text()) for i in range(3)]
+    assert all(s["shard"] == [0, 1] and len(s["files"]) == len(reference) for s in summaries)  # whole list
+    done = [Path(f["input"]).name for s in summaries for f in s["files"] if f["status"] == "done"]
+    assert sorted(done) == sorted(reference)  # every file exactly once over the three workers
+    print("files per worker:", [sum(f["status"] == "done" for f in s["files"]) for s in summaries])
+
+
+def test_pull_worker_takes_over_the_file_of_a_killed_worker(dataset, cnn3_checkpoint, tmp_path) -> None:
+    root, reference = dataset
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = subprocess.Popen(  # a "worker" that claims the first file, then dies without writing it
+        [sys.executable, "-c", "import sys, time; from cryodeploy.inference.claims import try_claim; "
+         "c = try_claim(sys.argv[1]); print('held', flush=True); time.sleep(600)", str(out / "mic_000.mrc")],
+        stdout=subprocess.PIPE)
+    assert holder.stdout is not None and holder.stdout.readline() == b"held\n"
+    worker = _denoise(root, out, cnn3_checkpoint, "--pull", "--summary", str(tmp_path / "s.json"))
+    _wait_for_outputs(out, 1, [worker])  # the worker has gone past mic_000 (claimed: skipped)
+    assert not (out / "mic_000.mrc").exists()
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.wait()
+    _, stderr = worker.communicate(timeout=180)
+    assert worker.returncode == 0, stderr.decode()
+    assert _outputs(out) == reference
+    files = json.loads((tmp_path / "s.json").read_text())["files"]
+    assert [f["status"] for f in files] == ["done"] * N_FILES  # mic_000 too, in the takeover pass
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]

@@ -230,6 +230,15 @@ def test_shards_cover_every_file_once(tmp_path, rng, model_spec, backend) -> Non
     assert resolve_shard(None, slurm) == (2, 3)
     assert resolve_shard((0, 2), {"RANK": "1", "WORLD_SIZE": "4"}) == (0, 2)
     assert resolve_shard(None, {}) == (0, 1)
+    assert resolve_shard(None, {"OMPI_COMM_WORLD_RANK": "2", "OMPI_COMM_WORLD_SIZE": "3"}) == (2, 3)
+    assert resolve_shard(None, {"PMI_RANK": "5", "PMI_SIZE": "8"}) == (5, 8)
+    srun = {"SLURM_PROCID": "3", "SLURM_STEP_NUM_TASKS": "4", "SLURM_NTASKS": "4"}
+    assert resolve_shard(None, srun) == (3, 4)
+    assert resolve_shard(None, {"SLURM_PROCID": "0", "SLURM_NTASKS": "4"}) == (0, 1)  # batch script, no srun
+    assert resolve_shard(None, {**srun, **slurm}) == (2 * 4 + 3, 3 * 4)  # srun inside an array task
+    assert resolve_shard(None, {**srun, "RANK": "1", "WORLD_SIZE": "2"}) == (1, 2)  # torchrun first
+    with pytest.raises(ConfigError, match="PMI_RANK/PMI_SIZE: found index 8 of 8"):
+        resolve_shard(None, {"PMI_RANK": "8", "PMI_SIZE": "8"})
     with pytest.raises(ConfigError, match="RANK/WORLD_SIZE"):
         resolve_shard(None, {"RANK": "4", "WORLD_SIZE": "4"})
     with pytest.raises(ConfigError, match="expected 'i/n'"):
@@ -371,9 +380,11 @@ def test_auto_geometry_and_config_validation(model_spec) -> None:
     assert fit_geometry((4096, 4096), spec, 2 * gib) == (2048, 1)  # 1 GiB budget: 2048^2 x bpp fits
     assert fit_geometry((5760, 4092), spec, 70 * gib, tile=1000) == (1000, 8)
     for bad in ({"tile": 0}, {"tile": "big"}, {"batch": -1}, {"output_dtype": "int8"},
-                {"skip_existing": True, "overwrite": True}, {"shard": (2, 2)}, {"queue_depth": 0}):
+                {"skip_existing": True, "overwrite": True}, {"shard": (2, 2)}, {"queue_depth": 0},
+                {"pull": True, "shard": "0/2"}, {"pull": True, "overwrite": True}):
         with pytest.raises(ConfigError):
             RunConfig(**bad)
+    assert RunConfig(pull=True).skip_existing
     with pytest.raises(ConfigError, match="unknown run options"):
         RunConfig.from_options(tiles=3)
     with pytest.raises(InputError, match="array: found shape"):
