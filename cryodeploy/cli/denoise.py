@@ -15,8 +15,9 @@ from cryodeploy.io.writers import FORMATS
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("-o", "--output", "outdir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Output folder; outputs keep their input's file name.")
-@click.option("--model", default="default", show_default=True,
-              help="default, a checkpoint (.safetensors or run folder), raw weights, .onnx or an engine.")
+@click.option("--model", "models", multiple=True, default=("default",), show_default=True,
+              help="default, a checkpoint (.safetensors or run folder), raw weights, .onnx or an engine; "
+                   "repeat it (--model A --model B) to average the outputs of an ensemble.")
 @click.option("--backend", default="auto", show_default=True, help=backend_help())
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
@@ -49,7 +50,7 @@ from cryodeploy.io.writers import FORMATS
               help="torch backend on CUDA: replay a captured CUDA graph per tile shape (no launch overhead).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def denoise(
-    inputs: tuple[str, ...], outdir: Path, model: str, backend: str, device: str, precision: str,
+    inputs: tuple[str, ...], outdir: Path, models: tuple[str, ...], backend: str, device: str, precision: str,
     threads: int, tile: str, batch: str, output_dtype: str, output_format: str, suffix: str,
     skip_existing: bool, overwrite: bool, shard: str | None, pull: bool, summary: Path | None,
     preview: bool, keep_normalized: bool, project_dir: Path | None,
@@ -68,7 +69,7 @@ def denoise(
     )
     paths = expand_inputs(list(inputs), project_dir)
     extra = {"cuda_graphs": True} if cuda_graphs else {}
-    with Denoiser.load(model, device=device, backend=backend, precision=precision, threads=threads,
+    with Denoiser.load(list(models), device=device, backend=backend, precision=precision, threads=threads,
                        **extra) as d:
         result = d.denoise_files(paths, outdir, config)
         label = d.backend.label

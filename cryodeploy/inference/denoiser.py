@@ -19,7 +19,7 @@ import numpy as np
 from cryodeploy.errors import ConfigError
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Iterable, Sequence
 
     from cryodeploy.backends import Backend
     from cryodeploy.inference.jobs import RunConfig, RunSummary
@@ -52,14 +52,16 @@ def _run_config(config: RunConfig | None, options: dict[str, Any]) -> RunConfig:
 class Denoiser:
     """A loaded model on one backend: call it on arrays, or run it over files."""
 
-    def __init__(self, source: ModelSource, backend: Backend) -> None:
+    def __init__(self, source: ModelSource, backend: Backend, members: Sequence[ModelSource] = ()) -> None:
         self.source = source
         self.backend = backend
+        #: every model of an ensemble (``source`` is the one whose geometry the ensemble uses)
+        self.members = list(members) or [source]
 
     @classmethod
     def load(
         cls,
-        model: str | os.PathLike[str] = "default",
+        model: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] = "default",
         device: str = "auto",
         backend: str = "auto",
         precision: str = "fp32",
@@ -71,19 +73,35 @@ class Denoiser:
 
         ``device``: ``auto``/``cpu``/``cuda``/``cuda:N``; ``backend``: ``auto`` (see
         :data:`~cryodeploy.backends.BACKEND_PREFERENCE`) or a registered name; ``options`` go to the backend
-        (e.g. ``cuda_graphs=True`` for torch).
+        (e.g. ``cuda_graphs=True`` for torch). A sequence of models is an ensemble: each runs on
+        ``backend`` and the outputs are averaged (:mod:`cryodeploy.backends.ensemble`).
         """
         from cryodeploy.backends import BackendOptions, create_auto, create_backend
         from cryodeploy.backends.sources import load_source
 
-        source = load_source(model)
+        models = [model] if isinstance(model, str | os.PathLike) else list(model)
+        if not models:
+            raise ConfigError("no model given")
+        sources = [load_source(m) for m in models]
         opts = BackendOptions(
             device=resolve_device(device), precision=precision, threads=threads, tf32=tf32,
             extra=tuple(sorted(options.items())),
         )
-        if backend == "auto":
-            return cls(source, create_auto(source, opts))
-        return cls(source, create_backend(backend, source, opts))
+        backends: list[Backend] = []
+        try:
+            for source in sources:
+                backends.append(create_auto(source, opts) if backend == "auto"
+                                else create_backend(backend, source, opts))
+            if len(sources) == 1:
+                return cls(sources[0], backends[0])
+            from cryodeploy.backends.ensemble import EnsembleBackend, dominant_spec
+
+            lead = dominant_spec([s.spec for s in sources], [str(m) for m in models])
+            return cls(sources[lead], EnsembleBackend(backends), sources)
+        except BaseException:
+            for b in backends:
+                b.close()
+            raise
 
     @property
     def spec(self) -> ModelSpec:
@@ -134,5 +152,6 @@ class Denoiser:
         self.close()
 
     def __repr__(self) -> str:
-        return f"Denoiser({self.source.path.name}, {self.spec.architecture}, {self.backend.label})"
+        names = ", ".join(s.path.name for s in self.members)
+        return f"Denoiser({names}, {self.spec.architecture}, {self.backend.label})"
 
