@@ -43,6 +43,14 @@ from cryodeploy.io.writers import FORMATS
                    "(implies --skip-existing).")
 @click.option("--summary", type=click.Path(dir_okay=False, path_type=Path), help="Write a JSON summary here.")
 @click.option("--preview", is_flag=True, help="Write a downsampled input|denoised PNG beside each output.")
+@click.option("--bin", "bin_factor", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Bin by N (Fourier cropping) before the network; the output's pixel size grows by N.")
+@click.option("--lowpass", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Low-pass filter to this resolution: in Å when the header has a pixel size, else pixels.")
+@click.option("--gaussian", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Gaussian filter of this sigma in pixels (of the binned image).")
+@click.option("--filter-at", type=click.Choice(["before", "after"]), default="before", show_default=True,
+              help="Apply --lowpass/--gaussian before the network (as Topaz) or to its output.")
 @click.option("--keep-normalized", is_flag=True, help="Write normalized intensities, not the input's scale.")
 @click.option("--project-dir", type=click.Path(file_okay=False, path_type=Path),
               help="RELION project folder for relative STAR paths (default: found from the STAR file).")
@@ -53,10 +61,12 @@ def denoise(
     inputs: tuple[str, ...], outdir: Path, models: tuple[str, ...], backend: str, device: str, precision: str,
     threads: int, tile: str, batch: str, output_dtype: str, output_format: str, suffix: str,
     skip_existing: bool, overwrite: bool, shard: str | None, pull: bool, summary: Path | None,
-    preview: bool, keep_normalized: bool, project_dir: Path | None,
+    preview: bool, bin_factor: int, lowpass: float | None, gaussian: float | None, filter_at: str,
+    keep_normalized: bool, project_dir: Path | None,
     cuda_graphs: bool, quiet: bool,
 ) -> None:
     """Denoise micrographs INPUTS (.mrc/.mrcs files, quoted globs, folders, RELION STAR files) into OUTDIR."""
+    from cryodeploy.imaging.filters import FrameFilters
     from cryodeploy.inference.denoiser import Denoiser
     from cryodeploy.inference.runner import RunConfig
     from cryodeploy.io.inputs import expand_inputs
@@ -66,6 +76,7 @@ def denoise(
         output_format=output_format, suffix=suffix, skip_existing=skip_existing, overwrite=overwrite,
         shard=shard, pull=pull, summary=summary,
         quiet=quiet, preview=preview, keep_normalized=keep_normalized,
+        filters=FrameFilters(bin_factor, lowpass, gaussian, filter_at),  # type: ignore[arg-type]
     )
     paths = expand_inputs(list(inputs), project_dir)
     extra = {"cuda_graphs": True} if cuda_graphs else {}

@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from cryodeploy.errors import ConfigError, OutputError
 from cryodeploy.files import TEMP_PREFIX
+from cryodeploy.imaging.filters import FrameFilters
 from cryodeploy.inference.claims import CLAIM_PREFIX
 from cryodeploy.io.writers import output_format
 
@@ -57,7 +58,8 @@ class RunConfig:
     folder, started at any time (no shard; existing outputs skipped; each run takes the next
     file nobody has claimed; see :mod:`cryodeploy.inference.runner`). ``output_format``: a name
     in :data:`cryodeploy.io.writers.FORMATS`. ``queue_depth`` bounds the micrograph frames held
-    between reader, model and writer.
+    between reader, model and writer. ``filters``: binning and classical filters around the
+    network (:class:`cryodeploy.imaging.filters.FrameFilters`).
     """
 
     tile: int | Literal["auto"] = "auto"
@@ -73,6 +75,7 @@ class RunConfig:
     quiet: bool = False
     preview: bool = False
     keep_normalized: bool = False
+    filters: FrameFilters = field(default_factory=FrameFilters)
     queue_depth: int = 2
 
     def __post_init__(self) -> None:
@@ -94,6 +97,8 @@ class RunConfig:
             object.__setattr__(self, "skip_existing", True)
         if self.skip_existing and self.overwrite:
             raise ConfigError("skip_existing and overwrite contradict each other: choose one")
+        if not isinstance(self.filters, FrameFilters):
+            raise ConfigError(f"filters {self.filters!r}: expected a FrameFilters")
         if self.queue_depth < 1:
             raise ConfigError(f"queue_depth {self.queue_depth}: expected >= 1")
         if isinstance(self.shard, str):

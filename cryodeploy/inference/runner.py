@@ -242,9 +242,19 @@ class _Pipeline:
         except CryoDeployError as err:
             res.status, res.error = "failed", str(err)
             return False
-        rt.update(header=mic.header, stats=[], frames=[None] * mic.header.n_frames, received=0)
-        res.frames, res.bytes_in = mic.header.n_frames, job.input.stat().st_size
+        # --- hook for binning/filters (imaging/filters.py, issue 21): the output header follows --bin
+        filters = self.config.filters
+        header = filters.header(mic.header) if filters.active else mic.header
+        if min(header.frame_shape) < min_input_size(self.spec):
+            res.status, res.error = "failed", (f"{job.input}: binned to {header.frame_shape[1]}x"
+                                               f"{header.frame_shape[0]}, smaller than the model's "
+                                               f"{min_input_size(self.spec)} px minimum")
+            return False
+        rt.update(header=header, in_header=mic.header, stats=[], frames=[None] * header.n_frames, received=0)
+        res.frames, res.bytes_in = header.n_frames, job.input.stat().st_size
         for i, frame in enumerate(mic.frames()):
+            if filters.active:
+                frame = filters.before(frame, mic.header)
             task, stats = _frame_task((job, i), frame, self.spec)
             rt["stats"].append(stats)
             if not _put(self.frames, task, self.stop):
@@ -275,9 +285,12 @@ class _Pipeline:
                 rt.setdefault("error", f"{job.input}: {error_text(item.error, self.backend.label)}")
             else:
                 y = item.output()
-                rt["frames"][index] = self.spec.contract.finish(
+                frame = self.spec.contract.finish(
                     y, rt["stats"][index], keep_normalized=self.config.keep_normalized
                 )
+                if self.config.filters.active:  # hook for filters after the network (imaging/filters.py)
+                    frame = self.config.filters.after(frame, rt["in_header"])
+                rt["frames"][index] = frame
                 if index == 0 and self.config.preview:
                     rt["preview"] = (item.plan.crop(item.image), y)  # type: ignore[union-attr]
             rt["received"] += 1
