@@ -8,9 +8,12 @@ RELION runs it from the project directory as::
         [--precision fp32] [--relion_version auto] --j 4
 
 and reads back what it leaves in ``--o``: ``micrographs_denoised.star`` (every input table,
-column and row, with ``rlnMicrographName`` pointing at the denoised copies),
-``RELION_OUTPUT_NODES.star`` and finally ``RELION_JOB_EXIT_SUCCESS`` or
+column and row, with ``rlnMicrographName`` pointing at the denoised copies), ``logfile.pdf``,
+``RELION_OUTPUT_NODES.star`` (both as nodes) and finally ``RELION_JOB_EXIT_SUCCESS`` or
 ``RELION_JOB_EXIT_FAILURE`` (whose one-line reason is also printed to stderr, i.e. ``run.err``).
+When RELION asks for an abort (``RELION_JOB_ABORT_NOW`` in ``--o``) the job stops before the
+next micrograph, keeps the finished ones and writes ``RELION_JOB_EXIT_ABORTED``. ``--gpu``
+(RELION's GPU ids) picks the CUDA device unless ``--device`` is given.
 
 Denoised files keep the path they had relative to the project directory, below ``--o``:
 ``MotionCorr/job002/Movies/a.mrc`` -> ``External/job004/MotionCorr/job002/Movies/a.mrc``, so
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import platform
 import re
 import sys
 import traceback
@@ -35,10 +39,14 @@ from cryodeploy.errors import ConfigError, CryoDeployError, InputError
 from cryodeploy.files import atomic_write
 
 __all__ = [
+    "ABORTED",
+    "ABORT_NOW",
     "FAILURE",
+    "LOGFILE",
     "NODES_FILE",
     "OUTPUT_STAR",
     "SUCCESS",
+    "JobAborted",
     "JobOptions",
     "MicrographStar",
     "detect_node_style",
@@ -47,6 +55,7 @@ __all__ = [
     "parse_args",
     "read_micrograph_star",
     "run_job",
+    "write_logfile",
     "write_micrograph_star",
     "write_output_nodes",
 ]
@@ -56,6 +65,13 @@ log = logging.getLogger("cryodeploy.relion")
 SUCCESS = "RELION_JOB_EXIT_SUCCESS"
 FAILURE = "RELION_JOB_EXIT_FAILURE"
 ABORTED = "RELION_JOB_EXIT_ABORTED"
+ABORT_NOW = "RELION_JOB_ABORT_NOW"
+LOGFILE = "logfile.pdf"
+#: RELION 3.1 node type of a PDF log file (NODE_PDF_LOGFILE) and the RELION 4/5 label.
+NODE_TYPE_LOGFILE = 13
+NODE_LABEL_LOGFILE = "LogFile.pdf.relion"
+#: the ``# version`` line RELION 3.1/4 writes; RELION 5 writes 50001 (kept when the input has it).
+DEFAULT_STAR_VERSION = 30001
 NODES_FILE = "RELION_OUTPUT_NODES.star"
 OUTPUT_STAR = "micrographs_denoised.star"
 #: RELION 3.1 node type of a micrographs STAR file (NODE_MICS).
@@ -78,6 +94,7 @@ class JobOptions:
     tile: str = "auto"
     threads: int = 1
     relion_version: str = "auto"
+    gpu: str | None = None
 
     def __post_init__(self) -> None:
         if self.tile != "auto" and not self.tile.isdigit():
@@ -86,6 +103,20 @@ class JobOptions:
             raise ConfigError(f"--relion_version {self.relion_version}: expected auto, 3.1, 4 or 5")
         if self.threads < 1:
             raise ConfigError(f"--j {self.threads}: expected at least 1 thread")
+        if self.gpu and not re.fullmatch(r"\d+([,:]\d+)*", self.gpu.strip()):
+            raise ConfigError(f"--gpu {self.gpu}: expected GPU ids such as 0 or 0,1 (or empty for any)")
+
+    @property
+    def compute_device(self) -> str:
+        """``--device`` if given, else from ``--gpu`` (its first id; empty: any GPU), else auto."""
+        if self.device != "auto" or self.gpu is None:
+            return self.device
+        ids = re.split(r"[,:]", self.gpu.strip())
+        return f"cuda:{ids[0]}" if ids[0] else "cuda"
+
+
+class JobAborted(CryoDeployError):
+    """RELION asked the job to stop (``RELION_JOB_ABORT_NOW``)."""
 
 
 @dataclass
@@ -127,10 +158,11 @@ def read_micrograph_star(path: str | os.PathLike[str]) -> MicrographStar:
 
 
 def write_micrograph_star(star: MicrographStar, target: Path) -> None:
-    """Write ``star``'s tables atomically, each after RELION's ``# version`` line if the input had one."""
+    """Write ``star``'s tables atomically, each after RELION's ``# version`` line (the input's, or
+    :data:`DEFAULT_STAR_VERSION`)."""
     import starfile
 
-    version = f"# version {star.version}\n\n" if star.version is not None else ""
+    version = f"# version {star.version or DEFAULT_STAR_VERSION}\n\n"
     with atomic_write(target, protect=(star.path,)) as tmp:
         chunks = []
         for name, block in star.blocks.items():  # one at a time: the version line goes before each block
@@ -188,49 +220,91 @@ def detect_node_style(project_dir: Path, star: MicrographStar, relion_version: s
     return 4 if star.version is not None and star.version >= 50000 else 3
 
 
-def write_output_nodes(outdir: Path, node_name: str, style: int) -> Path:
-    """Write ``outdir/RELION_OUTPUT_NODES.star`` declaring ``node_name`` a micrographs STAR file."""
+def write_output_nodes(outdir: Path, node_name: str, style: int, log_name: str | None = None,
+                       version: int = DEFAULT_STAR_VERSION) -> Path:
+    """Write ``outdir/RELION_OUTPUT_NODES.star`` declaring ``node_name`` a micrographs STAR file
+    (and ``log_name``, if given, the job's PDF log file), after a ``# version`` line."""
     import pandas as pd
     import starfile
 
+    names = [node_name] + ([log_name] if log_name else [])
     if style == 3:
-        table = pd.DataFrame(
-            {"rlnPipeLineNodeName": [node_name], "rlnPipeLineNodeType": [NODE_TYPE_MICROGRAPHS]}
-        )
+        kinds = [NODE_TYPE_MICROGRAPHS, NODE_TYPE_LOGFILE][: len(names)]
+        table = pd.DataFrame({"rlnPipeLineNodeName": names, "rlnPipeLineNodeType": kinds})
     else:
-        table = pd.DataFrame(
-            {"rlnPipeLineNodeName": [node_name], "rlnPipeLineNodeTypeLabel": [NODE_LABEL_MICROGRAPHS]}
-        )
+        labels = [NODE_LABEL_MICROGRAPHS, NODE_LABEL_LOGFILE][: len(names)]
+        table = pd.DataFrame({"rlnPipeLineNodeName": names, "rlnPipeLineNodeTypeLabel": labels})
     target = outdir / NODES_FILE
     with atomic_write(target) as tmp:
         starfile.write({"output_nodes": table}, tmp, overwrite=True)
+        text = tmp.read_text()
+        tmp.write_text(f"# version {version}\n\n" + text[text.index("data_"):])
     return target
 
 
-def _denoise(pairs: list[tuple[Path, Path]], options: JobOptions) -> None:
-    """Denoise each input into its output (outputs that exist are kept); raise if any is not written."""
+def write_logfile(target: Path, lines: Sequence[str], example: tuple[Path, Path] | None) -> Path:
+    """A one-page PDF log for RELION's display: the job's summary lines and, if given, one input
+    micrograph beside its denoised copy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from cryodeploy.io.mrc import read_micrograph
+    from cryodeploy.io.preview import downsample
+
+    fig = plt.figure(figsize=(8.27, 11.69))
+    fig.text(0.05, 0.97, "\n".join(lines), va="top", family="monospace", fontsize=9)
+    if example is not None:
+        for i, (path, title) in enumerate(((example[0], "input"), (example[1], "denoised"))):
+            frame = read_micrograph(path).data
+            img = downsample(frame.reshape(-1, *frame.shape[-2:])[0])
+            lo, hi = np.percentile(img, [1, 99])
+            ax = fig.add_axes((0.05 + 0.47 * i, 0.1, 0.43, 0.6))
+            ax.imshow(img, cmap="gray", vmin=lo, vmax=hi)
+            ax.set_title(f"{title}: {path.name}", fontsize=8)
+            ax.axis("off")
+    with atomic_write(target) as tmp:
+        fig.savefig(tmp, format="pdf")
+    plt.close(fig)
+    return target
+
+
+def _denoise(pairs: list[tuple[Path, Path]], options: JobOptions, outdir: Path) -> str:
+    """Denoise each input into its output (outputs that exist are kept), one micrograph at a time
+    so that an abort request stops before the next; raise if any is not written. Returns the
+    backend's label ("-" when nothing was left to do)."""
     from cryodeploy import Denoiser
 
     todo = [(src, dst) for src, dst in pairs if not dst.exists()]
     log.info("%d micrographs: %d already denoised, %d to do", len(pairs), len(pairs) - len(todo), len(todo))
     if not todo:
-        return
+        return "-"
     tile: int | str = int(options.tile) if options.tile.isdigit() else "auto"
+    failed: list[str] = []
     with Denoiser.load(
         options.model,
-        device=options.device,
+        device=options.compute_device,
         backend=options.backend,
         precision=options.precision,
         threads=options.threads,
     ) as denoiser:
-        log.info("model %s on %s", options.model, denoiser.backend.label)
-        # shard (0, 1): all files here, whatever RANK or SLURM_ARRAY_TASK_ID the job inherited
-        summary = denoiser.denoise_pairs(todo, tile=tile, skip_existing=True, shard=(0, 1), quiet=True)
-    results = {Path(r.output): r for r in summary.files}
-    failed = [(results[dst].error or f"{dst}: not written") for _, dst in todo if not dst.exists()]
+        log.info("model %s on %s (%s)", options.model, denoiser.backend.label, platform.node())
+        for i, (src, dst) in enumerate(todo):
+            if (outdir / ABORT_NOW).exists():
+                raise JobAborted(f"aborted by RELION ({ABORT_NOW}) after {i} of {len(todo)} micrographs")
+            # shard (0, 1): all files here, whatever RANK or SLURM_ARRAY_TASK_ID the job inherited
+            result = denoiser.denoise_pairs([(src, dst)], tile=tile, skip_existing=True, shard=(0, 1),
+                                            quiet=True).files[0]
+            if not dst.exists():
+                failed.append(result.error or f"{dst}: not written")
+            log.info("%d/%d %s: %s (%.2f s)", i + 1, len(todo), src.name, result.status, result.seconds)
+        label = denoiser.backend.label
     log.info("denoised %d micrographs, %d failed", len(todo) - len(failed), len(failed))
     if failed:
         raise InputError(f"{len(failed)} of {len(pairs)} micrographs failed; first: {failed[0]}")
+    return label
 
 
 def run_job(options: JobOptions, project_dir: Path) -> Path:
@@ -243,7 +317,7 @@ def run_job(options: JobOptions, project_dir: Path) -> Path:
     outdir = options.outdir if options.outdir.is_absolute() else project_dir / options.outdir
     star = read_micrograph_star(in_mics)
     pairs = output_paths(star.names, project_dir, outdir)
-    _denoise(pairs, options)
+    label = _denoise(pairs, options, outdir)
     star.blocks[star.table] = star.blocks[star.table].copy()
     star.blocks[star.table]["rlnMicrographName"] = [
         str(_relative_to_project(dst, project_dir)) for _, dst in pairs
@@ -251,7 +325,13 @@ def run_job(options: JobOptions, project_dir: Path) -> Path:
     target = outdir / OUTPUT_STAR
     write_micrograph_star(star, target)
     style = detect_node_style(project_dir, star, options.relion_version)
-    write_output_nodes(outdir, str(_relative_to_project(target, project_dir)), style)
+    logfile = write_logfile(outdir / LOGFILE, [
+        "cryodeploy denoise (RELION External job)", f"input: {options.in_mics}", f"output: {OUTPUT_STAR}",
+        f"micrographs: {len(pairs)}", f"model: {options.model}", f"backend: {label}",
+        f"host: {platform.node()}",
+    ], pairs[0] if pairs else None)
+    write_output_nodes(outdir, str(_relative_to_project(target, project_dir)), style,
+                       str(_relative_to_project(logfile, project_dir)), star.version or DEFAULT_STAR_VERSION)
     log.info(
         "wrote %s (%d micrographs, RELION %s node file)", target, len(pairs), "3.1" if style == 3 else "4/5"
     )
@@ -276,6 +356,8 @@ def _parser() -> _Parser:
     p.add_argument("--tile", default="auto", help="tile size in pixels or auto")
     p.add_argument("--relion_version", default="auto", help="3.1, 4, 5 or auto (node file form)")
     p.add_argument("--j", default=1, type=int, help="threads")
+    p.add_argument("--gpu", nargs="?", const="", default=None,
+                   help="GPU ids from RELION (first one used; empty: any GPU) unless --device is given")
     return p
 
 
@@ -296,6 +378,7 @@ def parse_args(argv: Sequence[str]) -> JobOptions:
         tile=args.tile,
         threads=args.j,
         relion_version=args.relion_version,
+        gpu=args.gpu,
     )
 
 
@@ -325,15 +408,22 @@ def main(argv: Sequence[str] | None = None, project_dir: Path | None = None) -> 
     argv = sys.argv[1:] if argv is None else argv
     project_dir = Path.cwd() if project_dir is None else project_dir
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    log.info("cryodeploy RELION job on host %s, pid %d", platform.node(), os.getpid())
     outdir = _outdir_from(argv)
     if outdir is not None and not outdir.is_absolute():
         outdir = project_dir / outdir
     try:
         if outdir is not None:  # a rerun (Continue) starts from a clean slate, finished micrographs aside
             outdir.mkdir(parents=True, exist_ok=True)
-            for stale in (SUCCESS, FAILURE, ABORTED, NODES_FILE, OUTPUT_STAR):
+            for stale in (SUCCESS, FAILURE, ABORTED, NODES_FILE, OUTPUT_STAR, LOGFILE):
                 (outdir / stale).unlink(missing_ok=True)
         run_job(parse_args(argv), project_dir)
+    except JobAborted as err:
+        assert outdir is not None
+        log.info("%s", err)
+        (outdir / ABORTED).touch()
+        (outdir / ABORT_NOW).unlink(missing_ok=True)  # handled: a later Continue runs normally
+        return 1
     except CryoDeployError as err:
         _fail(str(err), outdir)
         return 1

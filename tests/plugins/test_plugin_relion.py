@@ -6,7 +6,10 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
+from re import MULTILINE
+from re import sub as re_sub
 from types import ModuleType
 
 import mrcfile
@@ -117,9 +120,11 @@ def test_executable_runs_like_relion_and_writes_all_outputs(project: Path, cnn3_
     nodes = starfile.read(job / "RELION_OUTPUT_NODES.star", always_dict=True)
     assert list(nodes) == ["output_nodes"]
     assert nodes["output_nodes"].to_dict("list") == {
-        "rlnPipeLineNodeName": [JOB + "micrographs_denoised.star"],
-        "rlnPipeLineNodeType": [1],
+        "rlnPipeLineNodeName": [JOB + "micrographs_denoised.star", JOB + "logfile.pdf"],
+        "rlnPipeLineNodeType": [1, 13],  # micrographs, PDF log file
     }
+    assert (job / "RELION_OUTPUT_NODES.star").read_text().startswith("# version 30001\n")
+    assert (job / "logfile.pdf").read_bytes().startswith(b"%PDF")
     assert "ignoring arguments: --pipeline_control" in proc.stdout
 
 
@@ -128,6 +133,7 @@ def test_old_single_table_star_and_rerun_skips_finished(project: Path, cnn3_chec
     assert relion.main(_argv(cnn3_checkpoint, "mics30.star"), project_dir=root) == 0
     out = starfile.read(root / JOB / "micrographs_denoised.star", always_dict=True)
     assert list(out) == [""]  # the single data_ block stays a single data_ block
+    assert (root / JOB / "micrographs_denoised.star").read_text().startswith("# version 30001\n")
     names = list(out[""]["rlnMicrographName"])
     assert names == [JOB + n for n in starfile.read(root / "mics30.star")["rlnMicrographName"]]
     stamps = {n: (root / n).stat().st_mtime_ns for n in names}
@@ -142,8 +148,8 @@ def test_old_single_table_star_and_rerun_skips_finished(project: Path, cnn3_chec
 def test_node_type_follows_the_relion_version(project: Path, cnn3_checkpoint: Path, relion) -> None:
     root = _job(project, "v5")
     label = {
-        "rlnPipeLineNodeName": [JOB + "micrographs_denoised.star"],
-        "rlnPipeLineNodeTypeLabel": ["MicrographGroupMetadata.star.relion"],
+        "rlnPipeLineNodeName": [JOB + "micrographs_denoised.star", JOB + "logfile.pdf"],
+        "rlnPipeLineNodeTypeLabel": ["MicrographGroupMetadata.star.relion", "LogFile.pdf.relion"],
     }
     # RELION 4/5 project: its pipeline uses type labels
     (root / "default_pipeline.star").write_text(
@@ -157,7 +163,7 @@ def test_node_type_follows_the_relion_version(project: Path, cnn3_checkpoint: Pa
     assert (
         relion.main(_argv(cnn3_checkpoint, "mics31.star", "--relion_version", "3.1"), project_dir=root) == 0
     )
-    assert starfile.read(root / JOB / "RELION_OUTPUT_NODES.star")["rlnPipeLineNodeType"].tolist() == [1]
+    assert starfile.read(root / JOB / "RELION_OUTPUT_NODES.star")["rlnPipeLineNodeType"].tolist() == [1, 13]
     # no pipeline: a RELION 5 STAR file ("# version 50001") means labels
     (root / "default_pipeline.star").unlink()
     star5 = (root / "mics31.star").read_text().replace("30001", "50001")
@@ -165,6 +171,7 @@ def test_node_type_follows_the_relion_version(project: Path, cnn3_checkpoint: Pa
     assert relion.main(_argv(cnn3_checkpoint, "mics50.star"), project_dir=root) == 0
     assert starfile.read(root / JOB / "RELION_OUTPUT_NODES.star").to_dict("list") == label
     assert (root / JOB / "micrographs_denoised.star").read_text().count("# version 50001") == 2
+    assert (root / JOB / "RELION_OUTPUT_NODES.star").read_text().startswith("# version 50001\n")
 
 
 def test_corrupt_micrograph_fails_with_a_readable_reason(
@@ -222,49 +229,19 @@ def test_output_paths_stay_inside_outdir_and_never_collide(tmp_path: Path, relio
         relion.output_paths(["/data/x.mrc", "_abs/data/x.mrc"], tmp_path, out)
 
 
-_JOB_STAR = """# version 30001
-
-data_job
-
-_rlnJobType                             99
-_rlnJobIsContinue                       0
-
-# version 30001
-
-data_joboptions_values
-
-loop_
-_rlnJobOptionVariable #1
-_rlnJobOptionValue #2
-{options}
-"""
+TEMPLATE = PLUGIN.parent / "job.star"
 
 
 def _relion_job_star(exe: Path, in_mics: str, params: dict[str, str]) -> str:
-    """job.star of an External job (type 99 in RELION 3.1) as the GUI saves it."""
-    options = {
-        "fn_exe": str(exe),
-        "in_mov": "",
-        "in_mic": in_mics,
-        "in_part": "",
-        "in_coords": "",
-        "in_3dref": "",
-        "in_mask": "",
-    }
-    labels = list(params.items())
-    for i in range(1, 11):
-        label, value = labels[i - 1] if i <= len(labels) else ("", "")
-        options[f"param{i}_label"], options[f"param{i}_value"] = label, value
-    options |= {
-        "nr_threads": "1",
-        "do_queue": "No",
-        "queuename": "",
-        "qsub": "",
-        "qsubscript": "",
-        "min_dedicated": "1",
-        "other_args": "",
-    }
-    return _JOB_STAR.format(options="\n".join(f"{k} {v or chr(34) * 2}" for k, v in options.items()))
+    """The shipped template ``plugins/relion/job.star`` (RELION 3.1, External = type 99) filled in."""
+    text = TEMPLATE.read_text()
+    text = text.replace("/path/to/cryodeploy/plugins/relion/cryodeploy_relion.py", str(exe))
+    text = text.replace("CtfFind/job003/micrographs_ctf.star", in_mics)
+    text = text.replace("/path/to/model.safetensors", params.pop("model"))
+    for label, value in params.items():  # e.g. device auto -> device cpu
+        pattern = rf"^(param\d+_label {label}\nparam\d+_value ).*$"
+        text = re_sub(pattern, rf"\g<1>{value}", text, flags=MULTILINE)
+    return text
 
 
 def _image_stats(path: Path) -> dict[str, float]:
@@ -335,3 +312,97 @@ def test_real_relion_pipeliner_runs_the_job_and_registers_its_output(
         assert stats["stddev"] == pytest.approx(float(data.std()), rel=1e-3)
         assert stats["maxval"] == pytest.approx(float(data.max()), rel=1e-3, abs=1e-4)
         assert stats["angpix"] == pytest.approx(1.5)  # voxel size kept
+
+
+def _pipeliner_project(root: Path, checkpoint: Path, count: int) -> Path:
+    """A RELION 3.1 project with ``count`` micrographs and the template job added by the pipeliner."""
+    noisy = synth_micrographs(
+        root / "Raw",
+        SynthConfig(count=count, size=(128, 128), seed=4, voxel_size=1.2, carbon=False, ctf=False),
+    )
+    mics = pd.DataFrame({"rlnMicrographName": [str(p.relative_to(root)) for p in noisy]})
+    _write_star({"micrographs": mics}, root / "mics.star", version=30001)
+    (root / "default_pipeline.star").write_text(
+        "# version 30001\n\ndata_pipeline_general\n\n_rlnPipeLineJobCounter                       1\n"
+    )
+    params = {"model": str(checkpoint), "device": "cpu", "tile": "64"}
+    (root / "job.star").write_text(_relion_job_star(PLUGIN, "mics.star", params))
+    subprocess.run(["relion_pipeliner", "--addJobFromStar", "job.star"], cwd=root, env=_env(), check=True,
+                   timeout=60, capture_output=True)
+    return root
+
+
+def _env() -> dict[str, str]:
+    return dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+
+
+@pytest.mark.slow
+def test_real_relion_pipeliner_aborts_the_job_mid_run(tmp_path: Path, cnn3_checkpoint: Path) -> None:
+    if shutil.which("relion_pipeliner") is None:
+        pytest.skip("relion_pipeliner not on PATH (RELION 3.1 is not installed: apt-get install -y relion)")
+    count = 40
+    root = _pipeliner_project(tmp_path / "proj", cnn3_checkpoint, count)
+    job = root / JOB
+    proc = subprocess.Popen(["relion_pipeliner", "--RunJobs", JOB, "--sec_wait_after", "1"], cwd=root,
+                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    first = job / "Raw" / "noisy"
+    while not (first.is_dir() and any(first.glob("*.mrc"))):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    (job / "RELION_JOB_ABORT_NOW").touch()  # what RELION's GUI does on "Abort"
+    proc.communicate(timeout=300)
+    logs = f"run.out: {(job / 'run.out').read_text()}\nrun.err: {(job / 'run.err').read_text()}"
+    assert (job / "RELION_JOB_EXIT_ABORTED").exists(), logs
+    assert not (job / "RELION_JOB_EXIT_SUCCESS").exists() and not (job / "RELION_JOB_EXIT_FAILURE").exists()
+    assert not (job / "RELION_JOB_ABORT_NOW").exists() and not (job / "micrographs_denoised.star").exists()
+    done = sorted((job / "Raw" / "noisy").glob("*.mrc"))
+    assert 0 < len(done) < count, f"{len(done)} of {count} done: the abort did not land mid-run"
+    for path in done:  # every finished micrograph is complete
+        assert _read(path).shape == (128, 128)
+    assert not [p for p in (job / "Raw" / "noisy").iterdir() if p.name.startswith(".")]  # no temporaries
+    assert "aborted by RELION (RELION_JOB_ABORT_NOW) after" in (job / "run.out").read_text()
+    pipeline = starfile.read(root / "default_pipeline.star", always_dict=True)
+    processes = pipeline["pipeline_processes"].set_index("rlnPipeLineProcessName")
+    status = processes.loc[JOB, "rlnPipeLineProcessStatus"]
+    print(f"aborted after {len(done)} of {count}; pipeline status {status}")
+    assert status == 4  # RELION 3.1's PROC_ABORTED
+
+    rerun = subprocess.run([str(PLUGIN), "--o", JOB, "--in_mics", "mics.star", "--model",
+                            str(cnn3_checkpoint), "--device", "cpu"],
+                           cwd=root, env=_env(), capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr  # Continue: the rest, then success
+    assert (job / "RELION_JOB_EXIT_SUCCESS").exists()
+    assert len(list((job / "Raw" / "noisy").glob("*.mrc"))) == count
+    assert f"{count} micrographs: {len(done)} already denoised" in rerun.stdout
+
+
+def test_gpu_ids_pick_the_device_unless_device_is_given(relion) -> None:
+    from cryodeploy.errors import ConfigError
+
+    def opts(*extra: str):
+        return relion.parse_args(["--o", JOB, "--in_mics", "m.star", *extra])
+
+    assert opts("--gpu", "1,2").compute_device == "cuda:1"  # RELION's list: the first id
+    assert opts("--gpu", "0:1").compute_device == "cuda:0"
+    assert opts("--gpu", "").compute_device == "cuda" and opts("--gpu").compute_device == "cuda"  # any GPU
+    assert opts("--gpu", "1", "--device", "cpu").compute_device == "cpu"
+    assert opts().compute_device == "auto" and opts("--j", "6").threads == 6
+    with pytest.raises(ConfigError, match="--gpu a: expected GPU ids"):
+        opts("--gpu", "a")
+
+
+def test_shipped_job_star_templates() -> None:
+    v31, v45 = (starfile.read(PLUGIN.parent / n, always_dict=True) for n in ("job.star", "job_relion45.star"))
+    assert v31["job"]["rlnJobType"] == 99 and v45["job"]["rlnJobTypeLabel"] == "relion.external"
+    for blocks in (v31, v45):
+        values = dict(zip(blocks["joboptions_values"]["rlnJobOptionVariable"],
+                          blocks["joboptions_values"]["rlnJobOptionValue"], strict=True))
+        assert values["fn_exe"] == "/path/to/cryodeploy/plugins/relion/cryodeploy_relion.py"
+        assert values["in_mic"] == "CtfFind/job003/micrographs_ctf.star"
+        assert (values["param1_label"], values["param1_value"]) == ("model", "/path/to/model.safetensors")
+        labels = [values[f"param{i}_label"] for i in range(1, 7)]
+        assert labels == ["model", "device", "backend", "tile", "precision", "relion_version"]
+    readme = (PLUGIN.parent / "README.md").read_text()
+    assert "job.star" in readme and "default_pipeline.star" in readme and ".relion_lock" in readme
