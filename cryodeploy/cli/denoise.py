@@ -51,6 +51,11 @@ from cryodeploy.io.writers import FORMATS
               help="Gaussian filter of this sigma in pixels (of the binned image).")
 @click.option("--filter-at", type=click.Choice(["before", "after"]), default="before", show_default=True,
               help="Apply --lowpass/--gaussian before the network (as Topaz) or to its output.")
+@click.option("--movies", is_flag=True,
+              help="INPUTS are movies (MRC/MRCS/TIFF frame stacks): each is summed, then denoised "
+                   "into <name>.mrc.")
+@click.option("--gain", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="With --movies: gain reference (MRC or TIFF) multiplied into every frame.")
 @click.option("--keep-normalized", is_flag=True, help="Write normalized intensities, not the input's scale.")
 @click.option("--project-dir", type=click.Path(file_okay=False, path_type=Path),
               help="RELION project folder for relative STAR paths (default: found from the STAR file).")
@@ -62,11 +67,12 @@ def denoise(
     threads: int, tile: str, batch: str, output_dtype: str, output_format: str, suffix: str,
     skip_existing: bool, overwrite: bool, shard: str | None, pull: bool, summary: Path | None,
     preview: bool, bin_factor: int, lowpass: float | None, gaussian: float | None, filter_at: str,
-    keep_normalized: bool, project_dir: Path | None,
+    movies: bool, gain: Path | None, keep_normalized: bool, project_dir: Path | None,
     cuda_graphs: bool, quiet: bool,
 ) -> None:
     """Denoise micrographs INPUTS (.mrc/.mrcs files, quoted globs, folders, RELION STAR files) into OUTDIR."""
     from cryodeploy.imaging.filters import FrameFilters
+    from cryodeploy.imaging.movies import MovieConfig
     from cryodeploy.inference.denoiser import Denoiser
     from cryodeploy.inference.runner import RunConfig
     from cryodeploy.io.inputs import expand_inputs
@@ -77,7 +83,10 @@ def denoise(
         shard=shard, pull=pull, summary=summary,
         quiet=quiet, preview=preview, keep_normalized=keep_normalized,
         filters=FrameFilters(bin_factor, lowpass, gaussian, filter_at),  # type: ignore[arg-type]
+        movies=MovieConfig(gain) if movies else None,
     )
+    if gain is not None and not movies:
+        raise click.UsageError("--gain needs --movies")
     paths = expand_inputs(list(inputs), project_dir)
     extra = {"cuda_graphs": True} if cuda_graphs else {}
     with Denoiser.load(list(models), device=device, backend=backend, precision=precision, threads=threads,

@@ -76,6 +76,13 @@ def _default_workers() -> int:
     show_default="min(16, cores)",
     help="Threads drawing noise, normalizing and writing (each adds only small temporaries; 0 = none).",
 )
+@click.option("--movies", is_flag=True,
+              help="INPUTS are movies (MRC/MRCS/TIFF frame stacks): even/odd frame sums become input/target "
+                   "pairs (Noise2Noise); the sums stay in STORE/sums.")
+@click.option("--gain", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="With --movies: gain reference (MRC or TIFF) multiplied into every frame.")
+@click.option("--bin", "bin_factor", type=click.IntRange(min=1), default=1, show_default=True,
+              help="With --movies: bin the sums by N (Fourier cropping).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def preprocess(
@@ -94,6 +101,9 @@ def preprocess(
     pairs: tuple[Path, Path] | None,
     adopt: Path | None,
     workers: int,
+    movies: bool,
+    gain: Path | None,
+    bin_factor: int,
     overwrite: bool,
     quiet: bool,
 ) -> None:
@@ -134,6 +144,12 @@ def preprocess(
         raise click.UsageError("give INPUTS (micrographs) or --pairs DIR_A DIR_B")
     if dose is not None and dose_range is not None:
         raise click.UsageError("give --dose or --dose-range, not both")
+    if movies and (pairs or noise2noise or noise_given):
+        raise click.UsageError(
+            "--movies makes its own pairs: it takes no --pairs, --noise2noise or noise options"
+        )
+    if not movies and (gain is not None or bin_factor != 1):
+        raise click.UsageError("--gain and --bin need --movies")
 
     from cryodeploy.imaging.noise import NoiseSpec
     from cryodeploy.io.inputs import expand_inputs
@@ -156,7 +172,13 @@ def preprocess(
         overwrite=overwrite,
     )
     paths = expand_inputs([str(pairs[0])] if pairs else list(inputs))
-    result = run(paths, store, config, quiet=quiet)
+    if movies:
+        from cryodeploy.imaging.movies import MovieConfig
+        from cryodeploy.training.movies import preprocess_movies
+
+        result = preprocess_movies(paths, store, config, MovieConfig(gain, bin_factor), quiet=quiet)
+    else:
+        result = run(paths, store, config, quiet=quiet)
     counts = ", ".join(f"{s} {result.count(s)}" for s in result.splits)
     gib = sum(result.count(s) for s in result.splits) * result.patch_bytes * 2 / 2**30
     click.echo(

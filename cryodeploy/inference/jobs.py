@@ -14,6 +14,7 @@ from typing import Any, Literal
 from cryodeploy.errors import ConfigError, OutputError
 from cryodeploy.files import TEMP_PREFIX
 from cryodeploy.imaging.filters import FrameFilters
+from cryodeploy.imaging.movies import MovieConfig
 from cryodeploy.inference.claims import CLAIM_PREFIX
 from cryodeploy.io.writers import output_format
 
@@ -59,7 +60,8 @@ class RunConfig:
     file nobody has claimed; see :mod:`cryodeploy.inference.runner`). ``output_format``: a name
     in :data:`cryodeploy.io.writers.FORMATS`. ``queue_depth`` bounds the micrograph frames held
     between reader, model and writer. ``filters``: binning and classical filters around the
-    network (:class:`cryodeploy.imaging.filters.FrameFilters`).
+    network (:class:`cryodeploy.imaging.filters.FrameFilters`). ``movies``: the inputs are movies,
+    each summed (:mod:`cryodeploy.imaging.movies`) before denoising; outputs are named ``.mrc``.
     """
 
     tile: int | Literal["auto"] = "auto"
@@ -76,6 +78,7 @@ class RunConfig:
     preview: bool = False
     keep_normalized: bool = False
     filters: FrameFilters = field(default_factory=FrameFilters)
+    movies: MovieConfig | None = None
     queue_depth: int = 2
 
     def __post_init__(self) -> None:

@@ -48,6 +48,7 @@ import numpy as np
 from cryodeploy._version import __version__
 from cryodeploy.errors import CryoDeployError, InputError, OutputError
 from cryodeploy.files import new_folders_removed_if_empty
+from cryodeploy.imaging.movies import movie_micrograph
 from cryodeploy.inference.batching import FrameTask, TiledEngine, auto_geometry, error_text
 from cryodeploy.inference.claims import claim_owner, clean_leftovers, try_claim
 from cryodeploy.inference.jobs import (
@@ -238,7 +239,10 @@ class _Pipeline:
             res.status, res.error = "skipped", "written by another process during this run"
             return False
         try:
-            mic = read_micrograph(job.input, min_input_size(self.spec))
+            if self.config.movies is not None:  # hook for movies (imaging/movies.py): the sum of the frames
+                mic = movie_micrograph(job.input, self.config.movies, min_input_size(self.spec))
+            else:
+                mic = read_micrograph(job.input, min_input_size(self.spec))
         except CryoDeployError as err:
             res.status, res.error = "failed", str(err)
             return False
@@ -367,7 +371,8 @@ def denoise_files(
     """
     cfg = config or RunConfig()
     out = Path(outdir)
-    pairs = output_pairs(paths, out, cfg.suffix, output_format(cfg.output_format).suffix)
+    extension = output_format(cfg.output_format).suffix or (".mrc" if cfg.movies is not None else None)
+    pairs = output_pairs(paths, out, cfg.suffix, extension)
     return _run(pairs, [out], backend, spec, cfg)
 
 
