@@ -15,7 +15,7 @@ from cryodeploy.errors import ConfigError, OutputError
 from cryodeploy.files import TEMP_PREFIX
 from cryodeploy.imaging.filters import FrameFilters
 from cryodeploy.imaging.movies import MovieConfig
-from cryodeploy.inference.claims import CLAIM_PREFIX
+from cryodeploy.inference.claims import CLAIM_PREFIX, try_claim
 from cryodeploy.io.writers import output_format
 
 __all__ = [
@@ -24,6 +24,7 @@ __all__ = [
     "Job",
     "RunConfig",
     "RunSummary",
+    "orphaned_jobs",
     "output_name",
     "output_pairs",
     "parse_shard",
@@ -251,6 +252,24 @@ def plan_jobs(pairs: Iterable[tuple[Path, Path]], config: RunConfig) -> list[Job
     return jobs
 
 
+def orphaned_jobs(jobs: list[Job]) -> list[Job]:
+    """Jobs skipped as claimed by another run whose output is still missing and whose claim is free
+    now (that run died); reset to pending, to be run again."""
+    orphans = []
+    for job in jobs:
+        if job.result.status != "skipped" or not (job.result.error or "").startswith("being written"):
+            continue
+        if job.output.exists():
+            continue
+        claim = try_claim(job.output)
+        if claim is None:  # still held by a live run: it will finish the file
+            continue
+        claim.release()
+        job.planned, job.result.status, job.result.error = None, "pending", None
+        orphans.append(job)
+    return orphans
+
+
 @dataclass
 class RunSummary:
     """The outcome of a run: one :class:`FileResult` per input of this shard, in processing order."""
@@ -301,7 +320,6 @@ class RunSummary:
     def write(self, path: str | os.PathLike[str]) -> Path:
         """Write the summary JSON atomically (under a claim, so a concurrent cleanup leaves it alone)."""
         from cryodeploy.files import atomic_write
-        from cryodeploy.inference.claims import try_claim
 
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -57,6 +57,7 @@ from cryodeploy.inference.jobs import (
     RunConfig,
     RunSummary,
     file_identity,
+    orphaned_jobs,
     output_pairs,
     plan_jobs,
     resolve_shard,
@@ -338,24 +339,6 @@ class _Pipeline:
         self.bar.file(job.result.status)
 
 
-def _orphans(jobs: list[Job]) -> list[Job]:
-    """Jobs skipped as claimed by another run whose output is still missing and whose claim is free
-    now (that run died); reset to pending, to be run again."""
-    orphans = []
-    for job in jobs:
-        if job.result.status != "skipped" or not (job.result.error or "").startswith("being written"):
-            continue
-        if job.output.exists():
-            continue
-        claim = try_claim(job.output)
-        if claim is None:  # still held by a live run: it will finish the file
-            continue
-        claim.release()
-        job.planned, job.result.status, job.result.error = None, "pending", None
-        orphans.append(job)
-    return orphans
-
-
 def denoise_files(
     paths: Iterable[str | os.PathLike[str]],
     outdir: str | os.PathLike[str],
@@ -418,7 +401,7 @@ def _run_in(pairs: list[tuple[Path, Path]], folders: list[Path], engine: TiledEn
             if job.result.status != "pending":
                 files.file(job.result.status)
         _Pipeline(jobs, engine, spec, cfg, files).run()
-        while cfg.pull and (orphans := _orphans(jobs)):  # their claimer died: finish them here
+        while cfg.pull and (orphans := orphaned_jobs(jobs)):  # their claimer died: finish them here
             files.retract("skipped", len(orphans))
             for folder in folders:
                 clean_leftovers(folder)
