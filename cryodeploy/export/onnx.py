@@ -227,8 +227,10 @@ def read_onnx_spec(path: str | os.PathLike[str]) -> ModelSpec:
         )
     try:
         return ModelSpec.from_dict(json.loads(raw))
-    except (json.JSONDecodeError, ConfigError, KeyError, TypeError) as err:
+    except (json.JSONDecodeError, ConfigError, KeyError, TypeError, ValueError, AttributeError) as err:
         raise ModelError(f"{path}: invalid {SPEC_KEY!r} metadata ({err})") from err
+    except RecursionError as err:
+        raise ModelError(f"{path}: invalid {SPEC_KEY!r} metadata (nested too deeply)") from err
 
 
 def cached_onnx(source: ModelSource, opset: int = DEFAULT_OPSET) -> Path:
