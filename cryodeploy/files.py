@@ -16,7 +16,7 @@ from typing import IO, Any
 from cryodeploy.errors import CryoDeployError, OutputError
 
 __all__ = ["CACHE_ENV", "NAME_KEY_MAX", "TEMP_PREFIX", "atomic_write", "cache_root", "file_sha256",
-           "name_key", "open_regular", "read_json"]
+           "name_key", "open_regular", "read_json", "seal", "seal_problem"]
 
 #: Temporary files of atomic writes start with this, so a crashed run's leftovers are recognisable.
 TEMP_PREFIX = ".cryodeploy-tmp-"
@@ -133,6 +133,31 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _seal_path(entry: Path) -> Path:
+    return entry.with_name(entry.name + ".sha256")
+
+
+def seal(entry: str | os.PathLike[str]) -> Path:
+    """Record the sha256 of a finished cache file beside it (``<name>.sha256``), for :func:`seal_problem`."""
+    p = Path(entry)
+    with atomic_write(_seal_path(p)) as tmp:
+        tmp.write_text(file_sha256(p) + "\n")
+    return p
+
+
+def seal_problem(entry: str | os.PathLike[str]) -> str | None:
+    """Why a cache file must not be served (no seal, unreadable, content changed), or None if it is intact."""
+    p = Path(entry)
+    try:
+        want = _seal_path(p).read_text().strip()
+        found = file_sha256(p)
+    except FileNotFoundError as err:
+        return f"{err.filename} missing"
+    except OSError as err:
+        return f"cannot read it ({err.strerror or err})"
+    return None if found == want else f"its sha256 {found[:12]}... differs from the recorded {want[:12]}..."
 
 
 def cache_root(kind: str) -> Path:

@@ -43,6 +43,7 @@ __all__ = [
     "export_onnx",
     "onnx_metadata",
     "read_onnx_spec",
+    "usable_cache_entry",
     "verify_shape",
 ]
 
@@ -236,19 +237,37 @@ def read_onnx_spec(path: str | os.PathLike[str]) -> ModelSpec:
 def cached_onnx(source: ModelSource, opset: int = DEFAULT_OPSET) -> Path:
     """An ONNX file for ``source``: the file itself for an ONNX source, else an export kept in the cache.
 
-    The cache file is named by the source's sha256 and reused only if its metadata names
-    that same source hash.
+    The cache file is named by the source's sha256 and reused only if its content still has the
+    sha256 recorded when it was written (:func:`cryodeploy.files.seal`) and its metadata names
+    that same source hash; any other entry is rebuilt, with a warning saying why.
     """
+    from cryodeploy.files import seal
+
     if source.kind == "onnx":
         return source.path
     target = cache_root("onnx") / f"{source.sha256}-opset{opset}.onnx"
-    if target.is_file():
+    if usable_cache_entry(target, "source_sha256", source.sha256):
+        return target
+    return seal(export_onnx(source, target, opset=opset))
+
+
+def usable_cache_entry(entry: Path, key: str, value: str) -> bool:
+    """Whether a cached ONNX file is intact (sealed content) and its metadata ``key`` is ``value``;
+    warns with the reason when an existing entry is not (the caller then rebuilds it)."""
+    from cryodeploy.files import seal_problem
+
+    if not entry.is_file():
+        return False
+    problem = seal_problem(entry)
+    if problem is None:
         try:
-            if onnx_metadata(target).get("source_sha256") == source.sha256:
-                return target
+            found = onnx_metadata(entry).get(key)
+            problem = None if found == value else f"its {key} is {found!r}, expected {value!r}"
         except ModelError as err:
-            log.warning("re-exporting unusable cached ONNX: %s", err)
-    return export_onnx(source, target, opset=opset)
+            problem = str(err)
+    if problem is not None:
+        log.warning("rebuilding cached ONNX %s: it failed its content check (%s)", entry, problem)
+    return problem is None
 
 
 def convert_fp16(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Path:
