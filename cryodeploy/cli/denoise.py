@@ -8,6 +8,7 @@ import click
 
 from cryodeploy.backends import backend_help
 from cryodeploy.cli._params import size_or_auto
+from cryodeploy.errors import one_line
 
 
 @click.command()
@@ -61,7 +62,7 @@ def denoise(
         label = d.backend.label
     for f in result.files:
         if f.status == "failed":
-            click.echo(f"failed: {f.error}", err=True)
+            click.echo(f"failed: {one_line(f.error or '')}", err=True)
     click.echo(f"{result.line()} with {label}")
     if not result.ok:
         raise SystemExit(1)

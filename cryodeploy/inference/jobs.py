@@ -118,6 +118,10 @@ def resolve_shard(shard: tuple[int, int] | None, environ: Mapping[str, str] | No
     return 0, 1
 
 
+#: longest file name (bytes) of Linux, macOS and Windows file systems
+NAME_MAX = 255
+
+
 def output_name(source: Path, suffix: str = "") -> str:
     """The output file name of input ``source``: its own name, ``suffix`` added to the stem."""
     name = Path(source).name
@@ -192,6 +196,12 @@ def plan_jobs(pairs: Iterable[tuple[Path, Path]], config: RunConfig) -> list[Job
     jobs: list[Job] = []
     existing: list[Path] = []
     for src, out in everything[i::n]:  # round-robin over the sorted list: shards are disjoint
+        size = len(os.fsencode(out.name))
+        if size > NAME_MAX:  # this file fails alone; stat() of such a name would raise ENAMETOOLONG
+            error = (f"{out}: output name is {size} bytes, longer than the {NAME_MAX}-byte limit of a "
+                     "file name; shorten the input name or the suffix")
+            jobs.append(Job(src, out, None, FileResult(str(src), str(out), "failed", error=error)))
+            continue
         if src.exists() and out.exists() and os.path.samefile(src, out):
             raise OutputError(f"{out}: the output would replace its input; use another folder or a suffix")
         job = Job(src, out, file_identity(out), FileResult(str(src), str(out)))
