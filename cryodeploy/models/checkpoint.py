@@ -114,10 +114,11 @@ def read_safetensors_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]
         raise _unreadable(path, "header is not a JSON object")
     header.pop("__metadata__", None)
     tensors: dict[str, tuple[str, tuple[int, ...]]] = {}
-    spans = []
+    spans: list[tuple[int, ...]] = []
     for key, entry in header.items():
         ok = isinstance(entry, dict) and entry.get("dtype") in _DTYPE_BYTES
-        shape, span = (entry.get("shape"), entry.get("data_offsets")) if ok else (None, None)
+        shape: Any = entry.get("shape") if ok else None
+        span: Any = entry.get("data_offsets") if ok else None
         ints = isinstance(shape, list) and isinstance(span, list) and len(span) == 2 and all(
             isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in [*shape, *span])
         if not ints:

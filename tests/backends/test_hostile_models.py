@@ -197,3 +197,74 @@ def test_zero_channels_real_process_prints_one_line_without_torch_warnings(
         f"error: {cfg}: invalid model config (cnn3 parameter channels=0, expected an integer from 1 to 1024)"
     ]
     assert not (tmp_path / "out").exists()
+
+
+def _graph(src: Path, dst: Path, nodes: list, initializers: list | None = None) -> Path:
+    """A graph from ``input`` to ``output`` made of ``nodes``, carrying ``src``'s cryodeploy metadata."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    names = ("input", "output")
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["b", 1, "h", "w"]) for n in names]
+    graph = helper.make_graph(nodes, "hostile", io[:1], io[1:], initializer=initializers or [])
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("evil.ops", 1)]
+    model = helper.make_model(graph, opset_imports=opsets, ir_version=8)
+    for entry in onnx.load(str(src)).metadata_props:
+        model.metadata_props.add().CopyFrom(entry)
+    onnx.save(model, str(dst))
+    return dst
+
+
+def _loop_2_62(src: Path, dst: Path) -> Path:
+    """The hang of issue 22: a Loop of 2^62 iterations (identity body) that ignored SIGINT."""
+    from onnx import TensorProto, helper
+
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+         helper.make_node("Identity", ["x_in"], ["x_out"])],
+        "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("x_in", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("x_out", TensorProto.FLOAT, None)],
+    )
+    inits = [helper.make_tensor("trips", TensorProto.INT64, [], [2**62]),
+             helper.make_tensor("cond", TensorProto.BOOL, [], [True])]
+    node = helper.make_node("Loop", ["trips", "cond", "input"], ["output"], body=body, name="forever")
+    return _graph(src, dst, [node], inits)
+
+
+def _huge_constant(src: Path, dst: Path) -> Path:
+    from onnx import TensorProto, helper
+
+    shape = helper.make_tensor("shape", TensorProto.INT64, [3], [1 << 20, 1 << 20, 1 << 10])
+    return _graph(src, dst, [helper.make_node("ConstantOfShape", ["shape"], ["big"], name="big"),
+                             helper.make_node("Identity", ["input"], ["output"])], [shape])
+
+
+def _custom_op(src: Path, dst: Path) -> Path:
+    from onnx import helper
+
+    return _graph(src, dst, [helper.make_node("Fancy", ["input"], ["output"], domain="evil.ops", name="x")])
+
+
+GRAPH_CASES = {
+    "loop-2^62": (
+        _loop_2_62, ": graph holds a Loop node (forever), which a denoiser never needs; refusing to run it"
+    ),
+    "constant-of-shape-2^50": (
+        _huge_constant, ": ConstantOfShape node (big) makes 1.13e+15 elements, expected at most 268435456"
+    ),
+    "custom-domain": (_custom_op, ": graph holds a evil.ops::Fancy node (x), which a denoiser never needs"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(GRAPH_CASES))
+def test_onnx_graph_is_checked_statically_before_a_session_runs_it(
+    tmp_path: Path, cnn3_onnx: Path, micrograph: Path, case: str
+) -> None:
+    make, needle = GRAPH_CASES[case]
+    model = make(cnn3_onnx, tmp_path / "m.onnx")
+    args = ("--backend", "ort", "--device", "cpu", "--batch", "2", "-q")
+    _assert_error(_denoise(micrograph, model, tmp_path / "out", args), tmp_path / "out", model, needle)
