@@ -2,12 +2,34 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
 
 from cryodeploy.backends import backend_help
 from cryodeploy.cli._params import size_or_auto
+from cryodeploy.errors import one_line
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM (a batch system's cancel) stops the run like Ctrl-C: claims released, temporaries removed."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @click.command()
@@ -55,13 +77,13 @@ def denoise(
     )
     paths = expand_inputs(list(inputs), project_dir)
     extra = {"cuda_graphs": True} if cuda_graphs else {}
-    with Denoiser.load(model, device=device, backend=backend, precision=precision, threads=threads,
-                       **extra) as d:
+    with _sigterm_interrupts(), Denoiser.load(model, device=device, backend=backend, precision=precision,
+                                              threads=threads, **extra) as d:
         result = d.denoise_files(paths, outdir, config)
         label = d.backend.label
     for f in result.files:
         if f.status == "failed":
-            click.echo(f"failed: {f.error}", err=True)
+            click.echo(f"failed: {one_line(f.error or '')}", err=True)
     click.echo(f"{result.line()} with {label}")
     if not result.ok:
         raise SystemExit(1)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from cryodeploy.errors import ConfigError
+from cryodeploy.errors import ConfigError, InputError
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -31,13 +31,30 @@ __all__ = ["Denoiser", "resolve_device"]
 def resolve_device(device: str = "auto", environ: dict[str, str] | None = None) -> str:
     """``auto``: ``cuda`` if torch sees a GPU, else ``cpu``; ``cuda`` under torchrun: ``cuda:LOCAL_RANK``."""
     env = os.environ if environ is None else environ
+    if not isinstance(device, str):
+        raise ConfigError(f"device {device!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
     if device == "auto":
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and "LOCAL_RANK" in env:
+        if not env["LOCAL_RANK"].isdigit():
+            raise ConfigError(f"LOCAL_RANK {env['LOCAL_RANK']!r}: expected a non-negative integer")
         device = f"cuda:{int(env['LOCAL_RANK'])}"
     return device
+
+
+def _check_array(array: object) -> np.ndarray:
+    """``array`` as a real-valued numpy array; refuses masked, complex, object and string arrays."""
+    if isinstance(array, np.ma.MaskedArray):
+        raise InputError("array: found a masked array; fill the masked pixels first (e.g. np.ma.filled)")
+    try:
+        arr = np.asarray(array)
+    except (TypeError, ValueError) as err:
+        raise InputError(f"array: cannot be read as a numpy array ({err})") from err
+    if arr.dtype.kind not in "biuf":
+        raise InputError(f"array: found dtype {arr.dtype}, expected real numbers (integer or float)")
+    return arr
 
 
 def _run_config(config: RunConfig | None, options: dict[str, Any]) -> RunConfig:
@@ -76,11 +93,15 @@ class Denoiser:
         from cryodeploy.backends import BackendOptions, create_auto, create_backend
         from cryodeploy.backends.sources import load_source
 
-        source = load_source(model)
+        if not isinstance(model, (str, os.PathLike)):
+            raise ConfigError(f"model {model!r}: expected 'default' or a path")
+        if not isinstance(backend, str):
+            raise ConfigError(f"backend {backend!r}: expected 'auto' or a backend name")
         opts = BackendOptions(
             device=resolve_device(device), precision=precision, threads=threads, tf32=tf32,
             extra=tuple(sorted(options.items())),
         )
+        source = load_source(model)
         if backend == "auto":
             return cls(source, create_auto(source, opts))
         return cls(source, create_backend(backend, source, opts))
@@ -92,9 +113,11 @@ class Denoiser:
 
     def __call__(self, array: np.ndarray, tile: int | str = "auto", batch: int | str = "auto") -> np.ndarray:
         """Denoise a 2-D image or a 3-D stack (frames first); same shape, in the input's intensity scale."""
+        from cryodeploy.inference.jobs import check_geometry
         from cryodeploy.inference.runner import denoise_image
 
-        return denoise_image(np.asarray(array), self.backend, self.spec, tile=tile, batch=batch)
+        check_geometry(tile, batch)
+        return denoise_image(_check_array(array), self.backend, self.spec, tile=tile, batch=batch)
 
     def denoise_files(
         self,

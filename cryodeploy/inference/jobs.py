@@ -21,6 +21,7 @@ __all__ = [
     "Job",
     "RunConfig",
     "RunSummary",
+    "check_geometry",
     "output_name",
     "output_pairs",
     "parse_shard",
@@ -44,6 +45,27 @@ def _check_shard(i: int, n: int, what: str) -> tuple[int, int]:
     if n < 1 or not 0 <= i < n:
         raise ConfigError(f"{what}: found index {i} of {n}, expected 0 <= index < count")
     return i, n
+
+
+#: largest explicit tile side and batch: beyond them a run would allocate more than any machine holds
+MAX_TILE = 32768
+MAX_BATCH = 1024
+#: largest explicit batch x tile x tile (pixels of one input batch; 2^30 float32 pixels are 4 GiB)
+MAX_BATCH_PIXELS = 1 << 30
+
+
+def check_geometry(tile: object, batch: object) -> None:
+    """Refuse a tile or batch that is not ``"auto"`` or a positive integer within the limits above."""
+    for name, value, limit in (("tile", tile, MAX_TILE), ("batch", batch, MAX_BATCH)):
+        if value == "auto":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name} {value!r}: expected 'auto' or a positive integer")
+        if value > limit:
+            raise ConfigError(f"{name} {value}: expected at most {limit}")
+    if isinstance(tile, int) and isinstance(batch, int) and batch * tile * tile > MAX_BATCH_PIXELS:
+        raise ConfigError(f"batch {batch} x tile {tile}x{tile} is {batch * tile * tile} pixels per batch, "
+                          f"expected at most {MAX_BATCH_PIXELS}; lower --batch or --tile")
 
 
 @dataclass(frozen=True)
@@ -71,10 +93,7 @@ class RunConfig:
     queue_depth: int = 2
 
     def __post_init__(self) -> None:
-        for name in ("tile", "batch"):
-            value = getattr(self, name)
-            if value != "auto" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ConfigError(f"{name} {value!r}: expected 'auto' or a positive integer")
+        check_geometry(self.tile, self.batch)
         if self.output_dtype not in ("float32", "float16"):
             raise ConfigError(f"output dtype {self.output_dtype!r}: expected float32 or float16")
         output_format(self.output_format)
@@ -116,6 +135,10 @@ def resolve_shard(shard: tuple[int, int] | None, environ: Mapping[str, str] | No
     except ValueError as err:
         raise ConfigError(f"shard from the environment: {err}") from err
     return 0, 1
+
+
+#: longest file name (bytes) of Linux, macOS and Windows file systems
+NAME_MAX = 255
 
 
 def output_name(source: Path, suffix: str = "") -> str:
@@ -192,6 +215,12 @@ def plan_jobs(pairs: Iterable[tuple[Path, Path]], config: RunConfig) -> list[Job
     jobs: list[Job] = []
     existing: list[Path] = []
     for src, out in everything[i::n]:  # round-robin over the sorted list: shards are disjoint
+        size = len(os.fsencode(out.name))
+        if size > NAME_MAX:  # this file fails alone; stat() of such a name would raise ENAMETOOLONG
+            error = (f"{out}: output name is {size} bytes, longer than the {NAME_MAX}-byte limit of a "
+                     "file name; shorten the input name or the suffix")
+            jobs.append(Job(src, out, None, FileResult(str(src), str(out), "failed", error=error)))
+            continue
         if src.exists() and out.exists() and os.path.samefile(src, out):
             raise OutputError(f"{out}: the output would replace its input; use another folder or a suffix")
         job = Job(src, out, file_identity(out), FileResult(str(src), str(out)))

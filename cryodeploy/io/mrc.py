@@ -7,6 +7,7 @@ one-line :class:`~cryodeploy.errors.InputError` naming the file.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import struct
@@ -149,8 +150,19 @@ def read_header(path: str | os.PathLike[str]) -> MicrographHeader:
     return header
 
 
+#: leading bytes of compressed files, which mrcfile would report as truncated or not MRC
+_COMPRESSED = ((b"\x1f\x8b\x08", "gzip", "gunzip"), (b"BZh", "bzip2", "bunzip2"),
+               (b"\xfd7zXZ\x00", "xz", "unxz"), (b"\x28\xb5\x2f\xfd", "zstd", "unzstd"))
+
+
 def _check_file(p: Path) -> None:
     if not p.exists():
+        if p.is_symlink():
+            try:
+                os.stat(p)
+            except OSError as err:
+                if err.errno == errno.ELOOP:
+                    raise InputError(f"{p}: symbolic link loop") from err
         raise InputError(f"{p}: no such file")
     if p.is_dir():
         raise InputError(f"{p}: is a directory, expected an MRC file")
@@ -161,7 +173,19 @@ def _check_file(p: Path) -> None:
         raise InputError(f"{p}: not readable (permission denied)")
     if p.stat().st_size == 0:
         raise InputError(f"{p}: empty file, expected an MRC file")
+    _check_compressed(p)
     _check_layout(p)
+
+
+def _check_compressed(p: Path) -> None:
+    try:
+        with open(p, "rb") as fh:
+            head = fh.read(6)
+    except OSError:
+        return  # the layout check reports it
+    for magic, kind, tool in _COMPRESSED:
+        if head.startswith(magic):
+            raise InputError(f"{p}: compressed MRC ({kind}): decompress first (e.g. {tool})")
 
 
 def _file_kind(mode: int) -> str:
