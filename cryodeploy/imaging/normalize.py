@@ -9,10 +9,10 @@ import numpy as np
 
 from cryodeploy.errors import ConfigError
 
-__all__ = ["NormSpec", "NormStats", "denormalize", "norm_stats", "normalize"]
+__all__ = ["MAX_SAMPLES", "NormSpec", "NormStats", "denormalize", "norm_stats", "normalize"]
 
-#: At most this many pixels (a regular subsample) are used to estimate the statistics.
-_MAX_SAMPLES = 1 << 20
+#: At most about this many pixels (a regular subsample) are used to estimate the statistics.
+MAX_SAMPLES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ class NormStats:
 def norm_stats(image: np.ndarray, spec: NormSpec = NormSpec()) -> NormStats:
     """Robust center and scale of one 2-D image (deterministic regular subsample of large images)."""
     flat = np.asarray(image, dtype=np.float32).reshape(-1)
-    step = max(1, flat.size // _MAX_SAMPLES)
+    step = max(1, flat.size // MAX_SAMPLES)
     sample = flat[::step].astype(np.float64)
     lo, hi = np.percentile(sample, [spec.low_percentile, spec.high_percentile])
     core = sample[(sample >= lo) & (sample <= hi)]
@@ -73,10 +73,20 @@ def norm_stats(image: np.ndarray, spec: NormSpec = NormSpec()) -> NormStats:
 
 
 def normalize(image: np.ndarray, stats: NormStats) -> np.ndarray:
-    """Apply ``(x - center) / scale`` in float64 (no overflow near the float32 limit); float32 out."""
-    return ((np.asarray(image, dtype=np.float64) - stats.center) / stats.scale).astype(np.float32)
+    """``(x - center) / scale`` as ``x / scale - center / scale`` in float32, one new array.
+
+    No ``x - center`` is formed, so pixels near the float32 limit do not overflow; the result
+    overflows only where the normalized value itself is beyond float32.
+    """
+    with np.errstate(over="ignore"):
+        z = np.divide(np.asarray(image, dtype=np.float32), np.float32(stats.scale), dtype=np.float32)
+        z -= np.float32(stats.center / stats.scale)
+    return z
 
 
 def denormalize(image: np.ndarray, stats: NormStats) -> np.ndarray:
-    """Inverse of :func:`normalize`: ``x * scale + center``, computed in float64, as float32."""
-    return (np.asarray(image, dtype=np.float64) * stats.scale + stats.center).astype(np.float32)
+    """Inverse of :func:`normalize`: ``(z + center / scale) * scale`` in float32, one new array."""
+    with np.errstate(over="ignore"):
+        x = np.add(np.asarray(image, dtype=np.float32), np.float32(stats.center / stats.scale), dtype=np.float32)
+        x *= np.float32(stats.scale)
+    return x
