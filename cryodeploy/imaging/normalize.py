@@ -87,6 +87,7 @@ def normalize(image: np.ndarray, stats: NormStats) -> np.ndarray:
 def denormalize(image: np.ndarray, stats: NormStats) -> np.ndarray:
     """Inverse of :func:`normalize`: ``(z + center / scale) * scale`` in float32, one new array."""
     with np.errstate(over="ignore"):
-        x = np.add(np.asarray(image, dtype=np.float32), np.float32(stats.center / stats.scale), dtype=np.float32)
+        shift = np.float32(stats.center / stats.scale)
+        x = np.add(np.asarray(image, dtype=np.float32), shift, dtype=np.float32)
         x *= np.float32(stats.scale)
     return x

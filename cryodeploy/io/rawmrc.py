@@ -28,9 +28,9 @@ def data_layout(path: str | os.PathLike[str], header: MicrographHeader) -> tuple
     """Byte offset of the data block and its dtype (with the file's byte order)."""
     with open(path, "rb") as fh:
         head = fh.read(1024)
-    order = ">" if head[212:214] == b"\x11\x11" else "<"
-    (nsymbt,) = struct.unpack_from(order + "i", head, 92)
-    return 1024 + nsymbt, np.dtype(SUPPORTED_MODES[header.mode]).newbyteorder(order)
+    big = head[212:214] == b"\x11\x11"
+    (nsymbt,) = struct.unpack_from(">i" if big else "<i", head, 92)
+    return 1024 + nsymbt, np.dtype(SUPPORTED_MODES[header.mode]).newbyteorder(">" if big else "<")
 
 
 def read_data_into(path: str | os.PathLike[str], header: MicrographHeader, buffer: np.ndarray) -> np.ndarray:
@@ -51,7 +51,9 @@ def read_data_into(path: str | os.PathLike[str], header: MicrographHeader, buffe
             while done < nbytes:
                 n = fh.readinto(view[done:])
                 if not n:
-                    raise InputError(f"{p}: truncated file, found {offset + done} bytes, expected {offset + nbytes}")
+                    raise InputError(
+                        f"{p}: truncated file, found {offset + done} bytes, expected {offset + nbytes}"
+                    )
                 done += n
     except OSError as err:
         raise InputError(f"{p}: not a readable MRC file ({err.strerror or err})") from err

@@ -23,7 +23,9 @@ def _image(rng: np.random.Generator, shape: tuple[int, int], offset: float = 560
 
 @pytest.mark.parametrize("shape", [(64, 80), (1100, 1000), (2048, 1024)])  # below, above, at 2**20 (step 2)
 @pytest.mark.parametrize("spec", [NormSpec(), NormSpec(low_percentile=5.0, high_percentile=90.0)])
-def test_statistics_agree_with_numpy(rng: np.random.Generator, shape: tuple[int, int], spec: NormSpec) -> None:
+def test_statistics_agree_with_numpy(
+    rng: np.random.Generator, shape: tuple[int, int], spec: NormSpec
+) -> None:
     img = _image(rng, shape)
     ref = norm_stats(img, spec)
     got = DeviceFrameContract(FrameContract(spec)).stats(torch.from_numpy(img))

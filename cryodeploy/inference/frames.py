@@ -1,0 +1,188 @@
+"""Where the runner's frames live between the file and the model: on the host (numpy, any backend)
+or on the backend's device (torch tensors, for backends with a device-resident forward).
+
+Both apply the model's :class:`~cryodeploy.imaging.contract.FrameContract`. The device path reads a
+file's data block straight into a reusable pinned buffer (one per reader thread), copies the raw
+bytes to the device, and validates, converts, normalizes and pads there; on the way out it
+crops, de-normalizes, casts and computes the header statistics on the device, copies the result
+into a pinned buffer (one per writer thread) and writes header + bytes
+(:func:`~cryodeploy.io.rawmrc.write_raw_micrograph`). Each thread runs on its own CUDA stream and
+waits for it before handing a tensor on, so no tensor is used or freed while another stream may
+still work on it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from cryodeploy.errors import InputError
+from cryodeploy.io.mrc import SUPPORTED_MODES, MicrographHeader, read_header, read_micrograph
+from cryodeploy.io.rawmrc import read_data_into, write_raw_micrograph
+from cryodeploy.io.writers import output_format
+
+if TYPE_CHECKING:
+    from cryodeploy.backends import Backend
+    from cryodeploy.imaging.normalize import NormStats
+    from cryodeploy.models import ModelSpec
+
+__all__ = ["DeviceFrames", "HostFrames", "Prepared", "frames_for", "uses_device_path"]
+
+#: (normalized padded image, frame shape, statistics) of one frame
+Prepared = tuple[Any, tuple[int, int], "NormStats"]
+
+
+def uses_device_path(backend: Backend, frame_path: str) -> bool:
+    """True if frames go through the backend's device: ``"device"``, or ``"auto"`` on CUDA for a
+    backend with a device-resident forward."""
+    if frame_path == "host":
+        return False
+    from cryodeploy.backends.base import Backend as Base
+
+    capable = type(backend).run_device is not Base.run_device
+    if frame_path == "device":
+        if not capable:
+            raise InputError(f"{backend.label}: no device-resident forward, use frame_path 'host'")
+        return True
+    return capable and backend.device.startswith("cuda")
+
+
+class HostFrames:
+    """Frames as numpy arrays (the path every backend can take)."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        self.spec = spec
+
+    def read(self, path: Path, min_size: int) -> tuple[MicrographHeader, Iterator[Prepared]]:
+        """The header and, one by one, each frame prepared for the network."""
+        mic = read_micrograph(path, min_size)
+        return mic.header, (self._prepare(f) for f in mic.frames())
+
+    def _prepare(self, frame: np.ndarray) -> Prepared:
+        p = self.spec.contract.prepare(frame)
+        return p.image, p.shape, p.stats
+
+    def write(
+        self, path: Path, outputs: list[Any], stats: list[NormStats], header: MicrographHeader,
+        dtype: str, fmt: str, keep_normalized: bool, protect: tuple[Path, ...], label: str,
+    ) -> None:
+        """De-normalize the outputs (normalized, cropped frames) and write them atomically."""
+        frames = [self.spec.contract.finish(y, s, keep_normalized=keep_normalized) for y, s in zip(
+            outputs, stats, strict=True)]
+        data = np.stack(frames) if header.is_stack else frames[0]
+        output_format(fmt).write(path, data, header, dtype, protect, label)
+
+    def to_numpy(self, x: Any) -> np.ndarray:
+        """``x`` as a numpy array (for previews)."""
+        return np.asarray(x)
+
+
+class DeviceFrames(HostFrames):
+    """Frames as float32 tensors on ``device`` (see the module docstring)."""
+
+    def __init__(self, spec: ModelSpec, device: str) -> None:
+        import torch
+
+        from cryodeploy.imaging.device import DeviceFrameContract
+
+        super().__init__(spec)
+        self._torch = torch
+        self.device = torch.device(device)
+        self._cuda = self.device.type == "cuda"
+        self.contract = DeviceFrameContract(spec.contract)
+        self._local = threading.local()
+        #: the torch dtype each MRC mode's bytes are copied as (uint16 as int16, corrected after)
+        self._modes = {0: torch.int8, 1: torch.int16, 2: torch.float32, 6: torch.int16, 12: torch.float16}
+
+    def _thread_state(self) -> Any:
+        loc = self._local
+        if not hasattr(loc, "stream"):
+            loc.stream = self._torch.cuda.Stream(self.device) if self._cuda else None
+            loc.buffer = self._torch.empty(0, dtype=self._torch.uint8)
+        return loc
+
+    def _buffer(self, nbytes: int) -> Any:
+        loc = self._thread_state()
+        if loc.buffer.numel() < nbytes:
+            loc.buffer = None  # free the old one first
+            loc.buffer = self._torch.empty(nbytes, dtype=self._torch.uint8, pin_memory=self._cuda)
+        return loc.buffer
+
+    def _on_stream(self) -> Any:
+        import contextlib
+
+        stream = self._thread_state().stream
+        return self._torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+
+    def _sync(self) -> None:
+        stream = self._thread_state().stream
+        if stream is not None:
+            stream.synchronize()
+
+    def read(self, path: Path, min_size: int) -> tuple[MicrographHeader, Iterator[Prepared]]:
+        """Header checks on the host; pixels straight from the file into pinned memory, then the device."""
+        from cryodeploy.imaging.device import validate_frames
+
+        torch = self._torch
+        header = read_header(path)
+        h, w = header.frame_shape
+        if h < min_size or w < min_size:
+            raise InputError(f"{path}: image is {w}x{h} pixels, expected at least {min_size}x{min_size}")
+        nbytes = header.n_frames * h * w * np.dtype(SUPPORTED_MODES[header.mode]).itemsize
+        buf = self._buffer(nbytes)
+        raw = read_data_into(path, header, buf.numpy())
+        with self._on_stream():
+            if np.shares_memory(raw, buf.numpy()):
+                dev = buf[:nbytes].to(self.device, non_blocking=True).view(self._modes[header.mode])
+            else:  # a big-endian file, byte-swapped on the host
+                dev = torch.from_numpy(raw.reshape(-1).view(np.uint8)).to(self.device).view(
+                    self._modes[header.mode])
+            frames = dev.to(torch.float32).reshape(header.n_frames, h, w)
+            if header.mode == 6:  # uint16 copied as int16
+                frames = torch.where(frames < 0, frames + 65536.0, frames)
+            validate_frames(frames, path)  # waits for the copy: the pinned buffer is free again
+        return header, self._prepared(frames)
+
+    def _prepared(self, frames: Any) -> Iterator[Prepared]:
+        for frame in frames:
+            with self._on_stream():
+                p = self.contract.prepare(frame)
+            self._sync()
+            yield p.image, p.shape, p.stats
+
+    def write(
+        self, path: Path, outputs: list[Any], stats: list[NormStats], header: MicrographHeader,
+        dtype: str, fmt: str, keep_normalized: bool, protect: tuple[Path, ...], label: str,
+    ) -> None:
+        """De-normalize, cast and take the header statistics on the device; write header + bytes."""
+        from cryodeploy.imaging.device import header_stats
+
+        if fmt != "mrc":  # other formats take numpy arrays
+            host = [self.to_numpy(y) for y in outputs]
+            super().write(path, host, stats, header, dtype, fmt, keep_normalized, protect, label)
+            return
+        torch = self._torch
+        tdtype = torch.float16 if dtype == "float16" else torch.float32
+        with self._on_stream():
+            frames = [self.contract.finish(y, s, keep_normalized=keep_normalized, dtype=tdtype)
+                      for y, s in zip(outputs, stats, strict=True)]
+            data = torch.stack(frames) if header.is_stack else frames[0]
+            head = header_stats(data, path, dtype)
+            buf = self._buffer(data.numel() * data.element_size())
+            host = buf[: data.numel() * data.element_size()].view(tdtype).view(data.shape)
+            host.copy_(data, non_blocking=True)
+        self._sync()
+        write_raw_micrograph(path, host.numpy(), head, header, protect, label)
+
+    def to_numpy(self, x: Any) -> np.ndarray:
+        """``x`` copied to the host."""
+        return np.asarray(x.detach().cpu().numpy())
+
+
+def frames_for(backend: Backend, spec: ModelSpec, frame_path: str) -> HostFrames:
+    """The frame path the runner takes with ``backend`` (see :func:`uses_device_path`)."""
+    return DeviceFrames(spec, backend.device) if uses_device_path(backend, frame_path) else HostFrames(spec)
