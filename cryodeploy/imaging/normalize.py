@@ -72,22 +72,23 @@ def norm_stats(image: np.ndarray, spec: NormSpec = NormSpec()) -> NormStats:
     return NormStats(center=center, scale=scale)
 
 
-def normalize(image: np.ndarray, stats: NormStats) -> np.ndarray:
-    """``(x - center) / scale`` as ``x / scale - center / scale`` in float32, one new array.
+def normalize(image: np.ndarray, stats: NormStats, out: np.ndarray | None = None) -> np.ndarray:
+    """``(x - center) / scale`` as ``x / scale - center / scale`` in float32, into ``out`` (may be
+    ``image`` itself) or one new array.
 
     No ``x - center`` is formed, so pixels near the float32 limit do not overflow; the result
     overflows only where the normalized value itself is beyond float32.
     """
     with np.errstate(over="ignore"):
-        z = np.divide(np.asarray(image, dtype=np.float32), np.float32(stats.scale), dtype=np.float32)
+        z = np.divide(np.asarray(image, dtype=np.float32), np.float32(stats.scale), out=out, dtype=np.float32)
         z -= np.float32(stats.center / stats.scale)
     return z
 
 
-def denormalize(image: np.ndarray, stats: NormStats) -> np.ndarray:
-    """Inverse of :func:`normalize`: ``(z + center / scale) * scale`` in float32, one new array."""
+def denormalize(image: np.ndarray, stats: NormStats, out: np.ndarray | None = None) -> np.ndarray:
+    """Inverse of :func:`normalize`: ``(z + center / scale) * scale`` in float32 (into ``out`` if given)."""
     with np.errstate(over="ignore"):
         shift = np.float32(stats.center / stats.scale)
-        x = np.add(np.asarray(image, dtype=np.float32), shift, dtype=np.float32)
+        x = np.add(np.asarray(image, dtype=np.float32), shift, out=out, dtype=np.float32)
         x *= np.float32(stats.scale)
     return x

@@ -21,8 +21,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cryodeploy.errors import InputError
-from cryodeploy.io.mrc import SUPPORTED_MODES, MicrographHeader, read_header, read_micrograph
-from cryodeploy.io.rawmrc import read_data_into, write_raw_micrograph
+from cryodeploy.imaging.normalize import denormalize, norm_stats, normalize
+from cryodeploy.io.mrc import (
+    SUPPORTED_MODES,
+    MicrographHeader,
+    check_output_finite,
+    read_header,
+    validate_array,
+)
+from cryodeploy.io.rawmrc import data_stats, read_data_into, write_raw_micrograph
 from cryodeploy.io.writers import output_format
 
 if TYPE_CHECKING:
@@ -51,30 +58,85 @@ def uses_device_path(backend: Backend, frame_path: str) -> bool:
     return capable and backend.device.startswith("cuda")
 
 
+#: peak host memory of the host path, in frames of float32 (normalized input + stitched output,
+#: and a frame of slack for the queue); tested in tests/inference/test_frames.py
+HOST_FRAMES_PEAK = 3
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this process can still get (Linux MemAvailable, capped by a cgroup v2 limit)."""
+    try:
+        with open("/proc/meminfo") as fh:
+            avail = next(int(line.split()[1]) * 1024 for line in fh if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+    try:
+        with open("/sys/fs/cgroup/memory.max") as fh:
+            limit = fh.read().strip()
+        with open("/sys/fs/cgroup/memory.current") as fh:
+            used = int(fh.read().strip())
+        if limit != "max":
+            avail = min(avail, int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return avail
+
+
+def check_fits(path: Path, header: MicrographHeader, need: int, available: int | None, where: str) -> None:
+    """:class:`InputError` saying why, before any allocation, when ``need`` bytes exceed ``available``."""
+    if available is not None and need > available:
+        h, w = header.frame_shape
+        raise InputError(
+            f"{path}: a {w}x{h}x{header.n_frames} image needs about {need / 2**30:.1f} GiB of {where} "
+            f"to denoise, {available / 2**30:.1f} GiB available"
+        )
+
+
 class HostFrames:
-    """Frames as numpy arrays (the path every backend can take)."""
+    """Frames as numpy arrays (the path every backend can take): the data block is read into one new
+    array, normalized there in place, and the stitched output is de-normalized in place."""
 
     def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec
 
     def read(self, path: Path, min_size: int) -> tuple[MicrographHeader, Iterator[Prepared]]:
         """The header and, one by one, each frame prepared for the network."""
-        mic = read_micrograph(path, min_size)
-        return mic.header, (self._prepare(f) for f in mic.frames())
+        header = read_header(path)
+        h, w = header.frame_shape
+        if h < min_size or w < min_size:
+            raise InputError(f"{path}: image is {w}x{h} pixels, expected at least {min_size}x{min_size}")
+        frame_bytes = h * w * 4
+        need = frame_bytes * (header.n_frames + HOST_FRAMES_PEAK)
+        check_fits(path, header, need, available_memory(), "memory")
+        raw = read_data_into(path, header, np.empty(header.n_frames * frame_bytes, np.uint8))
+        data = raw if raw.dtype == np.float32 else raw.astype(np.float32)
+        validate_array(data, path, min_size)
+        frames = data.reshape(-1, h, w)
+        return header, (self._prepare(f) for f in frames)
 
     def _prepare(self, frame: np.ndarray) -> Prepared:
-        p = self.spec.contract.prepare(frame)
-        return p.image, p.shape, p.stats
+        contract = self.spec.contract
+        stats = norm_stats(frame, contract.normalization)
+        shape = (int(frame.shape[0]), int(frame.shape[1]))
+        return contract.pad(normalize(frame, stats, out=frame)), shape, stats
 
     def write(
         self, path: Path, outputs: list[Any], stats: list[NormStats], header: MicrographHeader,
         dtype: str, fmt: str, keep_normalized: bool, protect: tuple[Path, ...], label: str,
     ) -> None:
-        """De-normalize the outputs (normalized, cropped frames) and write them atomically."""
-        frames = [self.spec.contract.finish(y, s, keep_normalized=keep_normalized) for y, s in zip(
-            outputs, stats, strict=True)]
+        """De-normalize the outputs (normalized, cropped frames; changed in place); write them atomically."""
+        pairs = zip(outputs, stats, strict=True)
+        frames = outputs if keep_normalized else [denormalize(y, s, out=y) for y, s in pairs]
         data = np.stack(frames) if header.is_stack else frames[0]
-        output_format(fmt).write(path, data, header, dtype, protect, label)
+        if fmt != "mrc":
+            output_format(fmt).write(path, data, header, dtype, protect, label)
+            return
+        with np.errstate(over="ignore", invalid="ignore"):
+            out = np.ascontiguousarray(data, dtype=np.float16 if dtype == "float16" else np.float32)
+        head = data_stats(out)
+        if not (np.isfinite(head[0]) and np.isfinite(head[1])):
+            check_output_finite(out, data, path, dtype)
+        write_raw_micrograph(path, out, head, header, protect, label)
 
     def to_numpy(self, x: Any) -> np.ndarray:
         """``x`` as a numpy array (for previews)."""
@@ -133,6 +195,12 @@ class DeviceFrames(HostFrames):
         if h < min_size or w < min_size:
             raise InputError(f"{path}: image is {w}x{h} pixels, expected at least {min_size}x{min_size}")
         nbytes = header.n_frames * h * w * np.dtype(SUPPORTED_MODES[header.mode]).itemsize
+        check_fits(path, header, nbytes, available_memory(), "memory")  # the pinned buffer
+        need = h * w * 4 * (header.n_frames + HOST_FRAMES_PEAK)
+        if self._cuda:
+            check_fits(path, header, need, int(torch.cuda.mem_get_info(self.device)[0]), "device memory")
+        else:
+            check_fits(path, header, need + nbytes, available_memory(), "memory")
         buf = self._buffer(nbytes)
         raw = read_data_into(path, header, buf.numpy())
         with self._on_stream():

@@ -302,6 +302,7 @@ class _Pipeline:
                         rt["preview"] = (item.plan.crop(item.image), rt["frames"][index])  # type: ignore[union-attr]
                 rt["received"] += 1
                 complete = rt["received"] == job.result.frames
+            item = None  # the normalized input is freed before the write (memory: a few frames)
             if complete:
                 self._write(job)
                 self._finish(job)

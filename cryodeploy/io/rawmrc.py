@@ -18,10 +18,24 @@ from cryodeploy.errors import InputError, OutputError
 from cryodeploy.files import atomic_write
 from cryodeploy.io.mrc import SUPPORTED_MODES, MicrographHeader, _apply_header, _ascii_label
 
-__all__ = ["HeaderStats", "data_layout", "read_data_into", "write_raw_micrograph"]
+__all__ = ["HeaderStats", "data_layout", "data_stats", "read_data_into", "write_raw_micrograph"]
 
 #: (min, max, mean, rms) of the data, as the header stores them
 HeaderStats = tuple[float, float, float, float]
+
+
+_CHUNK = 1 << 20
+
+
+def data_stats(data: np.ndarray) -> HeaderStats:
+    """(min, max, mean, rms) as the header stores them, accumulated in float64 over chunks of 2^20
+    pixels (no full-size temporary)."""
+    flat = data.reshape(-1)
+    total = sum(float(flat[i:i + _CHUNK].sum(dtype=np.float64)) for i in range(0, flat.size, _CHUNK))
+    mean = total / flat.size
+    sq = sum(float(np.square(flat[i:i + _CHUNK].astype(np.float64) - mean).sum())
+             for i in range(0, flat.size, _CHUNK))
+    return float(data.min()), float(data.max()), mean, (sq / flat.size) ** 0.5
 
 
 def data_layout(path: str | os.PathLike[str], header: MicrographHeader) -> tuple[int, np.dtype]:

@@ -138,3 +138,59 @@ def test_which_path_the_runner_takes(cnn3) -> None:
 
     with pytest.raises(InputError, match="identity/cpu/fp32: no device-resident forward"):
         uses_device_path(IdentityBackend(BackendOptions()), "device")
+
+
+def _huge_sparse_mrc(path: Path, side: int) -> Path:
+    """A valid float32 MRC header for a ``side``^2 image and a sparse data block (no disk used)."""
+    write_mrc(path, np.arange(40 * 40, dtype=np.float32).reshape(40, 40))
+    with open(path, "r+b") as fh:
+        for offset in (0, 4, 28, 32):  # nx, ny, mx, my
+            fh.seek(offset)
+            fh.write(int(side).to_bytes(4, "little"))
+        fh.truncate(1024 + side * side * 4)
+    return path
+
+
+@pytest.mark.parametrize("frame_path", ["host", "device"])
+def test_an_input_larger_than_memory_is_refused_before_allocation(tmp_path, rng, cnn3, frame_path) -> None:
+    backend, spec = cnn3
+    big = _huge_sparse_mrc(tmp_path / "in" / "huge.mrc", 300_000)  # 335 GiB of float32
+    ok = write_mrc(tmp_path / "in" / "ok.mrc", (rng.standard_normal((64, 64)) + 5).astype(np.float32))
+    cfg = RunConfig(quiet=True, frame_path=frame_path)  # type: ignore[arg-type]
+    summary = denoise_files([big, ok], tmp_path / "out", backend, spec, cfg)
+    status = {Path(f.input).name: (f.status, f.error or "") for f in summary.files}
+    assert status["ok.mrc"][0] == "done" and status["huge.mrc"][0] == "failed"
+    assert re_match(rf"{big}: a 300000x300000x1 image needs about \d+\.\d GiB of memory to denoise, "
+                    r"\d+\.\d GiB available", status["huge.mrc"][1])
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["ok.mrc"]
+
+
+def re_match(pattern: str, text: str) -> bool:
+    import re
+
+    return re.fullmatch(pattern, text) is not None
+
+
+def test_host_path_peak_memory_is_a_small_multiple_of_one_frame(tmp_path, rng, cnn3) -> None:
+    """A 4096^2 float32 file: the host path holds the normalized input and the stitched output
+    (2 frames) plus tiles; the bound asserted is 2.5 frames (the old path peaked near 6)."""
+    import tracemalloc
+
+    from cryodeploy.inference.frames import HOST_FRAMES_PEAK
+
+    backend, spec = cnn3
+    side = 4096
+    src = write_mrc(tmp_path / "in" / "big.mrc", rng.standard_normal((side, side), dtype=np.float32))
+    frame = side * side * 4
+    cfg = RunConfig(quiet=True, frame_path="host", io_threads=1)
+    tracemalloc.start()
+    try:
+        assert denoise_files([src], tmp_path / "out", backend, spec, cfg).ok
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    print(f"peak {peak / frame:.2f} frames")
+    assert peak <= 2.5 * frame <= HOST_FRAMES_PEAK * frame
+    out = read_micrograph(tmp_path / "out" / "big.mrc")
+    _header_stats_are_the_datas(tmp_path / "out" / "big.mrc", 1e-6)
+    assert out.data.shape == (side, side)
