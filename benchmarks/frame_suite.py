@@ -63,7 +63,8 @@ def floors(a: argparse.Namespace) -> None:
 def startup(a: argparse.Namespace) -> None:
     from cryodeploy.verify.bench import startup_seconds
 
-    res = {"label": a.label, "startup_s": startup_seconds(a.file, a.work, a.model, "cuda")}
+    args = () if a.precision == "auto" else ("--precision", a.precision)
+    res = {"label": a.label, "startup_s": startup_seconds(a.file, a.work, a.model, "cuda", args)}
     _dump(a.out, f"startup_{a.label}", res)
 
 

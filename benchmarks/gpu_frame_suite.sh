@@ -55,19 +55,31 @@ topaz() {  # topaz N
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv || true
 python3 -c "import torch, sys; print('torch', torch.__version__, 'python', sys.version.split()[0])" || true
 step inputs20 120 fs inputs "$work/in20" --count 20 --size 4096
+# the default variant (--precision auto): measured once here (compile time included), cached for the runs
+step choose_variant 240 python3 - "$model" "$out/variant_choice.json" <<'PY'
+import json, sys, time
+from cryodeploy.backends.sources import load_source
+from cryodeploy.inference.variants import default_variant
+t0 = time.perf_counter()
+chosen = default_variant(load_source(sys.argv[1]), "cuda")
+r = {"chosen": chosen.label, "precision": chosen.precision, "extra": chosen.extra, "seconds": time.perf_counter() - t0}
+json.dump(r, open(sys.argv[2], "w"), indent=2, default=str); print(r)
+PY
 step floors20 90 fs floors "$work/in20"
 first=$(ls "$work"/in20/*.mrc | head -1)
-step startup_fp32 90 fs startup "$first" --label fp32 --work "$work/startup_fp32"
+step startup_fp32 90 fs startup "$first" --label fp32 --precision fp32 --work "$work/startup_fp32"
 step denoise20_fp32 120 denoise 20 fp32 --precision fp32
 step denoise20_fp16 120 denoise 20 fp16 --precision fp16
-step startup_fp16 90 fs startup "$first" --label fp16 --work "$work/startup_fp16"
+step startup_fp16 90 fs startup "$first" --label fp16 --precision fp16 --work "$work/startup_fp16"
 step denoise20_fp16_graphs 120 denoise 20 fp16_graphs --precision fp16 --cuda-graphs
+step denoise20_default 120 denoise 20 default
+step startup_default 90 fs startup "$first" --label default --precision auto --work "$work/startup_default"
 step stages_fp32 120 fs stages "$work/in20" --precision fp32 --label fp32 --work "$work/stages"
 step stages_fp16 120 fs stages "$work/in20" --precision fp16 --label fp16 --work "$work/stages"
 step api_fp32 90 fs api "$first" --precision fp32 --label fp32
 step api_fp16 90 fs api "$first" --precision fp16 --label fp16
 step cpuref 180 fs cpuref "$first" --out-dir "$work/cpuref"
-step parity 60 fs parity "$work/cpuref" "$work/out20/fp32" "$work/out20/fp16" "$work/out20/fp16_graphs" \
+step parity 60 fs parity "$work/cpuref" "$work/out20/fp32" "$work/out20/fp16" "$work/out20/fp16_graphs" "$work/out20/default" \
   --file "$(basename "$first")"
 step topaz20 150 topaz 20
 if (( $(elapsed) < 330 )); then  # 200 files: about 13 GB from copies of the 20
@@ -77,7 +89,7 @@ if (( $(elapsed) < 330 )); then  # 200 files: about 13 GB from copies of the 20
     [[ -f "$work/in200/mic_$(printf %04d "$i").mrc" ]] || cp "$src" "$work/in200/mic_$(printf %04d "$i").mrc"
   done
   step floors200 120 fs floors "$work/in200"
-  step denoise200_fp16 150 denoise 200 fp16 --precision fp16
+  step denoise200_default 150 denoise 200 default
   (( $(elapsed) < 420 )) && step topaz200 120 topaz 200
   rm -rf "$work/in200" "$work/out200" "$work/w/raw" "$work/w/mrc"
 else

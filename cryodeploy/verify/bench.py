@@ -297,15 +297,17 @@ def mrc_floor(paths: list[Path], outdir: Path) -> float:
     return time.perf_counter() - t0
 
 
-def startup_seconds(first: Path, outdir: Path, model: str, device: str, timeout: float = 600.0) -> float:
-    """Seconds from starting ``cryodeploy denoise FIRST`` in a new process to its output on disk."""
+def startup_seconds(
+    first: Path, outdir: Path, model: str, device: str, args: tuple[str, ...] = (), timeout: float = 600.0
+) -> float:
+    """Seconds from starting ``cryodeploy denoise FIRST [ARGS]`` in a new process to its output on disk."""
     import subprocess
     import sys
     import tempfile
 
     out = outdir / first.name
     cmd = [sys.executable, "-m", "cryodeploy", "denoise", str(first), "-o", str(outdir), "--model", model,
-           "--device", device, "-q"]
+           "--device", device, "-q", *args]
     with tempfile.TemporaryFile("w+") as err:
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, text=True)

@@ -11,11 +11,13 @@ and replay it), ``compile`` (run the module through ``torch.compile``).
 from __future__ import annotations
 
 import contextlib
+import os
 
 import numpy as np
 import torch
 
 from cryodeploy.backends.base import Backend, BackendOptions
+from cryodeploy.files import cache_root
 
 __all__ = ["TorchBackend"]
 
@@ -51,7 +53,8 @@ class TorchBackend(Backend):
             torch.contiguous_format if self._cuda and options.precision == "fp32" else torch.channels_last
         )
         self._module = module.to(self._device).eval().to(memory_format=self._layout)  # type: ignore[call-overload]
-        if options.get("compile", False):
+        if options.get("compile", False):  # inductor's graph cache kept across processes
+            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root("inductor")))
             self._module = torch.compile(self._module)  # type: ignore[assignment]
         self._graphs = bool(options.get("cuda_graphs", False)) and self._cuda
         self._staging: dict[tuple[int, ...], _CudaStaging] = {}
