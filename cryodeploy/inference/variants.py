@@ -146,7 +146,9 @@ def _cache_key(source: ModelSource, device: str) -> str:
 
 def default_variant(source: ModelSource, device: str) -> Trial:
     """The chosen variant for ``source`` on ``device`` (eager fp32 on the CPU), measured once and cached."""
-    if not device.startswith("cuda"):
+    import torch
+
+    if not device.startswith("cuda") or not torch.cuda.is_available():  # no GPU: the backend says why
         return Trial("eager fp32", "auto", "fp32", (), None)
     path = cache_root("variants") / f"{_cache_key(source, device)}.json"
     try:

@@ -50,3 +50,11 @@ def test_measure_on_the_cpu_and_the_cpu_default(cnn3_checkpoint) -> None:
     assert fp16.drop_db is not None and abs(fp16.drop_db) < 0.1 and fp16.gate_passed
     assert choose_variant(trials).label in ("eager fp32", "eager fp16")
     assert default_variant(source, "cpu").precision == "fp32"  # the CPU keeps eager fp32
+
+
+def test_auto_precision_without_a_gpu_leaves_the_error_to_the_backend(cnn3_checkpoint) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    assert default_variant(load_source(cnn3_checkpoint), "cuda").precision == "fp32"
