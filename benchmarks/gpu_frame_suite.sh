@@ -72,7 +72,9 @@ step denoise20_fp32 120 denoise 20 fp32 --precision fp32
 step denoise20_fp16 120 denoise 20 fp16 --precision fp16
 step startup_fp16 90 fs startup "$first" --label fp16 --precision fp16 --work "$work/startup_fp16"
 step denoise20_fp16_graphs 120 denoise 20 fp16_graphs --precision fp16 --cuda-graphs
-step denoise20_default 120 denoise 20 default
+# first default-variant process: its start-up includes compiling for 4096^2 (torch.compile, if chosen)
+step startup_default_first 240 fs startup "$first" --label default_first --precision auto --work "$work/startup_df"
+step denoise20_default 150 denoise 20 default
 step startup_default 90 fs startup "$first" --label default --precision auto --work "$work/startup_default"
 step stages_fp32 120 fs stages "$work/in20" --precision fp32 --label fp32 --work "$work/stages"
 step stages_fp16 120 fs stages "$work/in20" --precision fp16 --label fp16 --work "$work/stages"
