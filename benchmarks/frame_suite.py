@@ -68,10 +68,11 @@ def startup(a: argparse.Namespace) -> None:
     _dump(a.out, f"startup_{a.label}", res)
 
 
-def _sync() -> None:
+def _sync(device: str) -> None:
     import torch
 
-    torch.cuda.synchronize()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 def stages(a: argparse.Namespace) -> None:
@@ -86,9 +87,9 @@ def stages(a: argparse.Namespace) -> None:
 
     source = load_source(a.model)
     extra = (("cuda_graphs", True),) if a.graphs else ()
-    backend = create_backend(a.backend, source, BackendOptions("cuda", a.precision, extra=extra))
+    backend = create_backend(a.backend, source, BackendOptions(a.device, a.precision, extra=extra))
     contract = DeviceFrameContract(source.spec.contract)
-    engine = TiledEngine(backend, source.spec, "auto", "auto", DeviceArrays("cuda"))
+    engine = TiledEngine(backend, source.spec, "auto", "auto", DeviceArrays(a.device))
     times: dict[str, list[float]] = {k: [] for k in
                                      ("read", "H2D", "normalize", "forward", "denormalize", "D2H", "write")}
     paths = _files(a.dir)
@@ -99,24 +100,25 @@ def stages(a: argparse.Namespace) -> None:
         header = read_header(p)
         n = int(np.prod(header.shape)) * 4
         if pin_in is None:
-            pin_in = torch.empty(n, dtype=torch.uint8, pin_memory=True)
-            pin_out = torch.empty(n, dtype=torch.uint8, pin_memory=True)
+            pinned = a.device.startswith("cuda")
+            pin_in = torch.empty(n, dtype=torch.uint8, pin_memory=pinned)
+            pin_out = torch.empty(n, dtype=torch.uint8, pin_memory=pinned)
         read_data_into(p, header, pin_in.numpy())
         t.append(time.perf_counter())
-        dev = pin_in[:n].to("cuda", non_blocking=True)
-        _sync()
+        dev = pin_in[:n].to(a.device, non_blocking=True)
+        _sync(a.device)
         t.append(time.perf_counter())
         frame = dev.view(torch.float32).reshape(header.shape)
         validate_frames(frame[None], p)
         prep = contract.prepare(frame)
-        _sync()
+        _sync(a.device)
         t.append(time.perf_counter())
         done = engine.add(FrameTask(0, prep.image, prep.shape)) + engine.flush()
-        _sync()
+        _sync(a.device)
         t.append(time.perf_counter())
         y = contract.finish(done[0].output(), prep.stats)
         head = header_stats(y, p, "float32")
-        _sync()
+        _sync(a.device)
         t.append(time.perf_counter())
         host = pin_out[:n].view(torch.float32).view(y.shape)
         host.copy_(y)
@@ -141,13 +143,15 @@ def api(a: argparse.Namespace) -> None:
 
     x = read_micrograph(a.file).data
     extra: dict[str, Any] = {"cuda_graphs": True} if a.graphs else {}
-    with Denoiser.load(a.model, device="cuda", backend=a.backend, precision=a.precision, **extra) as d:
-        api_ms = median_wall_ms(lambda: d(x), a.repeats, 2, True)
-        xt = torch.from_numpy((x - x.mean()) / x.std()).cuda()[None, None]  # normalized, as the model sees it
-        fwd_ms = median_ms(lambda: d.backend.run_device(xt), a.repeats, 2, True)
-        h2d_ms = median_wall_ms(lambda: torch.from_numpy(x).to("cuda"), a.repeats, 2, True)
+    cuda = a.device.startswith("cuda")
+    with Denoiser.load(a.model, device=a.device, backend=a.backend, precision=a.precision, **extra) as d:
+        api_ms = median_wall_ms(lambda: d(x), a.repeats, 2, cuda)
+        z = (x - x.mean()) / x.std()  # normalized, as the model sees it
+        xt = torch.from_numpy(z).to(a.device)[None, None]
+        fwd_ms = median_ms(lambda: d.backend.run_device(xt), a.repeats, 2, cuda)
+        h2d_ms = median_wall_ms(lambda: torch.from_numpy(x).to(a.device), a.repeats, 2, cuda)
         y = d.backend.run_device(xt)
-        d2h_ms = median_wall_ms(lambda: y.cpu(), a.repeats, 2, True)
+        d2h_ms = median_wall_ms(lambda: y.cpu(), a.repeats, 2, cuda)
         label = d.backend.label
     base = fwd_ms + h2d_ms + d2h_ms
     res = {"label": a.label, "backend": label, "api_ms": api_ms, "forward_ms": fwd_ms, "h2d_ms": h2d_ms,
@@ -280,6 +284,7 @@ def main() -> None:
         s.add_argument("--precision", default="fp32")
         s.add_argument("--graphs", action="store_true")
         s.add_argument("--label", default="fp32")
+        s.add_argument("--device", default="cuda", help="cuda (cpu: a smoke test of the helpers)")
         s.add_argument("--repeats", type=int, default=10)
         s.add_argument("--out-dir", type=Path, default=Path("/tmp/frame_suite/cpuref"))
     a = ap.parse_args()

@@ -198,7 +198,9 @@ class DeviceFrames(HostFrames):
         check_fits(path, header, nbytes, available_memory(), "memory")  # the pinned buffer
         need = h * w * 4 * (header.n_frames + HOST_FRAMES_PEAK)
         if self._cuda:
-            check_fits(path, header, need, int(torch.cuda.mem_get_info(self.device)[0]), "device memory")
+            cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+            free = int(torch.cuda.mem_get_info(self.device)[0]) + cached  # torch's cache is free to us
+            check_fits(path, header, need, free, "device memory")
         else:
             check_fits(path, header, need + nbytes, available_memory(), "memory")
         buf = self._buffer(nbytes)
