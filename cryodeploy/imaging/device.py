@@ -112,10 +112,12 @@ class DeviceFrameContract:
         return y.to(dtype)
 
 
-def header_stats(data: torch.Tensor, path: object, dtype_name: str) -> tuple[float, float, float, float]:
-    """(min, max, mean, rms) of an output as the MRC header stores them; :class:`OutputError` if not finite.
-
-    Mean and rms (population std) are accumulated in float64, one host sync.
+def header_stats(
+    data: torch.Tensor, path: object, dtype_name: str, before_cast: torch.Tensor | None = None
+) -> tuple[float, float, float, float]:
+    """(min, max, mean, rms) of an output as the MRC header stores them; :class:`OutputError` if not
+    finite (saying the values overflowed ``dtype_name`` when ``before_cast``, the float32 output,
+    was finite). Mean and rms (population std) are accumulated in float64, one host sync.
     """
     x = data.reshape(-1)
     lo, hi = x.amin().float(), x.amax().float()
@@ -125,8 +127,10 @@ def header_stats(data: torch.Tensor, path: object, dtype_name: str) -> tuple[flo
     if not all(v == v and abs(v) != float("inf") for v in (a, b)):
         n_bad = int((~torch.isfinite(x)).sum())
         limit = float(torch.finfo(data.dtype).max)
+        why = ""
+        if before_cast is not None and bool(torch.isfinite(before_cast).all()):
+            why = f" (values beyond the {dtype_name} range of +-{limit:g}; write float32 instead)"
         raise OutputError(
-            f"{path}: found {n_bad} NaN/Inf values in the {dtype_name} output (values beyond the "
-            f"{dtype_name} range of +-{limit:g}; write float32 instead), expected finite pixels"
+            f"{path}: found {n_bad} NaN/Inf values in the {dtype_name} output{why}, expected finite pixels"
         )
     return a, b, m, r

@@ -238,10 +238,12 @@ class DeviceFrames(HostFrames):
         torch = self._torch
         tdtype = torch.float16 if dtype == "float16" else torch.float32
         with self._on_stream():
-            frames = [self.contract.finish(y, s, keep_normalized=keep_normalized, dtype=tdtype)
+            frames = [self.contract.finish(y, s, keep_normalized=keep_normalized)
                       for y, s in zip(outputs, stats, strict=True)]
-            data = torch.stack(frames) if header.is_stack else frames[0]
-            head = header_stats(data, path, dtype)
+            data32 = torch.stack(frames) if header.is_stack else frames[0]
+            data = data32.to(tdtype)
+            head = header_stats(data, path, dtype, data32)
+            del frames, data32
             buf = self._buffer(data.numel() * data.element_size())
             host = buf[: data.numel() * data.element_size()].view(tdtype).view(data.shape)
             host.copy_(data, non_blocking=True)

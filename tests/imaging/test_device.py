@@ -82,7 +82,17 @@ def test_header_stats_match_mrcfile(rng: np.random.Generator, dtype: torch.dtype
     assert r == pytest.approx(float(data.std(dtype=np.float32)), rel=1e-5)
 
 
-def test_header_stats_refuse_a_non_finite_output() -> None:
-    x = torch.full((40, 40), 7e4, dtype=torch.float32).to(torch.float16)  # beyond float16: inf
-    with pytest.raises(OutputError, match=r"o.mrc: found 1600 NaN/Inf values in the float16 output"):
-        header_stats(x, "o.mrc", "float16")
+def test_header_stats_refuse_a_non_finite_output_like_write_micrograph(tmp_path) -> None:
+    from cryodeploy.io.mrc import write_micrograph
+
+    big = torch.full((40, 40), 7e4, dtype=torch.float32)  # beyond float16: inf once cast
+    nan = big.clone()
+    nan[0, :5] = float("nan")
+    for data in (big, nan):
+        with pytest.raises(OutputError) as ref:
+            write_micrograph(tmp_path / "o.mrc", data.numpy(), dtype="float16")
+        with pytest.raises(OutputError) as got:
+            header_stats(data.to(torch.float16), tmp_path / "o.mrc", "float16", data)
+        assert str(got.value) == str(ref.value)
+    with pytest.raises(OutputError, match=r"found 1600 NaN/Inf values in the float16 output \(values beyond"):
+        header_stats(big.to(torch.float16), "o.mrc", "float16", big)
