@@ -40,7 +40,9 @@ def _sigterm_interrupts() -> Iterator[None]:
               help="default, a checkpoint (.safetensors or run folder), raw weights, .onnx or an engine.")
 @click.option("--backend", default="auto", show_default=True, help=backend_help())
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
+@click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto",
+              show_default=True, help="auto: on CUDA the fastest variant passing parity and the fp16 gate "
+              "(measured once, cached); fp32 on the CPU.")
 @click.option("--threads", type=int, default=0, help="CPU threads for the backend (0: library default).")
 @click.option("--tile", default="auto", show_default=True, help="Tile side (px) or auto.")
 @click.option("--batch", default="auto", show_default=True, help="Tiles per batch, or auto.")

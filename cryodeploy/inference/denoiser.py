@@ -86,6 +86,8 @@ class Denoiser:
     ) -> Denoiser:
         """Load ``model`` (``"default"``, a checkpoint/run folder, raw weights, ``.onnx`` or an engine).
 
+        ``precision``: fp32/fp16/bf16, or ``auto`` (:func:`~cryodeploy.inference.variants.default_variant`:
+        the fastest variant passing parity and the fp16 gate on CUDA, fp32 elsewhere).
         ``device``: ``auto``/``cpu``/``cuda``/``cuda:N``; ``backend``: ``auto`` (see
         :data:`~cryodeploy.backends.BACKEND_PREFERENCE`) or a registered name; ``options`` go to the backend
         (e.g. ``cuda_graphs=True`` for torch).
@@ -97,11 +99,18 @@ class Denoiser:
             raise ConfigError(f"model {model!r}: expected 'default' or a path")
         if not isinstance(backend, str):
             raise ConfigError(f"backend {backend!r}: expected 'auto' or a backend name")
+        source = load_source(model)
+        if precision == "auto":  # the fastest correct variant on CUDA, eager fp32 elsewhere
+            from cryodeploy.inference.variants import default_variant
+
+            chosen = default_variant(source, resolve_device(device))
+            precision = chosen.precision
+            if backend in ("auto", chosen.backend) and not options:
+                backend, options = chosen.backend, dict(chosen.extra)
         opts = BackendOptions(
             device=resolve_device(device), precision=precision, threads=threads, tf32=tf32,
             extra=tuple(sorted(options.items())),
         )
-        source = load_source(model)
         if backend == "auto":
             return cls(source, create_auto(source, opts))
         return cls(source, create_backend(backend, source, opts))

@@ -75,7 +75,10 @@ class RunConfig:
     ``tile``/``batch``: ``"auto"`` (fit the device's free memory) or an int. ``shard``: ``(i, n)``,
     ``"i/n"``, or None for the environment (torchrun RANK/WORLD_SIZE, SLURM array) or the whole
     list. ``output_format``: a name in :data:`cryodeploy.io.writers.FORMATS`. ``queue_depth``
-    bounds the micrograph frames held between reader, model and writer.
+    bounds the micrograph frames held between reader, model and writer. ``frame_path``: where
+    frames are read into, normalized, tiled and written from: ``"device"`` (torch tensors on the
+    backend's device, for backends with a device-resident forward), ``"host"`` (numpy), or
+    ``"auto"`` (device for such backends on CUDA). ``io_threads``: reader and writer threads each.
     """
 
     tile: int | Literal["auto"] = "auto"
@@ -91,6 +94,8 @@ class RunConfig:
     preview: bool = False
     keep_normalized: bool = False
     queue_depth: int = 2
+    frame_path: Literal["auto", "host", "device"] = "auto"
+    io_threads: int = 2
 
     def __post_init__(self) -> None:
         check_geometry(self.tile, self.batch)
@@ -103,6 +108,11 @@ class RunConfig:
             raise ConfigError("skip_existing and overwrite contradict each other: choose one")
         if self.queue_depth < 1:
             raise ConfigError(f"queue_depth {self.queue_depth}: expected >= 1")
+        if self.frame_path not in ("auto", "host", "device"):
+            raise ConfigError(f"frame_path {self.frame_path!r}: expected 'auto', 'host' or 'device'")
+        threads = self.io_threads
+        if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= 16:
+            raise ConfigError(f"io_threads {self.io_threads!r}: expected an integer from 1 to 16")
         if isinstance(self.shard, str):
             object.__setattr__(self, "shard", parse_shard(self.shard))
         elif self.shard is not None:

@@ -36,6 +36,7 @@ import logging
 import queue
 import threading
 import time
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,8 +45,9 @@ import numpy as np
 
 from cryodeploy._version import __version__
 from cryodeploy.errors import CryoDeployError, InputError, OutputError
-from cryodeploy.inference.batching import FrameTask, TiledEngine, auto_geometry, error_text
+from cryodeploy.inference.batching import DeviceArrays, FrameTask, TiledEngine, auto_geometry, error_text
 from cryodeploy.inference.claims import claim_owner, clean_leftovers, try_claim
+from cryodeploy.inference.frames import DeviceFrames, HostFrames, frames_for, uses_device_path
 from cryodeploy.inference.jobs import (
     FileResult,
     Job,
@@ -57,15 +59,13 @@ from cryodeploy.inference.jobs import (
     resolve_shard,
 )
 from cryodeploy.inference.tiling import TilePlan
-from cryodeploy.io.mrc import MIN_SIZE, read_micrograph, validate_array
-from cryodeploy.io.writers import output_format
+from cryodeploy.io.mrc import MIN_SIZE, validate_array
 from cryodeploy.progress import ProgressTask, progress
 
 if TYPE_CHECKING:
     import os
 
     from cryodeploy.backends import Backend
-    from cryodeploy.imaging.normalize import NormStats
     from cryodeploy.models import ModelSpec
 
 __all__ = [
@@ -93,11 +93,6 @@ def _int_or_none(value: int | str) -> int | None:
     return None if value == "auto" else int(value)
 
 
-def _frame_task(key: Any, frame: np.ndarray, spec: ModelSpec) -> tuple[FrameTask, NormStats]:
-    p = spec.contract.prepare(frame)
-    return FrameTask(key, p.image, p.shape), p.stats
-
-
 def denoise_image(
     image: np.ndarray,
     backend: Backend,
@@ -105,34 +100,53 @@ def denoise_image(
     tile: int | str = "auto",
     batch: int | str = "auto",
     keep_normalized: bool = False,
+    frame_path: str = "auto",
 ) -> np.ndarray:
     """Denoise a 2-D image (or a 3-D stack, frames first) in memory; same shape, input's scale.
 
     Each frame is normalized as the model was trained, run tile by tile and de-normalized
-    (unless ``keep_normalized``).
+    (unless ``keep_normalized``). On the device path (``frame_path``, see
+    :func:`~cryodeploy.inference.frames.uses_device_path`) the array is copied to the device once,
+    everything runs there, and the result is copied back once.
     """
     arr = np.asarray(image, dtype=np.float32)
     if arr.ndim not in (2, 3):
         raise InputError(f"array: found shape {arr.shape}, expected a 2-D image or a 3-D stack")
-    validate_array(arr, "array", min_input_size(spec))
-    frames = arr.reshape(-1, *arr.shape[-2:])
-    h, w = frames.shape[1:]
+    h, w = arr.shape[-2:]
+    if h < min_input_size(spec) or w < min_input_size(spec):
+        validate_array(arr, "array", min_input_size(spec))  # the size message
+    on_device = uses_device_path(backend, frame_path)
+    if on_device:
+        import torch
+
+        from cryodeploy.imaging.device import DeviceFrameContract, validate_frames
+
+        with warnings.catch_warnings():  # a read-only array: only read, never written
+            warnings.simplefilter("ignore", UserWarning)
+            frames: Any = torch.from_numpy(np.ascontiguousarray(arr)).to(backend.device).reshape(-1, h, w)
+        validate_frames(frames, "array")
+        contract: Any = DeviceFrameContract(spec.contract)
+    else:
+        validate_array(arr, "array", min_input_size(spec))
+        frames, contract = arr.reshape(-1, h, w), spec.contract
     padded = (h + -h % spec.stride, w + -w % spec.stride)
     t, b = auto_geometry(padded, spec, backend.device, _int_or_none(tile), _int_or_none(batch))
     n_tiles = len(TilePlan.create((h, w), t, spec.receptive_radius, spec.stride)) * len(frames)
-    engine = TiledEngine(backend, spec, t, min(b, n_tiles))  # no larger batch than the work: it is padded
+    arrays = DeviceArrays(backend.device) if on_device else None
+    engine = TiledEngine(backend, spec, t, min(b, n_tiles), arrays)  # no larger batch than the work
     stats, finished = [], []
     for i, frame in enumerate(frames):
-        task, s = _frame_task(i, frame, spec)
-        stats.append(s)
-        finished += engine.add(task)
+        p = contract.prepare(frame)
+        stats.append(p.stats)
+        finished += engine.add(FrameTask(i, p.image, p.shape))
     finished += engine.flush()
-    out = np.empty_like(frames)
+    out: Any = torch.empty_like(frames) if on_device else np.empty_like(frames)
     for task in finished:
         if task.error is not None:
             raise task.error
-        out[task.key] = spec.contract.finish(task.output(), stats[task.key], keep_normalized=keep_normalized)
-    return out.reshape(arr.shape)
+        out[task.key] = contract.finish(task.output(), stats[task.key], keep_normalized=keep_normalized)
+    host: np.ndarray = out.cpu().numpy() if on_device else out
+    return host.reshape(arr.shape)
 
 
 def _put(q: queue.Queue[Any], item: Any, stop: threading.Event) -> bool:
@@ -155,31 +169,39 @@ def _get(q: queue.Queue[Any], stop: threading.Event) -> Any:
 
 
 class _Pipeline:
-    """The three stages of :func:`denoise_files` and the state they share."""
+    """The three stages of :func:`denoise_files` (``io_threads`` readers and writers) and their state."""
 
     def __init__(
-        self, jobs: list[Job], engine: TiledEngine, spec: ModelSpec, config: RunConfig, bar: ProgressTask
+        self, jobs: list[Job], engine: TiledEngine, io: HostFrames, spec: ModelSpec, config: RunConfig,
+        bar: ProgressTask,
     ) -> None:
-        self.jobs, self.engine, self.spec, self.config, self.bar = jobs, engine, spec, config, bar
+        self.jobs, self.engine, self.io, self.spec = jobs, engine, io, spec
+        self.config, self.bar = config, bar
         self.backend = engine.backend
         self.frames: queue.Queue[Any] = queue.Queue(config.queue_depth)
         self.written: queue.Queue[Any] = queue.Queue(config.queue_depth)
         self.stop = threading.Event()
         self.fatal: list[BaseException] = []
+        self.lock = threading.Lock()
+        self.todo = iter(jobs)
+        self.n = config.io_threads
 
     def run(self) -> None:
-        threads = [
-            threading.Thread(target=self._guard, args=(f,), name=f"cryodeploy{f.__name__}", daemon=True)
-            for f in (self._read_all, self._write_all)
-        ]
-        for t in threads:
+        def thread(f: Any) -> threading.Thread:
+            name = f"cryodeploy{f.__name__}"
+            return threading.Thread(target=self._guard, args=(f,), name=name, daemon=True)
+
+        readers = [thread(self._read_all) for _ in range(self.n)]
+        writers = [thread(self._write_all) for _ in range(self.n)]
+        for t in readers + writers:
             t.start()
         try:
             self._compute_all()
-            threads[1].join()
+            for t in writers:
+                t.join()
         finally:
             self.stop.set()
-            for t in threads:
+            for t in readers + writers:
                 t.join()
             for job in self.jobs:
                 claim = job.runtime.pop("claim", None)
@@ -195,17 +217,25 @@ class _Pipeline:
             self.fatal.append(err)
             self.stop.set()
 
-    # --- reader ---------------------------------------------------------------------------------
+    # --- readers --------------------------------------------------------------------------------
     def _read_all(self) -> None:
-        for job in self.jobs:
-            if self.stop.is_set():
-                return
-            if job.result.status == "pending" and not self._read(job):
+        while True:
+            with self.lock:  # jobs are claimed in order, so the first failing claim is the one reported
+                job = None if self.stop.is_set() else next(self.todo, None)
+                if job is None:
+                    break
+                try:
+                    ended = job.result.status != "pending" or not self._claim(job)
+                except BaseException as err:
+                    self.fatal.append(err)
+                    self.stop.set()
+                    return
+            if ended or not self._read(job):
                 _put(self.frames, job, self.stop)
         _put(self.frames, _END, self.stop)
 
-    def _read(self, job: Job) -> bool:
-        """Claim, read and queue ``job``'s frames; False (result set) if it ends here."""
+    def _claim(self, job: Job) -> bool:
+        """Claim ``job``'s output; False (result set) if another process has it."""
         rt, res = job.runtime, job.result
         rt["t0"] = time.perf_counter()
         claim = try_claim(job.output)
@@ -217,23 +247,34 @@ class _Pipeline:
         if file_identity(job.output) != job.planned:
             res.status, res.error = "skipped", "written by another process during this run"
             return False
+        return True
+
+    def _read(self, job: Job) -> bool:
+        """Read and queue a claimed ``job``'s frames; False (result set) if it ends here."""
+        rt, res = job.runtime, job.result
         try:
-            mic = read_micrograph(job.input, min_input_size(self.spec))
+            header, prepared = self.io.read(job.input, min_input_size(self.spec))
         except CryoDeployError as err:
             res.status, res.error = "failed", str(err)
             return False
-        rt.update(header=mic.header, stats=[], frames=[None] * mic.header.n_frames, received=0)
-        res.frames, res.bytes_in = mic.header.n_frames, job.input.stat().st_size
-        for i, frame in enumerate(mic.frames()):
-            task, stats = _frame_task((job, i), frame, self.spec)
-            rt["stats"].append(stats)
-            if not _put(self.frames, task, self.stop):
+        rt.update(header=header, stats=[None] * header.n_frames, frames=[None] * header.n_frames, received=0)
+        res.frames, res.bytes_in = header.n_frames, job.input.stat().st_size
+        for i, (image, shape, stats) in enumerate(prepared):
+            rt["stats"][i] = stats
+            if not _put(self.frames, FrameTask((job, i), image, shape), self.stop):
                 break
         return True
 
     # --- model (calling thread) -----------------------------------------------------------------
     def _compute_all(self) -> None:
-        while (item := _get(self.frames, self.stop)) is not _END:
+        ends = 0
+        while ends < self.n:
+            item = _get(self.frames, self.stop)
+            if item is _END:
+                if self.stop.is_set():
+                    break
+                ends += 1
+                continue
             if isinstance(item, Job):
                 _put(self.written, item, self.stop)
                 continue
@@ -241,9 +282,10 @@ class _Pipeline:
                 _put(self.written, task, self.stop)
         for task in self.engine.flush():
             _put(self.written, task, self.stop)
-        _put(self.written, _END, self.stop)
+        for _ in range(self.n):
+            _put(self.written, _END, self.stop)
 
-    # --- writer ---------------------------------------------------------------------------------
+    # --- writers --------------------------------------------------------------------------------
     def _write_all(self) -> None:
         while (item := _get(self.written, self.stop)) is not _END:
             if isinstance(item, Job):
@@ -251,17 +293,17 @@ class _Pipeline:
                 continue
             job, index = item.key
             rt = job.runtime
-            if item.error is not None:
-                rt.setdefault("error", f"{job.input}: {error_text(item.error, self.backend.label)}")
-            else:
-                y = item.output()
-                rt["frames"][index] = self.spec.contract.finish(
-                    y, rt["stats"][index], keep_normalized=self.config.keep_normalized
-                )
-                if index == 0 and self.config.preview:
-                    rt["preview"] = (item.plan.crop(item.image), y)  # type: ignore[union-attr]
-            rt["received"] += 1
-            if rt["received"] == job.result.frames:
+            with self.lock:
+                if item.error is not None:
+                    rt.setdefault("error", f"{job.input}: {error_text(item.error, self.backend.label)}")
+                else:
+                    rt["frames"][index] = item.output()
+                    if index == 0 and self.config.preview:
+                        rt["preview"] = (item.plan.crop(item.image), rt["frames"][index])  # type: ignore[union-attr]
+                rt["received"] += 1
+                complete = rt["received"] == job.result.frames
+            item = None  # the normalized input is freed before the write (memory: a few frames)
+            if complete:
                 self._write(job)
                 self._finish(job)
 
@@ -270,17 +312,17 @@ class _Pipeline:
         if "error" in rt:
             res.status, res.error = "failed", rt["error"]
             return
-        header = rt["header"]
-        data = np.stack(rt.pop("frames")) if header.is_stack else rt.pop("frames")[0]
+        cfg = self.config
+        label = f"cryodeploy {__version__} denoise ({self.spec.architecture})"
         try:
-            output_format(self.config.output_format).write(
-                job.output, data, header, self.config.output_dtype, (job.input,),
-                f"cryodeploy {__version__} denoise ({self.spec.architecture})",
+            self.io.write(
+                job.output, rt.pop("frames"), rt["stats"], rt["header"], cfg.output_dtype, cfg.output_format,
+                cfg.keep_normalized, (job.input,), label,
             )
             if "preview" in rt:
                 from cryodeploy.io.preview import write_preview
 
-                write_preview(job.output.with_suffix(".png"), *rt.pop("preview"))
+                write_preview(job.output.with_suffix(".png"), *map(self.io.to_numpy, rt.pop("preview")))
         except CryoDeployError as err:
             res.status, res.error = "failed", str(err)
             return
@@ -298,7 +340,8 @@ class _Pipeline:
         if job.result.status == "failed":  # info: the summary (and the CLI, on stderr) report it
             log.info("failed: %s", job.result.error)
         job.runtime = {}
-        self.bar.advance(1, done=job.result.status)
+        with self.lock:
+            self.bar.advance(1, done=job.result.status)
 
 
 def denoise_files(
@@ -338,7 +381,9 @@ def _run(
     pairs: list[tuple[Path, Path]], folders: list[Path], backend: Backend, spec: ModelSpec, cfg: RunConfig
 ) -> RunSummary:
     """Plan and run ``pairs`` into ``folders`` (created first, then cleaned of killed runs' leftovers)."""
-    engine = TiledEngine(backend, spec, cfg.tile, cfg.batch)  # rejects a tile too small for the model
+    io = frames_for(backend, spec, cfg.frame_path)
+    arrays = DeviceArrays(backend.device) if isinstance(io, DeviceFrames) else None
+    engine = TiledEngine(backend, spec, cfg.tile, cfg.batch, arrays)  # rejects a tile too small for the model
     for folder in folders:
         try:
             folder.mkdir(parents=True, exist_ok=True)
@@ -352,7 +397,7 @@ def _run(
         for job in jobs:
             if job.result.status != "pending":
                 bar.advance(1, done=job.result.status)
-        _Pipeline(jobs, engine, spec, cfg, bar).run()
+        _Pipeline(jobs, engine, io, spec, cfg, bar).run()
     summary = RunSummary(
         files=[j.result for j in jobs],
         seconds=time.perf_counter() - start,

@@ -26,6 +26,7 @@ __all__ = [
     "SUPPORTED_MODES",
     "Micrograph",
     "MicrographHeader",
+    "check_output_finite",
     "read_header",
     "read_micrograph",
     "validate_array",
@@ -233,11 +234,10 @@ def validate_array(data: np.ndarray, path: str | os.PathLike[str], min_size: int
     frames = data.reshape(-1, h, w)
     for i, frame in enumerate(frames):
         where = f" (frame {i})" if frames.shape[0] > 1 else ""
-        finite = np.isfinite(frame)
-        if not finite.all():
-            n_bad = int(frame.size - np.count_nonzero(finite))
+        lo, hi = float(frame.min()), float(frame.max())  # NaN/Inf show in min or max: no mask needed
+        if not (np.isfinite(lo) and np.isfinite(hi)):
+            n_bad = int(frame.size - np.count_nonzero(np.isfinite(frame)))
             raise InputError(f"{p}: found {n_bad} NaN/Inf values{where}, expected finite pixels")
-        lo, hi = float(frame.min()), float(frame.max())
         if lo == hi:
             raise InputError(f"{p}: image is constant ({lo:g}){where}, expected non-zero variance")
 
@@ -290,7 +290,7 @@ def write_micrograph(
         raise OutputError(f"{path}: output dtype {dtype!r} not supported, expected float32 or float16")
     with np.errstate(over="ignore", invalid="ignore"):  # checked below, with a clearer message
         arr = np.ascontiguousarray(data, dtype=_OUT_DTYPES[dtype])
-    _check_finite(arr, data, path, dtype)
+    check_output_finite(arr, data, path, dtype)
     if header is not None and tuple(arr.shape) != tuple(header.shape):
         raise OutputError(f"{path}: data shape {arr.shape} differs from the header's {header.shape}")
     target = Path(path)
@@ -311,7 +311,7 @@ def write_micrograph(
     return target
 
 
-def _check_finite(arr: np.ndarray, data: np.ndarray, path: str | os.PathLike[str], dtype: str) -> None:
+def check_output_finite(arr: np.ndarray, data: np.ndarray, path: str | os.PathLike[str], dtype: str) -> None:
     """A micrograph written with NaN/Inf is corrupt for every reader: refuse it, saying why."""
     finite = np.isfinite(arr)
     if finite.all():
