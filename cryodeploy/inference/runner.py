@@ -60,6 +60,7 @@ from cryodeploy.inference.jobs import (
 )
 from cryodeploy.inference.tiling import TilePlan
 from cryodeploy.io.mrc import MIN_SIZE, validate_array
+from cryodeploy.io.preview import downsample, write_preview
 from cryodeploy.progress import ProgressTask, progress
 
 if TYPE_CHECKING:
@@ -299,7 +300,9 @@ class _Pipeline:
                 else:
                     rt["frames"][index] = item.output()
                     if index == 0 and self.config.preview:
-                        rt["preview"] = (item.plan.crop(item.image), rt["frames"][index])  # type: ignore[union-attr]
+                        # downsampled now: the frame is de-normalized in place before it is written
+                        rt["preview"] = tuple(downsample(self.io.to_numpy(x)) for x in (
+                            item.plan.crop(item.image), item.output()))  # type: ignore[union-attr]
                 rt["received"] += 1
                 complete = rt["received"] == job.result.frames
             item = None  # the normalized input is freed before the write (memory: a few frames)
@@ -320,9 +323,7 @@ class _Pipeline:
                 cfg.keep_normalized, (job.input,), label,
             )
             if "preview" in rt:
-                from cryodeploy.io.preview import write_preview
-
-                write_preview(job.output.with_suffix(".png"), *map(self.io.to_numpy, rt.pop("preview")))
+                write_preview(job.output.with_suffix(".png"), *rt.pop("preview"))
         except CryoDeployError as err:
             res.status, res.error = "failed", str(err)
             return

@@ -350,6 +350,24 @@ def test_preview_and_keep_normalized(tmp_path, rng, model_spec, backend) -> None
     assert np.abs(read_micrograph(tmp_path / "out" / "mic_000.mrc").data - ref).max() <= 1e-6
 
 
+def test_preview_is_the_written_output_in_input_contrast(tmp_path, rng, model_spec, backend) -> None:
+    """Without --keep-normalized the output is de-normalized (in place) before it is written: the
+    preview's right half must still be that written output, mapped by the input's percentiles."""
+    from PIL import Image
+
+    from cryodeploy.io.preview import downsample
+
+    _, spec = model_spec
+    src = micrographs(tmp_path / "in", rng, 1, shape=(256, 320))[0]
+    run([src], tmp_path / "out", backend, spec, preview=True)
+    with Image.open(tmp_path / "out" / "mic_000.png") as im:
+        panel = np.asarray(im, dtype=np.float64)
+    x, y = read_micrograph(src).data, read_micrograph(tmp_path / "out" / "mic_000.mrc").data
+    lo, hi = np.percentile(downsample(x), [1, 99])
+    expected = np.clip((downsample(y) - lo) / (hi - lo), 0, 1) * 255
+    assert np.abs(panel[:, -expected.shape[1]:] - expected).max() <= 1.0
+
+
 def test_unet_image_not_multiple_of_stride(unet_checkpoint, rng) -> None:
     model, spec = load_checkpoint(unet_checkpoint)
     image = (rng.standard_normal((150, 203)) * 5 + 10).astype(np.float32)
