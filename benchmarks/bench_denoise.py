@@ -1,4 +1,6 @@
-"""End-to-end ``denoise_files`` wall time on local disk, next to the I/O floor measured in the same run.
+"""End-to-end ``denoise_files`` wall time on local disk, next to the runner overhead of the same run.
+
+The floors (raw bytes; mrcfile) are measured by benchmarks/gpu_frame_suite.sh and `cryodeploy bench --e2e`.
 
 Run (GPU machine; prints docs/benchmarks.md rows, writes JSON):
     python3 benchmarks/bench_denoise.py --count 24 --size 4096 --workdir /tmp/bench_denoise \
@@ -7,9 +9,9 @@ CPU smoke test: ``python3 benchmarks/bench_denoise.py --count 4 --size 512``.
 
 - Inputs: ``--count`` float32 micrographs of ``--size``^2 (a synthetic micrograph from
   cryodeploy.imaging.synth, rolled differently per file), written once to ``WORKDIR/inputs``.
-- I/O floor: the same files through the same pipeline (reader thread, tiling, writer thread,
-  atomic writes) with the ``identity`` backend below, a real :class:`Backend` that returns its
-  input: reading + normalizing + writing with no model and no device copies.
+- Runner overhead (not a floor): the same files through the same pipeline (reader thread,
+  tiling, writer thread, atomic writes) with the ``identity`` backend below, a real
+  :class:`Backend` that returns its input: reading + normalizing + writing with no model and no device copies.
 - End-to-end: each backend/precision variant (``--variants``), after an untimed warm-up run on
   two files (cuDNN/ORT algorithm search, engine builds), with the same tile/batch.
 - Compute per micrograph: one normalized ``[1, 1, size, size]`` batch, median of ``--repeats``;
@@ -155,7 +157,8 @@ def main() -> None:
     results["floor_s"] = floor.seconds
     results["geometry"] = {"tile": floor.tile, "batch": floor.batch}
     geometry = f"tile {floor.tile}, batch {floor.batch}"
-    rows = [row(device_name, f"{what}: I/O floor", f"identity backend, {geometry}", floor.seconds, "s")]
+    rows = [row(device_name, f"{what}: runner overhead (not a floor)", f"identity backend, {geometry}",
+                floor.seconds, "s")]
 
     first = read_micrograph(paths[0]).data
     image = pad_to_stride(normalize(first, norm_stats(first, spec.normalization)), spec.stride)
@@ -176,7 +179,7 @@ def main() -> None:
         results["variants"].append({"variant": label, "e2e_s": e2e.seconds, "ratio": ratio,
                                     "compute_ms": ms, "tile": e2e.tile, "batch": e2e.batch})
         rows.append(row(device_name, f"{what}: end-to-end", f"{label}, tile {e2e.tile}, batch {e2e.batch}",
-                        e2e.seconds, "s", f"I/O floor {floor.seconds:.2f} s", f"{ratio:.2f}×"))
+                        e2e.seconds, "s", f"runner overhead {floor.seconds:.2f} s", f"{ratio:.2f}×"))
         for kind, value in ms.items():
             how = "device-resident (run_device)" if kind == "device" else "Backend.run incl. host copies"
             rows.append(row(device_name, forward, f"{label}, {how}", value, "ms"))

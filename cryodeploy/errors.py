@@ -11,12 +11,23 @@ __all__ = [
     "OutputError",
     "StoreError",
     "first_line",
+    "one_line",
 ]
+
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
 def first_line(err: BaseException, default: str = "") -> str:
     """The first line of an exception's message (``default`` if it is empty), for one-line errors."""
     return (str(err).strip().splitlines() or [default])[0]
+
+
+def one_line(text: str) -> str:
+    """``text`` with control characters escaped (``\\n``, ``\\x1b``), so a file name holding a
+    newline cannot split a one-line message."""
+    return "".join(
+        _ESCAPES.get(c) or (f"\\x{ord(c):02x}" if ord(c) < 32 or ord(c) == 127 else c) for c in text
+    )
 
 
 class CryoDeployError(Exception):

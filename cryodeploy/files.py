@@ -5,16 +5,18 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import json
 import os
 import secrets
+import stat
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO, Any
 
-from cryodeploy.errors import OutputError
+from cryodeploy.errors import CryoDeployError, OutputError
 
-__all__ = [
-    "CACHE_ENV", "TEMP_PREFIX", "atomic_write", "cache_root", "file_sha256", "new_folders_removed_if_empty",
-]
+__all__ = ["CACHE_ENV", "NAME_KEY_MAX", "TEMP_PREFIX", "atomic_write", "cache_root", "file_sha256",
+           "name_key", "new_folders_removed_if_empty", "open_regular", "read_json", "seal", "seal_problem"]
 
 #: Temporary files of atomic writes start with this, so a crashed run's leftovers are recognisable.
 TEMP_PREFIX = ".cryodeploy-tmp-"
@@ -22,10 +24,25 @@ TEMP_PREFIX = ".cryodeploy-tmp-"
 CACHE_ENV = "CRYODEPLOY_CACHE"
 
 
+#: longest file name (bytes) kept as is inside temporary and claim names; longer ones are hashed
+NAME_KEY_MAX = 200
+#: a JSON file larger than this is refused before it is read (configs, sidecars, layers.json)
+JSON_MAX_BYTES = 16 << 20
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def name_key(name: str) -> str:
+    """``name`` itself, or ``#`` + its sha256 if it is too long (NAME_KEY_MAX bytes) to carry a prefix
+    and suffix within the 255-byte limit of a file name (temporary and claim names use it)."""
+    raw = os.fsencode(name)
+    return name if len(raw) <= NAME_KEY_MAX else "#" + hashlib.sha256(raw).hexdigest()[:40]
+
+
 def _temp_path(target: Path) -> Path:
     """Create a new empty file beside ``target`` with the usual permissions (0666 less the umask)."""
     for _ in range(100):
-        tmp = target.parent / f"{TEMP_PREFIX}{target.name}.{secrets.token_hex(6)}"
+        tmp = target.parent / f"{TEMP_PREFIX}{name_key(target.name)}.{secrets.token_hex(6)}"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         except FileExistsError:
@@ -84,6 +101,49 @@ def new_folders_removed_if_empty(*folders: str | os.PathLike[str]) -> Iterator[N
                 p.rmdir()
 
 
+@contextlib.contextmanager
+def open_regular(
+    path: str | os.PathLike[str], error: type[CryoDeployError]
+) -> Iterator[tuple[IO[bytes], int]]:
+    """Open a regular file for reading and yield it with its size; ``error`` for anything else.
+
+    The file is opened without blocking, so a named pipe or device is refused, not waited on.
+    A missing file raises :class:`FileNotFoundError` (callers word that case themselves).
+    """
+    p = Path(path)
+    try:
+        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise error(f"{p}: symbolic link loop") from err
+        raise error(f"{p}: cannot read ({err.strerror or err})") from err
+    with os.fdopen(fd, "rb") as fh:
+        mode = os.fstat(fd).st_mode
+        for test, kind in _KINDS:
+            if test(mode):
+                raise error(f"{p}: not a regular file (found {kind})")
+        os.set_blocking(fd, True)
+        yield fh, os.fstat(fd).st_size
+
+
+def read_json(path: str | os.PathLike[str], error: type[CryoDeployError], max_bytes: int = JSON_MAX_BYTES
+              ) -> Any:
+    """Parse a JSON file; ``error`` (one line naming the file) for a special file, a file over
+    ``max_bytes``, bytes that are not UTF-8 JSON, or nesting too deep to parse."""
+    with open_regular(path, error) as (fh, size):
+        if size > max_bytes:
+            raise error(f"{path}: found {size} bytes, expected a JSON file of at most {max_bytes}")
+        raw = fh.read(max_bytes + 1)
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise error(f"{path}: not valid JSON ({err})") from err
+    except RecursionError as err:
+        raise error(f"{path}: not valid JSON (nested too deeply)") from err
+
+
 def file_sha256(path: str | os.PathLike[str]) -> str:
     """Hex sha256 of a file, read in chunks."""
     h = hashlib.sha256()
@@ -91,6 +151,31 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _seal_path(entry: Path) -> Path:
+    return entry.with_name(entry.name + ".sha256")
+
+
+def seal(entry: str | os.PathLike[str]) -> Path:
+    """Record the sha256 of a finished cache file beside it (``<name>.sha256``), for :func:`seal_problem`."""
+    p = Path(entry)
+    with atomic_write(_seal_path(p)) as tmp:
+        tmp.write_text(file_sha256(p) + "\n")
+    return p
+
+
+def seal_problem(entry: str | os.PathLike[str]) -> str | None:
+    """Why a cache file must not be served (no seal, unreadable, content changed), or None if it is intact."""
+    p = Path(entry)
+    try:
+        want = _seal_path(p).read_text().strip()
+        found = file_sha256(p)
+    except FileNotFoundError as err:
+        return f"{err.filename} missing"
+    except OSError as err:
+        return f"cannot read it ({err.strerror or err})"
+    return None if found == want else f"its sha256 {found[:12]}... differs from the recorded {want[:12]}..."
 
 
 def cache_root(kind: str) -> Path:

@@ -15,9 +15,13 @@ import numpy as np
 
 from cryodeploy.errors import ConfigError
 
-__all__ = ["PRECISIONS", "Backend", "BackendOptions"]
+__all__ = ["MAX_THREADS", "PRECISIONS", "Backend", "BackendOptions"]
 
 PRECISIONS = ("fp32", "fp16", "bf16")
+
+
+#: most CPU threads a backend may be asked for (more only multiplies per-thread buffers)
+MAX_THREADS = 1024
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,15 @@ class BackendOptions:
     extra: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
+        for name, value in (("device", self.device), ("precision", self.precision)):
+            if not isinstance(value, str):
+                raise ConfigError(f"{name} {value!r}: expected a string")
+        if isinstance(self.threads, bool) or not isinstance(self.threads, int):
+            raise ConfigError(f"threads {self.threads!r}: expected an integer")
+        if self.threads > MAX_THREADS:
+            raise ConfigError(
+                f"threads {self.threads}: expected at most {MAX_THREADS} (0: the library default)"
+            )
         if self.precision not in PRECISIONS:
             raise ConfigError(
                 f"precision {self.precision!r} unknown, expected one of {', '.join(PRECISIONS)}"
@@ -88,6 +101,11 @@ class Backend(ABC):
     @abstractmethod
     def _run(self, batch: np.ndarray) -> np.ndarray:
         """Backend-specific inference on a contiguous float32 batch."""
+
+    @property
+    def device_resident(self) -> bool:
+        """True if :meth:`run_device` is implemented (the runner's device frame path can use it)."""
+        return type(self).run_device is not Backend.run_device
 
     def run_device(self, x: Any) -> Any:
         """Denoise a batch already on the backend's device (a torch CUDA tensor [N,1,H,W] float32),

@@ -63,8 +63,16 @@ class EnsembleBackend(Backend):
             total += m.run(batch)
         return (total / len(self.members)).astype(np.float32)
 
+    @property
+    def device_resident(self) -> bool:
+        """True when every member has a device-resident forward (then the frames can stay on the device)."""
+        return all(m.device_resident for m in self.members)
+
     def run_device(self, x: Any) -> Any:
-        """The members' device outputs averaged on the device (each member must have a device path)."""
+        """The members' device outputs averaged (accumulated in float64) on the device; needs
+        :attr:`device_resident`."""
+        if not self.device_resident:
+            raise NotImplementedError(f"{self.label}: a member has no device-resident path")
         outs = [m.run_device(x) for m in self.members]
         total = outs[0].double()
         for y in outs[1:]:

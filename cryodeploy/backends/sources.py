@@ -15,7 +15,7 @@ __all__ = ["ModelSource", "default_model_path", "load_source"]
 
 def _detect_kind(p: Path) -> Kind:
     if p.is_dir():
-        if (p / "layers.json").is_file():
+        if (p / "layers.json").exists():
             return "raw"
         return "checkpoint"
     suffix = p.suffix.lower()

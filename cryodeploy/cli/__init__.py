@@ -16,7 +16,7 @@ from typing import Any
 import click
 
 from cryodeploy._version import __version__
-from cryodeploy.errors import CryoDeployError
+from cryodeploy.errors import CryoDeployError, one_line
 
 __all__ = ["cli", "main"]
 
@@ -66,7 +66,7 @@ class LazyGroup(click.Group):
         except CryoDeployError as err:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
-            click.echo(f"error: {err}", err=True)
+            click.echo(f"error: {one_line(str(err))}", err=True)
             ctx.exit(err.exit_code)
         except KeyboardInterrupt:
             click.echo("error: interrupted", err=True)

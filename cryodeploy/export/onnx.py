@@ -39,10 +39,12 @@ __all__ = [
     "VERIFY_RTOL",
     "cached_onnx",
     "check_against_torch",
+    "check_graph",
     "convert_fp16",
     "export_onnx",
     "onnx_metadata",
     "read_onnx_spec",
+    "usable_cache_entry",
     "verify_shape",
 ]
 
@@ -200,8 +202,57 @@ def export_onnx(
     return out
 
 
+#: operators a denoiser never needs and that can run unbounded (control flow, sequences, randomness
+#: aside): a graph holding one is refused before a session runs it
+_REFUSED_OPS = frozenset({"Loop", "Scan", "If", "SequenceMap", "ConcatFromSequence", "SplitToSequence",
+                          "SequenceConstruct", "SequenceInsert", "SequenceAt", "SequenceErase",
+                          "SequenceLength", "SequenceEmpty"})
+#: operators whose output size (or repeat count) is the product of a constant input: its index
+_SIZED_OPS = {"ConstantOfShape": 0, "Expand": 1, "Tile": 1}
+#: most nodes, weight bytes and elements of one constant-sized tensor a denoiser graph may hold
+MAX_NODES = 20_000
+MAX_WEIGHT_BYTES = 1 << 30
+MAX_CONSTANT_ELEMENTS = 1 << 28
+
+
+def check_graph(model: onnx.ModelProto, path: str | os.PathLike[str]) -> None:
+    """Refuse, statically, a graph a denoiser never is: control flow, foreign operator domains,
+    absurd node counts or weights, a constant-shaped tensor of more than MAX_CONSTANT_ELEMENTS."""
+    from onnx import numpy_helper
+
+    nodes = list(model.graph.node) + [n for f in model.functions for n in f.node]
+    if len(nodes) > MAX_NODES:
+        raise ModelError(f"{path}: graph has {len(nodes)} nodes, expected at most {MAX_NODES} for a denoiser")
+    weights = sum(len(t.raw_data) or 4 * int(np.prod(t.dims)) for t in model.graph.initializer)
+    if weights > MAX_WEIGHT_BYTES:
+        raise ModelError(f"{path}: graph holds {weights} bytes of weights, "
+                         f"expected at most {MAX_WEIGHT_BYTES}")
+    constants = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].HasField("t"):
+            constants[node.output[0]] = node.attribute[0].t
+    for node in nodes:
+        if node.op_type in _REFUSED_OPS or node.domain not in ("", "ai.onnx"):
+            kind = f"{node.domain}::{node.op_type}" if node.domain not in ("", "ai.onnx") else node.op_type
+            raise ModelError(f"{path}: graph holds a {kind} node ({node.name or node.output[0]}), which a "
+                             "denoiser never needs; refusing to run it")
+        inputs = [constants.get(name) for name in node.input]
+        if node.op_type in _SIZED_OPS and len(inputs) > _SIZED_OPS[node.op_type]:
+            shape = inputs[_SIZED_OPS[node.op_type]]
+            count = -1.0 if shape is None else float(np.prod(numpy_helper.to_array(shape).astype(np.float64)))
+        elif node.op_type == "Range" and len(inputs) == 3 and all(t is not None for t in inputs):
+            start, limit, delta = (float(numpy_helper.to_array(t)) for t in inputs)  # type: ignore[arg-type]
+            count = abs((limit - start) / delta) if delta else float("inf")
+        else:
+            continue
+        if count > MAX_CONSTANT_ELEMENTS:
+            raise ModelError(f"{path}: {node.op_type} node ({node.name or node.output[0]}) makes "
+                             f"{count:.3g} elements, expected at most {MAX_CONSTANT_ELEMENTS}")
+
+
 def onnx_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
-    """The ``metadata_props`` of an ONNX file; :class:`ModelError` if it is missing or not valid ONNX."""
+    """The ``metadata_props`` of an ONNX file; :class:`ModelError` if it is missing or not valid ONNX,
+    or holds a graph :func:`check_graph` refuses."""
     import onnx
     from google.protobuf.message import DecodeError
 
@@ -214,6 +265,7 @@ def onnx_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
     except (DecodeError, onnx.checker.ValidationError, OSError) as err:
         detail = first_line(err, type(err).__name__)
         raise ModelError(f"{p}: not a valid ONNX model, truncated or corrupt ({detail})") from err
+    check_graph(model, p)
     return {entry.key: entry.value for entry in model.metadata_props}
 
 
@@ -227,26 +279,46 @@ def read_onnx_spec(path: str | os.PathLike[str]) -> ModelSpec:
         )
     try:
         return ModelSpec.from_dict(json.loads(raw))
-    except (json.JSONDecodeError, ConfigError, KeyError, TypeError) as err:
+    except (json.JSONDecodeError, ConfigError, KeyError, TypeError, ValueError, AttributeError) as err:
         raise ModelError(f"{path}: invalid {SPEC_KEY!r} metadata ({err})") from err
+    except RecursionError as err:
+        raise ModelError(f"{path}: invalid {SPEC_KEY!r} metadata (nested too deeply)") from err
 
 
 def cached_onnx(source: ModelSource, opset: int = DEFAULT_OPSET) -> Path:
     """An ONNX file for ``source``: the file itself for an ONNX source, else an export kept in the cache.
 
-    The cache file is named by the source's sha256 and reused only if its metadata names
-    that same source hash.
+    The cache file is named by the source's sha256 and reused only if its content still has the
+    sha256 recorded when it was written (:func:`cryodeploy.files.seal`) and its metadata names
+    that same source hash; any other entry is rebuilt, with a warning saying why.
     """
+    from cryodeploy.files import seal
+
     if source.kind == "onnx":
         return source.path
     target = cache_root("onnx") / f"{source.sha256}-opset{opset}.onnx"
-    if target.is_file():
+    if usable_cache_entry(target, "source_sha256", source.sha256):
+        return target
+    return seal(export_onnx(source, target, opset=opset))
+
+
+def usable_cache_entry(entry: Path, key: str, value: str) -> bool:
+    """Whether a cached ONNX file is intact (sealed content) and its metadata ``key`` is ``value``;
+    warns with the reason when an existing entry is not (the caller then rebuilds it)."""
+    from cryodeploy.files import seal_problem
+
+    if not entry.is_file():
+        return False
+    problem = seal_problem(entry)
+    if problem is None:
         try:
-            if onnx_metadata(target).get("source_sha256") == source.sha256:
-                return target
+            found = onnx_metadata(entry).get(key)
+            problem = None if found == value else f"its {key} is {found!r}, expected {value!r}"
         except ModelError as err:
-            log.warning("re-exporting unusable cached ONNX: %s", err)
-    return export_onnx(source, target, opset=opset)
+            problem = str(err)
+    if problem is not None:
+        log.warning("rebuilding cached ONNX %s: it failed its content check (%s)", entry, problem)
+    return problem is None
 
 
 def convert_fp16(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Path:

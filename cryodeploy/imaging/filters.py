@@ -133,9 +133,15 @@ class FrameFilters:
         frame = fourier_bin(frame, self.bin)
         return self._filter(frame, _pixel(self.header(header))) if self.at == "before" else frame
 
+    @property
+    def filters_after(self) -> bool:
+        """True when a filter is applied to the network's output (``at == "after"``)."""
+        return self.at == "after" and (self.lowpass is not None or self.gaussian is not None)
+
     def after(self, frame: np.ndarray, header: MicrographHeader) -> np.ndarray:
-        """A denoised frame (binned shape) filtered if ``at == "after"``."""
-        return self._filter(frame, _pixel(self.header(header))) if self.at == "after" else frame
+        """A denoised frame (binned shape) filtered if ``at == "after"``; ``header``: the output's
+        (what :meth:`header` made of the input's), whose pixel size the low-pass uses."""
+        return self._filter(frame, _pixel(header)) if self.at == "after" else frame
 
 
 def _pixel(header: MicrographHeader) -> float | None:

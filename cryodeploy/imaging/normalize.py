@@ -12,10 +12,12 @@ from cryodeploy.errors import ConfigError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["NormSpec", "NormStats", "denormalize", "norm_stats", "norm_stats_torch", "normalize"]
+__all__ = [
+    "MAX_SAMPLES", "NormSpec", "NormStats", "denormalize", "norm_stats", "norm_stats_torch", "normalize",
+]
 
-#: At most this many pixels (a regular subsample) are used to estimate the statistics.
-_MAX_SAMPLES = 1 << 20
+#: At most about this many pixels (a regular subsample) are used to estimate the statistics.
+MAX_SAMPLES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -62,7 +64,7 @@ class NormStats:
 def norm_stats(image: np.ndarray, spec: NormSpec = NormSpec()) -> NormStats:
     """Robust center and scale of one 2-D image (deterministic regular subsample of large images)."""
     flat = np.asarray(image, dtype=np.float32).reshape(-1)
-    step = max(1, flat.size // _MAX_SAMPLES)
+    step = max(1, flat.size // MAX_SAMPLES)
     sample = flat[::step].astype(np.float64)
     lo, hi = np.percentile(sample, [spec.low_percentile, spec.high_percentile])
     core = sample[(sample >= lo) & (sample <= hi)]
@@ -84,7 +86,7 @@ def norm_stats_torch(images: torch.Tensor, spec: NormSpec = NormSpec()) -> tuple
     import torch
 
     flat = images.reshape(images.shape[0], -1)
-    step = max(1, flat.shape[1] // _MAX_SAMPLES)
+    step = max(1, flat.shape[1] // MAX_SAMPLES)
     sample = flat[:, ::step].to(torch.float64)
     q = torch.tensor([spec.low_percentile / 100.0, spec.high_percentile / 100.0], dtype=torch.float64,
                      device=sample.device)
@@ -102,11 +104,23 @@ def norm_stats_torch(images: torch.Tensor, spec: NormSpec = NormSpec()) -> tuple
     return center[:, 0], scale[:, 0]
 
 
-def normalize(image: np.ndarray, stats: NormStats) -> np.ndarray:
-    """Apply ``(x - center) / scale`` in float64 (no overflow near the float32 limit); float32 out."""
-    return ((np.asarray(image, dtype=np.float64) - stats.center) / stats.scale).astype(np.float32)
+def normalize(image: np.ndarray, stats: NormStats, out: np.ndarray | None = None) -> np.ndarray:
+    """``(x - center) / scale`` as ``x / scale - center / scale`` in float32, into ``out`` (may be
+    ``image`` itself) or one new array.
+
+    No ``x - center`` is formed, so pixels near the float32 limit do not overflow; the result
+    overflows only where the normalized value itself is beyond float32.
+    """
+    with np.errstate(over="ignore"):
+        z = np.divide(np.asarray(image, dtype=np.float32), np.float32(stats.scale), out=out, dtype=np.float32)
+        z -= np.float32(stats.center / stats.scale)
+    return z
 
 
-def denormalize(image: np.ndarray, stats: NormStats) -> np.ndarray:
-    """Inverse of :func:`normalize`: ``x * scale + center``, computed in float64, as float32."""
-    return (np.asarray(image, dtype=np.float64) * stats.scale + stats.center).astype(np.float32)
+def denormalize(image: np.ndarray, stats: NormStats, out: np.ndarray | None = None) -> np.ndarray:
+    """Inverse of :func:`normalize`: ``(z + center / scale) * scale`` in float32 (into ``out`` if given)."""
+    with np.errstate(over="ignore"):
+        shift = np.float32(stats.center / stats.scale)
+        x = np.add(np.asarray(image, dtype=np.float32), shift, out=out, dtype=np.float32)
+        x *= np.float32(stats.scale)
+    return x

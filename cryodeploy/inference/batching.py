@@ -4,6 +4,7 @@ come out. Picks the tile and batch size for ``"auto"`` and halves them on out-of
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from dataclasses import dataclass
@@ -21,7 +22,9 @@ if TYPE_CHECKING:
 __all__ = [
     "CPU_BATCH",
     "CPU_TILE",
+    "DeviceArrays",
     "FrameTask",
+    "HostArrays",
     "TiledEngine",
     "activation_bytes_per_pixel",
     "auto_geometry",
@@ -57,8 +60,19 @@ def _release_device_cache() -> None:
         torch.cuda.empty_cache()
 
 
+_ACTIVATION_BYTES: dict[str, float] = {}
+
+
 def activation_bytes_per_pixel(spec: ModelSpec) -> float:
-    """Upper bound of fp32 activation bytes per input pixel: every layer output kept, traced on 'meta'."""
+    """Upper bound of fp32 activation bytes per input pixel: every layer output kept, traced on 'meta'
+    (once per architecture and parameters in a process)."""
+    key = json.dumps([spec.architecture, spec.params], sort_keys=True, default=str)
+    if key not in _ACTIVATION_BYTES:
+        _ACTIVATION_BYTES[key] = _trace_activation_bytes(spec)
+    return _ACTIVATION_BYTES[key]
+
+
+def _trace_activation_bytes(spec: ModelSpec) -> float:
     import torch
 
     from cryodeploy.models import build_model
@@ -129,19 +143,57 @@ def fit_geometry(
     return tile, batch
 
 
+class HostArrays:
+    """Tiles and stitched frames as numpy arrays; batches through :meth:`Backend.run`."""
+
+    def empty(self, shape: tuple[int, ...]) -> Any:
+        """A new float32 array."""
+        return np.empty(shape, np.float32)
+
+    def run(self, backend: Backend, batch: Any) -> Any:
+        """The backend on one batch."""
+        return backend.run(batch)
+
+    def sync(self) -> None:
+        """Wait until results can be handed to another thread (numpy: nothing to wait for)."""
+
+
+class DeviceArrays(HostArrays):
+    """Tiles and frames as torch tensors on ``device``; batches through :meth:`Backend.run_device`."""
+
+    def __init__(self, device: str) -> None:
+        import torch
+
+        self._torch, self._device = torch, torch.device(device)
+
+    def empty(self, shape: tuple[int, ...]) -> Any:
+        """A new float32 tensor on the device."""
+        return self._torch.empty(shape, dtype=self._torch.float32, device=self._device)
+
+    def run(self, backend: Backend, batch: Any) -> Any:
+        """The backend's device-resident forward on one batch."""
+        return backend.run_device(batch)
+
+    def sync(self) -> None:
+        """Wait for this thread's stream: results are complete before another thread uses (or frees) them."""
+        if self._device.type == "cuda":
+            self._torch.cuda.current_stream(self._device).synchronize()
+
+
 @dataclass(eq=False)
 class FrameTask:
-    """One 2-D frame: normalized and padded to the model stride; ``output()`` once done."""
+    """One 2-D frame: normalized and padded to the model stride (numpy or a device tensor);
+    ``output()`` once done."""
 
     key: Any
-    image: np.ndarray
+    image: Any
     shape: tuple[int, int]
     plan: TilePlan | None = None
-    out: np.ndarray | None = None
+    out: Any = None
     remaining: int = 0
     error: BaseException | None = None
 
-    def output(self) -> np.ndarray:
+    def output(self) -> Any:
         """The denoised frame (normalized units), cropped to :attr:`shape`."""
         assert self.plan is not None and self.out is not None
         return self.plan.crop(self.out)
@@ -152,12 +204,15 @@ class TiledEngine:
 
     ``add`` and ``flush`` return the frames that finished, successfully or with ``error`` set.
     An out-of-memory error halves the batch, then the tile, and retries instead of failing.
+    ``arrays``: numpy on the host (default) or :class:`DeviceArrays` for frames on the device.
     """
 
     def __init__(
-        self, backend: Backend, spec: ModelSpec, tile: int | str = "auto", batch: int | str = "auto"
+        self, backend: Backend, spec: ModelSpec, tile: int | str = "auto", batch: int | str = "auto",
+        arrays: HostArrays | None = None,
     ) -> None:
         self.backend = backend
+        self.arrays = arrays or HostArrays()
         self.radius, self.stride = spec.receptive_radius, spec.stride
         self._spec = spec
         self.tile: int | None = None if tile == "auto" else int(tile)
@@ -165,7 +220,7 @@ class TiledEngine:
         if self.tile is not None:
             TilePlan.create((self.tile, self.tile), self.tile, self.radius, self.stride)  # rejects too small
         self._pending: list[tuple[FrameTask, int]] = []
-        self._buffer = np.empty((0, 1, 0, 0), np.float32)
+        self._buffer = self.arrays.empty((0, 1, 0, 0))
 
     def add(self, frame: FrameTask) -> list[FrameTask]:
         """Queue all tiles of ``frame``; run every full batch."""
@@ -205,27 +260,29 @@ class TiledEngine:
             for (frame, i), result in zip(chunk, outputs, strict=True):
                 assert frame.plan is not None
                 if frame.out is None:
-                    frame.out = np.empty(frame.plan.padded_shape, np.float32)
+                    frame.out = self.arrays.empty(frame.plan.padded_shape)
                 frame.plan.stitch(frame.out, i, result[0])
                 frame.remaining -= 1
                 if frame.remaining == 0:
                     done.append(frame)
+        if done:
+            self.arrays.sync()
         return done
 
-    def _forward(self, chunk: list[tuple[FrameTask, int]]) -> np.ndarray:
+    def _forward(self, chunk: list[tuple[FrameTask, int]]) -> Any:
         """Run one batch; a partial batch is zero-filled to the full batch size, because results
         must not depend on how many tiles happened to be left (CPU kernels differ for N=1)."""
         plan = chunk[0][0].plan
         assert plan is not None and self.batch is not None
         th, tw = plan.tile_shape
         if self._buffer.shape[0] < self.batch or self._buffer.shape[2:] != (th, tw):
-            self._buffer = np.empty((self.batch, 1, th, tw), np.float32)
+            self._buffer = self.arrays.empty((self.batch, 1, th, tw))
         buf = self._buffer[: self.batch]
         for k, (frame, i) in enumerate(chunk):
             assert frame.plan is not None
             buf[k, 0] = frame.plan.extract(frame.image, i)
         buf[len(chunk):] = 0.0
-        return self.backend.run(buf)[: len(chunk)]
+        return self.arrays.run(self.backend, buf)[: len(chunk)]
 
     def _back_off(self, chunk: list[tuple[FrameTask, int]]) -> bool:
         """Halve the batch (or, at batch 1, the tile and re-plan queued frames); False if at the minimum."""

@@ -1,7 +1,10 @@
 """Per-output claims, so concurrent runs on one output folder never write the same file.
 
 A claim is an ``flock``-ed file ``.cryodeploy-claim-<output name>`` beside the output,
-holding the owner's PID for messages. The kernel drops the lock when its process dies
+holding the owner's PID (for messages) and the output's name. A name too long to carry the
+prefix within the 255-byte limit is replaced by ``#`` + its hash (:func:`cryodeploy.files.name_key`),
+in claim and temporary names alike; the name inside the claim file lets the cleanup find the
+owner of a hashed temporary file. The kernel drops the lock when its process dies
 (``kill -9`` included), so a claim left behind by a dead run is simply taken over: there
 are no stale claims to time out. A writer holds the output's claim from before it starts
 writing a temporary file until after the rename, which makes the cleanup of a killed
@@ -25,7 +28,7 @@ import os
 from pathlib import Path
 
 from cryodeploy.errors import OutputError
-from cryodeploy.files import TEMP_PREFIX
+from cryodeploy.files import TEMP_PREFIX, name_key
 
 __all__ = ["CLAIM_PREFIX", "Claim", "claim_owner", "clean_leftovers", "try_claim"]
 
@@ -60,15 +63,20 @@ class Claim:
 
 
 def _claim_path(output: Path) -> Path:
-    return output.parent / (CLAIM_PREFIX + output.name)
+    return output.parent / (CLAIM_PREFIX + name_key(output.name))
+
+
+def _claim_lines(claim: Path) -> list[str]:
+    """The lines of a claim file (PID, output name); empty if unreadable or not yet written."""
+    try:
+        return claim.read_bytes().decode("utf-8", "surrogateescape").split("\n")[:2]
+    except OSError:
+        return []
 
 
 def claim_owner(output: Path) -> str:
     """The PID written in ``output``'s claim file, or '?' if unreadable."""
-    try:
-        return _claim_path(output).read_text().strip() or "?"
-    except OSError:
-        return "?"
+    return (_claim_lines(_claim_path(output)) or [""])[0].strip() or "?"
 
 
 def try_claim(output: str | os.PathLike[str], blocking: bool = False) -> Claim | None:
@@ -98,7 +106,7 @@ def try_claim(output: str | os.PathLike[str], blocking: bool = False) -> Claim |
         if same:
             try:
                 os.ftruncate(fd, 0)
-                os.write(fd, f"{os.getpid()}\n".encode())
+                os.write(fd, f"{os.getpid()}\n".encode() + os.fsencode(Path(output).name) + b"\n")
             except OSError as err:  # e.g. a full disk: give the claim up and leave no empty claim file
                 path.unlink(missing_ok=True)
                 os.close(fd)
@@ -107,8 +115,24 @@ def try_claim(output: str | os.PathLike[str], blocking: bool = False) -> Claim |
         os.close(fd)
 
 
-def _owners(name: str, outdir: Path) -> list[Path]:
+def _hashed_owners(key: str, outdir: Path) -> list[Path] | None:
+    """Outputs whose claim covers a temporary file of hashed target ``key``, from the names that
+    claim files record; None if a claim file is not yet readable (its owner is then unknown)."""
+    owners = [outdir / key]
+    for claim in outdir.glob(CLAIM_PREFIX + "*"):
+        lines = _claim_lines(claim)
+        if len(lines) < 2 or not lines[1]:
+            return None
+        name = lines[1]
+        if key in (name_key(name), name_key(Path(name).stem + ".png")):
+            owners.append(outdir / name)
+    return owners
+
+
+def _owners(name: str, outdir: Path) -> list[Path] | None:
     """Outputs whose claim covers a temporary file of target ``name`` (itself, or the output of a preview)."""
+    if name.startswith("#"):
+        return _hashed_owners(name, outdir)
     owners = [outdir / name]
     if name.endswith(".png"):
         stem = name[: -len(".png")]
@@ -136,8 +160,11 @@ def clean_leftovers(outdir: str | os.PathLike[str]) -> list[Path]:
     for tmp in sorted(d.glob(TEMP_PREFIX + "*")):
         target = tmp.name[len(TEMP_PREFIX):].rsplit(".", 1)[0]
         claims = []
+        owners = _owners(target, d)
+        if owners is None:
+            continue
         try:
-            for owner in _owners(target, d):
+            for owner in owners:
                 c = try_claim(owner)
                 if c is None:
                     break

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from cryodeploy.errors import ConfigError
+from cryodeploy.errors import ConfigError, InputError
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Sequence
@@ -31,13 +31,30 @@ __all__ = ["Denoiser", "resolve_device"]
 def resolve_device(device: str = "auto", environ: dict[str, str] | None = None) -> str:
     """``auto``: ``cuda`` if torch sees a GPU, else ``cpu``; ``cuda`` under torchrun: ``cuda:LOCAL_RANK``."""
     env = os.environ if environ is None else environ
+    if not isinstance(device, str):
+        raise ConfigError(f"device {device!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
     if device == "auto":
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and "LOCAL_RANK" in env:
+        if not env["LOCAL_RANK"].isdigit():
+            raise ConfigError(f"LOCAL_RANK {env['LOCAL_RANK']!r}: expected a non-negative integer")
         device = f"cuda:{int(env['LOCAL_RANK'])}"
     return device
+
+
+def _check_array(array: object) -> np.ndarray:
+    """``array`` as a real-valued numpy array; refuses masked, complex, object and string arrays."""
+    if isinstance(array, np.ma.MaskedArray):
+        raise InputError("array: found a masked array; fill the masked pixels first (e.g. np.ma.filled)")
+    try:
+        arr = np.asarray(array)
+    except (TypeError, ValueError) as err:
+        raise InputError(f"array: cannot be read as a numpy array ({err})") from err
+    if arr.dtype.kind not in "biuf":
+        raise InputError(f"array: found dtype {arr.dtype}, expected real numbers (integer or float)")
+    return arr
 
 
 def _run_config(config: RunConfig | None, options: dict[str, Any]) -> RunConfig:
@@ -71,27 +88,47 @@ class Denoiser:
     ) -> Denoiser:
         """Load ``model`` (``"default"``, a checkpoint/run folder, raw weights, ``.onnx`` or an engine).
 
+        ``precision``: fp32/fp16/bf16, or ``auto`` (:func:`~cryodeploy.inference.variants.default_variant`:
+        the fastest variant passing parity and the fp16 gate on CUDA, fp32 elsewhere).
         ``device``: ``auto``/``cpu``/``cuda``/``cuda:N``; ``backend``: ``auto`` (see
         :data:`~cryodeploy.backends.BACKEND_PREFERENCE`) or a registered name; ``options`` go to the backend
-        (e.g. ``cuda_graphs=True`` for torch). A sequence of models is an ensemble: each runs on
-        ``backend`` and the outputs are averaged (:mod:`cryodeploy.backends.ensemble`).
+        (e.g. ``cuda_graphs=True`` for torch). A list of models is an ensemble: each runs on
+        ``backend`` (with ``auto`` precision: each member's own default variant) and the outputs are
+        averaged (:mod:`cryodeploy.backends.ensemble`).
         """
         from cryodeploy.backends import BackendOptions, create_auto, create_backend
         from cryodeploy.backends.sources import load_source
 
-        models = [model] if isinstance(model, str | os.PathLike) else list(model)
+        models: list[Any] = list(model) if isinstance(model, list | tuple) else [model]
         if not models:
             raise ConfigError("no model given")
+        for m in models:
+            if not isinstance(m, str | os.PathLike):
+                raise ConfigError(f"model {model!r}: expected 'default' or a path, or a list of them")
+        if not isinstance(backend, str):
+            raise ConfigError(f"backend {backend!r}: expected 'auto' or a backend name")
         sources = [load_source(m) for m in models]
-        opts = BackendOptions(
-            device=resolve_device(device), precision=precision, threads=threads, tf32=tf32,
-            extra=tuple(sorted(options.items())),
-        )
+        dev = resolve_device(device)
+        # (backend name, precision, options) per member; precision auto: each member's fastest correct
+        # variant on CUDA (inference/variants.py), eager fp32 elsewhere
+        plans = [(backend, precision, options)] * len(sources)
+        if precision == "auto":
+            from cryodeploy.inference.variants import default_variant
+
+            plans = []
+            for source in sources:
+                chosen = default_variant(source, dev)
+                if backend in ("auto", chosen.backend) and not options:
+                    plans.append((chosen.backend, chosen.precision, dict(chosen.extra)))
+                else:
+                    plans.append((backend, chosen.precision, options))
         backends: list[Backend] = []
         try:
-            for source in sources:
-                backends.append(create_auto(source, opts) if backend == "auto"
-                                else create_backend(backend, source, opts))
+            for source, (name, prec, extra) in zip(sources, plans, strict=True):
+                opts = BackendOptions(device=dev, precision=prec, threads=threads, tf32=tf32,
+                                      extra=tuple(sorted(extra.items())))
+                backends.append(create_auto(source, opts) if name == "auto"
+                                else create_backend(name, source, opts))
             if len(sources) == 1:
                 return cls(sources[0], backends[0])
             from cryodeploy.backends.ensemble import EnsembleBackend, dominant_spec
@@ -110,9 +147,11 @@ class Denoiser:
 
     def __call__(self, array: np.ndarray, tile: int | str = "auto", batch: int | str = "auto") -> np.ndarray:
         """Denoise a 2-D image or a 3-D stack (frames first); same shape, in the input's intensity scale."""
+        from cryodeploy.inference.jobs import check_geometry
         from cryodeploy.inference.runner import denoise_image
 
-        return denoise_image(np.asarray(array), self.backend, self.spec, tile=tile, batch=batch)
+        check_geometry(tile, batch)
+        return denoise_image(_check_array(array), self.backend, self.spec, tile=tile, batch=batch)
 
     def denoise_files(
         self,

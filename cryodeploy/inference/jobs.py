@@ -24,6 +24,7 @@ __all__ = [
     "Job",
     "RunConfig",
     "RunSummary",
+    "check_geometry",
     "orphaned_jobs",
     "output_name",
     "output_pairs",
@@ -50,6 +51,27 @@ def _check_shard(i: int, n: int, what: str) -> tuple[int, int]:
     return i, n
 
 
+#: largest explicit tile side and batch: beyond them a run would allocate more than any machine holds
+MAX_TILE = 32768
+MAX_BATCH = 1024
+#: largest explicit batch x tile x tile (pixels of one input batch; 2^30 float32 pixels are 4 GiB)
+MAX_BATCH_PIXELS = 1 << 30
+
+
+def check_geometry(tile: object, batch: object) -> None:
+    """Refuse a tile or batch that is not ``"auto"`` or a positive integer within the limits above."""
+    for name, value, limit in (("tile", tile, MAX_TILE), ("batch", batch, MAX_BATCH)):
+        if value == "auto":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name} {value!r}: expected 'auto' or a positive integer")
+        if value > limit:
+            raise ConfigError(f"{name} {value}: expected at most {limit}")
+    if isinstance(tile, int) and isinstance(batch, int) and batch * tile * tile > MAX_BATCH_PIXELS:
+        raise ConfigError(f"batch {batch} x tile {tile}x{tile} is {batch * tile * tile} pixels per batch, "
+                          f"expected at most {MAX_BATCH_PIXELS}; lower --batch or --tile")
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """How :func:`cryodeploy.inference.runner.denoise_files` runs; validated on construction.
@@ -63,6 +85,11 @@ class RunConfig:
     between reader, model and writer. ``filters``: binning and classical filters around the
     network (:class:`cryodeploy.imaging.filters.FrameFilters`). ``movies``: the inputs are movies,
     each summed (:mod:`cryodeploy.imaging.movies`) before denoising; outputs are named ``.mrc``.
+    ``frame_path``: where frames are read into, normalized, tiled and written from: ``"device"``
+    (torch tensors on the backend's device, for backends with a device-resident forward),
+    ``"host"`` (numpy), or ``"auto"`` (device for such backends on CUDA; always host when
+    ``filters`` or ``movies`` are set, which run on the host). ``io_threads``: reader and writer
+    threads each.
     """
 
     tile: int | Literal["auto"] = "auto"
@@ -81,12 +108,11 @@ class RunConfig:
     filters: FrameFilters = field(default_factory=FrameFilters)
     movies: MovieConfig | None = None
     queue_depth: int = 2
+    frame_path: Literal["auto", "host", "device"] = "auto"
+    io_threads: int = 2
 
     def __post_init__(self) -> None:
-        for name in ("tile", "batch"):
-            value = getattr(self, name)
-            if value != "auto" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ConfigError(f"{name} {value!r}: expected 'auto' or a positive integer")
+        check_geometry(self.tile, self.batch)
         if self.output_dtype not in ("float32", "float16"):
             raise ConfigError(f"output dtype {self.output_dtype!r}: expected float32 or float16")
         output_format(self.output_format)
@@ -105,6 +131,14 @@ class RunConfig:
             raise ConfigError(f"filters {self.filters!r}: expected a FrameFilters")
         if self.queue_depth < 1:
             raise ConfigError(f"queue_depth {self.queue_depth}: expected >= 1")
+        if self.frame_path not in ("auto", "host", "device"):
+            raise ConfigError(f"frame_path {self.frame_path!r}: expected 'auto', 'host' or 'device'")
+        if self.frame_path == "device" and (self.filters.active or self.movies is not None):
+            raise ConfigError("frame_path 'device': filters, binning and movies run on the host frame path; "
+                              "use 'auto' or 'host'")
+        threads = self.io_threads
+        if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= 16:
+            raise ConfigError(f"io_threads {self.io_threads!r}: expected an integer from 1 to 16")
         if isinstance(self.shard, str):
             object.__setattr__(self, "shard", parse_shard(self.shard))
         elif self.shard is not None:
@@ -157,6 +191,10 @@ def resolve_shard(shard: tuple[int, int] | None, environ: Mapping[str, str] | No
         r, n = _check_shard(rank[0], rank[1], rank[2])
         return (array[0] * n + r, array[1] * n) if array else (r, n)
     return array or (0, 1)
+
+
+#: longest file name (bytes) of Linux, macOS and Windows file systems
+NAME_MAX = 255
 
 
 def output_name(source: Path, suffix: str = "", extension: str | None = None) -> str:
@@ -237,6 +275,12 @@ def plan_jobs(pairs: Iterable[tuple[Path, Path]], config: RunConfig) -> list[Job
     jobs: list[Job] = []
     existing: list[Path] = []
     for src, out in everything[i::n]:  # round-robin over the sorted list: shards are disjoint
+        size = len(os.fsencode(out.name))
+        if size > NAME_MAX:  # this file fails alone; stat() of such a name would raise ENAMETOOLONG
+            error = (f"{out}: output name is {size} bytes, longer than the {NAME_MAX}-byte limit of a "
+                     "file name; shorten the input name or the suffix")
+            jobs.append(Job(src, out, None, FileResult(str(src), str(out), "failed", error=error)))
+            continue
         if src.exists() and out.exists() and os.path.samefile(src, out):
             raise OutputError(f"{out}: the output would replace its input; use another folder or a suffix")
         job = Job(src, out, file_identity(out), FileResult(str(src), str(out)))

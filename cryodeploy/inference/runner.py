@@ -43,14 +43,12 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from cryodeploy._version import __version__
-from cryodeploy.errors import CryoDeployError, InputError, OutputError
+from cryodeploy.errors import CryoDeployError, OutputError
 from cryodeploy.files import new_folders_removed_if_empty
-from cryodeploy.imaging.movies import movie_micrograph
-from cryodeploy.inference.batching import FrameTask, TiledEngine, auto_geometry, error_text
+from cryodeploy.inference.batching import DeviceArrays, FrameTask, TiledEngine, error_text
 from cryodeploy.inference.claims import claim_owner, clean_leftovers, try_claim
+from cryodeploy.inference.frames import DeviceFrames, HostFrames, denoise_image, frames_for, min_input_size
 from cryodeploy.inference.jobs import (
     FileResult,
     Job,
@@ -62,8 +60,7 @@ from cryodeploy.inference.jobs import (
     plan_jobs,
     resolve_shard,
 )
-from cryodeploy.inference.tiling import TilePlan
-from cryodeploy.io.mrc import MIN_SIZE, read_micrograph, validate_array
+from cryodeploy.io.preview import downsample, write_preview
 from cryodeploy.io.writers import output_format
 from cryodeploy.progress import ProgressTask, progress
 
@@ -71,7 +68,6 @@ if TYPE_CHECKING:
     import os
 
     from cryodeploy.backends import Backend
-    from cryodeploy.imaging.normalize import NormStats
     from cryodeploy.models import ModelSpec
 
 __all__ = [
@@ -88,57 +84,6 @@ log = logging.getLogger(__name__)
 
 _END = object()
 _POLL = 0.1
-
-
-def min_input_size(spec: ModelSpec) -> int:
-    """Smallest accepted image side for a model: 32 px, or its receptive field if larger."""
-    return max(MIN_SIZE, 2 * spec.receptive_radius + 1)
-
-
-def _int_or_none(value: int | str) -> int | None:
-    return None if value == "auto" else int(value)
-
-
-def _frame_task(key: Any, frame: np.ndarray, spec: ModelSpec) -> tuple[FrameTask, NormStats]:
-    p = spec.contract.prepare(frame)
-    return FrameTask(key, p.image, p.shape), p.stats
-
-
-def denoise_image(
-    image: np.ndarray,
-    backend: Backend,
-    spec: ModelSpec,
-    tile: int | str = "auto",
-    batch: int | str = "auto",
-    keep_normalized: bool = False,
-) -> np.ndarray:
-    """Denoise a 2-D image (or a 3-D stack, frames first) in memory; same shape, input's scale.
-
-    Each frame is normalized as the model was trained, run tile by tile and de-normalized
-    (unless ``keep_normalized``).
-    """
-    arr = np.asarray(image, dtype=np.float32)
-    if arr.ndim not in (2, 3):
-        raise InputError(f"array: found shape {arr.shape}, expected a 2-D image or a 3-D stack")
-    validate_array(arr, "array", min_input_size(spec))
-    frames = arr.reshape(-1, *arr.shape[-2:])
-    h, w = frames.shape[1:]
-    padded = (h + -h % spec.stride, w + -w % spec.stride)
-    t, b = auto_geometry(padded, spec, backend.device, _int_or_none(tile), _int_or_none(batch))
-    n_tiles = len(TilePlan.create((h, w), t, spec.receptive_radius, spec.stride)) * len(frames)
-    engine = TiledEngine(backend, spec, t, min(b, n_tiles))  # no larger batch than the work: it is padded
-    stats, finished = [], []
-    for i, frame in enumerate(frames):
-        task, s = _frame_task(i, frame, spec)
-        stats.append(s)
-        finished += engine.add(task)
-    finished += engine.flush()
-    out = np.empty_like(frames)
-    for task in finished:
-        if task.error is not None:
-            raise task.error
-        out[task.key] = spec.contract.finish(task.output(), stats[task.key], keep_normalized=keep_normalized)
-    return out.reshape(arr.shape)
 
 
 def _put(q: queue.Queue[Any], item: Any, stop: threading.Event) -> bool:
@@ -177,31 +122,39 @@ class _FileBar:
 
 
 class _Pipeline:
-    """The three stages of :func:`denoise_files` and the state they share."""
+    """The three stages of :func:`denoise_files` (``io_threads`` readers and writers) and their state."""
 
     def __init__(
-        self, jobs: list[Job], engine: TiledEngine, spec: ModelSpec, config: RunConfig, bar: _FileBar
+        self, jobs: list[Job], engine: TiledEngine, io: HostFrames, spec: ModelSpec, config: RunConfig,
+        bar: _FileBar,
     ) -> None:
-        self.jobs, self.engine, self.spec, self.config, self.bar = jobs, engine, spec, config, bar
+        self.jobs, self.engine, self.io, self.spec = jobs, engine, io, spec
+        self.config, self.bar = config, bar
         self.backend = engine.backend
         self.frames: queue.Queue[Any] = queue.Queue(config.queue_depth)
         self.written: queue.Queue[Any] = queue.Queue(config.queue_depth)
         self.stop = threading.Event()
         self.fatal: list[BaseException] = []
+        self.lock = threading.Lock()
+        self.todo = iter(jobs)
+        self.n = config.io_threads
 
     def run(self) -> None:
-        threads = [
-            threading.Thread(target=self._guard, args=(f,), name=f"cryodeploy{f.__name__}", daemon=True)
-            for f in (self._read_all, self._write_all)
-        ]
-        for t in threads:
+        def thread(f: Any) -> threading.Thread:
+            name = f"cryodeploy{f.__name__}"
+            return threading.Thread(target=self._guard, args=(f,), name=name, daemon=True)
+
+        readers = [thread(self._read_all) for _ in range(self.n)]
+        writers = [thread(self._write_all) for _ in range(self.n)]
+        for t in readers + writers:
             t.start()
         try:
             self._compute_all()
-            threads[1].join()
+            for t in writers:
+                t.join()
         finally:
             self.stop.set()
-            for t in threads:
+            for t in readers + writers:
                 t.join()
             for job in self.jobs:
                 claim = job.runtime.pop("claim", None)
@@ -217,17 +170,25 @@ class _Pipeline:
             self.fatal.append(err)
             self.stop.set()
 
-    # --- reader ---------------------------------------------------------------------------------
+    # --- readers --------------------------------------------------------------------------------
     def _read_all(self) -> None:
-        for job in self.jobs:
-            if self.stop.is_set():
-                return
-            if job.result.status == "pending" and not self._read(job):
+        while True:
+            with self.lock:  # jobs are claimed in order, so the first failing claim is the one reported
+                job = None if self.stop.is_set() else next(self.todo, None)
+                if job is None:
+                    break
+                try:
+                    ended = job.result.status != "pending" or not self._claim(job)
+                except BaseException as err:
+                    self.fatal.append(err)
+                    self.stop.set()
+                    return
+            if ended or not self._read(job):
                 _put(self.frames, job, self.stop)
         _put(self.frames, _END, self.stop)
 
-    def _read(self, job: Job) -> bool:
-        """Claim, read and queue ``job``'s frames; False (result set) if it ends here."""
+    def _claim(self, job: Job) -> bool:
+        """Claim ``job``'s output; False (result set) if another process has it."""
         rt, res = job.runtime, job.result
         rt["t0"] = time.perf_counter()
         claim = try_claim(job.output)
@@ -239,36 +200,34 @@ class _Pipeline:
         if file_identity(job.output) != job.planned:
             res.status, res.error = "skipped", "written by another process during this run"
             return False
+        return True
+
+    def _read(self, job: Job) -> bool:
+        """Read and queue a claimed ``job``'s frames; False (result set) if it ends here."""
+        rt, res = job.runtime, job.result
         try:
-            if self.config.movies is not None:  # hook for movies (imaging/movies.py): the sum of the frames
-                mic = movie_micrograph(job.input, self.config.movies, min_input_size(self.spec))
-            else:
-                mic = read_micrograph(job.input, min_input_size(self.spec))
+            header, prepared = self.io.read(job.input, min_input_size(self.spec))
         except CryoDeployError as err:
             res.status, res.error = "failed", str(err)
             return False
-        # --- hook for binning/filters (imaging/filters.py, issue 21): the output header follows --bin
-        filters = self.config.filters
-        header = filters.header(mic.header) if filters.active else mic.header
-        if min(header.frame_shape) < min_input_size(self.spec):
-            res.status, res.error = "failed", (f"{job.input}: binned to {header.frame_shape[1]}x"
-                                               f"{header.frame_shape[0]}, smaller than the model's "
-                                               f"{min_input_size(self.spec)} px minimum")
-            return False
-        rt.update(header=header, in_header=mic.header, stats=[], frames=[None] * header.n_frames, received=0)
+        rt.update(header=header, stats=[None] * header.n_frames, frames=[None] * header.n_frames, received=0)
         res.frames, res.bytes_in = header.n_frames, job.input.stat().st_size
-        for i, frame in enumerate(mic.frames()):
-            if filters.active:
-                frame = filters.before(frame, mic.header)
-            task, stats = _frame_task((job, i), frame, self.spec)
-            rt["stats"].append(stats)
-            if not _put(self.frames, task, self.stop):
+        for i, (image, shape, stats) in enumerate(prepared):
+            rt["stats"][i] = stats
+            if not _put(self.frames, FrameTask((job, i), image, shape), self.stop):
                 break
         return True
 
     # --- model (calling thread) -----------------------------------------------------------------
     def _compute_all(self) -> None:
-        while (item := _get(self.frames, self.stop)) is not _END:
+        ends = 0
+        while ends < self.n:
+            item = _get(self.frames, self.stop)
+            if item is _END:
+                if self.stop.is_set():
+                    break
+                ends += 1
+                continue
             if isinstance(item, Job):
                 _put(self.written, item, self.stop)
                 continue
@@ -276,9 +235,10 @@ class _Pipeline:
                 _put(self.written, task, self.stop)
         for task in self.engine.flush():
             _put(self.written, task, self.stop)
-        _put(self.written, _END, self.stop)
+        for _ in range(self.n):
+            _put(self.written, _END, self.stop)
 
-    # --- writer ---------------------------------------------------------------------------------
+    # --- writers --------------------------------------------------------------------------------
     def _write_all(self) -> None:
         while (item := _get(self.written, self.stop)) is not _END:
             if isinstance(item, Job):
@@ -286,20 +246,19 @@ class _Pipeline:
                 continue
             job, index = item.key
             rt = job.runtime
-            if item.error is not None:
-                rt.setdefault("error", f"{job.input}: {error_text(item.error, self.backend.label)}")
-            else:
-                y = item.output()
-                frame = self.spec.contract.finish(
-                    y, rt["stats"][index], keep_normalized=self.config.keep_normalized
-                )
-                if self.config.filters.active:  # hook for filters after the network (imaging/filters.py)
-                    frame = self.config.filters.after(frame, rt["in_header"])
-                rt["frames"][index] = frame
-                if index == 0 and self.config.preview:
-                    rt["preview"] = (item.plan.crop(item.image), y)  # type: ignore[union-attr]
-            rt["received"] += 1
-            if rt["received"] == job.result.frames:
+            with self.lock:
+                if item.error is not None:
+                    rt.setdefault("error", f"{job.input}: {error_text(item.error, self.backend.label)}")
+                else:
+                    rt["frames"][index] = item.output()
+                    if index == 0 and self.config.preview:
+                        # downsampled now: the frame is de-normalized in place before it is written
+                        rt["preview"] = tuple(downsample(self.io.to_numpy(x)) for x in (
+                            item.plan.crop(item.image), item.output()))  # type: ignore[union-attr]
+                rt["received"] += 1
+                complete = rt["received"] == job.result.frames
+            item = None  # the normalized input is freed before the write (memory: a few frames)
+            if complete:
                 self._write(job)
                 self._finish(job)
 
@@ -308,16 +267,14 @@ class _Pipeline:
         if "error" in rt:
             res.status, res.error = "failed", rt["error"]
             return
-        header = rt["header"]
-        data = np.stack(rt.pop("frames")) if header.is_stack else rt.pop("frames")[0]
+        cfg = self.config
+        label = f"cryodeploy {__version__} denoise ({self.spec.architecture})"
         try:
-            output_format(self.config.output_format).write(
-                job.output, data, header, self.config.output_dtype, (job.input,),
-                f"cryodeploy {__version__} denoise ({self.spec.architecture})",
+            self.io.write(
+                job.output, rt.pop("frames"), rt["stats"], rt["header"], cfg.output_dtype, cfg.output_format,
+                cfg.keep_normalized, (job.input,), label,
             )
             if "preview" in rt:
-                from cryodeploy.io.preview import write_preview
-
                 write_preview(job.output.with_suffix(".png"), *rt.pop("preview"))
         except CryoDeployError as err:
             res.status, res.error = "failed", str(err)
@@ -336,7 +293,8 @@ class _Pipeline:
         if job.result.status == "failed":  # info: the summary (and the CLI, on stderr) report it
             log.info("failed: %s", job.result.error)
         job.runtime = {}
-        self.bar.file(job.result.status)
+        with self.lock:
+            self.bar.file(job.result.status)
 
 
 def denoise_files(
@@ -378,13 +336,15 @@ def _run(
     pairs: list[tuple[Path, Path]], folders: list[Path], backend: Backend, spec: ModelSpec, cfg: RunConfig
 ) -> RunSummary:
     """Plan and run ``pairs`` into ``folders`` (created first, then cleaned of killed runs' leftovers)."""
-    engine = TiledEngine(backend, spec, cfg.tile, cfg.batch)  # rejects a tile too small for the model
+    io = frames_for(backend, spec, cfg.frame_path, cfg.filters, cfg.movies)
+    arrays = DeviceArrays(backend.device) if isinstance(io, DeviceFrames) else None
+    engine = TiledEngine(backend, spec, cfg.tile, cfg.batch, arrays)  # rejects a tile too small for the model
     with new_folders_removed_if_empty(*folders):  # every input failed: no empty output folder stays
-        return _run_in(pairs, folders, engine, spec, cfg)
+        return _run_in(pairs, folders, engine, io, spec, cfg)
 
 
-def _run_in(pairs: list[tuple[Path, Path]], folders: list[Path], engine: TiledEngine, spec: ModelSpec,
-            cfg: RunConfig) -> RunSummary:
+def _run_in(pairs: list[tuple[Path, Path]], folders: list[Path], engine: TiledEngine, io: HostFrames,
+            spec: ModelSpec, cfg: RunConfig) -> RunSummary:
     backend = engine.backend
     for folder in folders:
         try:
@@ -400,12 +360,12 @@ def _run_in(pairs: list[tuple[Path, Path]], folders: list[Path], engine: TiledEn
         for job in jobs:
             if job.result.status != "pending":
                 files.file(job.result.status)
-        _Pipeline(jobs, engine, spec, cfg, files).run()
+        _Pipeline(jobs, engine, io, spec, cfg, files).run()
         while cfg.pull and (orphans := orphaned_jobs(jobs)):  # their claimer died: finish them here
             files.retract("skipped", len(orphans))
             for folder in folders:
                 clean_leftovers(folder)
-            _Pipeline(orphans, engine, spec, cfg, files).run()
+            _Pipeline(orphans, engine, io, spec, cfg, files).run()
     summary = RunSummary(
         files=[j.result for j in jobs],
         seconds=time.perf_counter() - start,

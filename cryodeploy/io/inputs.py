@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 from pathlib import Path
 
 from cryodeploy.errors import InputError
@@ -15,19 +16,27 @@ __all__ = ["MICROGRAPH_SUFFIXES", "expand_inputs", "read_star_micrographs"]
 MICROGRAPH_SUFFIXES = (".mrc", ".mrcs")
 
 
+def _relion_project(star: Path) -> Path | None:
+    """The project folder of a STAR file inside a RELION job folder (``PROJECT/Type/jobNNN/x.star``)."""
+    parents = star.resolve().parents
+    return parents[2] if len(parents) > 2 and re.fullmatch(r"job\d+", parents[0].name) else None
+
+
 def _resolve_star_path(name: str, star: Path, project_dir: Path | None) -> Path:
     """RELION paths are relative to the project directory; find it if not given.
 
     Tried in order: ``project_dir`` (or the working directory), then each parent of the STAR file.
+    A file found nowhere is named as RELION would resolve it: under ``project_dir``, else the
+    project of the job folder holding the STAR file, else the working directory.
     """
     p = Path(name)
     if p.is_absolute():
         return p
     bases = [project_dir or Path.cwd(), *star.resolve().parents]
     for base in bases:
-        if (base / p).exists():
+        if (base / p).exists() or (base / p).is_symlink():
             return base / p
-    return bases[0] / p
+    return (project_dir or _relion_project(star) or Path.cwd()) / p
 
 
 def read_star_micrographs(star: str | os.PathLike[str], project_dir: Path | None = None) -> list[Path]:
@@ -40,6 +49,8 @@ def read_star_micrographs(star: str | os.PathLike[str], project_dir: Path | None
     except Exception as err:  # starfile raises many types on malformed input
         raise InputError(f"{s}: not a readable STAR file ({type(err).__name__}: {err})") from err
     for block in blocks.values():
+        if hasattr(block, "columns") and list(block.columns).count("rlnMicrographName") > 1:
+            raise InputError(f"{s}: duplicate rlnMicrographName column, expected one")
         if hasattr(block, "columns") and "rlnMicrographName" in block.columns:
             return [_resolve_star_path(str(n), s, project_dir) for n in block["rlnMicrographName"]]
     raise InputError(f"{s}: no table with rlnMicrographName, expected a RELION micrographs STAR file")

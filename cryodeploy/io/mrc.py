@@ -7,6 +7,7 @@ one-line :class:`~cryodeploy.errors.InputError` naming the file.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import struct
@@ -25,6 +26,7 @@ __all__ = [
     "SUPPORTED_MODES",
     "Micrograph",
     "MicrographHeader",
+    "check_output_finite",
     "read_header",
     "read_micrograph",
     "validate_array",
@@ -149,8 +151,19 @@ def read_header(path: str | os.PathLike[str]) -> MicrographHeader:
     return header
 
 
+#: leading bytes of compressed files, which mrcfile would report as truncated or not MRC
+_COMPRESSED = ((b"\x1f\x8b\x08", "gzip", "gunzip"), (b"BZh", "bzip2", "bunzip2"),
+               (b"\xfd7zXZ\x00", "xz", "unxz"), (b"\x28\xb5\x2f\xfd", "zstd", "unzstd"))
+
+
 def _check_file(p: Path) -> None:
     if not p.exists():
+        if p.is_symlink():
+            try:
+                os.stat(p)
+            except OSError as err:
+                if err.errno == errno.ELOOP:
+                    raise InputError(f"{p}: symbolic link loop") from err
         raise InputError(f"{p}: no such file")
     if p.is_dir():
         raise InputError(f"{p}: is a directory, expected an MRC file")
@@ -161,7 +174,19 @@ def _check_file(p: Path) -> None:
         raise InputError(f"{p}: not readable (permission denied)")
     if p.stat().st_size == 0:
         raise InputError(f"{p}: empty file, expected an MRC file")
+    _check_compressed(p)
     _check_layout(p)
+
+
+def _check_compressed(p: Path) -> None:
+    try:
+        with open(p, "rb") as fh:
+            head = fh.read(6)
+    except OSError:
+        return  # the layout check reports it
+    for magic, kind, tool in _COMPRESSED:
+        if head.startswith(magic):
+            raise InputError(f"{p}: compressed MRC ({kind}): decompress first (e.g. {tool})")
 
 
 def _file_kind(mode: int) -> str:
@@ -209,11 +234,10 @@ def validate_array(data: np.ndarray, path: str | os.PathLike[str], min_size: int
     frames = data.reshape(-1, h, w)
     for i, frame in enumerate(frames):
         where = f" (frame {i})" if frames.shape[0] > 1 else ""
-        finite = np.isfinite(frame)
-        if not finite.all():
-            n_bad = int(frame.size - np.count_nonzero(finite))
+        lo, hi = float(frame.min()), float(frame.max())  # NaN/Inf show in min or max: no mask needed
+        if not (np.isfinite(lo) and np.isfinite(hi)):
+            n_bad = int(frame.size - np.count_nonzero(np.isfinite(frame)))
             raise InputError(f"{p}: found {n_bad} NaN/Inf values{where}, expected finite pixels")
-        lo, hi = float(frame.min()), float(frame.max())
         if lo == hi:
             raise InputError(f"{p}: image is constant ({lo:g}){where}, expected non-zero variance")
 
@@ -266,7 +290,7 @@ def write_micrograph(
         raise OutputError(f"{path}: output dtype {dtype!r} not supported, expected float32 or float16")
     with np.errstate(over="ignore", invalid="ignore"):  # checked below, with a clearer message
         arr = np.ascontiguousarray(data, dtype=_OUT_DTYPES[dtype])
-    _check_finite(arr, data, path, dtype)
+    check_output_finite(arr, data, path, dtype)
     if header is not None and tuple(arr.shape) != tuple(header.shape):
         raise OutputError(f"{path}: data shape {arr.shape} differs from the header's {header.shape}")
     target = Path(path)
@@ -287,7 +311,7 @@ def write_micrograph(
     return target
 
 
-def _check_finite(arr: np.ndarray, data: np.ndarray, path: str | os.PathLike[str], dtype: str) -> None:
+def check_output_finite(arr: np.ndarray, data: np.ndarray, path: str | os.PathLike[str], dtype: str) -> None:
     """A micrograph written with NaN/Inf is corrupt for every reader: refuse it, saying why."""
     finite = np.isfinite(arr)
     if finite.all():

@@ -117,12 +117,29 @@ def export_raw(checkpoint: str | os.PathLike[str], outdir: str | os.PathLike[str
     return out
 
 
-def _read_file(folder: Path, layer: str, entry: dict[str, Any], expected_shape: tuple[int, ...]
-               ) -> np.ndarray:
-    where = folder / str(entry.get("file", "?"))
-    shape = tuple(entry.get("shape", ()))
+def _dims(value: Any) -> tuple[int, ...] | None:
+    """A shape from JSON: a list of non-negative integers, else None."""
+    if not isinstance(value, list) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
+        return None
+    return tuple(value)
+
+
+def _read_file(folder: Path, layer: str, entry: Any, expected_shape: tuple[int, ...]) -> np.ndarray:
+    from cryodeploy.files import open_regular
+
+    if not isinstance(entry, dict):
+        raise ModelError(f"{folder / 'layers.json'}: {layer} file entry is {type(entry).__name__}, "
+                         "expected an object")
+    name = entry.get("file")
+    if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+        raise ModelError(f"{folder / 'layers.json'}: {layer} file {name!r}, "
+                         "expected a file name in the folder")
+    where = folder / name
+    shape = _dims(entry.get("shape"))
     if shape != expected_shape:
-        raise ModelError(f"{where}: layers.json gives {layer} shape {shape}, expected {expected_shape}")
+        raise ModelError(f"{where}: layers.json gives {layer} shape "
+                         f"{entry.get('shape') if shape is None else shape}, expected {expected_shape}")
     for key, want in (("dtype", "float32"), ("byte_order", "little")):
         if entry.get(key) != want:
             raise ModelError(f"{where}: {key} {entry.get(key)!r} in layers.json, expected {want!r}")
@@ -132,12 +149,16 @@ def _read_file(folder: Path, layer: str, entry: dict[str, Any], expected_shape: 
         if key not in entry:
             raise ModelError(f"{where}: layers.json has no {key!r} for {layer}; "
                              "refusing unverifiable weights")
+    expected_bytes = 4 * int(np.prod(shape))
     try:
-        raw = where.read_bytes()
+        with open_regular(where, ModelError) as (fh, size):
+            if size != expected_bytes:  # checked before reading: a huge file is never read
+                raise ModelError(f"{where}: found {size} bytes, expected {expected_bytes} "
+                                 f"for {layer} shape {shape}")
+            raw = fh.read(expected_bytes + 1)
     except OSError as err:
         raise ModelError(f"{where}: cannot read ({err.strerror or err})") from err
-    expected_bytes = 4 * int(np.prod(shape))
-    if len(raw) != expected_bytes:
+    if len(raw) != expected_bytes:  # the file changed size while it was read
         raise ModelError(f"{where}: found {len(raw)} bytes, expected {expected_bytes} "
                          f"for {layer} shape {shape}")
     if hashlib.sha256(raw).hexdigest() != entry["sha256"]:
@@ -152,7 +173,10 @@ def _check_axis_sums(where: Path, data: np.ndarray, stored: Any) -> None:
     found = axis_sums(data)
     scale = float(np.abs(data.astype(np.float64)).sum()) or 1.0
     for axis in _AXES:
-        want = np.asarray(stored.get(axis, []) if isinstance(stored, dict) else [], dtype=np.float64)
+        try:
+            want = np.asarray(stored.get(axis, []) if isinstance(stored, dict) else [], dtype=np.float64)
+        except (TypeError, ValueError):
+            want = np.zeros(0)
         got = np.asarray(found[axis])
         if want.shape != got.shape or np.max(np.abs(want - got)) > _SUM_RTOL * scale:
             raise ModelError(
@@ -166,25 +190,27 @@ def load_raw(folder: str | os.PathLike[str]) -> tuple[torch.nn.Module, ModelSpec
     """Load a raw weight folder into an eval-mode CPU model and its spec; refuses any mismatch."""
     import torch
 
+    from cryodeploy.files import read_json
+
     d = Path(folder)
     meta_path = d / "layers.json"
     try:
-        meta = json.loads(meta_path.read_text())
+        meta = read_json(meta_path, ModelError)
     except FileNotFoundError as err:
         raise ModelError(f"{meta_path}: missing (a raw weight folder needs layers.json)") from err
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ModelError(f"{meta_path}: not valid JSON ({err})") from err
     if not isinstance(meta, dict):
         raise ModelError(f"{meta_path}: found {type(meta).__name__}, expected a JSON object")
     if meta.get("format") != RAW_FORMAT:
         raise ModelError(f"{meta_path}: format {meta.get('format')!r}, expected {RAW_FORMAT!r}")
     try:
         spec = ModelSpec.from_dict(meta["model"])
-    except (ConfigError, KeyError, TypeError) as err:
+    except (ConfigError, KeyError, TypeError, ValueError, AttributeError) as err:
         raise ModelError(f"{meta_path}: invalid model config ({err})") from err
-    model = build_model(spec)
-    convs = raw_layers(model)
+    with torch.device("meta"):  # shapes only: every file is checked before the real model is built
+        convs = raw_layers(build_model(spec))
     entries = meta.get("layers", [])
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise ModelError(f"{meta_path}: 'layers' must be a list of objects, one per conv layer")
     if len(entries) != len(convs):
         raise ModelError(f"{meta_path}: found {len(entries)} layers, "
                          f"expected {len(convs)} for {spec.architecture}")
@@ -196,11 +222,12 @@ def load_raw(folder: str | os.PathLike[str]) -> tuple[torch.nn.Module, ModelSpec
                 f"{meta_path}: layer {i} is {entry.get('name')!r} ({entry.get('module')!r}), "
                 f"expected {name!r} ({module!r})"
             )
-        weight = _read_file(d, name, entry.get("weight") or {}, tuple(conv.weight.shape))
+        weight = _read_file(d, name, entry.get("weight"), tuple(conv.weight.shape))
         state[f"{module}.weight"] = torch.from_numpy(weight)
         if conv.bias is not None:
-            bias = _read_file(d, name, entry.get("bias") or {}, tuple(conv.bias.shape))
+            bias = _read_file(d, name, entry.get("bias"), tuple(conv.bias.shape))
             state[f"{module}.bias"] = torch.from_numpy(bias)
+    model = build_model(spec)
     model.load_state_dict(state)
     model.eval()
     return model, spec

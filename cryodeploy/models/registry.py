@@ -26,6 +26,8 @@ class Architecture:
     receptive_radius: Callable[[dict[str, Any]], int]
     stride: Callable[[dict[str, Any]], int]
     description: str
+    #: inclusive integer range of each parameter: a config outside it is refused before any allocation
+    bounds: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 def _cnn3(**params: Any) -> torch.nn.Module:
@@ -54,6 +56,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         receptive_radius=lambda p: 3,
         stride=lambda p: 1,
         description="the seeds' 3-layer CNN: 1->16->16->1, 3x3, ReLU, zero 'same' padding (2,625 parameters)",
+        bounds={"channels": (1, 1024)},
     ),
     "unet": Architecture(
         name="unet",
@@ -62,6 +65,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         receptive_radius=_unet_radius,
         stride=lambda p: 2 ** int(p["depth"]),
         description="small U-Net (Topaz-Denoise unet-small spirit): max-pool down, nearest up, skip concat",
+        bounds={"base_channels": (1, 256), "depth": (1, 6)},
     ),
 }
 
@@ -96,7 +100,13 @@ class ModelSpec:
         unknown = set(self.params) - set(arch.defaults)
         if unknown:
             raise ConfigError(f"architecture {self.architecture!r} has no parameters {sorted(unknown)}")
-        object.__setattr__(self, "params", {**arch.defaults, **self.params})
+        params = {**arch.defaults, **self.params}
+        for key, (low, high) in arch.bounds.items():
+            value = params[key]
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise ConfigError(f"{self.architecture} parameter {key}={value!r}, "
+                                  f"expected an integer from {low} to {high}")
+        object.__setattr__(self, "params", params)
 
     @property
     def receptive_radius(self) -> int:

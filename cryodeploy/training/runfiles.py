@@ -12,19 +12,23 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
-from cryodeploy.errors import ConfigError
-from cryodeploy.files import atomic_write
+from cryodeploy.errors import ConfigError, first_line
+from cryodeploy.files import TEMP_PREFIX, atomic_write
 
 __all__ = ["METRICS", "PLOT", "STATE", "STATE_FORMAT", "append_metrics", "check_resumable", "load_state",
-           "plot_losses", "read_metrics", "refuse_existing_run", "save_state", "truncate_metrics"]
+           "plot_losses", "read_metrics", "refuse_existing_run", "remove_temps", "save_state",
+           "truncate_metrics"]
 
 STATE = "state.pt"
 METRICS = "metrics.jsonl"
 PLOT = "loss.png"
 STATE_FORMAT = "cryodeploy-train-state/1"
+
+log = logging.getLogger(__name__)
 
 
 def save_state(rundir: Path, state: dict[str, Any]) -> Path:
@@ -48,8 +52,11 @@ def load_state(rundir: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: no resume state (expected a run folder written by cryodeploy train)")
     try:
         state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
-        raise ConfigError(f"{path}: not a readable resume state ({err})") from err
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as err:
+        reason = first_line(err, type(err).__name__)
+        if "Weights only load failed" in reason:  # torch's advice (weights_only=False) is unsafe here
+            reason = "it holds objects other than tensors, numbers and strings; refusing to unpickle them"
+        raise ConfigError(f"{path}: not a readable resume state ({reason})") from err
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise ConfigError(f"{path}: found state format {found!r}, expected {STATE_FORMAT!r}")
@@ -110,12 +117,34 @@ def plot_losses(rundir: Path, rows: list[dict[str, Any]]) -> Path:
     return target
 
 
-def refuse_existing_run(rundir: Path) -> None:
-    """Refuse to start a new run in a folder that holds one (it would be overwritten)."""
-    for name in (STATE, "last.safetensors", "best.safetensors"):
-        if (rundir / name).exists():
-            raise ConfigError(f"{rundir}: already holds a training run ({name}); "
-                              "use --resume to continue it or choose another folder")
+#: files of a run that a new run in the same folder writes afresh
+RUN_FILES = (METRICS, PLOT, "best.safetensors", "best.json", "last.safetensors", "last.json")
+
+
+def refuse_existing_run(rundir: Path, clean: bool = True) -> None:
+    """Refuse to start a new run in a folder that holds one (it would be overwritten).
+
+    A run exists once its first ``state.pt`` is written (the commit point of every save). Files of a
+    run killed before that (checkpoints, metrics) are removed if ``clean`` (rank 0), so the new run
+    starts clean.
+    """
+    if (rundir / STATE).exists():
+        raise ConfigError(f"{rundir}: already holds a training run ({STATE}); "
+                          "use --resume to continue it or choose another folder")
+    left = [rundir / name for name in RUN_FILES if (rundir / name).exists()]
+    if left and clean:
+        log.warning("%s: removing %s of a run stopped before it saved a resumable state",
+                    rundir, ", ".join(p.name for p in left))
+        for path in left:
+            path.unlink()
+
+
+def remove_temps(rundir: Path) -> list[Path]:
+    """Remove the temporary files of interrupted saves (one writer per run folder: all are stale)."""
+    found = sorted(rundir.glob(TEMP_PREFIX + "*")) if rundir.is_dir() else []
+    for path in found:
+        path.unlink(missing_ok=True)
+    return found
 
 
 def check_resumable(rundir: Path, state: dict[str, Any], config: dict[str, Any], may_change: frozenset[str],

@@ -36,6 +36,7 @@ __all__ = [
     "FORMAT",
     "MANIFEST",
     "SPLITS",
+    "WRITING",
     "PatchStore",
     "StoreWriter",
     "adopt_raw_store",
@@ -49,6 +50,8 @@ log = logging.getLogger(__name__)
 FORMAT = "cryodeploy-patches/1"
 #: Name of the manifest file inside a store.
 MANIFEST = "manifest.json"
+#: Present while a :class:`StoreWriter` writes: its data files are not adoptable raw files.
+WRITING = ".cryodeploy-writing"
 #: The splits a store may hold, in manifest order.
 SPLITS = ("train", "test")
 _WHICH = ("input", "target")
@@ -314,12 +317,13 @@ class StoreWriter:
             raise OutputError(
                 f"{self.path}: a patch store already exists here; use --overwrite to replace it"
             )
-        if any((self.path / n).exists() for n in names) and not overwrite:
+        if any((self.path / n).exists() for n in [*names, WRITING]) and not overwrite:
             raise OutputError(
                 f"{self.path}: holds an incomplete patch store (no {MANIFEST}); use --overwrite to replace it"
             )
         try:
             self.path.mkdir(parents=True, exist_ok=True)
+            (self.path / WRITING).write_text(f"{os.getpid()}\n")  # removed once the manifest is written
             (self.path / MANIFEST).unlink(missing_ok=True)
             self._files = {n: open(self.path / n, "wb", buffering=0) for n in names}  # noqa: SIM115
         except OSError as err:
@@ -382,6 +386,7 @@ class StoreWriter:
         }
         manifest.update(fields)
         _write_manifest(self.path, manifest)
+        (self.path / WRITING).unlink(missing_ok=True)
         return PatchStore(self.path)
 
     def abort(self) -> None:
@@ -389,6 +394,7 @@ class StoreWriter:
         for name, fh in self._files.items():
             fh.close()
             (self.path / name).unlink(missing_ok=True)
+        (self.path / WRITING).unlink(missing_ok=True)
 
     def __enter__(self) -> StoreWriter:
         return self
@@ -409,6 +415,10 @@ def adopt_raw_store(
     store, shape = Path(path), _patch_shape(patch)
     if not store.is_dir():
         raise StoreError(f"{store}: no such directory")
+    if (store / WRITING).exists():
+        raise StoreError(f"{store}: holds the files of a 'cryodeploy preprocess' that did not finish "
+                         f"({WRITING} is present); rerun preprocess with --overwrite "
+                         "instead of adopting them")
     if (store / MANIFEST).exists() and not overwrite:
         raise StoreError(f"{store}: already has a {MANIFEST}; use --overwrite to replace it")
     splits: dict[str, Any] = {}

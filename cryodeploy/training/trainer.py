@@ -177,11 +177,14 @@ class Trainer:
             check_resumable,
             load_state,
             refuse_existing_run,
+            remove_temps,
             truncate_metrics,
         )
 
+        if self.ctx.is_main:
+            remove_temps(self.rundir)
         if not self.config.resume:
-            refuse_existing_run(self.rundir)
+            refuse_existing_run(self.rundir, clean=self.ctx.is_main)
             return
         state = load_state(self.rundir)
         check_resumable(self.rundir, state, self.config.to_dict(), MAY_CHANGE_ON_RESUME, self.store_key)

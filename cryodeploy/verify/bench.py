@@ -27,13 +27,17 @@ __all__ = [
     "BenchConfig",
     "BenchRow",
     "BenchVariant",
+    "E2EReport",
     "E2ERow",
     "IdentityBackend",
     "device_label",
     "median_ms",
     "median_wall_ms",
+    "mrc_floor",
+    "raw_floor",
     "run_bench",
     "run_e2e",
+    "startup_seconds",
 ]
 
 
@@ -233,7 +237,7 @@ def device_label(device: str) -> str:
 
 
 class IdentityBackend(Backend):
-    """Returns its input: the runner with no model, whose wall time is the I/O floor."""
+    """Returns its input: the runner with no model; its wall time is the runner's own overhead."""
 
     name = "identity"
 
@@ -243,23 +247,94 @@ class IdentityBackend(Backend):
 
 @dataclass
 class E2ERow:
-    """End-to-end wall time of one variant over the files, and its ratio to the I/O floor."""
+    """End-to-end wall time of one variant over the files, and its ratio to the raw floor."""
 
     label: str
     seconds: float | None
-    ratio_vs_floor: float | None = None
+    ratio_vs_raw_floor: float | None = None
     note: str = ""
 
 
-def run_e2e(
-    source: ModelSource, paths: list[Path], workdir: Path, config: BenchConfig
-) -> tuple[float, list[E2ERow]]:
-    """Denoise ``paths`` with every available variant through the runner, next to the I/O floor.
+@dataclass
+class E2EReport:
+    """Whole runs over the same files in one process: the floors, the runner overhead, each variant.
 
-    The floor is the same runner (reader thread, tiling, writer thread, atomic writes) with
-    :class:`IdentityBackend`. Each variant gets an untimed warm-up on the first file. Returns
-    the floor in seconds and one row per variant.
+    ``raw_floor_s``: read every file's bytes and write as many bytes to a new file, nothing else.
+    ``mrc_floor_s``: mrcfile read + mrcfile write of every file. ``runner_overhead_s``: the runner
+    with :class:`IdentityBackend` (reading, validation, normalization, tiling, atomic writes).
+    ``startup_s``: a fresh ``cryodeploy denoise`` process from its start to its first output on disk
+    (None when not measured).
     """
+
+    files: int
+    raw_floor_s: float
+    mrc_floor_s: float
+    runner_overhead_s: float
+    startup_s: float | None = None
+    rows: list[E2ERow] = field(default_factory=list)
+
+
+def raw_floor(paths: list[Path], outdir: Path) -> float:
+    """Seconds to read each file's bytes and write the same number of bytes to a new file in ``outdir``."""
+    outdir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    for i, p in enumerate(paths):
+        data = p.read_bytes()
+        with open(outdir / f"{i:06d}.raw", "wb") as fh:
+            fh.write(data)
+    return time.perf_counter() - t0
+
+
+def mrc_floor(paths: list[Path], outdir: Path) -> float:
+    """Seconds to read each file with mrcfile and write its data with mrcfile to ``outdir``."""
+    import warnings
+
+    import mrcfile
+
+    outdir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for i, p in enumerate(paths):
+            data = mrcfile.read(p)
+            mrcfile.write(outdir / f"{i:06d}.mrc", data, overwrite=True)
+    return time.perf_counter() - t0
+
+
+def startup_seconds(
+    first: Path, outdir: Path, model: str, device: str, args: tuple[str, ...] = (), timeout: float = 600.0
+) -> float:
+    """Seconds from starting ``cryodeploy denoise FIRST [ARGS]`` in a new process to its output on disk."""
+    import subprocess
+    import sys
+    import tempfile
+
+    out = outdir / first.name
+    cmd = [sys.executable, "-m", "cryodeploy", "denoise", str(first), "-o", str(outdir), "--model", model,
+           "--device", device, "-q", *args]
+    with tempfile.TemporaryFile("w+") as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, text=True)
+        try:
+            while not out.exists():
+                if proc.poll() is not None and not out.exists():
+                    err.seek(0)
+                    raise CryoDeployError(f"start-up run failed: {err.read().strip()[-300:]}")
+                if time.perf_counter() - t0 > timeout:
+                    proc.kill()
+                    raise CryoDeployError(f"start-up run: no output after {timeout:.0f} s")
+                time.sleep(0.002)
+            return time.perf_counter() - t0
+        finally:
+            proc.wait(timeout)
+
+
+def run_e2e(
+    source: ModelSource, paths: list[Path], workdir: Path, config: BenchConfig, startup: bool = False
+) -> E2EReport:
+    """Denoise ``paths`` with every available variant through the runner, next to the floors
+    (:class:`E2EReport`), all in this run on the same files. Each variant gets an untimed warm-up
+    on the first file; ``startup`` also times a fresh process (:func:`startup_seconds`)."""
     from cryodeploy.inference.runner import RunConfig, denoise_files
 
     run_cfg = RunConfig(quiet=True, overwrite=True, shard=(0, 1))
@@ -271,8 +346,15 @@ def run_e2e(
             raise CryoDeployError(f"{backend.label}: {summary.line()}")
         return float(summary.seconds)
 
-    floor = timed(IdentityBackend(BackendOptions(device=config.device)), "floor")
-    rows: list[E2ERow] = []
+    raw_floor(paths[:1], workdir / "raw-warmup")
+    report = E2EReport(
+        files=len(paths),
+        raw_floor_s=raw_floor(paths, workdir / "raw"),
+        mrc_floor_s=mrc_floor(paths, workdir / "mrc"),
+        runner_overhead_s=timed(IdentityBackend(BackendOptions(device=config.device)), "overhead"),
+    )
+    if startup:
+        report.startup_s = startup_seconds(paths[0], workdir / "startup", str(source.path), config.device)
     for i, v in enumerate(VARIANTS):
         if config.backends is not None and v.backend not in config.backends:
             continue
@@ -280,12 +362,12 @@ def run_e2e(
         try:
             ok, reason = availability(v.backend, opts)
             if not ok:
-                rows.append(E2ERow(v.label, None, note=reason))
+                report.rows.append(E2ERow(v.label, None, note=reason))
                 continue
             with create_backend(v.backend, source, opts) as backend:
                 seconds = timed(backend, f"variant{i}")
         except (CryoDeployError, RuntimeError, ValueError) as err:
-            rows.append(E2ERow(v.label, None, note=f"failed: {err}"[:300]))
+            report.rows.append(E2ERow(v.label, None, note=f"failed: {err}"[:300]))
             continue
-        rows.append(E2ERow(v.label, seconds, seconds / floor))
-    return floor, rows
+        report.rows.append(E2ERow(v.label, seconds, seconds / report.raw_floor_s))
+    return report

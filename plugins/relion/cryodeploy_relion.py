@@ -307,15 +307,41 @@ def _denoise(pairs: list[tuple[Path, Path]], options: JobOptions, outdir: Path) 
     return label
 
 
+class OutputFolderError(ConfigError):
+    """``--o`` is the project folder or holds the job's inputs: nothing may be written there."""
+
+
+def check_outdir(outdir: Path, project_dir: Path, inputs: Sequence[Path]) -> None:
+    """Refuse an output folder that is the project folder or contains an input (absolute paths):
+    its outputs would be the raw inputs themselves, reported as already denoised."""
+    out = Path(os.path.abspath(outdir))
+    if out == Path(os.path.abspath(project_dir)):
+        raise OutputFolderError(f"--o {outdir}: is the project folder, expected a new job folder "
+                                "such as External/job004/")
+    for src in inputs:
+        if Path(os.path.abspath(src)).is_relative_to(out):
+            raise OutputFolderError(f"--o {outdir}: contains the input {src}, expected a new job folder "
+                                    "such as External/job004/")
+
+
+def _job_paths(options: JobOptions, project_dir: Path) -> tuple[Path, Path, MicrographStar]:
+    """The job's absolute input STAR, output folder, and the STAR file read; ``--o`` checked."""
+    in_mics = options.in_mics if options.in_mics.is_absolute() else project_dir / options.in_mics
+    outdir = options.outdir if options.outdir.is_absolute() else project_dir / options.outdir
+    check_outdir(outdir, project_dir, ())
+    star = read_micrograph_star(in_mics)
+    names = [Path(os.path.normpath(project_dir / n)) for n in star.names]
+    check_outdir(outdir, project_dir, [in_mics, *names])
+    return in_mics, outdir, star
+
+
 def run_job(options: JobOptions, project_dir: Path) -> Path:
     """Denoise every micrograph of ``options.in_mics`` and write the output STAR and nodes files.
 
     Returns the output STAR path. Raises :class:`~cryodeploy.errors.CryoDeployError` on failure.
     """
     project_dir = Path(os.path.abspath(project_dir))
-    in_mics = options.in_mics if options.in_mics.is_absolute() else project_dir / options.in_mics
-    outdir = options.outdir if options.outdir.is_absolute() else project_dir / options.outdir
-    star = read_micrograph_star(in_mics)
+    _, outdir, star = _job_paths(options, project_dir)
     pairs = output_paths(star.names, project_dir, outdir)
     label = _denoise(pairs, options, outdir)
     star.blocks[star.table] = star.blocks[star.table].copy()
@@ -403,6 +429,21 @@ def _fail(reason: str, outdir: Path | None) -> None:
             print(f"error: {outdir / FAILURE}: cannot write ({err.strerror or err})", file=sys.stderr)
 
 
+def _refuse_outdir(argv: Sequence[str], project_dir: Path) -> None:
+    """:class:`OutputFolderError` for a bad ``--o``, checked before anything in it is touched; other
+    problems of the command line are left to the run, which reports them in the usual way."""
+    try:
+        options = parse_args(argv)
+    except CryoDeployError:
+        return
+    try:
+        _job_paths(options, Path(os.path.abspath(project_dir)))
+    except OutputFolderError:
+        raise
+    except CryoDeployError:
+        return
+
+
 def main(argv: Sequence[str] | None = None, project_dir: Path | None = None) -> int:
     """Run the job as RELION does; returns the exit status (0 success, 1 failure)."""
     argv = sys.argv[1:] if argv is None else argv
@@ -412,6 +453,11 @@ def main(argv: Sequence[str] | None = None, project_dir: Path | None = None) -> 
     outdir = _outdir_from(argv)
     if outdir is not None and not outdir.is_absolute():
         outdir = project_dir / outdir
+    try:
+        _refuse_outdir(argv, project_dir)
+    except OutputFolderError as err:  # no marker: the folder is not this job's (it may be another job's)
+        _fail(str(err), None)
+        return 1
     try:
         if outdir is not None:  # a rerun (Continue) starts from a clean slate, finished micrographs aside
             outdir.mkdir(parents=True, exist_ok=True)

@@ -85,3 +85,23 @@ def test_members_must_share_the_normalization(cnn3_checkpoint: Path, tmp_path: P
     other = _cnn3(tmp_path / "other.safetensors", seed=2, normalization=NormSpec(low_percentile=5.0))
     with pytest.raises(ConfigError, match=r"ensemble: .*other\.safetensors normalizes .*must share one"):
         Denoiser.load([str(cnn3_checkpoint), str(other)], device="cpu", backend="torch")
+
+
+def test_cli_ensemble_with_precision_auto_and_tiff(
+    cnn3_checkpoint: Path, second: Path, tmp_path: Path, image: np.ndarray
+) -> None:
+    """--precision auto (each member's default variant: eager fp32 on the CPU) with --format tiff."""
+    tifffile = pytest.importorskip("tifffile")
+    src = write_micrograph(tmp_path / "m.mrc", image)
+    res = CliRunner().invoke(cli, ["denoise", str(src), "-o", str(tmp_path / "out"), "--model",
+                                   str(cnn3_checkpoint), "--model", str(second), "--backend", "torch",
+                                   "--device", "cpu", "--precision", "auto", "--format", "tiff", "-q"])
+    assert res.exit_code == 0, res.output
+    assert "with ensemble[torch/cpu/fp32, torch/cpu/fp32]" in res.output
+    with Denoiser.load([str(cnn3_checkpoint), str(second)], device="cpu", backend="torch",
+                       precision="auto") as ens:
+        assert ens.backend.label == "ensemble[torch/cpu/fp32, torch/cpu/fp32]"
+        expected = ens(image)
+    got = tifffile.imread(tmp_path / "out" / "m.tif")
+    assert got.dtype == np.float32 and got.shape == image.shape
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)

@@ -100,3 +100,25 @@ def test_denoise_bin_and_filters_around_the_network(
                                atol=1e-4)
     small = _denoise(cnn3_checkpoint, src, tmp_path / "s", "--bin", "5")  # 25x32: below the 32 px minimum
     assert small.exit_code == 1 and "binned to 32x25, smaller than the model's 32 px minimum" in small.output
+
+
+def test_binned_lowpass_after_the_network_uses_the_binned_pixel_size(
+    cnn3_checkpoint: Path, tmp_path: Path, rng: np.random.Generator
+) -> None:
+    """--bin 2 --lowpass 8.8 --filter-at after: the low-pass of the output is in Å of the binned
+    pixel (2.2 Å: 4 px), applied after de-normalization, and the header says 2.2 Å."""
+    from cryodeploy import Denoiser
+
+    image = (rng.standard_normal((128, 160)) * 10 + 50).astype(np.float32)
+    header = MicrographHeader(shape=image.shape, mode=2, voxel_size=(1.1, 1.1, 1.1), origin=(0, 0, 0))
+    src = write_micrograph(tmp_path / "m.mrc", image, header)
+    with Denoiser.load(str(cnn3_checkpoint), device="cpu", backend="torch") as d:
+        binned = d(fourier_bin(image, 2))
+    expected, unbinned_pixel = lowpass(binned, 8.8, 2.2), lowpass(binned, 8.8, 1.1)
+    res = _denoise(cnn3_checkpoint, src, tmp_path / "o", "--bin", "2", "--lowpass", "8.8",
+                   "--filter-at", "after")
+    assert res.exit_code == 0, res.output
+    mic = read_micrograph(tmp_path / "o" / "m.mrc")
+    assert mic.header.voxel_size[:2] == (pytest.approx(2.2), pytest.approx(2.2))
+    assert np.abs(mic.data - expected).max() <= 1e-5 * np.abs(expected).max()
+    assert np.abs(unbinned_pixel - expected).max() > 1e-2 * expected.std()  # the pixel size matters here

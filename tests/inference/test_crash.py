@@ -179,3 +179,26 @@ def test_pull_worker_takes_over_the_file_of_a_killed_worker(dataset, cnn3_checkp
     files = json.loads((tmp_path / "s.json").read_text())["files"]
     assert [f["status"] for f in files] == ["done"] * N_FILES  # mic_000 too, in the takeover pass
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_sigint_and_sigterm_stop_a_run_cleanly(dataset, cnn3_checkpoint, tmp_path) -> None:
+    """Ctrl-C and a batch system's SIGTERM stop the run mid-way: one line, exit 130, every output that
+    exists complete and correct, no claim or temporary file left (issue 22, item 4)."""
+    root, reference = dataset
+    runs = {sig: (tmp_path / sig.name, _denoise(root, tmp_path / sig.name, cnn3_checkpoint))
+            for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig, (out, proc) in runs.items():
+        deadline = time.monotonic() + 120
+        while not (out.is_dir() and any(p.name.startswith("mic_") for p in out.iterdir())):
+            assert proc.poll() is None, proc.communicate()[1].decode()
+            assert time.monotonic() < deadline
+            time.sleep(0.002)
+        os.kill(proc.pid, sig)
+    for sig, (out, proc) in runs.items():
+        stdout, stderr = proc.communicate(timeout=120)
+        outcome = (proc.returncode, stderr.decode().splitlines(), stdout)
+        assert outcome == (130, ["error: interrupted"], b""), sig
+        assert [p.name for p in out.iterdir() if p.name.startswith(".")] == [], sig
+        survivors = _outputs(out)
+        assert 0 < len(survivors) < N_FILES, (sig, len(survivors))
+        assert all(reference[name] == digest for name, digest in survivors.items())

@@ -380,9 +380,10 @@ def test_symlinks_fifos_and_devices(tmp_path: Path, rng: np.random.Generator) ->
     mic = read_micrograph(tmp_path / "link.mrc")
     assert mic.path == tmp_path / "link.mrc"
     np.testing.assert_array_equal(mic.data, data)
-    for name in ("dangling.mrc", "loop.mrc"):
-        with pytest.raises(InputError, match=f"{name}: no such file"):
-            read_micrograph(tmp_path / name)
+    with pytest.raises(InputError, match=r"dangling\.mrc: no such file"):
+        read_micrograph(tmp_path / "dangling.mrc")
+    with pytest.raises(InputError, match=r"loop\.mrc: symbolic link loop$"):
+        read_micrograph(tmp_path / "loop.mrc")
     # a named pipe would block a reader forever: refused before it is opened
     with pytest.raises(InputError, match=r"pipe.mrc: not a regular file \(found a named pipe\)"):
         read_micrograph(tmp_path / "pipe.mrc")

@@ -406,3 +406,20 @@ def test_shipped_job_star_templates() -> None:
         assert labels == ["model", "device", "backend", "tile", "precision", "relion_version"]
     readme = (PLUGIN.parent / "README.md").read_text()
     assert "job.star" in readme and "default_pipeline.star" in readme and ".relion_lock" in readme
+
+
+@pytest.mark.parametrize("outdir", [".", "./", "MotionCorr", "MotionCorr/job002/Movies"])
+def test_output_folder_that_is_the_project_or_holds_inputs_is_refused(
+    project: Path, cnn3_checkpoint: Path, relion, capsys: pytest.CaptureFixture[str], outdir: str
+) -> None:
+    """Once, ``--o .`` reported "3 already denoised", wrote RELION_JOB_EXIT_SUCCESS and a STAR file
+    listing the raw inputs. Now: exit 1, one line, nothing written or removed anywhere."""
+    root = _job(project, f"outdir-{outdir.replace('/', '-').replace('.', 'dot')}")
+    before = sorted(p.relative_to(root) for p in root.rglob("*"))
+    argv = ["--o", outdir, "--in_mics", "mics31.star", "--model", str(cnn3_checkpoint), "--j", "1"]
+    assert relion.main(argv, project_dir=root) == 1
+    err = capsys.readouterr().err.splitlines()
+    what = "is the project folder" if outdir in (".", "./") else "contains the input "
+    assert len(err) == 1 and err[0].startswith(f"error: --o {root / outdir}: {what}"), err
+    assert err[0].endswith("expected a new job folder such as External/job004/")
+    assert sorted(p.relative_to(root) for p in root.rglob("*")) == before

@@ -95,10 +95,11 @@ def test_torch_vs_ort_through_runner(which: str, tile: int, micrographs: list[Pa
 
 def _poison_cache(good: Path, other_seed: int, tmp_path: Path) -> None:
     """Put an ONNX exported from a *different* checkpoint into the cache slot of ``good``, with
-    metadata claiming ``good`` as its source: what a stale or corrupted cache would look like."""
+    metadata claiming ``good`` as its source, and sealed: what a faulty export would look like (an
+    entry changed after it was written is rebuilt instead, see tests/export/test_onnx_cache.py)."""
     import torch
 
-    from cryodeploy.files import cache_root
+    from cryodeploy.files import cache_root, seal
     from cryodeploy.models import build_model
     from cryodeploy.models.checkpoint import save_checkpoint
 
@@ -109,7 +110,9 @@ def _poison_cache(good: Path, other_seed: int, tmp_path: Path) -> None:
     for entry in model.metadata_props:
         if entry.key == "source_sha256":
             entry.value = src.sha256
-    onnx.save(model, str(cache_root("onnx") / f"{src.sha256}-opset17.onnx"))
+    entry = cache_root("onnx") / f"{src.sha256}-opset17.onnx"
+    onnx.save(model, str(entry))
+    seal(entry)  # sealed: the cache's content check passes, as for a faulty export
 
 
 def test_cli_fails_on_a_real_mismatch(cnn3_checkpoint: Path, tmp_path: Path) -> None:

@@ -114,20 +114,16 @@ def providers(options: BackendOptions) -> list[tuple[str, dict[str, str]]]:
 
 def model_path(source: ModelSource, precision: str) -> Path:
     """The ONNX file to load: the source's (exported to the cache if it is a checkpoint), fp16 on request."""
-    from cryodeploy.export.onnx import cached_onnx, convert_fp16, onnx_metadata
-    from cryodeploy.files import cache_root, file_sha256
+    from cryodeploy.export.onnx import cached_onnx, convert_fp16, usable_cache_entry
+    from cryodeploy.files import cache_root, file_sha256, seal
 
     fp32 = cached_onnx(source)
     if precision == "fp32":
         return fp32
     half = cache_root("onnx") / f"{file_sha256(fp32)}-fp16.onnx"
-    if half.is_file():
-        try:
-            if onnx_metadata(half).get("precision") == "fp16":
-                return half
-        except ModelError as err:
-            log.warning("rebuilding unusable cached fp16 ONNX: %s", err)
-    return convert_fp16(fp32, half)
+    if usable_cache_entry(half, "precision", "fp16"):
+        return half
+    return seal(convert_fp16(fp32, half))
 
 
 def build_session(path: Path, options: BackendOptions) -> onnxruntime.InferenceSession:

@@ -11,11 +11,13 @@ and replay it), ``compile`` (run the module through ``torch.compile``).
 from __future__ import annotations
 
 import contextlib
+import os
 
 import numpy as np
 import torch
 
 from cryodeploy.backends.base import Backend, BackendOptions
+from cryodeploy.files import cache_root
 
 __all__ = ["TorchBackend"]
 
@@ -51,7 +53,8 @@ class TorchBackend(Backend):
             torch.contiguous_format if self._cuda and options.precision == "fp32" else torch.channels_last
         )
         self._module = module.to(self._device).eval().to(memory_format=self._layout)  # type: ignore[call-overload]
-        if options.get("compile", False):
+        if options.get("compile", False):  # inductor's graph cache kept across processes
+            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root("inductor")))
             self._module = torch.compile(self._module)  # type: ignore[assignment]
         self._graphs = bool(options.get("cuda_graphs", False)) and self._cuda
         self._staging: dict[tuple[int, ...], _CudaStaging] = {}
@@ -80,8 +83,21 @@ class TorchBackend(Backend):
         return self._run_cuda(batch)
 
     def run_device(self, x: torch.Tensor) -> torch.Tensor:
-        """A float32 batch already on this device -> float32 device tensor, with no host copies."""
-        return self._forward(x.contiguous(memory_format=self._layout))
+        """A float32 batch already on this device -> float32 device tensor, with no host copies.
+
+        With CUDA graphs the result is the graph's static output buffer: valid until the next
+        call with the same shape (the tiled engine copies it out at once)."""
+        if not self._graphs:
+            return self._forward(x.contiguous(memory_format=self._layout))
+        st = self._staging.get(tuple(x.shape))
+        if st is None:
+            st = self._staging[tuple(x.shape)] = _CudaStaging(tuple(x.shape), self._device, self._layout)
+        st.dev_in.copy_(x)
+        if st.graph is None:
+            torch.cuda.current_stream(self._device).synchronize()  # dev_in is written before the capture
+        self._replay(st)
+        assert st.dev_out is not None
+        return st.dev_out
 
     def _run_cuda(self, batch: np.ndarray) -> np.ndarray:
         assert self._stream is not None
@@ -107,7 +123,8 @@ class TorchBackend(Backend):
             st.dev_out = self._forward(st.dev_in)  # warm-up: cuDNN setup and lazy init outside the capture
             self._stream.synchronize()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, stream=self._stream):
+            # thread_local: reader/writer threads keep copying on their own streams during the capture
+            with torch.cuda.graph(graph, stream=self._stream, capture_error_mode="thread_local"):
                 st.dev_out = self._forward(st.dev_in)
             st.graph = graph
         st.graph.replay()

@@ -205,8 +205,8 @@ def read_sidecar(engine: Path) -> EngineSidecar:
         raise ModelError(
             f"{engine}: sidecar {path.name} missing (engines built by 'cryodeploy export --trt' carry one)"
         ) from None
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ModelError(f"{path}: unreadable engine sidecar ({err})") from err
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+        raise ModelError(f"{path}: unreadable engine sidecar ({err or 'nested too deeply'})") from err
     if not isinstance(data, dict):
         raise ModelError(f"{path}: found {type(data).__name__}, expected a JSON object")
     try:
