@@ -115,18 +115,6 @@ def split_gain(fa: np.ndarray, fb: np.ndarray, a: np.ndarray, b: np.ndarray) -> 
     return gain(*(np.asarray(x).reshape(-1, x.shape[-1]) for x in (fa, fb, a, b)))
 
 
-def window_ratios(out: np.ndarray, noisy: np.ndarray, clean: np.ndarray, window: int = WINDOW) -> np.ndarray:
-    """Per ``window``^2 block of each image: rms(out - clean) / rms(noisy - clean) (noise left)."""
-    from cryodeploy.imaging.metrics import window_noise_left
-
-    return window_noise_left(out, noisy, clean, window)
-
-
-def spread(ratios: np.ndarray) -> float:
-    """Coefficient of variation (std / mean) of the windows' ratios."""
-    return float(np.std(ratios) / np.mean(ratios))
-
-
 # --- methods --------------------------------------------------------------------------------------
 def gaussian(sigma: float) -> Denoise:
     """The Gaussian low-pass of each image of a stack."""
@@ -168,10 +156,11 @@ def evaluate_outputs(outputs: dict[str, np.ndarray], sim: dict[str, tuple[np.nda
     row: dict[str, Any] = {}
     for key, (_, clean) in sim.items():
         row[f"psnr_{key}"] = mean_psnr(outputs[key], clean)
+    from cryodeploy.imaging.metrics import patchiness, spread, window_noise_left
+
     if "dose20" in sim:
-        r = window_ratios(outputs["dose20"], *sim["dose20"])
+        r = window_noise_left(outputs["dose20"], *sim["dose20"], WINDOW)
         row["sim_noise_left"], row["sim_spread"] = float(np.mean(r)), spread(r)
-    from cryodeploy.imaging.metrics import patchiness
 
     p = patchiness(outputs["flat"], flat, np.full_like(flat, FLAT_RATE), WINDOW)
     row["flat_noise_left"], row["flat_spread"], row["flat_spread_uniform"] = (
