@@ -16,7 +16,8 @@ the python named by ``TOPAZ_PYTHON``).
 2. Real images (``--real``, e.g. the EMPIAR-10076 particle images, whose noise is near-white):
    diagonal split (:func:`cryodeploy.imaging.metrics.split_diagonals`): halves A and B share
    the signal with independent noise; split gain = -10 log10(E), E = (mean(MSE(f(A), B),
-   MSE(f(B), A)) - s2) / s2, s2 = MSE(A, B) / 2 (pooled over all images): identity scores 0 dB.
+   MSE(f(B), A)) - s2) / s2, s2 = MSE(A, B) / 2 (pooled over all images; the library's
+   :func:`cryodeploy.imaging.splits.split_gain`): identity scores 0 dB.
 3. Uniformity ("no patchwork"): on a flat Poisson field (constant rate 20 e-/px) the noise left
    per 64^2 window, r = std(f(x) - rate) / std(x - rate); reported: mean r and the spread
    (coefficient of variation over windows), beside the spread of a Gaussian that leaves the same
@@ -107,24 +108,11 @@ def mean_psnr(out: np.ndarray, clean: np.ndarray) -> float:
 
 
 def split_gain(fa: np.ndarray, fb: np.ndarray, a: np.ndarray, b: np.ndarray) -> float:
-    """Split gain in dB of the denoised halves ``fa = f(A)``, ``fb = f(B)`` (pooled over the stack)."""
-    a64, b64 = a.astype(np.float64), b.astype(np.float64)
-    s2 = float(np.mean((a64 - b64) ** 2)) / 2.0
-    err = 0.5 * (float(np.mean((fa - b64) ** 2)) + float(np.mean((fb - a64) ** 2)))
-    e = (err - s2) / s2
-    return float(-10.0 * np.log10(e)) if e > 0 else float("inf")
+    """:func:`cryodeploy.imaging.splits.split_gain` (dB) of the denoised halves ``fa = f(A)``,
+    ``fb = f(B)`` of [N, H, W] stacks, pooled over the stack (its frames stacked into one 2-D image)."""
+    from cryodeploy.imaging.splits import split_gain as gain
 
-
-def window_ratios(out: np.ndarray, noisy: np.ndarray, clean: np.ndarray, window: int = WINDOW) -> np.ndarray:
-    """Per ``window``^2 block of each image: rms(out - clean) / rms(noisy - clean) (noise left)."""
-    from cryodeploy.imaging.metrics import window_noise_left
-
-    return window_noise_left(out, noisy, clean, window)
-
-
-def spread(ratios: np.ndarray) -> float:
-    """Coefficient of variation (std / mean) of the windows' ratios."""
-    return float(np.std(ratios) / np.mean(ratios))
+    return gain(*(np.asarray(x).reshape(-1, x.shape[-1]) for x in (fa, fb, a, b)))
 
 
 # --- methods --------------------------------------------------------------------------------------
@@ -168,10 +156,11 @@ def evaluate_outputs(outputs: dict[str, np.ndarray], sim: dict[str, tuple[np.nda
     row: dict[str, Any] = {}
     for key, (_, clean) in sim.items():
         row[f"psnr_{key}"] = mean_psnr(outputs[key], clean)
+    from cryodeploy.imaging.metrics import patchiness, spread, window_noise_left
+
     if "dose20" in sim:
-        r = window_ratios(outputs["dose20"], *sim["dose20"])
+        r = window_noise_left(outputs["dose20"], *sim["dose20"], WINDOW)
         row["sim_noise_left"], row["sim_spread"] = float(np.mean(r)), spread(r)
-    from cryodeploy.imaging.metrics import patchiness
 
     p = patchiness(outputs["flat"], flat, np.full_like(flat, FLAT_RATE), WINDOW)
     row["flat_noise_left"], row["flat_spread"], row["flat_spread_uniform"] = (

@@ -288,15 +288,17 @@ def _model_method(name: str, model: str, config: EvalConfig, normalized: bool, s
     return Method(name, forward, label=f"{d.backend.label} forward pass on normalized patches")
 
 
-def check_outputs(methods: list[Method], names: list[str]) -> None:
-    """Every output folder among ``methods`` must hold a file for each of ``names``."""
+def check_outputs(methods: list[Method], names: list[str], what: str = "micrographs",
+                  expected: str = "the same file names") -> None:
+    """Every output folder among ``methods`` must hold a file for each of ``names`` (``what`` they
+    are and ``expected`` name the files in the error)."""
     for m in methods:
         if m.folder is None:
             continue
         missing = [n for n in names if not (m.folder / n).is_file()]
         if missing:
             raise InputError(f"{m.folder}: found no {m.name} output for {len(missing)} of {len(names)} "
-                             f"micrographs (first: {missing[0]}), expected the same file names")
+                             f"{what} (first: {missing[0]}), expected {expected}")
 
 
 def model_info(model: str) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cryodeploy.errors import ConfigError, InputError, OutputError
-from cryodeploy.evaluation.data import EvalConfig, Item, Method, SplitData, micrograph_items
+from cryodeploy.evaluation.data import EvalConfig, Item, Method, SplitData, check_outputs, micrograph_items
 from cryodeploy.evaluation.flags import split_red_flags
 from cryodeploy.imaging import metrics as M
 from cryodeploy.imaging import splits as S
@@ -209,17 +209,6 @@ def _methods(methods: list[Method], sigma: float) -> list[SplitMethod]:
     return out + [_runnable(m.name, m.run) if m.run is not None else _folder(m) for m in methods]
 
 
-def _check_folders(methods: list[Method], names: list[str]) -> None:
-    for m in methods:
-        if m.folder is None:
-            continue
-        missing = [n for n in names if not (m.folder / n).is_file()]
-        if missing:
-            raise InputError(f"{m.folder}: found no {m.name} output for {len(missing)} of {len(names)} "
-                             f"halves and inputs (first: {missing[0]}), expected the files written by "
-                             "--write-halves")
-
-
 def _mean_lists(records: list[dict[str, Any]], key: str) -> list[float | None]:
     rows = np.array([[np.nan if v is None else v for v in r[key]] for r in records], dtype=np.float64)
     means = [float(np.mean(c[np.isfinite(c)])) if np.isfinite(c).any() else None for c in rows.T]
@@ -259,7 +248,8 @@ def evaluate_split(methods: list[Method], data: SplitData,
     if len(bands) > 1:
         raise InputError("micrographs differ in pixel size or split kind (different frequency bands); "
                          "evaluate them separately")
-    _check_folders(methods, [n for trio in names for n in trio])
+    check_outputs(methods, [n for trio in names for n in trio], "halves and inputs",
+                  "the files written by --write-halves")
     scores = np.mean(gains, axis=0).tolist()
     sigma = float(config.sigmas[int(np.argmax(scores))])
     count = len(names)

@@ -28,8 +28,10 @@ __all__ = [
     "psnr",
     "rmse",
     "split_diagonals",
+    "spread",
     "ssim",
     "summarize",
+    "window_blocks",
     "window_noise_left",
 ]
 
@@ -280,6 +282,25 @@ def summarize(records: list[dict[str, Any]], keys: tuple[str, ...]) -> dict[str,
     return out
 
 
+def window_blocks(image: np.ndarray, window: int, offset: tuple[int, int] = (0, 0)) -> np.ndarray:
+    """The non-overlapping ``window``-px blocks of a 2-D image or [N, H, W] stack whose tiling starts
+    at ``offset`` (rows, columns), as [N, blocks, window^2] in row-major block order (partial blocks at
+    the edges dropped); shared by :func:`window_noise_left` and
+    :func:`cryodeploy.imaging.splits.residual_spread`."""
+    x = np.asarray(image)
+    x = x.reshape(-1, *x.shape[-2:])
+    dy, dx = offset
+    hh, ww = (x.shape[1] - dy) // window, (x.shape[2] - dx) // window
+    x = x[:, dy:dy + hh * window, dx:dx + ww * window]
+    blocks = x.reshape(len(x), hh, window, ww, window).transpose(0, 1, 3, 2, 4)
+    return blocks.reshape(len(x), hh * ww, window * window)
+
+
+def spread(values: np.ndarray) -> float:
+    """Coefficient of variation, std / mean, of per-window measures (the spread of
+    :func:`patchiness` and of :func:`cryodeploy.imaging.splits.residual_spread`)."""
+    return float(np.std(values) / np.mean(values))
+
 
 def window_noise_left(out: np.ndarray, noisy: np.ndarray, clean: np.ndarray, window: int = 64) -> np.ndarray:
     """Per ``window``-px block of a 2-D image or [N, H, W] stack: rms(out - clean) / rms(noisy - clean),
@@ -287,23 +308,18 @@ def window_noise_left(out: np.ndarray, noisy: np.ndarray, clean: np.ndarray, win
     o, n, c = (np.asarray(a, dtype=np.float64) for a in (out, noisy, clean))
     if not o.shape == n.shape == c.shape or o.ndim not in (2, 3):
         raise InputError(f"found shapes {o.shape}, {n.shape}, {c.shape}, expected equal 2-D or 3-D shapes")
-    o, n, c = (a.reshape(-1, *a.shape[-2:]) for a in (o, n, c))
-    hh, ww = n.shape[1] // window, n.shape[2] // window
-    if hh == 0 or ww == 0:
-        raise InputError(f"image {n.shape[1:]} is smaller than the {window}-px window")
-
-    def blocks(x: np.ndarray) -> np.ndarray:
-        x = x[:, : hh * window, : ww * window]
-        return x.reshape(len(x), hh, window, ww, window).transpose(0, 1, 3, 2, 4).reshape(len(x), hh * ww, -1)
-
-    left = np.sqrt(np.mean((blocks(o) - blocks(c)) ** 2, axis=-1))
-    noise = np.sqrt(np.mean((blocks(n) - blocks(c)) ** 2, axis=-1))
+    if n.shape[-2] < window or n.shape[-1] < window:
+        raise InputError(f"image {n.shape[-2:]} is smaller than the {window}-px window")
+    left = np.sqrt(np.mean((window_blocks(o, window) - window_blocks(c, window)) ** 2, axis=-1))
+    noise = np.sqrt(np.mean((window_blocks(n, window) - window_blocks(c, window)) ** 2, axis=-1))
     ratios: np.ndarray = (left / noise).reshape(-1)
     return ratios
 
 
 def patchiness(out: np.ndarray, noisy: np.ndarray, clean: np.ndarray, window: int = 64) -> dict[str, float]:
-    """How unevenly a denoiser removed noise over a region without structure (flat or empty ice).
+    """How unevenly a denoiser removed noise over a region without structure (flat or empty ice),
+    measured against the clean image (simulation); without one, on two independent halves, the same
+    idea is :func:`cryodeploy.imaging.splits.residual_spread`.
 
     ``spread``: the coefficient of variation of :func:`window_noise_left` over the windows;
     ``uniform_spread``: the same for a Gaussian low-pass that leaves the same mean fraction of white
@@ -318,5 +334,4 @@ def patchiness(out: np.ndarray, noisy: np.ndarray, clean: np.ndarray, window: in
     stack = np.asarray(noisy, dtype=np.float32).reshape(-1, *np.shape(noisy)[-2:])
     smooth = np.stack([gaussian_filter(f, sigma) for f in stack]) if sigma > 0.3 else stack
     u = window_noise_left(smooth, stack, np.asarray(clean).reshape(stack.shape), window)
-    return {"noise_left": left, "spread": float(np.std(r) / left),
-            "uniform_spread": float(np.std(u) / np.mean(u))}
+    return {"noise_left": left, "spread": spread(r), "uniform_spread": spread(u)}

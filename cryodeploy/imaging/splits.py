@@ -20,7 +20,7 @@ from itertools import pairwise
 import numpy as np
 
 from cryodeploy.errors import InputError
-from cryodeploy.imaging.metrics import _pair, split_diagonals
+from cryodeploy.imaging.metrics import _pair, split_diagonals, spread, window_blocks
 
 __all__ = [
     "INDEPENDENCE_FRC",
@@ -207,25 +207,18 @@ def residual_spread(fa: np.ndarray, fb: np.ndarray, a: np.ndarray, b: np.ndarray
     the local residual ratio r = sqrt(mean(MSE(fa, b), MSE(fb, a)) / MSE(a, b)) in the flatter half
     of the tiles (lowest signal variance, cov(a, b)); the largest over four tilings shifted by half a
     tile (so patches on the tile scale are not averaged away). 0 for identity; None for fewer than
-    8 tiles."""
+    8 tiles. The same idea against a clean image is :func:`cryodeploy.imaging.metrics.patchiness`."""
     a64, b64 = _pair(a, b)
     fa64, fb64 = _pair(fa, fb)
     spreads = []
     half = window // 2
-    for dy, dx in ((0, 0), (0, half), (half, 0), (half, half)):
-        h, w = (a64.shape[0] - dy) // window * window, (a64.shape[1] - dx) // window * window
-        if h * w // (window * window) < 8:
+    for offset in ((0, 0), (0, half), (half, 0), (half, half)):
+        ta, tb, tfa, tfb = (window_blocks(x, window, offset)[0] for x in (a64, b64, fa64, fb64))
+        if ta.shape[0] < 8:
             continue
-
-        def tiles(x: np.ndarray, dy: int = dy, dx: int = dx, h: int = h, w: int = w) -> np.ndarray:
-            t = x[dy:dy + h, dx:dx + w].reshape(h // window, window, w // window, window)
-            return t.swapaxes(1, 2).reshape(-1, window * window)
-
-        ta, tb = tiles(a64), tiles(b64)
         raw = np.mean((ta - tb) ** 2, axis=1)
-        den = np.mean((tiles(fa64) - tb) ** 2, axis=1) + np.mean((tiles(fb64) - ta) ** 2, axis=1)
+        den = np.mean((tfa - tb) ** 2, axis=1) + np.mean((tfb - ta) ** 2, axis=1)
         signal = np.mean((ta - ta.mean(1, keepdims=True)) * (tb - tb.mean(1, keepdims=True)), axis=1)
         flat = np.argsort(signal)[: max(8, signal.size // 2)]
-        ratio = np.sqrt(den[flat] / (2.0 * raw[flat]))
-        spreads.append(float(np.std(ratio) / np.mean(ratio)))
+        spreads.append(spread(np.sqrt(den[flat] / (2.0 * raw[flat]))))
     return max(spreads) if spreads else None

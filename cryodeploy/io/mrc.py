@@ -298,15 +298,7 @@ def write_micrograph(
         warnings.simplefilter("ignore")
         with mrcfile.new(tmp, overwrite=True) as mrc:
             mrc.set_data(arr)
-            if arr.ndim == 3:
-                mrc.set_image_stack()
-            # Drop mrcfile's time-stamped default label: the same data and header give the same bytes.
-            mrc.header.nlabl = 0
-            mrc.header.label[:] = b""
-            if header is not None:
-                _apply_header(mrc, header)
-            if label:
-                mrc.add_label(_ascii_label(label))
+            _describe(mrc, arr.ndim, header, label)
             mrc.update_header_stats()
     return target
 
@@ -324,6 +316,23 @@ def check_output_finite(arr: np.ndarray, data: np.ndarray, path: str | os.PathLi
     raise OutputError(
         f"{path}: found {n_bad} NaN/Inf values in the {dtype} output{why}, expected finite pixels"
     )
+
+
+def _describe(mrc: object, ndim: int, header: MicrographHeader | None, label: str | None) -> None:
+    """The header of a new MRC after its data is set: a stack flag for 3-D data, no default label
+    (mrcfile's is time-stamped: the same data and header give the same bytes), ``header``'s fields
+    and ``label``. Shared by :func:`write_micrograph` and :mod:`cryodeploy.io.rawmrc`."""
+    import mrcfile.mrcobject
+
+    assert isinstance(mrc, mrcfile.mrcobject.MrcObject)
+    if ndim == 3:
+        mrc.set_image_stack()
+    mrc.header.nlabl = 0
+    mrc.header.label[:] = b""
+    if header is not None:
+        _apply_header(mrc, header)
+    if label:
+        mrc.add_label(_ascii_label(label))
 
 
 def _apply_header(mrc: object, header: MicrographHeader) -> None:

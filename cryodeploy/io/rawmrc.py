@@ -16,7 +16,7 @@ import numpy as np
 
 from cryodeploy.errors import InputError, OutputError
 from cryodeploy.files import atomic_write
-from cryodeploy.io.mrc import SUPPORTED_MODES, MicrographHeader, _apply_header, _ascii_label
+from cryodeploy.io.mrc import SUPPORTED_MODES, MicrographHeader, _describe
 
 __all__ = ["HeaderStats", "data_layout", "data_stats", "read_data_into", "write_raw_micrograph"]
 
@@ -96,14 +96,7 @@ def write_raw_micrograph(
         mrc._create_default_attributes()
         mrc._set_new_data(data)  # no copy, no statistics pass: both are the caller's
         mrc.update_header_from_data()
-        if data.ndim == 3:
-            mrc.set_image_stack()
-        mrc.header.nlabl = 0
-        mrc.header.label[:] = b""
-        if header is not None:
-            _apply_header(mrc, header)
-        if label:
-            mrc.add_label(_ascii_label(label))
+        _describe(mrc, data.ndim, header, label)
         h = mrc.header
         h.dmin, h.dmax, h.dmean, h.rms = (np.float32(v) for v in stats)
         target = Path(path)

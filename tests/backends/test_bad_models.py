@@ -18,7 +18,6 @@ from typing import Any
 import numpy as np
 import pytest
 from click.testing import CliRunner, Result
-from mrc_cases import pixels, write_mrc
 
 from cryodeploy.backends.trt.cache import EngineKey, EngineSidecar, Platform, read_sidecar, write_sidecar
 from cryodeploy.backends.trt.probe import tensorrt_runtime
@@ -32,18 +31,6 @@ pytestmark = pytest.mark.timeout(180)
 CPU = ("--backend", "torch", "--device", "cpu", "--tile", "64", "-q")
 AUTO_CPU = ("--device", "cpu", "--tile", "64", "-q")
 A100 = Platform("NVIDIA A100-SXM4-80GB", "8.0", "8.6.1")
-
-
-@pytest.fixture(scope="module")
-def micrograph(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_mrc(tmp_path_factory.mktemp("mic") / "m.mrc", pixels(np.random.default_rng(0), 2, (64, 64)))
-
-
-@pytest.fixture(scope="module")
-def raw_folder(cnn3_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from cryodeploy.models.rawweights import export_raw
-
-    return export_raw(cnn3_checkpoint, tmp_path_factory.mktemp("raw") / "raw")
 
 
 def _denoise(micrograph: Path, model: Path, outdir: Path, args: tuple[str, ...] = CPU) -> Result:

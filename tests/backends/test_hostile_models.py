@@ -24,21 +24,6 @@ pytestmark = pytest.mark.timeout(180)
 GB = 1 << 30
 
 
-@pytest.fixture(scope="module")
-def micrograph(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import numpy as np
-    from mrc_cases import pixels, write_mrc
-
-    return write_mrc(tmp_path_factory.mktemp("mic") / "m.mrc", pixels(np.random.default_rng(0), 2, (64, 64)))
-
-
-@pytest.fixture(scope="module")
-def raw_folder(cnn3_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from cryodeploy.models.rawweights import export_raw
-
-    return export_raw(cnn3_checkpoint, tmp_path_factory.mktemp("raw") / "raw")
-
-
 def _header(path: Path) -> tuple[dict, int]:
     (n,) = struct.unpack("<Q", path.read_bytes()[:8])
     return json.loads(path.read_bytes()[8 : 8 + n]), n
