@@ -92,3 +92,19 @@ def load_plugin(path: Path, name: str) -> ModuleType:
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def micrograph(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One small 64x64 micrograph (seed 0) for the bad- and hostile-model tests."""
+    from mrc_cases import pixels, write_mrc
+
+    return write_mrc(tmp_path_factory.mktemp("mic") / "m.mrc", pixels(np.random.default_rng(0), 2, (64, 64)))
+
+
+@pytest.fixture(scope="module")
+def raw_folder(cnn3_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``cnn3_checkpoint`` exported as raw per-layer weights."""
+    from cryodeploy.models.rawweights import export_raw
+
+    return export_raw(cnn3_checkpoint, tmp_path_factory.mktemp("raw") / "raw")
