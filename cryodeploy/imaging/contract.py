@@ -17,18 +17,26 @@ import numpy as np
 from cryodeploy.errors import ConfigError
 from cryodeploy.imaging.normalize import NormSpec, NormStats, denormalize, norm_stats, normalize
 
-__all__ = ["FrameContract", "PreparedFrame", "pad_to_stride"]
+__all__ = ["FrameContract", "PreparedFrame", "pad_to_stride", "stride_padding"]
 
 
 def pad_to_stride(image: np.ndarray, stride: int) -> np.ndarray:
     """Reflect-pad a 2-D image at the bottom/right so both sides are multiples of ``stride``."""
-    h, w = image.shape
-    ph, pw = -h % stride, -w % stride
+    ph, pw = stride_padding(image.shape, stride)
     if ph == 0 and pw == 0:
         return image
-    if ph >= h or pw >= w:
-        raise ConfigError(f"image {w}x{h} is too small to pad to a multiple of the model stride {stride}")
     return np.pad(image, ((0, ph), (0, pw)), mode="reflect")
+
+
+def stride_padding(shape: tuple[int, ...], stride: int) -> tuple[int, int]:
+    """Rows and columns a ``shape`` (H, W) image gains at the bottom/right to multiples of ``stride``;
+    :class:`ConfigError` where reflection cannot give that many (the pad would reach the far side).
+    The one rule of :func:`pad_to_stride` and the torch contract (:mod:`cryodeploy.imaging.device`)."""
+    h, w = shape
+    ph, pw = -h % stride, -w % stride
+    if (ph or pw) and (ph >= h or pw >= w):
+        raise ConfigError(f"image {w}x{h} is too small to pad to a multiple of the model stride {stride}")
+    return ph, pw
 
 
 @dataclass(frozen=True)

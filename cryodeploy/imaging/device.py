@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from cryodeploy.errors import ConfigError, InputError, OutputError
-from cryodeploy.imaging.contract import FrameContract
+from cryodeploy.errors import InputError, OutputError
+from cryodeploy.imaging.contract import FrameContract, stride_padding
 from cryodeploy.imaging.normalize import NormSpec, NormStats, norm_stats_torch
 
 __all__ = ["DeviceFrameContract", "DevicePrepared", "header_stats", "validate_frames"]
@@ -69,13 +69,9 @@ class DeviceFrameContract:
 
     def pad(self, image: torch.Tensor) -> torch.Tensor:
         """``image`` reflect-padded at the bottom/right to a multiple of the stride."""
-        h, w = image.shape
-        s = self.contract.stride
-        ph, pw = -h % s, -w % s
+        ph, pw = stride_padding(tuple(image.shape), self.contract.stride)
         if ph == 0 and pw == 0:
             return image
-        if ph >= h or pw >= w:
-            raise ConfigError(f"image {w}x{h} is too small to pad to a multiple of the model stride {s}")
         return F.pad(image[None, None], (0, pw, 0, ph), mode="reflect")[0, 0]
 
     def prepare(self, frame: torch.Tensor, stats: NormStats | None = None) -> DevicePrepared:
