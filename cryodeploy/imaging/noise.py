@@ -106,12 +106,12 @@ def count_gain(image: np.ndarray, name: str = "image") -> tuple[float, str]:
     """Intensity units per detector count of a counted micrograph, and how it was found.
 
     ``"integer"``: the pixels are non-negative integers (gain 1). ``"variance/mean"``: otherwise the
-    noise variance of the diagonal split (:func:`~cryodeploy.imaging.metrics.split_diagonals`: the
-    variance of A - B is the per-pixel noise variance) over the mean, which is the gain of scaled
-    Poisson counts; snapped to the data's value spacing when the values lie on such a grid. Raises
+    noise variance of the diagonal split over the mean (:func:`~cryodeploy.imaging.splits.diagonal_gain`,
+    the split evaluation's estimate), which is the gain of scaled Poisson counts; snapped to the
+    data's value spacing when the values lie on such a grid. Raises
     :class:`InputError` (naming ``name``) for data that cannot be counts.
     """
-    from cryodeploy.imaging.metrics import split_diagonals
+    from cryodeploy.imaging.splits import diagonal_gain
 
     x = np.asarray(image, dtype=np.float64)
     if not np.isfinite(x).all():
@@ -121,8 +121,7 @@ def count_gain(image: np.ndarray, name: str = "image") -> tuple[float, str]:
                          "non-negative counts; thinning needs counted, not normalized, micrographs")
     if np.array_equal(x, np.round(x)):
         return 1.0, "integer"
-    a, b = split_diagonals(x)
-    gain = float(np.var(a.astype(np.float64) - b)) / float(x.mean())
+    gain = diagonal_gain(x)
     if not gain > 0:
         raise InputError(f"{name}: no shot noise found (variance/mean {gain:.3g}), expected counts")
     values = np.unique(x[:: max(1, x.size // (1 << 18))])
