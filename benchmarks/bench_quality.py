@@ -68,18 +68,24 @@ def sim_test_set(size: int, count: int, seed: int = TEST_SEED, device: str = "cp
 
 
 def real_halves(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
-    """The diagonal halves (A, B) of each frame of an MRC image or stack, as [N, H/2, W/2] stacks.
+    """The diagonal halves (A, B) of each frame of an MRC image or stack, as [N, H/2, W/2] stacks;
+    refused (:class:`~cryodeploy.errors.InputError`) where a frame's halves are not independent, as
+    the split evaluation refuses them (:func:`cryodeploy.evaluation.split.require_independent`).
 
     Read with mrcfile directly: extracted particle stacks are often marked as volumes (space group 1).
     """
     import mrcfile
 
+    from cryodeploy.evaluation.split import require_independent
     from cryodeploy.imaging.metrics import split_diagonals
+    from cryodeploy.imaging.splits import independence
 
     with mrcfile.open(path, permissive=True) as mrc:
         data = np.asarray(mrc.data, dtype=np.float32)
     frames = data.reshape((-1, *data.shape[-2:]))
     pairs = [split_diagonals(f) for f in frames]
+    for i, (a, b) in enumerate(pairs):
+        require_independent(independence(a, b), "diagonal", f"{path} (frame {i})")
     return np.stack([a for a, _ in pairs]), np.stack([b for _, b in pairs])
 
 

@@ -33,7 +33,8 @@ from cryodeploy.imaging import splits as S
 if TYPE_CHECKING:
     from cryodeploy.evaluation.report import Figures
 
-__all__ = ["SPLIT_METRICS", "evaluate_split", "halves_names", "make_split", "split_micrograph"]
+__all__ = ["SPLIT_METRICS", "evaluate_split", "halves_names", "make_split", "require_independent",
+           "split_micrograph"]
 
 #: Scalar metrics reported per micrograph and averaged per method.
 SPLIT_METRICS = ("split_gain_db", "split_error", "frc_0.5", "frc_0.143", "change", "residual_spread",
@@ -108,13 +109,19 @@ def split_micrograph(item: Item, mode: str, seed: int, where: str) -> Split:
         # only means something where the diagonal halves themselves are independent
         check = S.independence(*M.split_diagonals(x))
         kind = f"{kind}; its diagonal halves"
+    require_independent(check, kind, where)
+    return Split(a, b, kind, gain, scale, check)
+
+
+def require_independent(check: S.Independence, kind: str, where: str) -> None:
+    """:class:`InputError` naming ``where`` unless ``check`` (of the raw halves of a ``kind`` split)
+    found their noise independent."""
     if not check.independent:
         raise InputError(
             f"{where}: the raw halves of a {kind.split(' ')[0]} split are not independent (FRC "
             f"{check.frc_mid:+.2f} at 1/4-3/8 and {check.frc_outer:+.2f} at 3/8-1/2 cycles/px, expected "
             f"|FRC| <= {check.threshold:.2f}): neighbouring pixels' noise correlates (interpolated, "
             "dose-weighted or low-passed data), so a split cannot score a denoiser")
-    return Split(a, b, kind, gain, scale, check)
 
 
 def halves_names(item: Item) -> tuple[str, str, str]:
