@@ -20,7 +20,6 @@ import datetime
 import json
 import os
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -35,21 +34,13 @@ from cryodeploy.io.mrc import MicrographHeader, write_micrograph
 from cryodeploy.io.writers import output_format
 from cryodeploy.models import ModelSpec, build_model
 from cryodeploy.models.checkpoint import save_checkpoint
+from cryodeploy.verify.bench import median_wall_ms
 
 
 def median_s(fn: Callable[[], Any], repeats: int, cuda: bool) -> float:
-    """Median wall seconds of ``fn`` over ``repeats`` runs after one warm-up (synchronized on CUDA)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+    """Median wall seconds of ``fn`` over ``repeats`` runs after one warm-up (synchronized on CUDA):
+    :func:`cryodeploy.verify.bench.median_wall_ms` in seconds."""
+    return median_wall_ms(fn, repeats, 1, cuda) / 1e3
 
 
 def main() -> None:
