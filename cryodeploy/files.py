@@ -11,12 +11,16 @@ import secrets
 import stat
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any, TypeVar
 
-from cryodeploy.errors import CryoDeployError, OutputError
+from cryodeploy.errors import CryoDeployError, OutputError, one_line
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
 
 __all__ = ["CACHE_ENV", "NAME_KEY_MAX", "TEMP_PREFIX", "atomic_write", "cache_root", "file_sha256",
-           "name_key", "new_folders_removed_if_empty", "open_regular", "read_json", "seal", "seal_problem"]
+           "name_key", "new_folders_removed_if_empty", "open_regular", "read_json", "seal", "seal_problem",
+           "validated"]
 
 #: Temporary files of atomic writes start with this, so a crashed run's leftovers are recognisable.
 TEMP_PREFIX = ".cryodeploy-tmp-"
@@ -142,6 +146,39 @@ def read_json(path: str | os.PathLike[str], error: type[CryoDeployError], max_by
         raise error(f"{path}: not valid JSON ({err})") from err
     except RecursionError as err:
         raise error(f"{path}: not valid JSON (nested too deeply)") from err
+
+
+_Schema = TypeVar("_Schema", bound="BaseModel")
+#: longest repr of a wrong value quoted in a validation error
+_FOUND_MAX = 80
+
+
+def validated(data: Any, schema: type[_Schema], where: str | os.PathLike[str],
+              error: type[CryoDeployError]) -> _Schema:
+    """``data`` (a parsed JSON document) checked against the pydantic model ``schema``; its first
+    problem is one ``error`` naming ``where`` and the field: "<where>: found <field> X, expected Y"."""
+    from pydantic import ValidationError
+
+    try:
+        return schema.model_validate(data)
+    except ValidationError as err:
+        raise error(f"{where}: {one_line(_problem(err.errors(include_url=False)[0]))}") from None
+
+
+def _problem(detail: Any) -> str:
+    """One pydantic error detail as "found <field> X, expected Y" (a validator's own sentence as is)."""
+    field = ".".join(str(p) for p in detail["loc"]) or "document"
+    kind, ctx = detail["type"], detail.get("ctx") or {}
+    if kind == "value_error":
+        return str(ctx["error"])
+    if kind == "missing":
+        return f"found no {field!r}, expected one"
+    if kind == "extra_forbidden":
+        return f"found unknown field {field!r}"
+    found = repr(detail["input"])
+    found = found if len(found) <= _FOUND_MAX else found[:_FOUND_MAX] + "..."
+    expected = ctx["expected"] if kind == "literal_error" else detail["msg"].removeprefix("Input should be ")
+    return f"found {field} {found}, expected {expected}"
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:

@@ -31,6 +31,7 @@ import numpy as np
 from cryodeploy._version import __version__
 from cryodeploy.errors import OutputError, StoreError
 from cryodeploy.files import atomic_write
+from cryodeploy.training.manifest import FORMAT, SPLITS, StoreManifest
 
 __all__ = [
     "FORMAT",
@@ -46,14 +47,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Value of the manifest's "format" field that this code reads and writes.
-FORMAT = "cryodeploy-patches/1"
 #: Name of the manifest file inside a store.
 MANIFEST = "manifest.json"
 #: Present while a :class:`StoreWriter` writes: its data files are not adoptable raw files.
 WRITING = ".cryodeploy-writing"
-#: The splits a store may hold, in manifest order.
-SPLITS = ("train", "test")
 _WHICH = ("input", "target")
 _DTYPE = np.dtype("<f4")
 
@@ -131,32 +128,17 @@ class PatchStore:
         self._lock = threading.Lock()
 
     def _validate(self) -> tuple[int, int]:
-        m, where = self._manifest, self.path / MANIFEST
-        if m.get("format") != FORMAT:
-            raise StoreError(f"{where}: found format {m.get('format')!r}, expected {FORMAT!r}")
-        try:
-            patch = _patch_shape(m.get("patch"))  # type: ignore[arg-type]
-        except (StoreError, TypeError, ValueError) as err:
-            raise StoreError(f"{where}: found patch {m.get('patch')!r}, expected [H, W]") from err
-        for key, want in (("dtype", "float32"), ("byte_order", "little")):
-            if m.get(key) != want:
-                raise StoreError(f"{where}: found {key} {m.get(key)!r}, expected {want!r}")
-        splits = m.get("splits")
-        if not isinstance(splits, dict) or not splits or not set(splits) <= set(SPLITS):
-            raise StoreError(f"{where}: found splits {splits!r}, expected a mapping with keys from {SPLITS}")
-        for split, entry in splits.items():
-            count = entry.get("count") if isinstance(entry, dict) else None
-            if not isinstance(count, int) or count < 0 or not isinstance(entry.get("input"), str):
-                raise StoreError(f"{where}: split {split!r} is {entry!r}, expected {{input, target, count}}")
-            for which in _WHICH:
-                name = entry.get(which)
-                if name is not None:
-                    self._check_file(name, count, patch, where)
-        return patch
+        from cryodeploy.files import validated
 
-    def _check_file(self, name: object, count: int, patch: tuple[int, int], where: Path) -> None:
-        if not isinstance(name, str) or not name or Path(name).name != name:
-            raise StoreError(f"{where}: data file {name!r} invalid, expected a file name inside the store")
+        where = self.path / MANIFEST
+        manifest = validated(self._manifest, StoreManifest, where, StoreError)
+        for entry in manifest.splits.values():
+            for name in (entry.input, entry.target):
+                if name is not None:
+                    self._check_file(name, entry.count, manifest.patch, where)
+        return manifest.patch
+
+    def _check_file(self, name: str, count: int, patch: tuple[int, int], where: Path) -> None:
         f = self.path / name
         if not f.is_file():
             raise StoreError(f"{f}: missing data file named in {MANIFEST}")
