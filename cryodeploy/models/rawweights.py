@@ -35,14 +35,13 @@ import numpy as np
 
 from cryodeploy.errors import ConfigError, ModelError
 from cryodeploy.models import ModelSpec, build_model
+from cryodeploy.models.rawschema import LAYOUT, RAW_FORMAT, RawFile, RawLayers
 
 if TYPE_CHECKING:
     import torch
 
 __all__ = ["LAYOUT", "RAW_FORMAT", "axis_sums", "export_raw", "load_raw", "raw_layers", "write_raw_array"]
 
-RAW_FORMAT = "cryodeploy-raw/1"
-LAYOUT = "(out,in,kH,kW)"
 _AXES = ("out", "in", "kH", "kW")
 #: relative tolerance of the fingerprint (sums of float32 values in another summation order)
 _SUM_RTOL = 1e-4
@@ -117,38 +116,25 @@ def export_raw(checkpoint: str | os.PathLike[str], outdir: str | os.PathLike[str
     return out
 
 
-def _dims(value: Any) -> tuple[int, ...] | None:
+def _dims(value: list[Any]) -> tuple[int, ...] | None:
     """A shape from JSON: a list of non-negative integers, else None."""
-    if not isinstance(value, list) or not all(
-            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
         return None
     return tuple(value)
 
 
-def _read_file(folder: Path, layer: str, entry: Any, expected_shape: tuple[int, ...]) -> np.ndarray:
+def _read_file(folder: Path, layer: str, entry: RawFile, expected_shape: tuple[int, ...]) -> np.ndarray:
     from cryodeploy.files import open_regular
 
-    if not isinstance(entry, dict):
-        raise ModelError(f"{folder / 'layers.json'}: {layer} file entry is {type(entry).__name__}, "
-                         "expected an object")
-    name = entry.get("file")
-    if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
-        raise ModelError(f"{folder / 'layers.json'}: {layer} file {name!r}, "
-                         "expected a file name in the folder")
-    where = folder / name
-    shape = _dims(entry.get("shape"))
+    where = folder / entry.file
+    shape = _dims(entry.shape)
     if shape != expected_shape:
         raise ModelError(f"{where}: layers.json gives {layer} shape "
-                         f"{entry.get('shape') if shape is None else shape}, expected {expected_shape}")
-    for key, want in (("dtype", "float32"), ("byte_order", "little")):
-        if entry.get(key) != want:
-            raise ModelError(f"{where}: {key} {entry.get(key)!r} in layers.json, expected {want!r}")
-    if len(shape) == 4 and entry.get("layout") != LAYOUT:
-        raise ModelError(f"{where}: layout {entry.get('layout')!r} in layers.json, expected {LAYOUT!r}")
-    for key in ("sha256", "axis_sums") if len(shape) == 4 else ("sha256",):
-        if key not in entry:
-            raise ModelError(f"{where}: layers.json has no {key!r} for {layer}; "
-                             "refusing unverifiable weights")
+                         f"{entry.shape if shape is None else shape}, expected {expected_shape}")
+    if len(shape) == 4 and entry.layout != LAYOUT:
+        raise ModelError(f"{where}: layout {entry.layout!r} in layers.json, expected {LAYOUT!r}")
+    if len(shape) == 4 and entry.axis_sums is None:
+        raise ModelError(f"{where}: layers.json has no 'axis_sums' for {layer}; refusing unverifiable weights")
     expected_bytes = 4 * int(np.prod(shape))
     try:
         with open_regular(where, ModelError) as (fh, size):
@@ -161,20 +147,20 @@ def _read_file(folder: Path, layer: str, entry: Any, expected_shape: tuple[int, 
     if len(raw) != expected_bytes:  # the file changed size while it was read
         raise ModelError(f"{where}: found {len(raw)} bytes, expected {expected_bytes} "
                          f"for {layer} shape {shape}")
-    if hashlib.sha256(raw).hexdigest() != entry["sha256"]:
+    if hashlib.sha256(raw).hexdigest() != entry.sha256:
         raise ModelError(f"{where}: sha256 differs from layers.json (file changed after it was described)")
     data = np.frombuffer(raw, dtype="<f4").reshape(shape).astype(np.float32)
     if len(shape) == 4:
-        _check_axis_sums(where, data, entry["axis_sums"])
+        _check_axis_sums(where, data, entry.axis_sums or {})
     return data
 
 
-def _check_axis_sums(where: Path, data: np.ndarray, stored: Any) -> None:
+def _check_axis_sums(where: Path, data: np.ndarray, stored: dict[str, list[Any]]) -> None:
     found = axis_sums(data)
     scale = float(np.abs(data.astype(np.float64)).sum()) or 1.0
     for axis in _AXES:
         try:
-            want = np.asarray(stored.get(axis, []) if isinstance(stored, dict) else [], dtype=np.float64)
+            want = np.asarray(stored.get(axis, []), dtype=np.float64)
         except (TypeError, ValueError):
             want = np.zeros(0)
         got = np.asarray(found[axis])
@@ -190,43 +176,39 @@ def load_raw(folder: str | os.PathLike[str]) -> tuple[torch.nn.Module, ModelSpec
     """Load a raw weight folder into an eval-mode CPU model and its spec; refuses any mismatch."""
     import torch
 
-    from cryodeploy.files import read_json
+    from cryodeploy.files import read_json, validated
 
     d = Path(folder)
     meta_path = d / "layers.json"
     try:
-        meta = read_json(meta_path, ModelError)
+        raw_meta = read_json(meta_path, ModelError)
     except FileNotFoundError as err:
         raise ModelError(f"{meta_path}: missing (a raw weight folder needs layers.json)") from err
-    if not isinstance(meta, dict):
-        raise ModelError(f"{meta_path}: found {type(meta).__name__}, expected a JSON object")
-    if meta.get("format") != RAW_FORMAT:
-        raise ModelError(f"{meta_path}: format {meta.get('format')!r}, expected {RAW_FORMAT!r}")
+    if not isinstance(raw_meta, dict):
+        raise ModelError(f"{meta_path}: found {type(raw_meta).__name__}, expected a JSON object")
+    meta = validated(raw_meta, RawLayers, meta_path, ModelError)
     try:
-        spec = ModelSpec.from_dict(meta["model"])
+        spec = ModelSpec.from_dict(meta.model)
     except (ConfigError, KeyError, TypeError, ValueError, AttributeError) as err:
         raise ModelError(f"{meta_path}: invalid model config ({err})") from err
     with torch.device("meta"):  # shapes only: every file is checked before the real model is built
         convs = raw_layers(build_model(spec))
-    entries = meta.get("layers", [])
-    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
-        raise ModelError(f"{meta_path}: 'layers' must be a list of objects, one per conv layer")
-    if len(entries) != len(convs):
-        raise ModelError(f"{meta_path}: found {len(entries)} layers, "
+    if len(meta.layers) != len(convs):
+        raise ModelError(f"{meta_path}: found {len(meta.layers)} layers, "
                          f"expected {len(convs)} for {spec.architecture}")
     state: dict[str, torch.Tensor] = {}
-    for i, ((module, conv), entry) in enumerate(zip(convs, entries, strict=True), start=1):
+    for i, ((module, conv), entry) in enumerate(zip(convs, meta.layers, strict=True), start=1):
         name = f"conv{i}"
-        if entry.get("name") != name or entry.get("module") != module:
+        if entry.name != name or entry.module != module:
             raise ModelError(
-                f"{meta_path}: layer {i} is {entry.get('name')!r} ({entry.get('module')!r}), "
-                f"expected {name!r} ({module!r})"
+                f"{meta_path}: layer {i} is {entry.name!r} ({entry.module!r}), expected {name!r} ({module!r})"
             )
-        weight = _read_file(d, name, entry.get("weight"), tuple(conv.weight.shape))
-        state[f"{module}.weight"] = torch.from_numpy(weight)
-        if conv.bias is not None:
-            bias = _read_file(d, name, entry.get("bias"), tuple(conv.bias.shape))
-            state[f"{module}.bias"] = torch.from_numpy(bias)
+        if (conv.bias is None) != (entry.bias is None):
+            raise ModelError(f"{meta_path}: {name} bias is {entry.bias and entry.bias.file!r}, "
+                             f"expected {'none' if conv.bias is None else 'a file'}")
+        state[f"{module}.weight"] = torch.from_numpy(_read_file(d, name, entry.weight, tuple(conv.weight.shape)))
+        if conv.bias is not None and entry.bias is not None:
+            state[f"{module}.bias"] = torch.from_numpy(_read_file(d, name, entry.bias, tuple(conv.bias.shape)))
     model = build_model(spec)
     model.load_state_dict(state)
     model.eval()
