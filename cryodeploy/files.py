@@ -177,7 +177,12 @@ def _problem(detail: Any) -> str:
         return f"found unknown field {field!r}"
     found = repr(detail["input"])
     found = found if len(found) <= _FOUND_MAX else found[:_FOUND_MAX] + "..."
-    expected = ctx["expected"] if kind == "literal_error" else detail["msg"].removeprefix("Input should be ")
+    if kind in ("too_short", "too_long"):
+        bound = ctx["min_length"] if kind == "too_short" else ctx["max_length"]
+        expected = f"{'at least' if kind == 'too_short' else 'at most'} {bound} item{'s' * (bound != 1)}"
+    else:
+        msg = detail["msg"].removeprefix("Input should be ")
+        expected = ctx["expected"] if kind == "literal_error" else msg[:1].lower() + msg[1:]
     return f"found {field} {found}, expected {expected}"
 
 

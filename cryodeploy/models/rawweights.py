@@ -134,7 +134,8 @@ def _read_file(folder: Path, layer: str, entry: RawFile, expected_shape: tuple[i
     if len(shape) == 4 and entry.layout != LAYOUT:
         raise ModelError(f"{where}: layout {entry.layout!r} in layers.json, expected {LAYOUT!r}")
     if len(shape) == 4 and entry.axis_sums is None:
-        raise ModelError(f"{where}: layers.json has no 'axis_sums' for {layer}; refusing unverifiable weights")
+        raise ModelError(f"{where}: layers.json has no 'axis_sums' for {layer}; "
+                         "refusing unverifiable weights")
     expected_bytes = 4 * int(np.prod(shape))
     try:
         with open_regular(where, ModelError) as (fh, size):
@@ -206,9 +207,11 @@ def load_raw(folder: str | os.PathLike[str]) -> tuple[torch.nn.Module, ModelSpec
         if (conv.bias is None) != (entry.bias is None):
             raise ModelError(f"{meta_path}: {name} bias is {entry.bias and entry.bias.file!r}, "
                              f"expected {'none' if conv.bias is None else 'a file'}")
-        state[f"{module}.weight"] = torch.from_numpy(_read_file(d, name, entry.weight, tuple(conv.weight.shape)))
+        weight = _read_file(d, name, entry.weight, tuple(conv.weight.shape))
+        state[f"{module}.weight"] = torch.from_numpy(weight)
         if conv.bias is not None and entry.bias is not None:
-            state[f"{module}.bias"] = torch.from_numpy(_read_file(d, name, entry.bias, tuple(conv.bias.shape)))
+            bias = _read_file(d, name, entry.bias, tuple(conv.bias.shape))
+            state[f"{module}.bias"] = torch.from_numpy(bias)
     model = build_model(spec)
     model.load_state_dict(state)
     model.eval()

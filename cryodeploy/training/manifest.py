@@ -1,6 +1,7 @@
-"""The patch store's ``manifest.json`` as a schema: every field rule :class:`~cryodeploy.training.store.PatchStore`
-checks before it looks at the data files, in one place (pydantic, strict: no int for a string, no bool
-for an int). Fields beyond these (provenance: sources, normalization, noise) are kept as written."""
+"""The patch store's ``manifest.json`` as a schema: every field rule that
+:class:`~cryodeploy.training.store.PatchStore` checks before it looks at the data files, in one place
+(pydantic, strict: no int for a string, no bool for an int). Fields beyond these (provenance: sources,
+normalization, noise) are kept as written."""
 
 from __future__ import annotations
 
