@@ -16,20 +16,73 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from cryodeploy.errors import ConfigError, ModelError
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["REFERENCE_FORMAT", "ArrayCheck", "ReferenceReport", "check_reference", "make_reference"]
+__all__ = ["REFERENCE_FORMAT", "ArrayCheck", "RefArray", "RefManifest", "ReferenceReport", "check_reference",
+           "make_reference"]
 
 REFERENCE_FORMAT = "cryodeploy-reference/1"
 #: fp32 tolerance on every array's max abs error
 TOLERANCE = 1e-5
+_STRICT = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+
+def _inside(name: str) -> str:
+    if not name or Path(name).name != name or name in (".", ".."):
+        raise ValueError(f"file {name!r} invalid, expected a name inside the bundle")
+    return name
+
+
+class RefArray(BaseModel):
+    """One array of a bundle's ``manifest.json``: its raw file, shape, byte layout, role and hash."""
+
+    model_config = _STRICT
+    file: str
+    shape: list[int]
+    dtype: Literal["float32"]
+    byte_order: Literal["little"]
+    role: Literal["input", "target", "output", "loss", "gradient"]
+    sha256: str = Field(pattern="^[0-9a-f]{64}$")
+
+    _file = field_validator("file")(_inside)
+
+    @field_validator("shape")
+    @classmethod
+    def _dims(cls, shape: list[int]) -> list[int]:
+        if any(n < 0 for n in shape):
+            raise ValueError(f"found shape {shape}, expected non-negative sizes")
+        return shape
+
+
+class RefManifest(BaseModel):
+    """A bundle's ``manifest.json``: what :func:`check_reference` reads, every rule in one place."""
+
+    model_config = _STRICT
+    format: Literal["cryodeploy-reference/1"]
+    weights: str = "weights"
+    model: dict[str, Any]
+    loss: str
+    tolerance: float = Field(default=TOLERANCE, gt=0)
+    seed: int
+    created_by: str
+    arrays: dict[str, RefArray]
+
+    _weights = field_validator("weights")(_inside)
+
+    @model_validator(mode="after")
+    def _roles(self) -> RefManifest:
+        for role in ("input", "target"):
+            if self.arrays.get(role) is None or self.arrays[role].role != role:
+                raise ValueError(f"found no {role!r} array with role {role!r}, expected one")
+        return self
 
 
 def _blobs(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -156,28 +209,31 @@ class ReferenceReport:
         return rows
 
 
-def _read_array(folder: Path, name: str, entry: dict[str, Any]) -> np.ndarray:
-    path = folder / entry["file"]
+def _read_array(folder: Path, entry: RefArray) -> np.ndarray:
+    path = folder / entry.file
     try:
         raw = path.read_bytes()
     except OSError as err:
         raise ModelError(f"{path}: cannot read reference array ({err.strerror or err})") from err
-    if hashlib.sha256(raw).hexdigest() != entry["sha256"]:
+    if hashlib.sha256(raw).hexdigest() != entry.sha256:
         raise ModelError(f"{path}: sha256 differs from manifest.json (bundle damaged)")
-    return np.frombuffer(raw, dtype="<f4").reshape(entry["shape"]).astype(np.float32)
+    if len(raw) != 4 * int(np.prod(entry.shape)):
+        raise ModelError(f"{path}: found {len(raw)} bytes, expected {4 * int(np.prod(entry.shape))} "
+                         f"for shape {tuple(entry.shape)}")
+    return np.frombuffer(raw, dtype="<f4").reshape(entry.shape).astype(np.float32)
 
 
-def _load_manifest(folder: Path) -> dict[str, Any]:
+def _load_manifest(folder: Path) -> RefManifest:
+    from cryodeploy.files import read_json, validated
+
     path = folder / "manifest.json"
     try:
-        manifest: dict[str, Any] = json.loads(path.read_text())
+        data = read_json(path, ModelError)
     except FileNotFoundError as err:
         raise ModelError(f"{path}: missing (not a reference bundle)") from err
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ModelError(f"{path}: not valid JSON ({err})") from err
-    if manifest.get("format") != REFERENCE_FORMAT:
-        raise ModelError(f"{path}: format {manifest.get('format')!r}, expected {REFERENCE_FORMAT!r}")
-    return manifest
+    if not isinstance(data, dict):
+        raise ModelError(f"{path}: found {type(data).__name__}, expected a JSON object")
+    return validated(data, RefManifest, path, ModelError)
 
 
 def _backend_forward(folder: Path, backend: str, device: str, x: np.ndarray) -> np.ndarray:
@@ -200,22 +256,22 @@ def check_reference(folder: str | os.PathLike[str], backend: str = "torch",
 
     d = Path(folder)
     manifest = _load_manifest(d)
-    arrays = manifest["arrays"]
-    expected = {name: _read_array(d, name, entry) for name, entry in arrays.items()}
+    arrays = manifest.arrays
+    expected = {name: _read_array(d, entry) for name, entry in arrays.items()}
     x, t = expected["input"], expected["target"]
-    weights = d / manifest.get("weights", "weights")
+    weights = d / manifest.weights
     spec = BACKENDS.get(backend)
     if spec is not None and spec.gradients:
         computed = _forward_backward(load_raw(weights)[0], x, t, device)
     else:
         out = _backend_forward(weights, backend, device, x)
         computed = {"output": out, "loss": np.asarray(np.mean((out - t) ** 2, dtype=np.float32))}
-    tol = float(manifest.get("tolerance", TOLERANCE))
+    tol = manifest.tolerance
     report = ReferenceReport(d, backend, device, tol)
     for name, entry in arrays.items():
-        if entry["role"] in ("input", "target"):
+        if entry.role in ("input", "target"):
             continue
-        shape = tuple(entry["shape"])
+        shape = tuple(entry.shape)
         if name not in computed:
             report.arrays.append(ArrayCheck(name, shape, None, "skipped"))
             continue

@@ -122,3 +122,55 @@ def test_ort_backend_checks_the_forward_pass(bundle: Path) -> None:
     assert {status[n] for n in status if n.startswith("grad_")} == {"skipped"}
     err = next(a.max_abs_error for a in report.arrays if a.name == "output")
     assert err is not None and err <= 1e-5
+
+
+MANIFEST_CASES = {
+    "format": (lambda m: m.update(format="cryodeploy-reference/0"),
+               "found format 'cryodeploy-reference/0', expected 'cryodeploy-reference/1'"),
+    "no-arrays": (lambda m: m.pop("arrays"), "found no 'arrays', expected one"),
+    "no-target": (lambda m: m["arrays"].pop("target"),
+                  "found no 'target' array with role 'target', expected one"),
+    "text-tolerance": (lambda m: m.update(tolerance="1e-5"),
+                       "found tolerance '1e-5', expected a valid number"),
+    "zero-tolerance": (lambda m: m.update(tolerance=0), "found tolerance 0, expected greater than 0"),
+    "escape": (lambda m: m["arrays"]["loss"].update(file="../loss.bin"),
+               "file '../loss.bin' invalid, expected a name inside the bundle"),
+    "weights-escape": (lambda m: m.update(weights="/etc"),
+                       "file '/etc' invalid, expected a name inside the bundle"),
+    "role": (lambda m: m["arrays"]["loss"].update(role="metric"),
+             "found arrays.loss.role 'metric', expected 'input', 'target', 'output', 'loss' or 'gradient'"),
+    "negative-shape": (lambda m: m["arrays"]["output"].update(shape=[2, -1]),
+                       "found shape [2, -1], expected non-negative sizes"),
+    "text-shape": (lambda m: m["arrays"]["output"].update(shape=["2"]),
+                   "found arrays.output.shape.0 '2', expected a valid integer"),
+    "unknown-field": (lambda m: m["arrays"]["output"].update(scale=1),
+                      "found unknown field 'arrays.output.scale'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MANIFEST_CASES))
+def test_bad_manifest_fields_are_one_error_naming_the_field(bundle: Path, tmp_path: Path, case: str) -> None:
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(bundle, bad)
+    manifest = json.loads((bad / "manifest.json").read_text())
+    change, message = MANIFEST_CASES[case]
+    change(manifest)
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelError) as err:
+        check_reference(bad)
+    assert str(err.value) == f"{bad / 'manifest.json'}: {message}"
+
+
+def test_array_of_the_wrong_size_for_its_shape_is_refused(bundle: Path, tmp_path: Path) -> None:
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(bundle, bad)
+    manifest = json.loads((bad / "manifest.json").read_text())
+    manifest["arrays"]["loss"]["shape"] = [2]
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelError) as err:
+        check_reference(bad)
+    assert str(err.value) == f"{bad / 'loss.bin'}: found 4 bytes, expected 8 for shape (2,)"
