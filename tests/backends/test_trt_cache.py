@@ -180,6 +180,36 @@ def test_read_sidecar_errors_name_the_file(tmp_path: Path) -> None:
         read_sidecar(engine)
 
 
+SIDECAR_CASES = {
+    "text-workspace": (lambda d: d.update(workspace_bytes="1073741824"),
+                       "found workspace_bytes '1073741824', expected a valid integer"),
+    "number-as-gpu": (lambda d: d["key"].update(gpu_name=100),
+                      "found key.gpu_name 100, expected a valid string"),
+    "no-precision": (lambda d: d["key"].pop("precision"), "found no 'key.precision', expected one"),
+    "negative-build": (lambda d: d.update(build_seconds=-1.0),
+                       "found build_seconds -1.0, expected greater than or equal to 0"),
+    "text-loss-accepted": (lambda d: d.update(loss_accepted="yes"),
+                           "found loss_accepted 'yes', expected a valid boolean"),
+    "gate-samples": (lambda d: d["fp16_gate"].update(samples=2.5),
+                     "found fp16_gate.samples 2.5, expected a valid integer"),
+    "short-engine-hash": (lambda d: d.update(engine_sha256="00"),
+                          "found engine_sha256 '00', expected string should match pattern '^[0-9a-f]{64}$'"),
+    "unknown-field": (lambda d: d.update(int8=True), "found unknown field 'int8'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SIDECAR_CASES))
+def test_sidecar_field_errors_name_the_file_and_field(tmp_path: Path, case: str) -> None:
+    engine = _cached(tmp_path, gate=fp16_gate(31.25, 31.2, samples=4))
+    doc = json.loads(sidecar_path(engine).read_text())
+    change, message = SIDECAR_CASES[case]
+    change(doc)
+    sidecar_path(engine).write_text(json.dumps(doc))
+    with pytest.raises(ModelError) as err:
+        read_sidecar(engine)
+    assert str(err.value) == f"{sidecar_path(engine)}: engine sidecar is incomplete or invalid: {message}"
+
+
 def test_cache_lookup_reuses_only_an_exact_match(tmp_path: Path) -> None:
     assert cache_lookup(tmp_path, KEY).action == "build"
     engine = _cached(tmp_path)

@@ -133,12 +133,9 @@ class EngineKey:
 
     @classmethod
     def from_fields(cls, d: dict[str, Any]) -> EngineKey:
-        """Inverse of :meth:`fields`."""
-        try:
-            platform = Platform(str(d["gpu_name"]), str(d["compute_capability"]), str(d["tensorrt_version"]))
-            return cls(str(d["onnx_sha256"]), platform, str(d["precision"]), parse_shapes(str(d["profile"])))
-        except KeyError as err:
-            raise ModelError(f"engine sidecar key lacks field {err}") from None
+        """Inverse of :meth:`fields` (``d`` as the sidecar schema's ``KeyDoc`` accepts it)."""
+        platform = Platform(d["gpu_name"], d["compute_capability"], d["tensorrt_version"])
+        return cls(d["onnx_sha256"], platform, d["precision"], parse_shapes(d["profile"]))
 
 
 @dataclass(frozen=True)
@@ -168,17 +165,18 @@ class EngineSidecar:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> EngineSidecar:
-        """Inverse of :meth:`to_dict`; rejects other formats."""
+        """Inverse of :meth:`to_dict`; rejects other formats, and any field the sidecar schema
+        (:class:`~cryodeploy.backends.trt.sidecar.SidecarDoc`) refuses, naming the field."""
+        from cryodeploy.backends.trt.sidecar import SidecarDoc
+        from cryodeploy.files import validated
+
         if d.get("format") != SIDECAR_FORMAT:
             raise ModelError(f"engine sidecar format {d.get('format')!r}, expected {SIDECAR_FORMAT!r}")
-        try:
-            gate = d.get("fp16_gate")
-            return cls(EngineKey.from_fields(d["key"]), dict(d["model"]), str(d["engine_sha256"]),
-                       float(d["build_seconds"]), str(d["created"]), int(d["workspace_bytes"]),
-                       str(d["onnx_path"]), GateResult.from_dict(gate) if gate else None,
-                       bool(d.get("loss_accepted", False)))
-        except (KeyError, TypeError, ValueError) as err:
-            raise ModelError(f"engine sidecar is incomplete ({type(err).__name__}: {err})") from None
+        doc = validated(d, SidecarDoc, "engine sidecar is incomplete or invalid", ModelError)
+        gate = doc.fp16_gate
+        return cls(EngineKey.from_fields(doc.key.model_dump()), doc.model, doc.engine_sha256,
+                   doc.build_seconds, doc.created, doc.workspace_bytes, doc.onnx_path,
+                   GateResult.from_dict(gate.model_dump()) if gate else None, doc.loss_accepted)
 
 
 def sidecar_path(engine: Path) -> Path:
