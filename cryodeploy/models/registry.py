@@ -139,36 +139,27 @@ class ModelSpec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelSpec:
-        """Inverse of :meth:`to_dict`; rejects unknown formats and fields."""
-        if d.get("format") != "cryodeploy-model/1":
-            raise ConfigError(f"model config format {d.get('format')!r}, expected 'cryodeploy-model/1'")
-        known = {
-            "format",
-            "architecture",
-            "params",
-            "receptive_radius",
-            "stride",
-            "normalization",
-            "noise",
-            "training",
-            "versions",
-        }
-        unknown = set(d) - known
-        if unknown:
-            raise ConfigError(f"model config has unknown fields {sorted(unknown)}")
+        """Inverse of :meth:`to_dict`; rejects unknown formats, and any field the model config schema
+        (:class:`~cryodeploy.models.specschema.ModelDoc`) refuses."""
+        from cryodeploy.files import validated
+        from cryodeploy.models.specschema import ModelDoc
+
+        if not isinstance(d, dict) or d.get("format") != "cryodeploy-model/1":
+            found = d.get("format") if isinstance(d, dict) else f"a JSON {type(d).__name__}"
+            raise ConfigError(f"model config format {found!r}, expected 'cryodeploy-model/1'")
+        doc = validated(d, ModelDoc, "model config", ConfigError)
         spec = cls(
-            architecture=d["architecture"],
-            params=dict(d.get("params", {})),
-            normalization=NormSpec.from_dict(d.get("normalization", {})),
-            noise=dict(d.get("noise", {})),
-            training=dict(d.get("training", {})),
-            versions=dict(d.get("versions", {})),
+            architecture=doc.architecture,
+            params=dict(doc.params),
+            normalization=NormSpec.from_dict(doc.normalization),
+            noise=dict(doc.noise),
+            training=dict(doc.training),
+            versions=dict(doc.versions),
         )
         for key in ("receptive_radius", "stride"):
-            if key in d and d[key] != getattr(spec, key):
-                raise ConfigError(
-                    f"model config says {key}={d[key]}, but {spec.architecture} has {getattr(spec, key)}"
-                )
+            said, has = getattr(doc, key), getattr(spec, key)
+            if said is not None and said != has:
+                raise ConfigError(f"model config says {key}={said}, but {spec.architecture} has {has}")
         return spec
 
 
