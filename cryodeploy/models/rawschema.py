@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 __all__ = ["LAYOUT", "RAW_FORMAT", "RawFile", "RawLayer", "RawLayers"]
 
@@ -62,14 +62,22 @@ class RawLayers(BaseModel):
     """The whole document; ``model`` is a :class:`~cryodeploy.models.ModelSpec` dict, checked by it."""
 
     model_config = _STRICT
-    format: Literal["cryodeploy-raw/1"]
+    format: str
     model: dict[str, Any]
     layers: list[RawLayer]
-    layout: Literal["(out,in,kH,kW)"] | None = None
+    layout: str | None = None
     dtype: Literal["float32"] | None = None
     byte_order: Literal["little"] | None = None
     order: Literal["C"] | None = None
     source_sha256: str | None = None
+
+    @field_validator("format", "layout")
+    @classmethod
+    def _tags(cls, value: str | None, info: ValidationInfo) -> str | None:
+        want = RAW_FORMAT if info.field_name == "format" else LAYOUT
+        if value is not None and value != want:
+            raise ValueError(f"found {info.field_name} {value!r}, expected {want!r}")
+        return value
 
     @field_validator("layers", mode="before")
     @classmethod

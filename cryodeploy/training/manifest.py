@@ -40,11 +40,26 @@ class StoreManifest(BaseModel):
     """The fields a store is read by."""
 
     model_config = ConfigDict(strict=True, extra="allow", frozen=True)
-    format: Literal["cryodeploy-patches/1"]
+    format: str
     patch: tuple[int, int]
     dtype: Literal["float32"]
     byte_order: Literal["little"]
-    splits: dict[Literal["train", "test"], SplitEntry] = Field(min_length=1)
+    splits: dict[str, SplitEntry] = Field(min_length=1)
+
+    @field_validator("format")
+    @classmethod
+    def _format(cls, value: str) -> str:
+        if value != FORMAT:
+            raise ValueError(f"found format {value!r}, expected {FORMAT!r}")
+        return value
+
+    @field_validator("splits")
+    @classmethod
+    def _splits(cls, value: dict[str, SplitEntry]) -> dict[str, SplitEntry]:
+        unknown = sorted(set(value) - set(SPLITS))
+        if unknown:
+            raise ValueError(f"found splits {unknown}, expected only {list(SPLITS)}")
+        return value
 
     @field_validator("patch", mode="before")
     @classmethod

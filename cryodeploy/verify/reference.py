@@ -66,7 +66,7 @@ class RefManifest(BaseModel):
     """A bundle's ``manifest.json``: what :func:`check_reference` reads, every rule in one place."""
 
     model_config = _STRICT
-    format: Literal["cryodeploy-reference/1"]
+    format: str
     weights: str = "weights"
     model: dict[str, Any]
     loss: str
@@ -76,6 +76,13 @@ class RefManifest(BaseModel):
     arrays: dict[str, RefArray]
 
     _weights = field_validator("weights")(_inside)
+
+    @field_validator("format")
+    @classmethod
+    def _format(cls, value: str) -> str:
+        if value != REFERENCE_FORMAT:
+            raise ValueError(f"found format {value!r}, expected {REFERENCE_FORMAT!r}")
+        return value
 
     @model_validator(mode="after")
     def _roles(self) -> RefManifest:

@@ -15,6 +15,8 @@ CASES: dict[str, tuple[Callable[[dict], object], str]] = {
     "format": (lambda m: m.update(format="cryodeploy-raw/2"),
                "found format 'cryodeploy-raw/2', expected 'cryodeploy-raw/1'"),
     "no-layers": (lambda m: m.pop("layers"), "found no 'layers', expected one"),
+    "layout": (lambda m: m.update(layout="(kH,kW,in,out)"),
+               "found layout '(kH,kW,in,out)', expected '(out,in,kH,kW)'"),
     "unknown-field": (lambda m: m.update(tile=64), "found unknown field 'tile'"),
     "unknown-entry-field": (lambda m: m["layers"][1]["bias"].update(scale=2.0),
                             "found unknown field 'layers.1.bias.scale'"),

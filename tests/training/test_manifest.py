@@ -33,7 +33,7 @@ CASES: dict[str, tuple[Callable[[dict], object], str]] = {
     "unknown-split-field": (lambda m: m["splits"]["train"].update(weights="w.bin"),
                             "found unknown field 'splits.train.weights'"),
     "unknown-split": (lambda m: m["splits"].update(val=m["splits"]["train"]),
-                      "found splits.val.[key] 'val', expected 'train' or 'test'"),
+                      "found splits ['val'], expected only ['train', 'test']"),
     "no-splits": (lambda m: m.update(splits={}), "found splits {}, expected at least 1 item"),
     "patch-int": (lambda m: m.update(patch=8), "found patch 8, expected [H, W] of positive integers"),
     "patch-zero": (lambda m: m.update(patch=[8, 0]),
