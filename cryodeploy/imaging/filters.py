@@ -24,7 +24,8 @@ import numpy as np
 from cryodeploy.errors import ConfigError
 from cryodeploy.io.mrc import MicrographHeader
 
-__all__ = ["EDGE_WIDTH", "FrameFilters", "fourier_bin", "gaussian", "lowpass", "lowpass_transfer"]
+__all__ = ["EDGE_WIDTH", "FrameFilters", "check_lowpass", "fourier_bin", "gaussian", "header_pixel_size",
+           "lowpass", "lowpass_transfer"]
 
 #: width of the raised-cosine edge of :func:`lowpass`, in cycles per pixel
 EDGE_WIDTH = 0.02
@@ -64,14 +65,21 @@ def lowpass_transfer(shape: tuple[int, int], cutoff: float) -> np.ndarray:
     return 0.5 * (1.0 + np.cos(np.pi * t))
 
 
-def lowpass(frame: np.ndarray, resolution: float, pixel_size: float | None = None) -> np.ndarray:
-    """``frame`` with detail finer than ``resolution`` (Å if ``pixel_size`` is given, else px) removed."""
+def check_lowpass(resolution: float, pixel_size: float | None) -> float:
+    """The pixel size :func:`lowpass` uses (1 without one); :class:`ConfigError` if ``resolution``
+    is finer than Nyquist."""
     px = pixel_size if pixel_size and pixel_size > 0 else 1.0
     if not resolution >= 2 * px:
         unit = "Å" if pixel_size else "px"
         raise ConfigError(
             f"lowpass {resolution:g} {unit}: expected at least 2 pixels ({2 * px:g} {unit}, Nyquist)"
         )
+    return px
+
+
+def lowpass(frame: np.ndarray, resolution: float, pixel_size: float | None = None) -> np.ndarray:
+    """``frame`` with detail finer than ``resolution`` (Å if ``pixel_size`` is given, else px) removed."""
+    px = check_lowpass(resolution, pixel_size)
     arr = np.asarray(frame, dtype=np.float64)
     spectrum = np.fft.rfft2(arr) * lowpass_transfer(arr.shape, px / resolution)
     return np.fft.irfft2(spectrum, s=arr.shape).astype(np.float32)
@@ -131,7 +139,7 @@ class FrameFilters:
     def before(self, frame: np.ndarray, header: MicrographHeader) -> np.ndarray:
         """A frame as the network gets it: binned, and filtered if ``at == "before"``."""
         frame = fourier_bin(frame, self.bin)
-        return self._filter(frame, _pixel(self.header(header))) if self.at == "before" else frame
+        return self._filter(frame, header_pixel_size(self.header(header))) if self.at == "before" else frame
 
     @property
     def filters_after(self) -> bool:
@@ -141,9 +149,9 @@ class FrameFilters:
     def after(self, frame: np.ndarray, header: MicrographHeader) -> np.ndarray:
         """A denoised frame (binned shape) filtered if ``at == "after"``; ``header``: the output's
         (what :meth:`header` made of the input's), whose pixel size the low-pass uses."""
-        return self._filter(frame, _pixel(header)) if self.at == "after" else frame
+        return self._filter(frame, header_pixel_size(header)) if self.at == "after" else frame
 
 
-def _pixel(header: MicrographHeader) -> float | None:
+def header_pixel_size(header: MicrographHeader) -> float | None:
     """The frame's pixel size in Å, or None when the header does not know it (0)."""
     return float(header.voxel_size[0]) if header.voxel_size[0] > 0 else None

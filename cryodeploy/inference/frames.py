@@ -10,9 +10,11 @@ into a pinned buffer (one per writer thread) and writes header + bytes
 waits for it before handing a tensor on, so no tensor is used or freed while another stream may
 still work on it.
 
-Movies (summed when read), binning and classical filters (``RunConfig.movies``/``filters``) are
-numpy code: with any of them the runner takes the host path (:class:`FilteredHostFrames`), and
-``frame_path="device"`` is refused. :func:`denoise_image` is the same pipeline for an in-memory array.
+Binning and classical filters (``RunConfig.filters``) run where the frames are: numpy on the host
+path (:class:`FilteredHostFrames`), torch on the device path
+(:class:`~cryodeploy.imaging.device_filters.DeviceFrameFilters`). Movies (``RunConfig.movies``, summed
+while read from disk) take the host path, and ``frame_path="device"`` is refused with them.
+:func:`denoise_image` is the same pipeline for an in-memory array.
 """
 
 from __future__ import annotations
@@ -192,14 +194,17 @@ class FilteredHostFrames(HostFrames):
 
 
 class DeviceFrames(HostFrames):
-    """Frames as float32 tensors on ``device`` (see the module docstring)."""
+    """Frames as float32 tensors on ``device`` (see the module docstring), binned and filtered there
+    with ``filters`` (the output header follows the binning)."""
 
-    def __init__(self, spec: ModelSpec, device: str) -> None:
+    def __init__(self, spec: ModelSpec, device: str, filters: FrameFilters | None = None) -> None:
         import torch
 
         from cryodeploy.imaging.device import DeviceFrameContract
+        from cryodeploy.imaging.device_filters import DeviceFrameFilters
 
         super().__init__(spec)
+        self.filters = DeviceFrameFilters(filters) if filters is not None and filters.active else None
         self._torch = torch
         self.device = torch.device(device)
         self._cuda = self.device.type == "cuda"
@@ -263,11 +268,19 @@ class DeviceFrames(HostFrames):
             if header.mode == 6:  # uint16 copied as int16
                 frames = torch.where(frames < 0, frames + 65536.0, frames)
             validate_frames(frames, path)  # waits for the copy: the pinned buffer is free again
-        return header, self._prepared(frames)
+        if self.filters is None:
+            return header, self._prepared(frames, header)
+        out = self.filters.filters.header(header)
+        oh, ow = out.frame_shape
+        if min(oh, ow) < min_size:
+            raise InputError(f"{path}: binned to {ow}x{oh}, smaller than the model's {min_size} px minimum")
+        return out, self._prepared(frames, header)
 
-    def _prepared(self, frames: Any) -> Iterator[Prepared]:
+    def _prepared(self, frames: Any, source: MicrographHeader) -> Iterator[Prepared]:
         for frame in frames:
             with self._on_stream():
+                if self.filters is not None:
+                    frame = self.filters.before(frame, source)
                 p = self.contract.prepare(frame)
             self._sync()
             yield p.image, p.shape, p.stats
@@ -279,6 +292,12 @@ class DeviceFrames(HostFrames):
         """De-normalize, cast and take the header statistics on the device; write header + bytes."""
         from cryodeploy.imaging.device import header_stats
 
+        if self.filters is not None and self.filters.filters.filters_after:
+            with self._on_stream():
+                finished = (self.contract.finish(y, s, keep_normalized=keep_normalized)
+                            for y, s in zip(outputs, stats, strict=True))
+                outputs = [self.filters.after(y, header) for y in finished]
+            keep_normalized = True  # in their final scale now: written as they are
         if fmt != "mrc":  # other formats take numpy arrays
             host = [self.to_numpy(y) for y in outputs]
             super().write(path, host, stats, header, dtype, fmt, keep_normalized, protect, label)
@@ -307,13 +326,15 @@ def frames_for(
     backend: Backend, spec: ModelSpec, frame_path: str, filters: FrameFilters | None = None,
     movies: MovieConfig | None = None,
 ) -> HostFrames:
-    """The frame path the runner takes with ``backend`` (see :func:`uses_device_path`); the host path,
-    with :class:`FilteredHostFrames`, whenever ``filters`` are active or the inputs are ``movies``."""
-    if (filters is not None and filters.active) or movies is not None:
+    """The frame path the runner takes with ``backend`` (see :func:`uses_device_path`), binning and
+    filtering with ``filters`` there; the host path (:class:`FilteredHostFrames`) for ``movies``."""
+    if movies is not None:
         if frame_path == "device":
-            raise ConfigError("frame_path 'device': filters, binning and movies run on the host frame path")
+            raise ConfigError("frame_path 'device': movies are summed on the host frame path")
         return FilteredHostFrames(spec, filters or FrameFilters(), movies)
-    return DeviceFrames(spec, backend.device) if uses_device_path(backend, frame_path) else HostFrames(spec)
+    if uses_device_path(backend, frame_path):
+        return DeviceFrames(spec, backend.device, filters)
+    return FilteredHostFrames(spec, filters, None) if filters and filters.active else HostFrames(spec)
 
 
 def min_input_size(spec: ModelSpec) -> int:

@@ -87,9 +87,9 @@ class RunConfig:
     each summed (:mod:`cryodeploy.imaging.movies`) before denoising; outputs are named ``.mrc``.
     ``frame_path``: where frames are read into, normalized, tiled and written from: ``"device"``
     (torch tensors on the backend's device, for backends with a device-resident forward),
-    ``"host"`` (numpy), or ``"auto"`` (device for such backends on CUDA; always host when
-    ``filters`` or ``movies`` are set, which run on the host). ``io_threads``: reader and writer
-    threads each.
+    ``"host"`` (numpy), or ``"auto"`` (device for such backends on CUDA; always host for
+    ``movies``, which are summed on the host; ``filters`` run on either path). ``io_threads``:
+    reader and writer threads each.
     """
 
     tile: int | Literal["auto"] = "auto"
@@ -133,8 +133,8 @@ class RunConfig:
             raise ConfigError(f"queue_depth {self.queue_depth}: expected >= 1")
         if self.frame_path not in ("auto", "host", "device"):
             raise ConfigError(f"frame_path {self.frame_path!r}: expected 'auto', 'host' or 'device'")
-        if self.frame_path == "device" and (self.filters.active or self.movies is not None):
-            raise ConfigError("frame_path 'device': filters, binning and movies run on the host frame path; "
+        if self.frame_path == "device" and self.movies is not None:
+            raise ConfigError("frame_path 'device': movies are summed on the host frame path; "
                               "use 'auto' or 'host'")
         threads = self.io_threads
         if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= 16:

@@ -196,25 +196,50 @@ def test_host_path_peak_memory_is_a_small_multiple_of_one_frame(tmp_path, rng, c
     assert out.data.shape == (side, side)
 
 
-def test_filters_and_movies_take_the_host_path(cnn3) -> None:
-    """Binning, filters and movies are numpy code: with any of them the runner reads on the host,
-    even for a backend the device path would take, and frame_path 'device' is refused."""
+def test_filters_run_on_either_path_and_movies_take_the_host_path(cnn3) -> None:
+    """Binning and filters run where the frames are (numpy on the host, torch on the device); movies
+    are summed while read from disk, on the host: frame_path 'device' is refused with them."""
     from cryodeploy.errors import ConfigError
     from cryodeploy.imaging.filters import FrameFilters
     from cryodeploy.imaging.movies import MovieConfig
     from cryodeploy.inference.frames import FilteredHostFrames
 
     backend, spec = cnn3
-    refused = "frame_path 'device': filters, binning and movies run on the host"
-    for filters, movies in ((FrameFilters(bin=2), None), (FrameFilters(gaussian=1.0, at="after"), None),
-                            (FrameFilters(), MovieConfig())):
-        assert type(frames_for(backend, spec, "auto", filters, movies)) is FilteredHostFrames
-        assert type(frames_for(backend, spec, "host", filters, movies)) is FilteredHostFrames
-        with pytest.raises(ConfigError, match=refused):
-            frames_for(backend, spec, "device", filters, movies)
-        with pytest.raises(ConfigError, match=refused):
-            RunConfig(frame_path="device", filters=filters, movies=movies)
-    assert type(frames_for(backend, spec, "device", FrameFilters(), None)) is DeviceFrames  # inactive filters
+    for filters in (FrameFilters(bin=2), FrameFilters(gaussian=1.0, at="after")):
+        assert type(frames_for(backend, spec, "host", filters, None)) is FilteredHostFrames
+        device = frames_for(backend, spec, "device", filters, None)
+        assert type(device) is DeviceFrames and device.filters is not None
+        assert RunConfig(frame_path="device", filters=filters).filters is filters
+    assert frames_for(backend, spec, "device", FrameFilters(), None).filters is None  # inactive filters
+    movies = MovieConfig()
+    assert type(frames_for(backend, spec, "auto", FrameFilters(bin=2), movies)) is FilteredHostFrames
+    refused = "frame_path 'device': movies are summed on the host frame path"
+    with pytest.raises(ConfigError, match=refused):
+        frames_for(backend, spec, "device", FrameFilters(), movies)
+    with pytest.raises(ConfigError, match=refused):
+        RunConfig(frame_path="device", movies=movies)
+
+
+@pytest.mark.parametrize("options", [
+    dict(bin=2, lowpass=8.0, at="after"), dict(bin=3, gaussian=1.5, at="before"), dict(lowpass=6.6)])
+def test_device_path_filters_equal_the_host_paths(tmp_path, rng, cnn3, options) -> None:
+    """--bin 2 --lowpass 8 --filter-at after (and others) on the device path: the host path's output
+    within 1e-5 of its range, with the same header (binned shape, pixel size, statistics)."""
+    from cryodeploy.imaging.filters import FrameFilters
+    from cryodeploy.io.mrc import MicrographHeader, write_micrograph
+
+    backend, spec = cnn3
+    image = (rng.standard_normal((2, 130, 161)) * 10 + 50).astype(np.float32)
+    header = MicrographHeader(shape=image.shape, mode=2, voxel_size=(1.1, 1.1, 1.1), origin=(0, 0, 0))
+    src = write_micrograph(tmp_path / "m.mrcs", image, header)
+    host, device = _both([src], tmp_path, backend, spec, filters=FrameFilters(**options))
+    a, b = read_micrograph(host / "m.mrcs"), read_micrograph(device / "m.mrcs")
+    f = options.get("bin", 1)
+    assert a.data.shape == (2, 130 // f, 161 // f)
+    _close(a.data, b.data)
+    assert a.header.shape == b.header.shape and a.header.voxel_size == b.header.voxel_size
+    assert a.header.voxel_size[0] == pytest.approx(1.1 * 161 / (161 // f))
+    _header_stats_are_the_datas(device / "m.mrcs", 1e-6)
 
 
 def test_ensemble_on_the_device_path_equals_the_host_path(tmp_path, rng, cnn3, unet_checkpoint) -> None:
