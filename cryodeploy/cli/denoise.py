@@ -95,10 +95,10 @@ def denoise(
 ) -> None:
     """Denoise micrographs INPUTS (.mrc/.mrcs files, quoted globs, folders, RELION STAR files) into OUTDIR."""
     from cryodeploy.imaging.filters import FrameFilters
-    from cryodeploy.imaging.movies import MovieConfig
+    from cryodeploy.imaging.movies import MOVIE_SUFFIXES, MovieConfig
     from cryodeploy.inference.denoiser import Denoiser
     from cryodeploy.inference.runner import RunConfig
-    from cryodeploy.io.inputs import expand_inputs
+    from cryodeploy.io.inputs import MICROGRAPH_SUFFIXES, expand_inputs
 
     config = RunConfig(
         tile=size_or_auto(tile, "--tile"), batch=size_or_auto(batch, "--batch"), output_dtype=output_dtype,  # type: ignore[arg-type]
@@ -110,7 +110,7 @@ def denoise(
     )
     if gain is not None and not movies:
         raise click.UsageError("--gain needs --movies")
-    paths = expand_inputs(list(inputs), project_dir)
+    paths = expand_inputs(list(inputs), project_dir, MOVIE_SUFFIXES if movies else MICROGRAPH_SUFFIXES)
     extra = {"cuda_graphs": True} if cuda_graphs else {}
     with _sigterm_interrupts(), Denoiser.load(list(models), device=device, backend=backend,
                                               precision=precision, threads=threads, **extra) as d:

@@ -151,8 +151,9 @@ def preprocess(
     if not movies and (gain is not None or bin_factor != 1):
         raise click.UsageError("--gain and --bin need --movies")
 
+    from cryodeploy.imaging.movies import MOVIE_SUFFIXES
     from cryodeploy.imaging.noise import NoiseSpec
-    from cryodeploy.io.inputs import expand_inputs
+    from cryodeploy.io.inputs import MICROGRAPH_SUFFIXES, expand_inputs
     from cryodeploy.training.preprocess import PreprocessConfig
     from cryodeploy.training.preprocess import preprocess as run
 
@@ -171,7 +172,8 @@ def preprocess(
         workers=workers,
         overwrite=overwrite,
     )
-    paths = expand_inputs([str(pairs[0])] if pairs else list(inputs))
+    paths = expand_inputs([str(pairs[0])] if pairs else list(inputs),
+                          suffixes=MOVIE_SUFFIXES if movies else MICROGRAPH_SUFFIXES)
     if movies:
         from cryodeploy.imaging.movies import MovieConfig
         from cryodeploy.training.movies import preprocess_movies

@@ -56,8 +56,12 @@ def read_star_micrographs(star: str | os.PathLike[str], project_dir: Path | None
     raise InputError(f"{s}: no table with rlnMicrographName, expected a RELION micrographs STAR file")
 
 
-def expand_inputs(items: list[str] | tuple[str, ...], project_dir: Path | None = None) -> list[Path]:
-    """Expand files, globs, directories (``*.mrc``, ``*.mrcs``) and ``.star`` files, keeping order.
+def expand_inputs(
+    items: list[str] | tuple[str, ...], project_dir: Path | None = None,
+    suffixes: tuple[str, ...] = MICROGRAPH_SUFFIXES,
+) -> list[Path]:
+    """Expand files, globs, directories (their files ending in one of ``suffixes``, by default
+    ``.mrc``/``.mrcs``; movies add ``.tif``/``.tiff``) and ``.star`` files, keeping order.
 
     A name that matches nothing is an :class:`InputError`; duplicates are dropped.
     """
@@ -76,9 +80,10 @@ def expand_inputs(items: list[str] | tuple[str, ...], project_dir: Path | None =
             for m in read_star_micrographs(p, project_dir):
                 add(m)
         elif p.is_dir():
-            found = sorted(q for q in p.iterdir() if q.suffix.lower() in MICROGRAPH_SUFFIXES and q.is_file())
+            found = sorted(q for q in p.iterdir() if q.suffix.lower() in suffixes and q.is_file())
             if not found:
-                raise InputError(f"{p}: directory holds no .mrc or .mrcs files")
+                endings = f"{', '.join(suffixes[:-1])} or {suffixes[-1]}"
+                raise InputError(f"{p}: directory holds no {endings} files")
             for q in found:
                 add(q)
         elif p.exists() or p.is_symlink():

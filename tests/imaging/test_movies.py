@@ -108,3 +108,33 @@ def test_denoise_movies_sums_first(cnn3_checkpoint: Path, tmp_path: Path) -> Non
     with Denoiser.load(str(cnn3_checkpoint), device="cpu", backend="torch") as d:
         expected = d(movie_micrograph(tmp_path / "mov.tif").data)
     np.testing.assert_allclose(read_micrograph(tmp_path / "out" / "mov.mrc").data, expected, atol=1e-4)
+
+
+def test_folders_and_globs_of_tiff_movies(cnn3_checkpoint: Path, tmp_path: Path) -> None:
+    """denoise --movies and preprocess --movies take a folder (or a glob) of tifffile-written movies
+    as they take MRC ones; without --movies a folder still gives only MRC files."""
+    from cryodeploy import Denoiser
+    from cryodeploy.training.store import PatchStore
+
+    folder = tmp_path / "movies"
+    folder.mkdir()
+    for i in range(2):
+        tifffile.imwrite(folder / f"mov{i}.tif", _frames(4, (128, 128), seed=i), photometric="minisblack")
+    _mrcs(folder / "mov2.mrcs", _frames(4, (128, 128), seed=2))
+    model = ["--model", str(cnn3_checkpoint), "--backend", "torch", "--device", "cpu", "-q"]
+    for given, out in ((str(folder), "out"), (str(folder / "*.tif"), "glob")):
+        res = CliRunner().invoke(cli, ["denoise", given, "-o", str(tmp_path / out), "--movies", *model])
+        assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["mov0.mrc", "mov1.mrc", "mov2.mrc"]
+    assert sorted(p.name for p in (tmp_path / "glob").iterdir()) == ["mov0.mrc", "mov1.mrc"]
+    with Denoiser.load(str(cnn3_checkpoint), device="cpu", backend="torch") as d:
+        expected = d(movie_micrograph(folder / "mov1.tif").data)
+    np.testing.assert_allclose(read_micrograph(tmp_path / "out" / "mov1.mrc").data, expected, atol=1e-4)
+    plain = CliRunner().invoke(cli, ["denoise", str(folder), "-o", str(tmp_path / "plain"), *model])
+    assert plain.exit_code == 0, plain.output
+    assert sorted(p.name for p in (tmp_path / "plain").iterdir()) == ["mov2.mrcs"]
+
+    res = CliRunner().invoke(cli, ["preprocess", str(folder), "-o", str(tmp_path / "store"), "--movies",
+                                   "--patch", "64", "--test-fraction", "0", "-q"])
+    assert res.exit_code == 0, res.output
+    assert PatchStore(tmp_path / "store").count("train") == 3 * 4  # three 128x128 sums, 64x64 patches

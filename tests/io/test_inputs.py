@@ -86,3 +86,19 @@ def test_star_without_micrographs_table_or_malformed(project) -> None:
                       "a.mrc\n\x00\x01 1 2 3\n")
     with pytest.raises(InputError, match=re.escape(str(broken))):
         expand_inputs([str(broken)])
+
+
+def test_folders_of_movies_take_tiff_files_when_asked(tmp_path) -> None:
+    """A folder gives its .mrc/.mrcs files; with the movie endings also its .tif/.tiff ones (any case)."""
+    for name in ("b.tif", "a.mrcs", "c.TIFF", "d.txt"):
+        (tmp_path / name).write_bytes(b"x")
+    assert [p.name for p in expand_inputs([str(tmp_path)])] == ["a.mrcs"]
+    movies = (".mrc", ".mrcs", ".tif", ".tiff")
+    assert [p.name for p in expand_inputs([str(tmp_path)], suffixes=movies)] == ["a.mrcs", "b.tif", "c.TIFF"]
+    (tmp_path / "a.mrcs").unlink()
+    with pytest.raises(InputError, match=re.escape(f"{tmp_path}: directory holds no .mrc or .mrcs files")):
+        expand_inputs([str(tmp_path)])
+    (tmp_path / "b.tif").unlink()
+    (tmp_path / "c.TIFF").unlink()
+    with pytest.raises(InputError, match=re.escape("directory holds no .mrc, .mrcs, .tif or .tiff files")):
+        expand_inputs([str(tmp_path)], suffixes=movies)
