@@ -205,6 +205,7 @@ class TiledEngine:
     ``add`` and ``flush`` return the frames that finished, successfully or with ``error`` set.
     An out-of-memory error halves the batch, then the tile, and retries instead of failing.
     ``arrays``: numpy on the host (default) or :class:`DeviceArrays` for frames on the device.
+    :meth:`limit_to` bounds tile and batch by the work known in advance.
     """
 
     def __init__(
@@ -221,6 +222,26 @@ class TiledEngine:
             TilePlan.create((self.tile, self.tile), self.tile, self.radius, self.stride)  # rejects too small
         self._pending: list[tuple[FrameTask, int]] = []
         self._buffer = self.arrays.empty((0, 1, 0, 0))
+        self._work: list[tuple[tuple[int, int] | None, int]] | None = None
+
+    def limit_to(self, work: list[tuple[tuple[int, int] | None, int]]) -> None:
+        """Bound the geometry by the frames to come, ``(frame shape, count)`` each (shape None: unknown,
+        each counted as one tile): the tile by their largest stride-padded side, the batch by their
+        total tiles (as :func:`~cryodeploy.inference.frames.denoise_image` does), so a partial batch
+        is never zero-filled beyond the work. Applied once the geometry is known."""
+        self._work = work
+        if self.tile is not None and self.batch is not None:
+            self._fit()
+
+    def _fit(self) -> None:
+        assert self.tile is not None and self.batch is not None and self._work is not None
+        work, self._work = self._work, None
+        sides = [max(s) + -max(s) % self.stride for s, _ in work if s is not None]
+        if sides:
+            self.tile = max(min_tile(self.radius, self.stride), min(self.tile, max(sides)))
+        tiles = sum(n * (len(TilePlan.create(s, self.tile, self.radius, self.stride)) if s else 1)
+                    for s, n in work)
+        self.batch = max(1, min(self.batch, tiles))
 
     def add(self, frame: FrameTask) -> list[FrameTask]:
         """Queue all tiles of ``frame``; run every full batch."""
@@ -228,6 +249,8 @@ class TiledEngine:
             self.tile, self.batch = auto_geometry(
                 frame.image.shape, self._spec, self.backend.device, self.tile, self.batch
             )
+            if self._work is not None:
+                self._fit()
         self._plan(frame)
         assert frame.plan is not None
         done: list[FrameTask] = []

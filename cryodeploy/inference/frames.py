@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from cryodeploy.errors import ConfigError, InputError
+from cryodeploy.errors import ConfigError, CryoDeployError, InputError
 from cryodeploy.imaging.filters import FrameFilters
 from cryodeploy.imaging.movies import MovieConfig, movie_micrograph
 from cryodeploy.imaging.normalize import denormalize, norm_stats, normalize
@@ -115,6 +115,15 @@ class HostFrames:
         header, frames = self._frames(path, min_size)
         return header, (self._prepare(f) for f in frames)
 
+    def planned(self, path: Path) -> tuple[tuple[int, int] | None, int]:
+        """(frame shape, frame count) that :meth:`read` will give for ``path``, from its header alone;
+        (None, 1) where the header cannot be read (the read then fails with the reason)."""
+        try:
+            header = read_header(path)
+        except (CryoDeployError, OSError, ValueError):
+            return None, 1
+        return header.frame_shape, header.n_frames
+
     def _frames(self, path: Path, min_size: int) -> tuple[MicrographHeader, np.ndarray]:
         """The header and the validated float32 frames ``[n, h, w]`` (one array, the file's pixels)."""
         header = read_header(path)
@@ -166,6 +175,25 @@ class FilteredHostFrames(HostFrames):
     def __init__(self, spec: ModelSpec, filters: FrameFilters, movies: MovieConfig | None) -> None:
         super().__init__(spec)
         self.filters, self.movies = filters, movies
+
+    def planned(self, path: Path) -> tuple[tuple[int, int] | None, int]:
+        """As :meth:`HostFrames.planned`, after binning (movie and filter); a movie is one frame (its sum)."""
+        try:
+            if self.movies is not None and path.suffix.lower() in (".tif", ".tiff"):
+                import tifffile
+
+                with tifffile.TiffFile(path) as tif:
+                    h, w = tif.pages[0].shape[-2:]
+                shape: tuple[int, int] | None = (int(h), int(w))
+                n = 1
+            else:
+                shape, n = super().planned(path)
+                n = 1 if self.movies is not None else n
+        except (OSError, ValueError, IndexError):
+            return None, 1
+        for b in (self.movies.bin if self.movies is not None else 1, self.filters.bin):
+            shape = None if shape is None else (shape[0] // b, shape[1] // b)
+        return shape, n
 
     def read(self, path: Path, min_size: int) -> tuple[MicrographHeader, Iterator[Prepared]]:
         """The output's header and each frame binned (and filtered, ``at == "before"``), prepared."""

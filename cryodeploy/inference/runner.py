@@ -352,6 +352,7 @@ def _run_in(pairs: list[tuple[Path, Path]], folders: list[Path], engine: TiledEn
         except OSError as err:
             raise OutputError(f"{folder}: cannot create the output folder ({err.strerror or err})") from err
     jobs = plan_jobs(pairs, cfg)
+    engine.limit_to([io.planned(j.input) for j in jobs if j.result.status == "pending"])  # as denoise_image
     for folder in folders:
         clean_leftovers(folder)
     start = time.perf_counter()

@@ -13,6 +13,7 @@ import starfile
 from click.testing import CliRunner
 
 from cryodeploy.cli import cli
+from cryodeploy.files import JSON_MAX_BYTES
 from cryodeploy.inference.jobs import LAUNCHERS
 from cryodeploy.io.mrc import read_header, read_micrograph, write_micrograph
 
@@ -134,3 +135,37 @@ def test_formats_name_outputs_by_format_and_keep_values(cnn3_checkpoint, inputs,
                     "--preview")
     assert clash.exit_code == 2 and "preview and output format png" in clash.output
     assert not (tmp_path / "p2").exists()
+
+
+def test_explicit_batch_is_clamped_to_the_work_before_allocation(cnn3_checkpoint, tmp_path, rng) -> None:
+    import tracemalloc
+
+    (tmp_path / "in").mkdir()
+    src = write_micrograph(tmp_path / "in" / "one.mrc", rng.standard_normal((96, 96)) * 9 + 30)
+    res = denoise(cnn3_checkpoint, str(src), "-o", str(tmp_path / "auto"), "--tile", "auto",
+                  "--batch", "auto")
+    assert res.exit_code == 0, res.output  # first: imports and caches are not counted below
+    tracemalloc.start()
+    res = denoise(cnn3_checkpoint, str(src), "-o", str(tmp_path / "big"), "--tile", "1024", "--batch", "1024",
+                  "--summary", str(tmp_path / "big.json"))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert res.exit_code == 0, res.output
+    # unclamped, the zero-filled input batch alone is 1024 x 96 x 96 float32 = 37.7 MB (peak 38.7 MB);
+    # clamped, the peak (16.8 MB) is the bounded read of the checkpoint's JSON (files.JSON_MAX_BYTES)
+    assert peak < JSON_MAX_BYTES + 4 * 2**20, peak
+    record = json.loads((tmp_path / "big.json").read_text())
+    assert (record["tile"], record["batch"]) == (96, 1)
+    big, auto = (read_micrograph(tmp_path / d / "one.mrc").data for d in ("big", "auto"))
+    np.testing.assert_allclose(big, auto, rtol=0, atol=1e-6)
+
+
+def test_batch_is_clamped_to_all_planned_tiles_an_unreadable_file_counting_one(
+    cnn3_checkpoint, inputs, tmp_path
+) -> None:
+    (tmp_path / "in" / "bad.mrc").write_bytes(b"\0" * 100)
+    res = denoise(cnn3_checkpoint, str(tmp_path / "in" / "*.mrc"), "-o", str(tmp_path / "out"),
+                  "--tile", "1024", "--batch", "1024", "--summary", str(tmp_path / "s.json"))
+    assert res.exit_code == 1 and f"failed: {tmp_path / 'in' / 'bad.mrc'}: " in res.stderr
+    record = json.loads((tmp_path / "s.json").read_text())
+    assert (record["tile"], record["batch"], record["done"]) == (90, 4, 3)  # 3 files of 70x90, one tile each

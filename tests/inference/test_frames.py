@@ -277,3 +277,27 @@ def test_device_path_writes_other_formats_like_the_host_path(tmp_path, rng, cnn3
     _close(tifffile.imread(host / "m.tif"), tifffile.imread(dev / "m.tif"))
     host, dev = _both([src], tmp_path / "png", backend, spec, output_format="png")
     assert (dev / "m.png").read_bytes() == (host / "m.png").read_bytes()
+
+
+def test_planned_frames_come_from_the_header_as_read_gives_them(tmp_path, rng, cnn3) -> None:
+    """What the runner bounds the batch by: each input's frame shape and count, from its header alone,
+    after movie and filter binning; an unreadable file counts as one unknown frame."""
+    import tifffile
+
+    from cryodeploy.imaging.filters import FrameFilters
+    from cryodeploy.imaging.movies import MovieConfig
+    from cryodeploy.inference.frames import FilteredHostFrames
+
+    _, spec = cnn3
+    stack = write_mrc(tmp_path / "s.mrcs", rng.standard_normal((3, 70, 90)).astype(np.float32))
+    movie = tmp_path / "m.tif"
+    tifffile.imwrite(movie, rng.standard_normal((4, 80, 120)).astype(np.float32), photometric="minisblack")
+    bad = tmp_path / "bad.mrc"
+    bad.write_bytes(b"\0" * 100)
+    host, binned = HostFrames(spec), FilteredHostFrames(spec, FrameFilters(bin=2), None)
+    movies = FilteredHostFrames(spec, FrameFilters(bin=2), MovieConfig(bin=2))
+    assert [host.planned(p) for p in (stack, bad)] == [((70, 90), 3), (None, 1)]
+    assert binned.planned(stack) == ((35, 45), 3)
+    assert [movies.planned(p) for p in (movie, stack, bad)] == [((20, 30), 1), ((17, 22), 1), (None, 1)]
+    header, frames = movies.read(movie, 16)
+    assert header.frame_shape == (20, 30) and len(list(frames)) == 1
