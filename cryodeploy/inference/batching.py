@@ -43,12 +43,14 @@ _MEMORY_SHARE = 0.5
 _MAX_AUTO_BATCH = 8
 #: pixels per batch that keep a GPU busy; more only delays the writer (whole 4096^2 frames: batch 1)
 _BATCH_PIXELS = 4096 * 4096
-_OOM_MESSAGES = ("out of memory", "failed to allocate memory", "can't allocate memory")
+#: ONNX Runtime says "Failed to allocate memory" from its arena and "std::bad_alloc" from a kernel
+_OOM_MESSAGES = ("out of memory", "failed to allocate memory", "can't allocate memory", "bad_alloc")
 
 
 def is_out_of_memory(err: BaseException) -> bool:
-    """True for torch's OutOfMemoryError and for allocation failures of ONNX Runtime / TensorRT."""
-    if type(err).__name__ == "OutOfMemoryError":
+    """True for torch's OutOfMemoryError, numpy's MemoryError and allocation failures of ONNX Runtime /
+    TensorRT."""
+    if type(err).__name__ == "OutOfMemoryError" or isinstance(err, MemoryError):
         return True
     text = str(err).lower()
     return any(m in text for m in _OOM_MESSAGES)
@@ -273,6 +275,9 @@ class TiledEngine:
         while self._pending and self.batch and (final or len(self._pending) >= self.batch):
             chunk = self._pending[: self.batch]
             try:
+                for frame, _ in chunk:  # allocated here, so that running out of memory fails the frames
+                    if frame.out is None:
+                        frame.out = self.arrays.empty(frame.plan.padded_shape)  # type: ignore[union-attr]
                 outputs = self._forward(chunk)
             except Exception as err:  # backends raise library-specific types; OOM is told by class/message
                 if is_out_of_memory(err) and self._back_off(chunk):
@@ -282,8 +287,6 @@ class TiledEngine:
             del self._pending[: len(chunk)]
             for (frame, i), result in zip(chunk, outputs, strict=True):
                 assert frame.plan is not None
-                if frame.out is None:
-                    frame.out = self.arrays.empty(frame.plan.padded_shape)
                 frame.plan.stitch(frame.out, i, result[0])
                 frame.remaining -= 1
                 if frame.remaining == 0:

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cryodeploy._version import __version__
-from cryodeploy.errors import CryoDeployError, OutputError
+from cryodeploy.errors import CryoDeployError, OutputError, first_line
 from cryodeploy.files import new_folders_removed_if_empty
 from cryodeploy.inference.batching import DeviceArrays, FrameTask, TiledEngine, error_text
 from cryodeploy.inference.claims import claim_owner, clean_leftovers, try_claim
@@ -103,6 +103,12 @@ def _get(q: queue.Queue[Any], stop: threading.Event) -> Any:
         except queue.Empty:
             continue
     return _END
+
+
+def _read_error(job: Job, err: BaseException) -> str:
+    if isinstance(err, CryoDeployError):
+        return str(err)
+    return f"{job.input}: out of memory reading it ({first_line(err, type(err).__name__)})"
 
 
 class _FileBar:
@@ -207,12 +213,21 @@ class _Pipeline:
         rt, res = job.runtime, job.result
         try:
             header, prepared = self.io.read(job.input, min_input_size(self.spec))
-        except CryoDeployError as err:
-            res.status, res.error = "failed", str(err)
+        except (CryoDeployError, MemoryError) as err:
+            res.status, res.error = "failed", _read_error(job, err)
             return False
         rt.update(header=header, stats=[None] * header.n_frames, frames=[None] * header.n_frames, received=0)
         res.frames, res.bytes_in = header.n_frames, job.input.stat().st_size
-        for i, (image, shape, stats) in enumerate(prepared):
+        for i in range(header.n_frames):
+            try:
+                image, shape, stats = next(prepared)
+            except (CryoDeployError, MemoryError) as err:  # this and the later frames fail, past the model
+                with self.lock:
+                    rt.setdefault("error", _read_error(job, err))
+                for k in range(i, header.n_frames):
+                    if not _put(self.written, FrameTask((job, k), None, (0, 0), error=err), self.stop):
+                        break
+                break
             rt["stats"][i] = stats
             if not _put(self.frames, FrameTask((job, i), image, shape), self.stop):
                 break

@@ -15,6 +15,8 @@ TF32 is off on CUDA unless ``BackendOptions.tf32``; ``threads`` sets ``intra_op_
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -54,12 +56,13 @@ def import_ort(device: str) -> Any:
 
 
 def ort_errors() -> tuple[type[BaseException], ...]:
-    """The exception types onnxruntime raises (its own types do not derive from RuntimeError)."""
+    """The exception types onnxruntime raises (its own types do not derive from RuntimeError; a
+    ``std::bad_alloc`` arrives as a MemoryError)."""
     from onnxruntime.capi import onnxruntime_pybind11_state as state
 
     names = ("Fail", "InvalidGraph", "InvalidArgument", "NoSuchFile", "RuntimeException", "InvalidProtobuf",
              "NotImplemented", "EPFail")
-    return (*(getattr(state, n) for n in names if hasattr(state, n)), RuntimeError, ValueError)
+    return (*(getattr(state, n) for n in names if hasattr(state, n)), RuntimeError, ValueError, MemoryError)
 
 
 def _device_id(device: str) -> int:
@@ -129,9 +132,11 @@ def model_path(source: ModelSource, precision: str) -> Path:
 def build_session(path: Path, options: BackendOptions) -> onnxruntime.InferenceSession:
     """An ``InferenceSession`` for ``path``; on CUDA, refuses a session that fell back to the CPU."""
     ort = import_ort(options.device)
+    ort.set_default_logger_severity(4)  # the process-wide logger too: errors come as exceptions
     wanted = providers(options)
-    try:
-        session = ort.InferenceSession(str(path), session_options(options), providers=wanted)
+    try:  # a failed start prints an "EP Error" banner to stdout before a retry: the error says it
+        with contextlib.redirect_stdout(io.StringIO()):
+            session = ort.InferenceSession(str(path), session_options(options), providers=wanted)
     except ort_errors() as err:
         detail = first_line(err, type(err).__name__)
         raise ModelError(f"{path}: ONNX Runtime cannot load it ({detail})") from err

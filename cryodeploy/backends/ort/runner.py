@@ -38,6 +38,10 @@ class OrtBackend(Backend):
         self._cuda = options.device.startswith("cuda")
         # shape -> (pinned host in, device in, device out, pinned host out); only the latest shape is kept
         self._staging: dict[tuple[int, ...], tuple[Any, Any, Any, Any]] = {}
+        import onnxruntime  # imported already: the session is built
+
+        self._options = onnxruntime.RunOptions()
+        self._options.log_severity_level = 4  # a failure (e.g. out of memory) is the exception's one line
 
     @property
     def session(self) -> onnxruntime.InferenceSession:
@@ -55,7 +59,7 @@ class OrtBackend(Backend):
             return self._run_cuda(batch)
         session = self.session
         try:
-            out = session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
+            out = session.run([OUTPUT_NAME], {INPUT_NAME: batch}, self._options)[0]
         except ort_errors() as err:
             raise self._failed(batch.shape, err) from err
         return np.asarray(out, dtype=np.float32)
@@ -107,7 +111,7 @@ class OrtBackend(Backend):
         binding.bind_input(INPUT_NAME, "cuda", index, np.float32, tuple(x.shape), x.data_ptr())
         binding.bind_output(OUTPUT_NAME, "cuda", index, np.float32, tuple(out.shape), out.data_ptr())
         try:
-            session.run_with_iobinding(binding)  # returns after its stream is synchronized
+            session.run_with_iobinding(binding, self._options)  # returns after its stream is synchronized
         except ort_errors() as err:
             raise self._failed(tuple(x.shape), err) from err
         binding.synchronize_outputs()
