@@ -19,8 +19,8 @@ if TYPE_CHECKING:
     from pydantic import BaseModel
 
 __all__ = ["CACHE_ENV", "NAME_KEY_MAX", "TEMP_PREFIX", "atomic_write", "cache_root", "file_sha256",
-           "name_key", "new_folders_removed_if_empty", "open_regular", "read_json", "seal", "seal_problem",
-           "validated"]
+           "name_key", "new_folders_removed_if_empty", "open_regular", "read_document", "read_json", "seal",
+           "seal_problem", "validated"]
 
 #: Temporary files of atomic writes start with this, so a crashed run's leftovers are recognisable.
 TEMP_PREFIX = ".cryodeploy-tmp-"
@@ -163,6 +163,19 @@ def validated(data: Any, schema: type[_Schema], where: str | os.PathLike[str],
         return schema.model_validate(data)
     except ValidationError as err:
         raise error(f"{where}: {one_line(_problem(err.errors(include_url=False)[0]))}") from None
+
+
+def read_document(path: Path, schema: type[_Schema], error: type[CryoDeployError], missing: str) -> _Schema:
+    """The JSON object in ``path`` (:func:`read_json`) checked against ``schema`` (:func:`validated`);
+    ``error`` naming ``path`` when it is missing (``missing`` says what needs it), not an object,
+    or invalid."""
+    try:
+        data = read_json(path, error)
+    except FileNotFoundError as err:
+        raise error(f"{path}: missing ({missing})") from err
+    if not isinstance(data, dict):
+        raise error(f"{path}: found {type(data).__name__}, expected a JSON object")
+    return validated(data, schema, path, error)
 
 
 def _problem(detail: Any) -> str:

@@ -177,17 +177,11 @@ def load_raw(folder: str | os.PathLike[str]) -> tuple[torch.nn.Module, ModelSpec
     """Load a raw weight folder into an eval-mode CPU model and its spec; refuses any mismatch."""
     import torch
 
-    from cryodeploy.files import read_json, validated
+    from cryodeploy.files import read_document
 
     d = Path(folder)
     meta_path = d / "layers.json"
-    try:
-        raw_meta = read_json(meta_path, ModelError)
-    except FileNotFoundError as err:
-        raise ModelError(f"{meta_path}: missing (a raw weight folder needs layers.json)") from err
-    if not isinstance(raw_meta, dict):
-        raise ModelError(f"{meta_path}: found {type(raw_meta).__name__}, expected a JSON object")
-    meta = validated(raw_meta, RawLayers, meta_path, ModelError)
+    meta = read_document(meta_path, RawLayers, ModelError, "a raw weight folder needs layers.json")
     try:
         spec = ModelSpec.from_dict(meta.model)
     except (ConfigError, KeyError, TypeError, ValueError, AttributeError) as err:

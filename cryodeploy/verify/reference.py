@@ -231,16 +231,9 @@ def _read_array(folder: Path, entry: RefArray) -> np.ndarray:
 
 
 def _load_manifest(folder: Path) -> RefManifest:
-    from cryodeploy.files import read_json, validated
+    from cryodeploy.files import read_document
 
-    path = folder / "manifest.json"
-    try:
-        data = read_json(path, ModelError)
-    except FileNotFoundError as err:
-        raise ModelError(f"{path}: missing (not a reference bundle)") from err
-    if not isinstance(data, dict):
-        raise ModelError(f"{path}: found {type(data).__name__}, expected a JSON object")
-    return validated(data, RefManifest, path, ModelError)
+    return read_document(folder / "manifest.json", RefManifest, ModelError, "not a reference bundle")
 
 
 def _backend_forward(folder: Path, backend: str, device: str, x: np.ndarray) -> np.ndarray:
