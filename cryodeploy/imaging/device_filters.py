@@ -3,8 +3,8 @@ definitions (Fourier cropping with the even-size Nyquist row/column zeroed, the 
 low-pass edge :data:`~cryodeploy.imaging.filters.EDGE_WIDTH`, the Gaussian's kernel to 4 sigma with
 reflecting borders) on 2-D float32 tensors of any device, computed in float32 there.
 
-:class:`DeviceFrameFilters` applies a :class:`~cryodeploy.imaging.filters.FrameFilters` to device
-frames as :class:`~cryodeploy.imaging.filters.FrameFilters` does to numpy ones.
+:data:`TORCH_OPS` lets :class:`~cryodeploy.imaging.filters.FrameFilters` apply itself to device
+frames as it does to numpy ones.
 """
 
 from __future__ import annotations
@@ -14,10 +14,9 @@ import math
 import torch
 
 from cryodeploy.errors import ConfigError
-from cryodeploy.imaging.filters import EDGE_WIDTH, FrameFilters, check_lowpass, header_pixel_size
-from cryodeploy.io.mrc import MicrographHeader
+from cryodeploy.imaging.filters import EDGE_WIDTH, FilterOps, check_lowpass
 
-__all__ = ["DeviceFrameFilters", "fourier_bin", "gaussian", "lowpass"]
+__all__ = ["TORCH_OPS", "fourier_bin", "gaussian", "lowpass"]
 
 
 def _centre_indices(n: int, m: int, device: torch.device) -> torch.Tensor:
@@ -87,26 +86,5 @@ def gaussian(frame: torch.Tensor, sigma: float) -> torch.Tensor:
     return torch.nn.functional.conv1d(rows, kernel).squeeze(1).contiguous()
 
 
-class DeviceFrameFilters:
-    """:class:`~cryodeploy.imaging.filters.FrameFilters` for frames as tensors (see its docs)."""
-
-    def __init__(self, filters: FrameFilters) -> None:
-        self.filters = filters
-
-    def _filter(self, frame: torch.Tensor, pixel_size: float | None) -> torch.Tensor:
-        f = self.filters
-        if f.lowpass is not None:
-            frame = lowpass(frame, f.lowpass, pixel_size)
-        if f.gaussian is not None:
-            frame = gaussian(frame, f.gaussian)
-        return frame
-
-    def before(self, frame: torch.Tensor, header: MicrographHeader) -> torch.Tensor:
-        """A frame as the network gets it: binned, and filtered if ``at == "before"``."""
-        f = self.filters
-        frame = fourier_bin(frame, f.bin)
-        return self._filter(frame, header_pixel_size(f.header(header))) if f.at == "before" else frame
-
-    def after(self, frame: torch.Tensor, header: MicrographHeader) -> torch.Tensor:
-        """A denoised frame (binned shape) filtered if ``at == "after"``; ``header``: the output's."""
-        return self._filter(frame, header_pixel_size(header)) if self.filters.at == "after" else frame
+#: :class:`~cryodeploy.imaging.filters.FrameFilters` applies these to device frames
+TORCH_OPS = FilterOps(fourier_bin, lowpass, gaussian)

@@ -16,16 +16,17 @@ changes the header of the output. The Fourier filters treat the frame as periodi
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
 from cryodeploy.errors import ConfigError
 from cryodeploy.io.mrc import MicrographHeader
 
-__all__ = ["EDGE_WIDTH", "FrameFilters", "check_lowpass", "fourier_bin", "gaussian", "header_pixel_size",
-           "lowpass", "lowpass_transfer"]
+__all__ = ["EDGE_WIDTH", "NUMPY_OPS", "FilterOps", "FrameFilters", "check_lowpass", "fourier_bin", "gaussian",
+           "header_pixel_size", "lowpass", "lowpass_transfer"]
 
 #: width of the raised-cosine edge of :func:`lowpass`, in cycles per pixel
 EDGE_WIDTH = 0.02
@@ -95,6 +96,19 @@ def gaussian(frame: np.ndarray, sigma: float) -> np.ndarray:
 
 
 @dataclass(frozen=True)
+class FilterOps:
+    """The operations :class:`FrameFilters` composes, for one kind of array: numpy here
+    (:data:`NUMPY_OPS`), torch tensors in :data:`cryodeploy.imaging.device_filters.TORCH_OPS`."""
+
+    fourier_bin: Callable[[Any, int], Any]
+    lowpass: Callable[[Any, float, float | None], Any]
+    gaussian: Callable[[Any, float], Any]
+
+
+NUMPY_OPS = FilterOps(fourier_bin, lowpass, gaussian)
+
+
+@dataclass(frozen=True)
 class FrameFilters:
     """Binning and filters around the network: ``bin`` first, then ``lowpass`` (Å with a known pixel
     size, else px) and ``gaussian`` (sigma in pixels of the binned frame) ``at`` before or after it."""
@@ -129,27 +143,31 @@ class FrameFilters:
         shape = (header.shape[0], oh, ow) if header.is_stack else (oh, ow)
         return dataclasses.replace(header, shape=shape, voxel_size=(vx * w / ow, vy * h / oh, vz))
 
-    def _filter(self, frame: np.ndarray, pixel_size: float | None) -> np.ndarray:
+    def _filter(self, frame: Any, pixel_size: float | None, ops: FilterOps) -> Any:
         if self.lowpass is not None:
-            frame = lowpass(frame, self.lowpass, pixel_size)
+            frame = ops.lowpass(frame, self.lowpass, pixel_size)
         if self.gaussian is not None:
-            frame = gaussian(frame, self.gaussian)
+            frame = ops.gaussian(frame, self.gaussian)
         return frame
 
-    def before(self, frame: np.ndarray, header: MicrographHeader) -> np.ndarray:
-        """A frame as the network gets it: binned, and filtered if ``at == "before"``."""
-        frame = fourier_bin(frame, self.bin)
-        return self._filter(frame, header_pixel_size(self.header(header))) if self.at == "before" else frame
+    def before(self, frame: Any, header: MicrographHeader, ops: FilterOps = NUMPY_OPS) -> Any:
+        """A frame as the network gets it: binned, and filtered if ``at == "before"``; ``ops``: the
+        operations for the frame's kind of array (numpy by default; torch:
+        :data:`~cryodeploy.imaging.device_filters.TORCH_OPS`)."""
+        frame = ops.fourier_bin(frame, self.bin)
+        if self.at != "before":
+            return frame
+        return self._filter(frame, header_pixel_size(self.header(header)), ops)
 
     @property
     def filters_after(self) -> bool:
         """True when a filter is applied to the network's output (``at == "after"``)."""
         return self.at == "after" and (self.lowpass is not None or self.gaussian is not None)
 
-    def after(self, frame: np.ndarray, header: MicrographHeader) -> np.ndarray:
+    def after(self, frame: Any, header: MicrographHeader, ops: FilterOps = NUMPY_OPS) -> Any:
         """A denoised frame (binned shape) filtered if ``at == "after"``; ``header``: the output's
         (what :meth:`header` made of the input's), whose pixel size the low-pass uses."""
-        return self._filter(frame, header_pixel_size(header)) if self.at == "after" else frame
+        return self._filter(frame, header_pixel_size(header), ops) if self.at == "after" else frame
 
 
 def header_pixel_size(header: MicrographHeader) -> float | None:

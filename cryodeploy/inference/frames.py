@@ -12,7 +12,7 @@ still work on it.
 
 Binning and classical filters (``RunConfig.filters``) run where the frames are: numpy on the host
 path (:class:`FilteredHostFrames`), torch on the device path
-(:class:`~cryodeploy.imaging.device_filters.DeviceFrameFilters`). Movies (``RunConfig.movies``, summed
+(:data:`~cryodeploy.imaging.device_filters.TORCH_OPS`). Movies (``RunConfig.movies``, summed
 while read from disk) take the host path, and ``frame_path="device"`` is refused with them.
 :func:`denoise_image` is the same pipeline for an in-memory array.
 """
@@ -229,10 +229,11 @@ class DeviceFrames(HostFrames):
         import torch
 
         from cryodeploy.imaging.device import DeviceFrameContract
-        from cryodeploy.imaging.device_filters import DeviceFrameFilters
+        from cryodeploy.imaging.device_filters import TORCH_OPS
 
         super().__init__(spec)
-        self.filters = DeviceFrameFilters(filters) if filters is not None and filters.active else None
+        self.filters = filters if filters is not None and filters.active else None
+        self._ops = TORCH_OPS
         self._torch = torch
         self.device = torch.device(device)
         self._cuda = self.device.type == "cuda"
@@ -298,7 +299,7 @@ class DeviceFrames(HostFrames):
             validate_frames(frames, path)  # waits for the copy: the pinned buffer is free again
         if self.filters is None:
             return header, self._prepared(frames, header)
-        out = self.filters.filters.header(header)
+        out = self.filters.header(header)
         oh, ow = out.frame_shape
         if min(oh, ow) < min_size:
             raise InputError(f"{path}: binned to {ow}x{oh}, smaller than the model's {min_size} px minimum")
@@ -308,7 +309,7 @@ class DeviceFrames(HostFrames):
         for frame in frames:
             with self._on_stream():
                 if self.filters is not None:
-                    frame = self.filters.before(frame, source)
+                    frame = self.filters.before(frame, source, self._ops)
                 p = self.contract.prepare(frame)
             self._sync()
             yield p.image, p.shape, p.stats
@@ -320,11 +321,11 @@ class DeviceFrames(HostFrames):
         """De-normalize, cast and take the header statistics on the device; write header + bytes."""
         from cryodeploy.imaging.device import header_stats
 
-        if self.filters is not None and self.filters.filters.filters_after:
+        if self.filters is not None and self.filters.filters_after:
             with self._on_stream():
                 finished = (self.contract.finish(y, s, keep_normalized=keep_normalized)
                             for y, s in zip(outputs, stats, strict=True))
-                outputs = [self.filters.after(y, header) for y in finished]
+                outputs = [self.filters.after(y, header, self._ops) for y in finished]
             keep_normalized = True  # in their final scale now: written as they are
         if fmt != "mrc":  # other formats take numpy arrays
             host = [self.to_numpy(y) for y in outputs]
