@@ -64,7 +64,7 @@ def train_worker(a: argparse.Namespace) -> None:
     from cryodeploy._version import __version__
     from cryodeploy.imaging.normalize import NormSpec
     from cryodeploy.models import ModelSpec, build_model
-    from cryodeploy.models.checkpoint import save_checkpoint
+    from cryodeploy.models.checkpoint import load_checkpoint, save_checkpoint
     from cryodeploy.training.simsource import SimSource, batch_psnr, sim_batches, sim_images
 
     dev = torch.device(a.device)
@@ -87,7 +87,16 @@ def train_worker(a: argparse.Namespace) -> None:
     spec = ModelSpec("unet", {"base_channels": base, "depth": depth}, normalization=NormSpec(),
                      training=recipe, versions=versions)
     torch.manual_seed(TRAIN_SEED)
-    net = build_model(spec).to(dev)
+    net = build_model(spec)
+    if a.init:
+        from cryodeploy.training.finetune import init_path
+
+        start, start_spec = load_checkpoint(init_path(a.init))
+        if start_spec.architecture != spec.architecture or start_spec.params != spec.params:
+            raise SystemExit(f"--init {a.init}: {start_spec.architecture} {start_spec.params} is not {spec.params}")
+        net.load_state_dict(start.state_dict())
+        recipe["init"] = {"from": str(a.init), "training": start_spec.training}
+    net = net.to(dev)
     if cuda:
         net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     opt = torch.optim.AdamW(net.parameters(), lr=a.lr, weight_decay=a.weight_decay,
@@ -186,6 +195,8 @@ def orchestrate(a: argparse.Namespace) -> None:
     names = [n for n in a.candidates.split(",") if n]
     for name in names:
         (out / "candidates" / name).mkdir(parents=True, exist_ok=True)
+        for stale in ("best.safetensors", "best.json", "summary.json"):
+            (out / "candidates" / name / stale).unlink(missing_ok=True)
         logf = (out / "candidates" / name / "train.log").open("wb")
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--deadline", str(deadline),
                *sys.argv[1:]]
@@ -241,6 +252,7 @@ def main() -> None:
     p.add_argument("--crops-per-image", type=int, default=4)
     p.add_argument("--sim-size", type=int, default=512)
     p.add_argument("--lr", type=float, default=0.0, help="peak lr (default: the candidate's)")
+    p.add_argument("--init", default=None, help="start every candidate from this checkpoint (or 'default')")
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--val-count", type=int, default=16)
     p.add_argument("--val-size", type=int, default=512)
