@@ -89,13 +89,16 @@ def train_worker(a: argparse.Namespace) -> None:
     torch.manual_seed(TRAIN_SEED)
     net = build_model(spec)
     if a.init:
+        from cryodeploy.files import file_sha256
         from cryodeploy.training.finetune import init_path
 
         start, start_spec = load_checkpoint(init_path(a.init))
         if start_spec.architecture != spec.architecture or start_spec.params != spec.params:
-            raise SystemExit(f"--init {a.init}: {start_spec.architecture} {start_spec.params} is not {spec.params}")
+            raise SystemExit(f"--init {a.init}: {start_spec.architecture} {start_spec.params} "
+                             f"is not {spec.params}")
         net.load_state_dict(start.state_dict())
-        recipe["init"] = {"from": str(a.init), "training": start_spec.training}
+        recipe["init"] = {"from": str(a.init), "sha256": file_sha256(init_path(a.init)),
+                          "training": start_spec.training}
     net = net.to(dev)
     if cuda:
         net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]

@@ -9,7 +9,7 @@ of raw-noise blobs beside smoothed patches has a spread of order 1 - its ratios 
 to ~1. Bound: spread <= 2 x the uniform filter's + 0.03, a factor 2 for a nonlinear denoiser's
 output correlations differing from a Gaussian's and 0.03 for the estimates' noise at light
 smoothing. Measured with the same data (dose 20, 512^2, CPU, 2026-12-01): the shipped default
-0.11 / 0.026 (flat / empty ice field; bounds 0.63 / 0.13, noise left 0.02 / 0.08); the earlier
+0.16 / 0.025 (flat / empty ice field; bounds 0.81 / 0.13, noise left 0.015 / 0.077); the earlier
 seeds-recipe default 0.25 / 0.23 (bounds 0.09 / 0.09, empty field then with a carbon edge), Topaz-Denoise
 unet 0.07 / 0.03 (bounds 0.43 / 0.15).
 """

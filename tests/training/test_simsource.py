@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from cryodeploy.errors import ConfigError
+from cryodeploy.files import file_sha256
 from cryodeploy.imaging.metrics import psnr
 from cryodeploy.imaging.normalize import norm_stats, normalize
 from cryodeploy.imaging.simulate import SimConfig, simulate
@@ -78,7 +79,7 @@ def test_default_recipe_trains_a_loadable_model_that_denoises(tmp_path: Path, mo
     args = argparse.Namespace(worker="tiny", out=str(tmp_path), device="cpu", sim_size=128, crop=64,
                               crops_per_image=2, batch=4, lr=0.0, weight_decay=1e-4, seconds=600.0,
                               val_count=2, val_size=128, val_every=1e9, val_reserve=0.0, max_steps=25,
-                              deadline=time.time() + 600.0)
+                              deadline=time.time() + 600.0, init=None)
     td.train_worker(args)
     run = tmp_path / "candidates" / "tiny"
     summary = json.loads((run / "summary.json").read_text())
@@ -94,3 +95,14 @@ def test_default_recipe_trains_a_loadable_model_that_denoises(tmp_path: Path, mo
     before = np.mean([psnr(n, c) for n, c in zip(noisy, clean, strict=True)])
     after = np.mean([psnr(o, c) for o, c in zip(out, clean, strict=True)])
     assert after > before + 1.0, (before, after)  # measured: 4.74 -> 6.41 dB after 25 steps
+    # --init: a second run starts from this one's weights (recorded), and refuses another geometry
+    again = argparse.Namespace(**{**vars(args), "out": str(tmp_path / "ft"), "max_steps": 1,
+                                  "init": str(run / "best.safetensors"), "lr": 0.0})
+    td.train_worker(again)
+    ft = json.loads((tmp_path / "ft" / "candidates" / "tiny" / "best.json").read_text())
+    assert ft["training"]["init"]["from"] == str(run / "best.safetensors")
+    assert ft["training"]["init"]["sha256"] == file_sha256(run / "best.safetensors")
+    assert ft["training"]["init"]["training"]["step"] == spec["training"]["step"]
+    monkeypatch.setitem(td.CANDIDATES, "tiny", (4, 2, 3e-3))
+    with pytest.raises(SystemExit, match="is not"):
+        td.train_worker(argparse.Namespace(**{**vars(again), "lr": 0.0}))
