@@ -9,7 +9,7 @@ this package branches on backend names.
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from cryodeploy.backends.base import Backend, BackendOptions
@@ -23,6 +23,7 @@ __all__ = [
     "BACKEND_PREFERENCE",
     "BackendSpec",
     "BenchVariant",
+    "auto_device_options",
     "availability",
     "backend_help",
     "bench_variants",
@@ -126,6 +127,16 @@ def availability(name: str, options: BackendOptions | None = None) -> tuple[bool
         return False, f"{name}: cannot import ({err})"
     ok, reason = mod.availability(options or BackendOptions())
     return bool(ok), str(reason)
+
+
+def auto_device_options(name: str, options: BackendOptions, precision_chosen: bool = False) -> BackendOptions:
+    """What ``device="auto"`` means for backend ``name``: ``options`` as they are, or on the CPU where
+    they ask for CUDA, the backend cannot run there and can on the CPU (ONNX Runtime without its
+    CUDA provider). ``precision_chosen``: the precision was picked automatically, so fp32 on the CPU."""
+    if not options.device.startswith("cuda") or availability(name, options)[0]:
+        return options
+    cpu = replace(options, device="cpu", precision="fp32" if precision_chosen else options.precision)
+    return cpu if availability(name, cpu)[0] else options
 
 
 def create_backend(name: str, source: ModelSource, options: BackendOptions) -> Backend:

@@ -59,6 +59,7 @@ def parity(
         raise click.UsageError("give either INPUTS or --synth N")
     config = ParityConfig(
         backends=split_csv(backends), precisions=split_csv(precisions) or (), device=resolve_device(device),
+        cpu_fallback=device == "auto",
         threads=threads, tf32=tf32, tile=size_or_auto(tile, "--tile"), batch=size_or_auto(batch, "--batch"),  # type: ignore[arg-type]
         rtol=rtol, max_psnr_loss_db=max_psnr_loss, reference=not no_reference, quiet=quiet,
     )

@@ -97,6 +97,7 @@ class Denoiser:
         averaged (:mod:`cryodeploy.backends.ensemble`).
         """
         from cryodeploy.backends import BackendOptions, create_auto, create_backend
+        from cryodeploy.backends.registry import auto_device_options
         from cryodeploy.backends.sources import load_source
 
         models: list[Any] = list(model) if isinstance(model, list | tuple) else [model]
@@ -127,6 +128,8 @@ class Denoiser:
             for source, (name, prec, extra) in zip(sources, plans, strict=True):
                 opts = BackendOptions(device=dev, precision=prec, threads=threads, tf32=tf32,
                                       extra=tuple(sorted(extra.items())))
+                if device == "auto" and name != "auto":
+                    opts = auto_device_options(name, opts, precision_chosen=precision == "auto")
                 backends.append(create_auto(source, opts) if name == "auto"
                                 else create_backend(name, source, opts))
             if len(sources) == 1:

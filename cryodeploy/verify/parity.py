@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from cryodeploy.backends import BACKENDS, PRECISIONS, BackendOptions, create_backend
+from cryodeploy.backends.registry import auto_device_options
 from cryodeploy.errors import BackendUnavailable, ConfigError, CryoDeployError, ModelError
 from cryodeploy.imaging.normalize import NormStats, norm_stats
 from cryodeploy.io.mrc import read_micrograph
@@ -61,6 +62,8 @@ class ParityConfig:
     backends: tuple[str, ...] | None = None
     precisions: tuple[str, ...] = ("fp32",)
     device: str = "cpu"
+    #: the device was "auto": a backend that cannot use CUDA here runs on the CPU
+    cpu_fallback: bool = False
     threads: int = 0
     tf32: bool = False
     tile: int | Literal["auto"] = "auto"
@@ -207,7 +210,9 @@ def _run_variant(source: ModelSource, name: str, precision: str, inputs: Sequenc
     from cryodeploy.inference.runner import RunConfig, denoise_files
 
     opts = BackendOptions(device=config.device, precision=precision, threads=config.threads, tf32=config.tf32)
-    label = f"{name}/{config.device}/{precision}"
+    if config.cpu_fallback:
+        opts = auto_device_options(name, opts)
+    label = f"{name}/{opts.device}/{precision}"
     try:  # raises BackendUnavailable with availability()'s reason
         backend = create_backend(name, source, opts)
     except (BackendUnavailable, ModelError) as err:

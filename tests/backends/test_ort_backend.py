@@ -143,3 +143,21 @@ def test_denoise_cli_with_onnx_model(cnn3_checkpoint: Path, tmp_path: Path) -> N
         want = read_micrograph(tmp_path / "torch" / path.name)
         assert got.header.voxel_size == read_micrograph(path).header.voxel_size
         assert _rel(got.data, want.data.astype(np.float64)) <= 1e-5
+
+
+def test_auto_device_falls_back_to_the_cpu_where_a_backend_has_no_cuda() -> None:
+    """``device="auto"`` on a GPU machine whose ONNX Runtime lacks the CUDA provider runs ORT on the
+    CPU (the error is kept for an explicit ``cuda``); a CUDA-only backend keeps CUDA and its reason."""
+    from cryodeploy.backends import BackendOptions
+    from cryodeploy.backends.registry import auto_device_options, availability
+
+    cuda = BackendOptions(device="cuda", precision="fp16")
+    ort_cuda = availability("ort", cuda)[0]
+    got = auto_device_options("ort", cuda, precision_chosen=True)
+    assert (got.device, got.precision) == (("cuda", "fp16") if ort_cuda else ("cpu", "fp32"))
+    kept = auto_device_options("ort", BackendOptions(device="cuda", precision="fp16"))
+    assert kept.device == "cuda"  # a chosen fp16 has no CPU ORT: it stays on CUDA and says why
+    fused = auto_device_options("fused", BackendOptions(device="cuda", precision="fp32"))
+    assert fused.device == "cuda"  # the fused kernel never runs on the CPU: its own reason stays
+    cpu = BackendOptions(device="cpu")
+    assert auto_device_options("ort", cpu) is cpu

@@ -79,7 +79,7 @@ def test_denoise_and_preprocess_leave_no_folder_when_every_input_failed(
 
 def test_parity_fails_when_a_requested_backend_did_not_run(cnn3_checkpoint: Path) -> None:
     res = run("parity", str(cnn3_checkpoint), "--synth", "1", "--size", "64", "64", "--backends",
-              "torch,fused", "--threads", "1", "-q")
+              "torch,fused", "--threads", "1", "--device", "cpu", "-q")
     assert res.exit_code == 1, res.output
     assert "parity: FAIL" in res.output and "fused: requested but did not run (fused: CUDA only" in res.output
 
