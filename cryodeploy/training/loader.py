@@ -1,6 +1,6 @@
 """A double-buffered streaming loader over a :class:`~cryodeploy.training.store.PatchStore`.
 
-Memory: ``buffers x batch bytes`` (batch bytes = batch_size x H x W x 4, twice that with
+Memory: ``buffers x batch bytes`` (batch bytes = batch_size x patch voxels x 4, twice that with
 targets), allocated once per epoch and reused; the data set is never held. A background
 thread fills free buffers while the training loop consumes the current one.
 
@@ -92,7 +92,8 @@ def epoch_order(indices: np.ndarray, chunk: int, seed: int, epoch: int, shuffle:
 
 
 class StreamingLoader:
-    """Batches ``(inputs, targets)`` of float32 tensors [B, 1, H, W] from one split of a store.
+    """Batches ``(inputs, targets)`` of float32 tensors [B, 1, H, W] ([B, 1, D, H, W] from a store of
+    volumes) from one split of a store.
 
     ``indices`` (None = the whole split) are taken as a set. ``targets`` is None when the split
     has none. Memory is ``buffers x batch bytes``
@@ -237,17 +238,17 @@ class _EpochIterator:
         self._loader = loader
         self._batches = loader.batch_indices()
         self._pin = loader.pin_memory and torch.cuda.is_available()
-        b, (h, w), c = loader.config.batch_size, loader.store.patch, loader.config
+        b, patch, c = loader.config.batch_size, tuple(loader.store.patch), loader.config
         spare, loader._spare = loader._spare, None
         self._tensors = spare or [
             (
-                _allocate((b, 1, h, w), self._pin),
-                _allocate((b, 1, h, w), self._pin) if loader.has_target else None,
+                _allocate((b, 1, *patch), self._pin),
+                _allocate((b, 1, *patch), self._pin) if loader.has_target else None,
             )
             for _ in range(c.buffers)
         ]
         arrays = [
-            [t.numpy().reshape(b, h, w) if t is not None else None for t in pair] for pair in self._tensors
+            [t.numpy().reshape(b, *patch) if t is not None else None for t in pair] for pair in self._tensors
         ]
         self._free: queue.Queue[Any] = queue.Queue()
         self._ready: queue.Queue[Any] = queue.Queue()

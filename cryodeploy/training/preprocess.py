@@ -47,12 +47,14 @@ from cryodeploy.io.mrc import read_header, read_micrograph
 from cryodeploy.progress import progress
 from cryodeploy.training.store import PatchStore, StoreWriter, held_out_mask
 
-__all__ = ["TARGET_MODES", "PreprocessConfig", "preprocess", "split_micrographs"]
+__all__ = ["TARGET_MODES", "VOLUME_TARGET_MODES", "PreprocessConfig", "preprocess", "split_micrographs"]
 
 log = logging.getLogger(__name__)
 
 #: The kinds of targets :func:`preprocess` can make.
 TARGET_MODES = ("noise", "noise2noise", "thin", "pairs")
+#: The kinds of targets :func:`cryodeploy.training.volumes.preprocess_volumes` can make ("none": inputs only).
+VOLUME_TARGET_MODES = (*TARGET_MODES, "none")
 #: Rows per band: the unit of parallel work and of noise streams; keeps float64 temporaries small.
 _BAND_ROWS = 64
 #: Bytes of input patches one write job copies out of an image (and as many of targets).
@@ -60,10 +62,16 @@ _JOB_BYTES = 4 << 20
 
 
 def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
-    t = (int(value), int(value)) if isinstance(value, int | np.integer) else tuple(int(v) for v in value)
-    if len(t) != 2 or min(t) < 1:
-        raise ConfigError(f"{name} {value!r} invalid, expected a positive int or (H, W)")
+    t = _sides(value, 2, name)
     return t[0], t[1]
+
+
+def _sides(value: int | Sequence[int], n: int, name: str) -> tuple[int, ...]:
+    t = (int(value),) * n if isinstance(value, int | np.integer) else tuple(int(v) for v in value)
+    if len(t) != n or min(t) < 1:
+        raise ConfigError(f"{name} {value!r} invalid, expected a positive int or "
+                          f"{'(H, W)' if n == 2 else '(D, H, W)'}")
+    return t
 
 
 @dataclass(frozen=True)
@@ -75,6 +83,9 @@ class PreprocessConfig:
     test split, chosen by ``seed``. ``workers`` threads draw noise and normalize bands of
     rows in parallel, and the next micrograph is prepared while one is written (0 = all in the
     calling thread). ``target_dir`` is required by, and only allowed with, ``pairs``.
+    ``ndim=3`` cuts volumes (:func:`cryodeploy.training.volumes.preprocess_volumes`): ``patch`` and
+    ``stride`` are ints or (D, H, W), ``pairs`` come with the inputs (no ``target_dir``) and
+    ``targets="none"`` stores inputs only (self-supervised training).
     """
 
     patch: int | tuple[int, int] = 1024
@@ -87,15 +98,21 @@ class PreprocessConfig:
     target_dir: Path | None = None
     workers: int = 0
     overwrite: bool = False
+    ndim: int = 2
 
     def __post_init__(self) -> None:
-        _pair(self.patch, "patch")
-        _pair(self.stride if self.stride is not None else self.patch, "stride")
+        if self.ndim not in (2, 3):
+            raise ConfigError(f"ndim {self.ndim!r} invalid, expected 2 (micrographs) or 3 (volumes)")
+        _sides(self.patch, self.ndim, "patch")
+        _sides(self.stride if self.stride is not None else self.patch, self.ndim, "stride")
         if not 0.0 <= self.test_fraction < 1.0:
             raise ConfigError(f"test fraction {self.test_fraction} invalid, expected 0 <= f < 1")
-        if self.targets not in TARGET_MODES:
-            raise ConfigError(f"targets {self.targets!r} unknown, expected one of {', '.join(TARGET_MODES)}")
-        if (self.targets == "pairs") != (self.target_dir is not None):
+        modes = TARGET_MODES if self.ndim == 2 else VOLUME_TARGET_MODES
+        if self.targets not in modes:
+            raise ConfigError(f"targets {self.targets!r} unknown, expected one of {', '.join(modes)}")
+        if self.ndim == 3 and self.target_dir is not None:
+            raise ConfigError("volumes take their pairs with the inputs, not a target directory")
+        if self.ndim == 2 and (self.targets == "pairs") != (self.target_dir is not None):
             raise ConfigError("a target directory is required by, and only allowed with, targets='pairs'")
         if self.workers < 0 or self.seed < 0:
             raise ConfigError(f"workers and seed must be >= 0, found {self.workers} and {self.seed}")
@@ -109,6 +126,16 @@ class PreprocessConfig:
     def stride_shape(self) -> tuple[int, int]:
         """(dy, dx) between patches."""
         return _pair(self.stride if self.stride is not None else self.patch, "stride")
+
+    @property
+    def patch_box(self) -> tuple[int, ...]:
+        """The patch's ``ndim`` sides: (H, W) or (D, H, W)."""
+        return _sides(self.patch, self.ndim, "patch")
+
+    @property
+    def stride_box(self) -> tuple[int, ...]:
+        """The ``ndim`` steps between patches."""
+        return _sides(self.stride if self.stride is not None else self.patch, self.ndim, "stride")
 
 
 def split_micrographs(n: int, test_fraction: float, seed: int) -> np.ndarray:
@@ -313,6 +340,8 @@ def preprocess(
     Micrographs are streamed one at a time (see the module docstring for memory). The
     manifest is written last; on an error no manifest is written and the data files are removed.
     """
+    if config.ndim != 2:
+        raise ConfigError("preprocess cuts micrographs (ndim 2); cut volumes with training.volumes.preprocess_volumes")
     paths = [Path(p) for p in inputs]
     if not paths:
         raise InputError("no input micrographs given")

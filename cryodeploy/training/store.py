@@ -9,6 +9,10 @@ Layout (see docs/design.md, "Patch store")::
     STORE/train_target.bin     (absent or null in the manifest for a split without targets)
     STORE/test_input.bin ...
 
+A store of 3-D patches (volumes) has format ``cryodeploy-patches/2``, ``"ndim": 3`` and
+``"patch": [D, H, W]``; its data files hold [n, D, H, W] the same way
+(:mod:`cryodeploy.training.manifest`).
+
 This is the seeds' layout, so their raw files become a store by writing a manifest
 (:func:`adopt_raw_store`). Reading never loads a whole file: :meth:`PatchStore.read` uses
 ``os.preadv`` straight into the caller's buffer. A store without ``manifest.json`` is
@@ -20,6 +24,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import math
 import os
 import threading
 from collections.abc import Sequence
@@ -31,7 +36,7 @@ import numpy as np
 from cryodeploy._version import __version__
 from cryodeploy.errors import OutputError, StoreError
 from cryodeploy.files import atomic_write
-from cryodeploy.training.manifest import FORMAT, SPLITS, StoreManifest
+from cryodeploy.training.manifest import FORMAT, SPLITS, StoreManifest, format_for
 
 __all__ = [
     "FORMAT",
@@ -73,20 +78,20 @@ def _data_files() -> list[str]:
     return [data_file_name(s, w) for s in SPLITS for w in _WHICH]
 
 
-def _patch_shape(patch: int | Sequence[int]) -> tuple[int, int]:
+def _patch_shape(patch: int | Sequence[int]) -> tuple[int, ...]:
     shape = (int(patch), int(patch)) if isinstance(patch, int | np.integer) else tuple(int(p) for p in patch)
-    if len(shape) != 2 or min(shape) < 1:
-        raise StoreError(f"patch size {patch!r} invalid, expected a positive int or (H, W)")
-    return shape[0], shape[1]
+    if len(shape) not in (2, 3) or min(shape) < 1:
+        raise StoreError(f"patch size {patch!r} invalid, expected a positive int, (H, W) or (D, H, W)")
+    return shape
 
 
-def _count_patches(f: Path, patch: tuple[int, int], hint: str = "") -> int:
+def _count_patches(f: Path, patch: tuple[int, ...], hint: str = "") -> int:
     """Whole patches in data file ``f``; refuses a size that is not a multiple of the patch bytes."""
-    patch_bytes, size = patch[0] * patch[1] * _DTYPE.itemsize, f.stat().st_size
+    patch_bytes, size = math.prod(patch) * _DTYPE.itemsize, f.stat().st_size
     if size % patch_bytes:
         raise StoreError(
             f"{f}: size {size} bytes is not a multiple of the patch size "
-            f"({patch_bytes} bytes = {patch[0]}x{patch[1]} float32){hint}"
+            f"({patch_bytes} bytes = {'x'.join(map(str, patch))} float32){hint}"
         )
     return size // patch_bytes
 
@@ -127,7 +132,7 @@ class PatchStore:
         self._fds: dict[str, int] = {}
         self._lock = threading.Lock()
 
-    def _validate(self) -> tuple[int, int]:
+    def _validate(self) -> tuple[int, ...]:
         from cryodeploy.files import validated
 
         where = self.path / MANIFEST
@@ -138,7 +143,7 @@ class PatchStore:
                     self._check_file(name, entry.count, manifest.patch, where)
         return manifest.patch
 
-    def _check_file(self, name: str, count: int, patch: tuple[int, int], where: Path) -> None:
+    def _check_file(self, name: str, count: int, patch: tuple[int, ...], where: Path) -> None:
         f = self.path / name
         if not f.is_file():
             raise StoreError(f"{f}: missing data file named in {MANIFEST}")
@@ -147,14 +152,19 @@ class PatchStore:
             raise StoreError(f"{f}: found {found} patches, expected {count} (the manifest's count)")
 
     @property
-    def patch(self) -> tuple[int, int]:
-        """(H, W) of one patch."""
+    def patch(self) -> tuple[int, ...]:
+        """(H, W) of one patch, or (D, H, W) in a store of volumes."""
         return self._patch
+
+    @property
+    def ndim(self) -> int:
+        """2 (images) or 3 (volumes)."""
+        return len(self._patch)
 
     @property
     def patch_bytes(self) -> int:
         """Bytes of one patch in a data file."""
-        return self._patch[0] * self._patch[1] * _DTYPE.itemsize
+        return math.prod(self._patch) * _DTYPE.itemsize
 
     @property
     def manifest(self) -> dict[str, Any]:
@@ -206,9 +216,9 @@ class PatchStore:
         which: str = "input",
         out: np.ndarray | None = None,
     ) -> np.ndarray:
-        """Patches ``indices`` (in that order) of ``split`` as float32 [n, H, W].
+        """Patches ``indices`` (in that order) of ``split`` as float32 [n, H, W] ([n, D, H, W] for volumes).
 
-        Consecutive indices are read with one call. ``out`` (C-contiguous float32 [n, H, W])
+        Consecutive indices are read with one call. ``out`` (C-contiguous float32 [n, *patch])
         is filled in place and returned, so a caller can read into a reused (pinned) buffer.
         """
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
@@ -259,7 +269,7 @@ class PatchStore:
 
     def __repr__(self) -> str:
         counts = ", ".join(f"{s}={self.count(s)}" for s in self.splits)
-        return f"PatchStore({str(self.path)!r}, patch={self._patch[0]}x{self._patch[1]}, {counts})"
+        return f"PatchStore({str(self.path)!r}, patch={'x'.join(map(str, self._patch))}, {counts})"
 
 
 def _write_manifest(store: Path, manifest: dict[str, Any]) -> None:
@@ -267,9 +277,10 @@ def _write_manifest(store: Path, manifest: dict[str, Any]) -> None:
         tmp.write_text(json.dumps(manifest, indent=1) + "\n")
 
 
-def _base_manifest(patch: tuple[int, int]) -> dict[str, Any]:
+def _base_manifest(patch: tuple[int, ...]) -> dict[str, Any]:
     return {
-        "format": FORMAT,
+        "format": format_for(len(patch)),
+        **({"ndim": len(patch)} if len(patch) != 2 else {}),
         "patch": list(patch),
         "dtype": "float32",
         "byte_order": "little",
@@ -286,14 +297,17 @@ class StoreWriter:
 
     Refuses a directory that already holds a store (complete or not) unless ``overwrite``,
     in which case the old manifest is removed first. On :meth:`abort` (or an exception inside
-    a ``with`` block) the data files it created are removed.
+    a ``with`` block) the data files it created are removed. With ``targets=False`` the store holds
+    inputs only (self-supervised training): targets are passed as None and no target file is written.
     """
 
     def __init__(
-        self, path: str | os.PathLike[str], patch: int | Sequence[int], overwrite: bool = False
+        self, path: str | os.PathLike[str], patch: int | Sequence[int], overwrite: bool = False,
+        targets: bool = True,
     ) -> None:
         self.path = Path(path)
         self.patch = _patch_shape(patch)
+        self.targets = targets
         names = _data_files()
         if (self.path / MANIFEST).exists() and not overwrite:
             raise OutputError(
@@ -307,13 +321,16 @@ class StoreWriter:
             self.path.mkdir(parents=True, exist_ok=True)
             (self.path / WRITING).write_text(f"{os.getpid()}\n")  # removed once the manifest is written
             (self.path / MANIFEST).unlink(missing_ok=True)
-            self._files = {n: open(self.path / n, "wb", buffering=0) for n in names}  # noqa: SIM115
+            for n in names:  # a stale file of the other kind (with or without targets) must not stay
+                (self.path / n).unlink(missing_ok=True)
+            kept = [data_file_name(s, w) for s in SPLITS for w in _WHICH if targets or w == "input"]
+            self._files = {n: open(self.path / n, "wb", buffering=0) for n in kept}  # noqa: SIM115
         except OSError as err:
             raise OutputError(f"{self.path}: cannot write the patch store ({err.strerror or err})") from err
         self.counts = dict.fromkeys(SPLITS, 0)
 
-    def append(self, split: str, inputs: np.ndarray, targets: np.ndarray) -> None:
-        """Append patches ``inputs``/``targets`` (each [n, H, W]) to ``split``."""
+    def append(self, split: str, inputs: np.ndarray, targets: np.ndarray | None) -> None:
+        """Append patches ``inputs``/``targets`` (each [n, *patch]) to ``split``."""
         self._check(inputs, targets)
         self.write_at(split, self.reserve(split, len(inputs)), inputs, targets)
 
@@ -323,15 +340,17 @@ class StoreWriter:
         self.counts[split] += n
         return start
 
-    def write_at(self, split: str, start: int, inputs: np.ndarray, targets: np.ndarray) -> None:
-        """Write patches ``inputs``/``targets`` (each [n, H, W]) to reserved slots ``start``... of
+    def write_at(self, split: str, start: int, inputs: np.ndarray, targets: np.ndarray | None) -> None:
+        """Write patches ``inputs``/``targets`` (each [n, *patch]) to reserved slots ``start``... of
         ``split``; safe to call from several threads at once."""
         self._check(inputs, targets)
         if not 0 <= start <= start + inputs.shape[0] <= self.counts[split]:
             raise ValueError(f"slots {start}..{start + inputs.shape[0] - 1} of {split!r} were not reserved")
-        offset = start * self.patch[0] * self.patch[1] * _DTYPE.itemsize
+        offset = start * math.prod(self.patch) * _DTYPE.itemsize
         try:
             for which, arr in (("input", inputs), ("target", targets)):
+                if arr is None:
+                    continue
                 data = np.ascontiguousarray(arr, dtype=_DTYPE).reshape(-1).view(np.uint8).data
                 fd, done = self._files[data_file_name(split, which)].fileno(), 0
                 while done < len(data):
@@ -342,11 +361,14 @@ class StoreWriter:
         except OSError as err:
             raise OutputError(f"{self.path}: cannot write patches ({err.strerror or err})") from err
 
-    def _check(self, inputs: np.ndarray, targets: np.ndarray) -> None:
-        if inputs.shape != targets.shape or inputs.shape[1:] != self.patch:
+    def _check(self, inputs: np.ndarray, targets: np.ndarray | None) -> None:
+        if (targets is None) == self.targets:
+            raise ValueError(f"targets {'missing' if self.targets else 'given'} for a store "
+                             f"{'with' if self.targets else 'without'} targets")
+        if inputs.shape != (inputs.shape if targets is None else targets.shape) or inputs.shape[1:] != self.patch:
             raise ValueError(
-                f"expected inputs and targets [n, {self.patch[0]}, {self.patch[1]}], "
-                f"got {inputs.shape} and {targets.shape}"
+                f"expected inputs and targets [n, {', '.join(map(str, self.patch))}], "
+                f"got {inputs.shape} and {None if targets is None else targets.shape}"
             )
 
     def finish(self, **fields: Any) -> PatchStore:
@@ -361,7 +383,7 @@ class StoreWriter:
         manifest["splits"] = {
             s: {
                 "input": data_file_name(s, "input"),
-                "target": data_file_name(s, "target"),
+                "target": data_file_name(s, "target") if self.targets else None,
                 "count": self.counts[s],
             }
             for s in SPLITS
