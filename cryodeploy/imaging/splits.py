@@ -127,6 +127,11 @@ def split_error(fa: np.ndarray, fb: np.ndarray, a: np.ndarray, b: np.ndarray) ->
     (the denoised ``a``) against the signal, in units of one half's noise variance (identity: 1)."""
     a64, b64 = _pair(a, b)
     fa64, fb64 = _pair(fa, fb)
+    return _split_error(fa64, fb64, a64, b64)
+
+
+def _split_error(fa64: np.ndarray, fb64: np.ndarray, a64: np.ndarray, b64: np.ndarray) -> float:
+    """:func:`split_error` of float64 arrays of one shape (any number of dimensions)."""
     s2 = float(np.mean((a64 - b64) ** 2)) / 2.0
     if not s2 > 0:
         raise InputError("the two halves are identical, expected independent noise")

@@ -18,10 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryodeploy.errors import InputError
-from cryodeploy.io.inputs import _resolve_star_path
+from cryodeploy.io.inputs import _resolve_star_path, expand_inputs
 from cryodeploy.io.volumes import VOLUME_SUFFIXES
 
-__all__ = ["HALF_COLUMNS", "TOMOGRAM_COLUMN", "TomoPair", "pair_by_name", "pair_folders", "read_star_tomograms"]
+__all__ = ["HALF_COLUMNS", "TOMOGRAM_COLUMN", "TomoPair", "expand_tomograms", "pair_by_name", "pair_folders",
+           "read_star_tomograms"]
 
 #: RELION 5 columns of the even and odd half tomograms (tomograms.star, ``global`` table).
 HALF_COLUMNS = ("rlnTomoReconstructedTomogramHalf1", "rlnTomoReconstructedTomogramHalf2")
@@ -122,3 +123,25 @@ def read_star_tomograms(star: str | os.PathLike[str], project_dir: Path | None =
                     for i, a in enumerate(block[TOMOGRAM_COLUMN])]
     raise InputError(f"{s}: no table with {TOMOGRAM_COLUMN} or {HALF_COLUMNS[0]}/{HALF_COLUMNS[1]}, "
                      "expected a RELION 5 tomograms STAR file")
+
+
+def expand_tomograms(items: Sequence[str], even_odd: bool = False, project_dir: Path | None = None
+                     ) -> list[TomoPair]:
+    """Tomograms named by files, globs, folders (their .mrc/.rec/.map files) and RELION 5 tomograms
+    STAR files (pairs when they name both halves); with ``even_odd`` the files are paired by
+    name (:func:`pair_by_name`). Mixing pairs and single tomograms is refused."""
+    pairs: list[TomoPair] = []
+    files: list[Path] = []
+    for item in items:
+        if Path(item).suffix.lower() == ".star" and Path(item).is_file():
+            pairs += read_star_tomograms(item, project_dir)
+        else:
+            files += expand_inputs([item], project_dir, suffixes=VOLUME_SUFFIXES)
+    pairs += pair_by_name(files) if even_odd else [TomoPair(p.name[: -len(p.suffix)] or p.name, p) for p in files]
+    if not pairs:
+        raise InputError("no input tomograms given")
+    halves = {p.odd is not None for p in pairs}
+    if len(halves) > 1:
+        single = next(p for p in pairs if p.odd is None)
+        raise InputError(f"{single.even}: a single tomogram among even/odd pairs, expected all pairs or none")
+    return pairs

@@ -34,8 +34,9 @@ import numpy as np
 
 from cryodeploy.errors import ConfigError, InputError
 from cryodeploy.files import new_folders_removed_if_empty
-from cryodeploy.imaging.noise import add_noise, count_gain, thin, unit_range
+from cryodeploy.imaging.noise import add_noise, count_gain, unit_range
 from cryodeploy.imaging.normalize import NormStats, norm_stats, normalize
+from cryodeploy.imaging.volsplits import thin_volume
 from cryodeploy.io.tomopairs import TomoPair
 from cryodeploy.io.volumes import read_volume, read_volume_header
 from cryodeploy.progress import progress
@@ -98,11 +99,12 @@ def _prepare(index: int, pair: TomoPair, config: PreprocessConfig, pool: ThreadP
     elif config.targets == "none":
         inp, tgt = vol, None
     elif config.targets == "thin":
-        gain, found = count_gain(vol, str(pair.even))
+        rows = vol[:, : vol.shape[1] // 2 * 2].reshape(-1, vol.shape[2])  # 2x2 blocks within sections
+        gain, found = count_gain(rows, str(pair.even))
         inp, tgt = np.empty_like(vol), vol
 
         def halves(slab: int, zs: slice) -> None:
-            inp[zs], tgt[zs] = thin(vol[zs], gain, _rng(config, index, 2, slab))
+            inp[zs], tgt[zs] = thin_volume(vol[zs], _rng(config, index, 2, slab), gain, str(pair.even))
 
         _in_slabs(pool, vol.shape[0], halves)
         facts = {"gain": gain, "gain_from": found}
