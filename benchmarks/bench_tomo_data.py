@@ -62,20 +62,34 @@ def main() -> None:
     out = Path(os.environ.get("OUT", "."))
     out.mkdir(parents=True, exist_ok=True)
     cuda = torch.cuda.is_available()
-    res: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
-                           "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                           "gpu": torch.cuda.get_device_name(0) if cuda else None, "simulate": []}
+    res: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d"),
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "gpu": torch.cuda.get_device_name(0) if cuda else None,
+        "simulate": [],
+    }
     small = TomoConfig(shape=(64, 256, 256))
     ratio = args.big[0] * args.big[1] * args.big[2] / (64 * 256 * 256)
-    big = TomoConfig(shape=tuple(args.big), particles=max(1, round(20 * ratio)))  # a quarter of small's density
+    big = TomoConfig(
+        shape=tuple(args.big), particles=max(1, round(20 * ratio))
+    )  # a quarter of small's density
     runs = [("cpu", small)] + ([("cuda", small), ("cuda", big)] if cuda else [])
     for dev, cfg in runs:
         sec, tomo = _time_sim(cfg, dev)
-        row = {"device": dev, "shape": list(cfg.shape), "particles": cfg.particles, "seconds": sec,
-               "mvoxels_per_s": cfg.shape[0] * cfg.shape[1] * cfg.shape[2] / sec / 1e6}
+        row = {
+            "device": dev,
+            "shape": list(cfg.shape),
+            "particles": cfg.particles,
+            "seconds": sec,
+            "mvoxels_per_s": cfg.shape[0] * cfg.shape[1] * cfg.shape[2] / sec / 1e6,
+        }
         if dev == "cuda":
             again = simulate_tomogram(cfg, 0, dev)
-            row["deterministic"] = all(torch.equal(getattr(tomo, k), getattr(again, k)) for k in ("clean", "even"))
+            row["deterministic"] = all(
+                torch.equal(getattr(tomo, k), getattr(again, k)) for k in ("clean", "even")
+            )
         res["simulate"].append(row)
         print(f"simulate {dev} {'x'.join(map(str, cfg.shape))}: {sec:.3f} s", flush=True)
     if cuda:
@@ -105,20 +119,35 @@ def main() -> None:
         t0 = time.perf_counter()
         store = preprocess_volumes([TomoPair("t", pe, po)], Path(tmp) / "store", cfg, quiet=True)
         t_pre = time.perf_counter() - t0
-        res["preprocess"] = {"patches": store.count("train"), "seconds": t_pre, "input_gb_per_s": 2 * gb / t_pre,
-                             "workers": args.workers,
-                             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}
-        print(f"preprocess: {store.count('train')} patches of 64^3 in {t_pre:.2f} s "
-              f"({2 * gb / t_pre:.2f} GB/s in), peak RSS {res['preprocess']['peak_rss_gb']:.2f} GB")
+        res["preprocess"] = {
+            "patches": store.count("train"),
+            "seconds": t_pre,
+            "input_gb_per_s": 2 * gb / t_pre,
+            "workers": args.workers,
+            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+        }
+        print(
+            f"preprocess: {store.count('train')} patches of 64^3 in {t_pre:.2f} s "
+            f"({2 * gb / t_pre:.2f} GB/s in), peak RSS {res['preprocess']['peak_rss_gb']:.2f} GB"
+        )
     (out / "tomo_data.json").write_text(json.dumps(res, indent=1) + "\n")
-    lines = [f"# Tomogram data path ({res['date']}, {res['gpu'] or 'CPU only'}, {res['cores']} cores, "
-             f"torch {res['torch']})", "", "| what | device | shape | seconds |", "|---|---|---|---|"]
-    lines += [f"| simulate | {r['device']} | {'x'.join(map(str, r['shape']))} | {r['seconds']:.3f} |"
-              for r in res["simulate"]]
-    lines += [f"| write_volume | host | {'x'.join(map(str, shape))} | {res['io']['write_s']:.2f} |",
-              f"| read_volume | host | {'x'.join(map(str, shape))} | {res['io']['read_s']:.2f} |",
-              f"| preprocess pairs 64^3 | {args.workers} workers | {'x'.join(map(str, shape))} x 2 | "
-              f"{res['preprocess']['seconds']:.2f} |"]
+    lines = [
+        f"# Tomogram data path ({res['date']}, {res['gpu'] or 'CPU only'}, {res['cores']} cores, "
+        f"torch {res['torch']})",
+        "",
+        "| what | device | shape | seconds |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| simulate | {r['device']} | {'x'.join(map(str, r['shape']))} | {r['seconds']:.3f} |"
+        for r in res["simulate"]
+    ]
+    lines += [
+        f"| write_volume | host | {'x'.join(map(str, shape))} | {res['io']['write_s']:.2f} |",
+        f"| read_volume | host | {'x'.join(map(str, shape))} | {res['io']['read_s']:.2f} |",
+        f"| preprocess pairs 64^3 | {args.workers} workers | {'x'.join(map(str, shape))} x 2 | "
+        f"{res['preprocess']['seconds']:.2f} |",
+    ]
     (out / "tomo_data.md").write_text("\n".join(lines) + "\n")
 
 

@@ -86,10 +86,11 @@ def _default_workers() -> int:
 @click.option("--bin", "bin_factor", type=click.IntRange(min=1), default=1, show_default=True,
               help="With --movies: bin the sums by N (Fourier cropping).")
 @click.option("--volumes", is_flag=True,
-              help="INPUTS are tomograms (MRC volumes: files, folders of .mrc/.rec/.map, RELION 5 tomograms STAR "
-                   "files, whose half tomograms become input/target pairs); patches are cubes.")
+              help="INPUTS are tomograms (MRC volumes: files, folders of .mrc/.rec/.map, RELION 5 tomograms "
+                   "STAR files, whose half tomograms become input/target pairs); patches are cubes.")
 @click.option("--even-odd", is_flag=True,
-              help="With --volumes: pair INPUTS by name (NAME_even/NAME_odd, NAME_EVN/NAME_ODD): Noise2Noise.")
+              help="With --volumes: pair INPUTS by name (NAME_even/NAME_odd, NAME_EVN/NAME_ODD): "
+                   "Noise2Noise.")
 @click.option("--self-supervised", is_flag=True,
               help="With --volumes: store the inputs only (no targets), for self-supervised training.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store.")
@@ -142,8 +143,7 @@ def preprocess(
             raise click.UsageError("--volumes takes no --movies, --adopt, --gain or --bin")
         if store is None:
             raise click.UsageError("missing -o/--output STORE")
-        _volumes(inputs, store, patch or 64, stride, test_fraction, seed, noise_kind, sigma, dose, dose_range,
-                 noise2noise, thin, pairs, even_odd, self_supervised, workers, overwrite, quiet)
+        _volumes(store, patch or 64)
         return
     patch = patch or 1024
     if adopt is not None:
@@ -211,40 +211,47 @@ def preprocess(
     )
 
 
-def _volumes(inputs: tuple[str, ...], store: Path, patch: int, stride: int | None, test_fraction: float, seed: int,
-             noise_kind: str | None, sigma: float | None, dose: float | None, dose_range: tuple[float, float] | None,
-             noise2noise: bool, thin: bool, pairs: tuple[Path, Path] | None, even_odd: bool, self_supervised: bool,
-             workers: int, overwrite: bool, quiet: bool) -> None:
-    """``preprocess --volumes``: tomograms (or even/odd pairs) into a store of patch^3 patches."""
+def _volumes(store: Path, patch: int) -> None:
+    """``preprocess --volumes``: tomograms (or even/odd pairs) into a store of patch^3 patches; the
+    other options are the command's own (its click context)."""
     from cryodeploy.imaging.noise import NoiseSpec
     from cryodeploy.io.tomopairs import expand_tomograms, pair_folders
     from cryodeploy.training.preprocess import PreprocessConfig
     from cryodeploy.training.volumes import preprocess_volumes
 
-    if pairs is not None and (inputs or even_odd):
+    p = click.get_current_context().params
+    inputs, pairs = p["inputs"], p["pairs"]
+    if pairs is not None and (inputs or p["even_odd"]):
         raise click.UsageError("--pairs EVEN_DIR ODD_DIR takes no INPUTS or --even-odd")
     if pairs is None and not inputs:
         raise click.UsageError("give INPUTS (tomograms) or --pairs EVEN_DIR ODD_DIR")
-    tomos = pair_folders(*pairs) if pairs is not None else expand_tomograms(list(inputs), even_odd)
-    noise_given = [n for n, v in (("--noise", noise_kind), ("--sigma", sigma), ("--dose", dose),
-                                  ("--dose-range", dose_range)) if v is not None]
-    kinds = [f for f, on in (("--noise2noise", noise2noise), ("--thin", thin), ("--self-supervised", self_supervised))
-             if on]
-    if tomos[0].odd is not None and (kinds or noise_given):
-        raise click.UsageError(f"even/odd pairs are their own targets: they take no {', '.join(kinds + noise_given)}")
+    tomos = pair_folders(*pairs) if pairs is not None else expand_tomograms(list(inputs), p["even_odd"])
+    noise_given = [f"--{k.replace('_', '-')}" for k in ("noise_kind", "sigma", "dose", "dose_range")
+                   if p[k] is not None]
+    noise_given = ["--noise" if n == "--noise-kind" else n for n in noise_given]
+    kinds = [f"--{k.replace('_', '-')}" for k in ("noise2noise", "thin", "self_supervised") if p[k]]
+    paired = tomos[0].odd is not None
+    if paired and (kinds or noise_given):
+        extra = ", ".join(kinds + noise_given)
+        raise click.UsageError(f"even/odd pairs are their own targets: they take no {extra}")
     if len(kinds) > 1:
         raise click.UsageError(f"choose one kind of targets, found {' and '.join(kinds)}")
-    if (thin or self_supervised) and noise_given:
+    if (p["thin"] or p["self_supervised"]) and noise_given:
         raise click.UsageError(f"{kinds[0]} takes no noise options (got {', '.join(noise_given)})")
-    targets = ("pairs" if tomos[0].odd is not None else "noise2noise" if noise2noise else "thin" if thin
-               else "none" if self_supervised else "noise")
-    if dose is not None and dose_range is not None:
+    if p["dose"] is not None and p["dose_range"] is not None:
         raise click.UsageError("give --dose or --dose-range, not both")
-    given: dict[str, Any] = {k: v for k, v in (("kind", noise_kind), ("dose", dose), ("sigma", sigma)) if v is not None}
-    config = PreprocessConfig(patch=patch, stride=stride, test_fraction=test_fraction, seed=seed, targets=targets,
-                              noise=NoiseSpec(**given, dose_range=dose_range), workers=workers, overwrite=overwrite,
-                              ndim=3)
-    result = preprocess_volumes(tomos, store, config, quiet=quiet)
+    targets = ("pairs" if paired else "noise2noise" if p["noise2noise"] else "thin" if p["thin"]
+               else "none" if p["self_supervised"] else "noise")
+    fields = (("kind", "noise_kind"), ("dose", "dose"), ("sigma", "sigma"))
+    given: dict[str, Any] = {k: p[f] for k, f in fields if p[f] is not None}
+    config = PreprocessConfig(
+        patch=patch, stride=p["stride"], test_fraction=p["test_fraction"], seed=p["seed"], targets=targets,
+        noise=NoiseSpec(**given, dose_range=p["dose_range"]), workers=p["workers"], overwrite=p["overwrite"],
+        ndim=3,
+    )
+    result = preprocess_volumes(tomos, store, config, quiet=p["quiet"])
     counts = ", ".join(f"{s} {result.count(s)}" for s in result.splits)
-    gib = sum(result.count(s) for s in result.splits) * result.patch_bytes * (1 if targets == "none" else 2) / 2**30
-    click.echo(f"wrote {store}: {counts} patches of {patch}^3 ({targets}) from {len(tomos)} tomograms ({gib:.2f} GiB)")
+    n = sum(result.count(s) for s in result.splits)
+    gib = n * result.patch_bytes * (1 if targets == "none" else 2) / 2**30
+    click.echo(f"wrote {store}: {counts} patches of {patch}^3 ({targets}) from {len(tomos)} tomograms "
+               f"({gib:.2f} GiB)")

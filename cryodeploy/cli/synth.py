@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -78,7 +79,9 @@ def synth(
     --volume COUNT tomograms to OUTDIR/clean, OUTDIR/even and OUTDIR/odd (and OUTDIR/tomograms.star)."""
     if volume:
         if sigma is not None or no_carbon:
-            raise click.UsageError("--volume takes no --sigma or --no-carbon (tomograms have Poisson noise only)")
+            raise click.UsageError(
+                "--volume takes no --sigma or --no-carbon (tomograms have Poisson noise only)"
+            )
         _synth_volumes(outdir, count, size or (256, 256), depth or 64, seed, dose, voxel_size, tilt_range,
                        not no_ctf, device, overwrite, quiet)
         return
@@ -104,14 +107,14 @@ def synth(
         )
 
 
-def _synth_volumes(outdir: Path, count: int, size: tuple[int, int], depth: int, seed: int, dose: float | None,
-                   voxel_size: float | None, tilt_range: float | None, ctf: bool, device: str, overwrite: bool,
-                   quiet: bool) -> None:
+def _synth_volumes(outdir: Path, count: int, size: tuple[int, int], depth: int, seed: int,
+                   dose: float | None, voxel_size: float | None, tilt_range: float | None, ctf: bool,
+                   device: str, overwrite: bool, quiet: bool) -> None:
     from cryodeploy.imaging.simulate.tomoscene import TomoConfig
     from cryodeploy.imaging.tomosynth import synth_tomograms
 
-    given = {k: v for k, v in (("dose", dose), ("voxel_size", voxel_size), ("tilt_range_deg", tilt_range))
-             if v is not None}
+    options = (("dose", dose), ("voxel_size", voxel_size), ("tilt_range_deg", tilt_range))
+    given: dict[str, Any] = {k: v for k, v in options if v is not None}
     config = TomoConfig(shape=(depth, size[0], size[1]), seed=seed, ctf=ctf, **given)
     paths = synth_tomograms(outdir, config, count, device=device, quiet=quiet, overwrite=overwrite)
     if not quiet:

@@ -49,8 +49,12 @@ def _write_star(out: Path, names: list[str]) -> None:
 
 
 def synth_tomograms(
-    outdir: str | os.PathLike[str], config: TomoConfig, count: int = 1, device: str = "cpu",
-    quiet: bool = True, overwrite: bool = False,
+    outdir: str | os.PathLike[str],
+    config: TomoConfig,
+    count: int = 1,
+    device: str = "cpu",
+    quiet: bool = True,
+    overwrite: bool = False,
 ) -> list[Path]:
     """Write ``count`` tomograms to ``outdir/{clean,even,odd}/tomo_NNNN.mrc`` (voxel size kept in
     the headers, origin 0), ``outdir/tomograms.star`` (paths relative to ``outdir``; the clean
@@ -78,8 +82,12 @@ def synth_tomograms(
             name = f"tomo_{i:04d}"
             label = f"cryodeploy synth --volume seed={config.seed} index={i} dose={config.dose:g}"
             for sub in TOMO_SUBDIRS:
-                write_volume(out / sub / f"{name}.mrc", getattr(tomo, sub).cpu().numpy(), header,
-                             label=f"{label} {sub}")
+                write_volume(
+                    out / sub / f"{name}.mrc",
+                    getattr(tomo, sub).cpu().numpy(),
+                    header,
+                    label=f"{label} {sub}",
+                )
             evens.append(out / "even" / f"{name}.mrc")
             metas.append(tomo.meta)
             names.append(name)

@@ -30,12 +30,15 @@ def _volumes(*arrays: np.ndarray) -> list[np.ndarray]:
         if a.ndim != 3:
             raise InputError(f"found a {a.ndim}-D array of shape {a.shape}, expected a 3-D volume")
         if a.shape != out[0].shape:
-            raise InputError(f"volumes differ in shape: found {out[0].shape} and {a.shape}, expected equal shapes")
+            raise InputError(
+                f"volumes differ in shape: found {out[0].shape} and {a.shape}, expected equal shapes"
+            )
     return out
 
 
-def thin_volume(volume: np.ndarray, rng: np.random.Generator, gain: float = 1.0, name: str = "volume"
-                ) -> tuple[np.ndarray, np.ndarray]:
+def thin_volume(
+    volume: np.ndarray, rng: np.random.Generator, gain: float = 1.0, name: str = "volume"
+) -> tuple[np.ndarray, np.ndarray]:
     """Halves A, B of a volume of counts ``volume / gain`` (integers, to 1e-3): each count goes to A
     with probability 1/2, the rest to B; in the volume's units, so A + B = volume exactly.
     Errors name ``name`` (the file)."""
@@ -46,16 +49,24 @@ def thin_volume(volume: np.ndarray, rng: np.random.Generator, gain: float = 1.0,
     counts = np.rint(n)
     bad = np.abs(n - counts) > 1e-3
     if bad.any() or counts.min() < 0:
-        what = f"{int(bad.sum())} non-integer voxels" if bad.any() else f"negative counts (min {counts.min():g})"
-        raise InputError(f"{name}: found {what} (gain {gain:g}), expected integer counts >= 0 to thin; a reconstruction "
-                         "is not counts: give its even/odd halves instead")
+        what = (
+            f"{int(bad.sum())} non-integer voxels" if bad.any() else f"negative counts (min {counts.min():g})"
+        )
+        raise InputError(
+            f"{name}: found {what} (gain {gain:g}), expected integer counts >= 0 to thin; a reconstruction "
+            "is not counts: give its even/odd halves instead"
+        )
     c = counts.astype(np.int64)
     a = rng.binomial(c, 0.5)
     return (a * gain).astype(np.float32), ((c - a) * gain).astype(np.float32)
 
 
-def volume_halves(volume: np.ndarray, odd: np.ndarray | None = None, rng: np.random.Generator | None = None,
-                  gain: float = 1.0) -> tuple[np.ndarray, np.ndarray, str]:
+def volume_halves(
+    volume: np.ndarray,
+    odd: np.ndarray | None = None,
+    rng: np.random.Generator | None = None,
+    gain: float = 1.0,
+) -> tuple[np.ndarray, np.ndarray, str]:
     """Two halves of one volume and how they were made: ``(volume, odd, "even/odd")`` when the odd
     half is given (checked for the same shape), else ``thin_volume(volume)`` and ``"thinned"``."""
     if odd is not None:
@@ -98,8 +109,11 @@ def fsc(a: np.ndarray, b: np.ndarray, voxel_size: float | None = None, edge: flo
     x, y = _volumes(a, b)
     nz, ny, nx = x.shape
     n = min(x.shape)
-    taper = (_edge_taper(nz, edge)[:, None, None] * _edge_taper(ny, edge)[None, :, None]
-             * _edge_taper(nx, edge)[None, None, :])
+    taper = (
+        _edge_taper(nz, edge)[:, None, None]
+        * _edge_taper(ny, edge)[None, :, None]
+        * _edge_taper(nx, edge)[None, None, :]
+    )
     fx_ = np.fft.rfftn((x - x.mean()) * taper)
     fy_ = np.fft.rfftn((y - y.mean()) * taper)
     kz = np.fft.fftfreq(nz)[:, None, None]

@@ -21,8 +21,15 @@ from cryodeploy.errors import InputError
 from cryodeploy.io.inputs import _resolve_star_path, expand_inputs
 from cryodeploy.io.volumes import VOLUME_SUFFIXES
 
-__all__ = ["HALF_COLUMNS", "TOMOGRAM_COLUMN", "TomoPair", "expand_tomograms", "pair_by_name", "pair_folders",
-           "read_star_tomograms"]
+__all__ = [
+    "HALF_COLUMNS",
+    "TOMOGRAM_COLUMN",
+    "TomoPair",
+    "expand_tomograms",
+    "pair_by_name",
+    "pair_folders",
+    "read_star_tomograms",
+]
 
 #: RELION 5 columns of the even and odd half tomograms (tomograms.star, ``global`` table).
 HALF_COLUMNS = ("rlnTomoReconstructedTomogramHalf1", "rlnTomoReconstructedTomogramHalf2")
@@ -86,9 +93,13 @@ def pair_folders(even_dir: str | os.PathLike[str], odd_dir: str | os.PathLike[st
     for q in evens:
         partner = o / q.name
         if not partner.is_file():
-            raise InputError(f"{partner}: no such file, expected the odd half of {q} (pairs match by file name)")
+            raise InputError(
+                f"{partner}: no such file, expected the odd half of {q} (pairs match by file name)"
+            )
         pairs.append(TomoPair(q.name[: -len(q.suffix)], q, partner))
-    extra = sorted({q.name for q in o.iterdir() if q.suffix.lower() in VOLUME_SUFFIXES} - {q.name for q in evens})
+    extra = sorted(
+        {q.name for q in o.iterdir() if q.suffix.lower() in VOLUME_SUFFIXES} - {q.name for q in evens}
+    )
     if extra:
         raise InputError(f"{o / extra[0]}: found no even half in {e}, expected pairs of the same names")
     return pairs
@@ -110,23 +121,33 @@ def read_star_tomograms(star: str | os.PathLike[str], project_dir: Path | None =
         if all(c in cols for c in HALF_COLUMNS):
             evens, odds = (block[c] for c in HALF_COLUMNS)
             return [
-                TomoPair(names[i] if names else Path(str(a)).stem,
-                         _resolve_star_path(str(a), s, project_dir), _resolve_star_path(str(b), s, project_dir))
+                TomoPair(
+                    names[i] if names else Path(str(a)).stem,
+                    _resolve_star_path(str(a), s, project_dir),
+                    _resolve_star_path(str(b), s, project_dir),
+                )
                 for i, (a, b) in enumerate(zip(evens, odds, strict=True))
             ]
         one = [c for c in HALF_COLUMNS if c in cols]
         if one:
-            raise InputError(f"{s}: found {one[0]} without {set(HALF_COLUMNS).difference(one).pop()}, "
-                             "expected both half tomogram columns")
+            raise InputError(
+                f"{s}: found {one[0]} without {set(HALF_COLUMNS).difference(one).pop()}, "
+                "expected both half tomogram columns"
+            )
         if TOMOGRAM_COLUMN in cols:
-            return [TomoPair(names[i] if names else Path(str(a)).stem, _resolve_star_path(str(a), s, project_dir))
-                    for i, a in enumerate(block[TOMOGRAM_COLUMN])]
-    raise InputError(f"{s}: no table with {TOMOGRAM_COLUMN} or {HALF_COLUMNS[0]}/{HALF_COLUMNS[1]}, "
-                     "expected a RELION 5 tomograms STAR file")
+            return [
+                TomoPair(names[i] if names else Path(str(a)).stem, _resolve_star_path(str(a), s, project_dir))
+                for i, a in enumerate(block[TOMOGRAM_COLUMN])
+            ]
+    raise InputError(
+        f"{s}: no table with {TOMOGRAM_COLUMN} or {HALF_COLUMNS[0]}/{HALF_COLUMNS[1]}, "
+        "expected a RELION 5 tomograms STAR file"
+    )
 
 
-def expand_tomograms(items: Sequence[str], even_odd: bool = False, project_dir: Path | None = None
-                     ) -> list[TomoPair]:
+def expand_tomograms(
+    items: Sequence[str], even_odd: bool = False, project_dir: Path | None = None
+) -> list[TomoPair]:
     """Tomograms named by files, globs, folders (their .mrc/.rec/.map files) and RELION 5 tomograms
     STAR files (pairs when they name both halves); with ``even_odd`` the files are paired by
     name (:func:`pair_by_name`). Mixing pairs and single tomograms is refused."""
@@ -137,7 +158,9 @@ def expand_tomograms(items: Sequence[str], even_odd: bool = False, project_dir: 
             pairs += read_star_tomograms(item, project_dir)
         else:
             files += expand_inputs([item], project_dir, suffixes=VOLUME_SUFFIXES)
-    pairs += pair_by_name(files) if even_odd else [TomoPair(p.name[: -len(p.suffix)] or p.name, p) for p in files]
+    pairs += (
+        pair_by_name(files) if even_odd else [TomoPair(p.name[: -len(p.suffix)] or p.name, p) for p in files]
+    )
     if not pairs:
         raise InputError("no input tomograms given")
     halves = {p.odd is not None for p in pairs}

@@ -114,8 +114,10 @@ def _refusal(p: Path, kind: str, nx: int, ny: int, nz: int, ispg: int, mz: int) 
         return f"{p}: found a 2-D image ({nx}x{ny}), expected a 3-D volume of at least {MIN_DEPTH} sections"
     if kind == "stack":
         why = "the .mrcs extension" if p.suffix.lower() == ".mrcs" else f"space group 0 with mz {mz}"
-        return (f"{p}: found an image stack ({size}, {why}), expected a 3-D volume "
-                "(space group 1-230, space group 0 with mz = nz, or a .rec file)")
+        return (
+            f"{p}: found an image stack ({size}, {why}), expected a 3-D volume "
+            "(space group 1-230, space group 0 with mz = nz, or a .rec file)"
+        )
     if kind == "volume-stack":
         return f"{p}: found a stack of volumes ({size}, space group {ispg}), expected one 3-D volume"
     if kind == "unknown":
@@ -140,7 +142,9 @@ def _header_from(mrc: object, p: Path, min_depth: int) -> VolumeHeader:
     if why:
         raise InputError(why)
     if nz < min_depth:
-        raise InputError(f"{p}: found a volume of {nz} sections ({nx}x{ny}x{nz}), expected at least {min_depth}")
+        raise InputError(
+            f"{p}: found a volume of {nz} sections ({nx}x{ny}x{nz}), expected at least {min_depth}"
+        )
     expected = 1024 + int(h.nsymbt) + nx * ny * nz * np.dtype(SUPPORTED_MODES[mode]).itemsize
     found = p.stat().st_size
     if found < expected:
@@ -181,8 +185,9 @@ def read_volume_header(path: str | os.PathLike[str], min_depth: int = MIN_DEPTH)
         raise _open_error(p, err) from err
 
 
-def validate_volume(data: np.ndarray, path: str | os.PathLike[str], min_size: int = MIN_SIZE,
-                    min_depth: int = MIN_DEPTH) -> None:
+def validate_volume(
+    data: np.ndarray, path: str | os.PathLike[str], min_size: int = MIN_SIZE, min_depth: int = MIN_DEPTH
+) -> None:
     """Check a volume's voxels: [nz, ny, nx] with nz >= ``min_depth`` and ny, nx >= ``min_size``,
     finite and not constant (single sections may be constant: padding)."""
     p = Path(path)

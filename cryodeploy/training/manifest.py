@@ -14,7 +14,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-__all__ = ["FORMAT", "FORMAT_ND", "FORMATS", "SPLITS", "SplitEntry", "StoreManifest", "format_for"]
+__all__ = ["FORMAT", "FORMATS", "FORMAT_ND", "SPLITS", "SplitEntry", "StoreManifest", "format_for"]
 
 #: The manifest "format" of a store of 2-D patches.
 FORMAT = "cryodeploy-patches/1"

@@ -341,7 +341,9 @@ def preprocess(
     manifest is written last; on an error no manifest is written and the data files are removed.
     """
     if config.ndim != 2:
-        raise ConfigError("preprocess cuts micrographs (ndim 2); cut volumes with training.volumes.preprocess_volumes")
+        raise ConfigError(
+            "preprocess cuts micrographs (ndim 2); cut volumes with training.volumes.preprocess_volumes"
+        )
     paths = [Path(p) for p in inputs]
     if not paths:
         raise InputError("no input micrographs given")

@@ -365,7 +365,8 @@ class StoreWriter:
         if (targets is None) == self.targets:
             raise ValueError(f"targets {'missing' if self.targets else 'given'} for a store "
                              f"{'with' if self.targets else 'without'} targets")
-        if inputs.shape != (inputs.shape if targets is None else targets.shape) or inputs.shape[1:] != self.patch:
+        paired = inputs.shape if targets is None else targets.shape
+        if inputs.shape != paired or inputs.shape[1:] != self.patch:
             raise ValueError(
                 f"expected inputs and targets [n, {', '.join(map(str, self.patch))}], "
                 f"got {inputs.shape} and {None if targets is None else targets.shape}"

@@ -73,14 +73,18 @@ def _check_inputs(pairs: list[TomoPair], config: PreprocessConfig) -> None:
         if pair.odd is not None:
             other = read_volume_header(pair.odd).shape
             if other != shape:
-                raise InputError(f"{pair.odd}: shape {other} differs from {pair.even}'s {shape}, expected halves")
+                raise InputError(
+                    f"{pair.odd}: shape {other} differs from {pair.even}'s {shape}, expected halves"
+                )
 
 
 def _in_slabs(pool: ThreadPoolExecutor | None, depth: int, work: Callable[[int, slice], None]) -> None:
     _run(pool, [partial(work, b, slice(z, z + _SLAB)) for b, z in enumerate(range(0, depth, _SLAB))])
 
 
-def _normalize_in_place(arrays: tuple[np.ndarray, ...], stats: NormStats, pool: ThreadPoolExecutor | None) -> None:
+def _normalize_in_place(
+    arrays: tuple[np.ndarray, ...], stats: NormStats, pool: ThreadPoolExecutor | None
+) -> None:
     def work(_: int, zs: slice) -> None:
         for a in arrays:
             normalize(a[zs], stats, out=a[zs])
@@ -88,8 +92,9 @@ def _normalize_in_place(arrays: tuple[np.ndarray, ...], stats: NormStats, pool: 
     _in_slabs(pool, arrays[0].shape[0], work)
 
 
-def _prepare(index: int, pair: TomoPair, config: PreprocessConfig, pool: ThreadPoolExecutor | None
-             ) -> tuple[np.ndarray, np.ndarray | None, NormStats, dict[str, Any]]:
+def _prepare(
+    index: int, pair: TomoPair, config: PreprocessConfig, pool: ThreadPoolExecutor | None
+) -> tuple[np.ndarray, np.ndarray | None, NormStats, dict[str, Any]]:
     """Normalized input and target (None for ``none``) of one volume and the facts the manifest keeps."""
     vol = read_volume(pair.even).data
     facts: dict[str, Any] = {}
@@ -104,7 +109,7 @@ def _prepare(index: int, pair: TomoPair, config: PreprocessConfig, pool: ThreadP
         inp, tgt = np.empty_like(vol), vol
 
         def halves(slab: int, zs: slice) -> None:
-            inp[zs], tgt[zs] = thin_volume(vol[zs], _rng(config, index, 2, slab), gain, str(pair.even))
+            inp[zs], vol[zs] = thin_volume(vol[zs], _rng(config, index, 2, slab), gain, str(pair.even))
 
         _in_slabs(pool, vol.shape[0], halves)
         facts = {"gain": gain, "gain_from": found}
@@ -117,7 +122,9 @@ def _prepare(index: int, pair: TomoPair, config: PreprocessConfig, pool: ThreadP
         def draw(slab: int, zs: slice) -> None:
             clean01 = np.clip((vol[zs] - np.float32(lo)) / np.float32(hi - lo), 0.0, 1.0, dtype=np.float32)
             inp[zs] = add_noise(clean01, config.noise, _rng(config, index, 0, slab), dose=dose)
-            tgt[zs] = add_noise(clean01, config.noise, _rng(config, index, 1, slab), dose=dose) if n2n else clean01
+            vol[zs] = (  # the target, in place of the clean volume
+                add_noise(clean01, config.noise, _rng(config, index, 1, slab), dose=dose) if n2n else clean01
+            )
 
         _in_slabs(pool, vol.shape[0], draw)
         facts = {"dose": dose}
@@ -126,13 +133,23 @@ def _prepare(index: int, pair: TomoPair, config: PreprocessConfig, pool: ThreadP
     return inp, tgt, stats, facts
 
 
-def _write_volume(writer: StoreWriter, split: str, inp: np.ndarray, tgt: np.ndarray | None,
-                  config: PreprocessConfig, pool: ThreadPoolExecutor | None) -> int:
+def _write_volume(
+    writer: StoreWriter,
+    split: str,
+    inp: np.ndarray,
+    tgt: np.ndarray | None,
+    config: PreprocessConfig,
+    pool: ThreadPoolExecutor | None,
+) -> int:
     """Write the patches of one volume to the next slots of ``split`` in (z, y, x) order; their count."""
     (pd, ph, pw), (sz, sy, sx) = config.patch_box, config.stride_box
     d, h, w = inp.shape
-    corners = [(z, y, x) for z in range(0, d - pd + 1, sz) for y in range(0, h - ph + 1, sy)
-               for x in range(0, w - pw + 1, sx)]
+    corners = [
+        (z, y, x)
+        for z in range(0, d - pd + 1, sz)
+        for y in range(0, h - ph + 1, sy)
+        for x in range(0, w - pw + 1, sx)
+    ]
     start = writer.reserve(split, len(corners))
     per_job = max(1, _JOB_BYTES // (pd * ph * pw * 4))
 
@@ -179,20 +196,34 @@ def preprocess_volumes(
             inp, tgt, stats, facts = _prepare(i, pair, config, pool)
             start = writer.counts[split]
             count = _write_volume(writer, split, inp, tgt, config, pool)
-            entry: dict[str, Any] = {"path": str(pair.even.resolve()), "name": pair.name, "shape": list(inp.shape),
-                                     "center": stats.center, "scale": stats.scale, **facts,
-                                     "split": split, "start": start, "count": count}
+            entry: dict[str, Any] = {
+                "path": str(pair.even.resolve()),
+                "name": pair.name,
+                "shape": list(inp.shape),
+                "center": stats.center,
+                "scale": stats.scale,
+                **facts,
+                "split": split,
+                "start": start,
+                "count": count,
+            }
             if pair.odd is not None:
                 entry["target_path"] = str(pair.odd.resolve())
             sources.append(entry)
             if count == 0:
-                log.warning("%s: %s voxels is smaller than the %s patch; no patches", pair.even,
-                            "x".join(map(str, inp.shape[::-1])), "x".join(map(str, patch[::-1])))
+                log.warning(
+                    "%s: %s voxels is smaller than the %s patch; no patches",
+                    pair.even,
+                    "x".join(map(str, inp.shape[::-1])),
+                    "x".join(map(str, patch[::-1])),
+                )
             del inp, tgt
             task.advance(1, patches=sum(writer.counts.values()))
         if writer.counts["train"] == 0:
-            raise ConfigError(f"no training patches: no train volume is at least "
-                              f"{'x'.join(map(str, patch[::-1]))} voxels (the patch size)")
+            raise ConfigError(
+                f"no training patches: no train volume is at least "
+                f"{'x'.join(map(str, patch[::-1]))} voxels (the patch size)"
+            )
         store = writer.finish(
             normalization=config.normalization.to_dict(),
             noise=config.noise.to_dict() if config.targets in ("noise", "noise2noise") else None,

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from cryodeploy.errors import ConfigError
-from cryodeploy.imaging.simulate.tomoscene import TomoConfig, plan_scene
 from cryodeploy.imaging.simulate.tomogram import missing_wedge_mask, simulate_tomogram
+from cryodeploy.imaging.simulate.tomoscene import TomoConfig, plan_scene
 from cryodeploy.imaging.tomosynth import synth_tomograms
 from cryodeploy.imaging.volsplits import thin_volume
 from cryodeploy.io.tomopairs import read_star_tomograms
@@ -88,8 +88,10 @@ def test_without_wedge_the_halves_are_counts_and_thin_exactly() -> None:
 
 def test_ctf_changes_the_transfer_not_the_scene() -> None:
     base = TomoConfig(shape=(16, 32, 32), particles=4)
-    with_ctf, without = simulate_tomogram(base, 0), simulate_tomogram(TomoConfig(**{**base.to_dict(), "ctf": False,
-                                                                                     "shape": (16, 32, 32)}), 0)
+    with_ctf, without = (
+        simulate_tomogram(base, 0),
+        simulate_tomogram(TomoConfig(**{**base.to_dict(), "ctf": False, "shape": (16, 32, 32)}), 0),
+    )
     assert with_ctf.meta["particles"] == without.meta["particles"]
     assert not torch.allclose(with_ctf.clean, without.clean)
     # without a CTF, protein and membranes are dark: the clean volume never exceeds the ice-free level
@@ -117,13 +119,18 @@ def test_synth_tomograms_writes_clean_even_odd_and_a_star_byte_identically(tmp_p
     for sub in ("clean", "even", "odd"):
         for name in ("tomo_0000.mrc", "tomo_0001.mrc"):
             assert (tmp_path / "a" / sub / name).read_bytes() == (tmp_path / "b" / sub / name).read_bytes()
-    assert (tmp_path / "a" / "tomograms.star").read_bytes() == (tmp_path / "b" / "tomograms.star").read_bytes()
+    assert (tmp_path / "a" / "tomograms.star").read_bytes() == (
+        tmp_path / "b" / "tomograms.star"
+    ).read_bytes()
     vol = read_volume(tmp_path / "a" / "even" / "tomo_0001.mrc")
     assert vol.header.voxel_size == (7.5, 7.5, 7.5) and vol.header.shape == (16, 32, 48)
     direct = simulate_tomogram(cfg, 1)
     assert np.array_equal(vol.data, direct.even.numpy())
     pairs = read_star_tomograms(tmp_path / "a" / "tomograms.star")
     assert [(p.name, p.even, p.odd) for p in pairs][1] == (
-        "tomo_0001", tmp_path / "a" / "even" / "tomo_0001.mrc", tmp_path / "a" / "odd" / "tomo_0001.mrc")
+        "tomo_0001",
+        tmp_path / "a" / "even" / "tomo_0001.mrc",
+        tmp_path / "a" / "odd" / "tomo_0001.mrc",
+    )
     record = json.loads((tmp_path / "a" / "synth.json").read_text())
     assert record["config"]["voxel_size"] == 7.5 and len(record["tomograms"]) == 2

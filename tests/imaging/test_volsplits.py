@@ -8,16 +8,28 @@ import numpy as np
 import pytest
 
 from cryodeploy.errors import InputError
-from cryodeploy.imaging.volsplits import fsc, half_bit_threshold, thin_volume, volume_halves, volume_split_gain
+from cryodeploy.imaging.volsplits import (
+    fsc,
+    half_bit_threshold,
+    thin_volume,
+    volume_halves,
+    volume_split_gain,
+)
 
 SHAPE = (32, 40, 48)
 
 
-def test_fsc_of_a_volume_with_itself_is_one_and_of_independent_noise_is_zero(rng: np.random.Generator) -> None:
+def test_fsc_of_a_volume_with_itself_is_one_and_of_independent_noise_is_zero(
+    rng: np.random.Generator,
+) -> None:
     a = rng.standard_normal(SHAPE)
     same = fsc(a, a, voxel_size=2.0)
     assert np.allclose(same.curve, 1.0)
-    assert len(same.freq) == 16 and same.freq[0] == pytest.approx(1 / 32 / 2.0) and same.freq[-1] == pytest.approx(0.25)
+    assert (
+        len(same.freq) == 16
+        and same.freq[0] == pytest.approx(1 / 32 / 2.0)
+        and same.freq[-1] == pytest.approx(0.25)
+    )
     noise = fsc(a, rng.standard_normal(SHAPE))
     # per shell the FSC of independent white noise has sd ~ 1/sqrt(voxels); the tapered edges lower
     # the effective count a little: 6 sigma
@@ -52,8 +64,11 @@ def test_thin_volume_splits_counts_exactly_and_refuses_reconstructions(rng: np.r
     scaled = counts * 0.25
     a4, b4 = thin_volume(scaled, np.random.default_rng(1), gain=0.25)
     assert np.array_equal(a4 + b4, scaled) and np.array_equal(a4, a * 0.25)
-    with pytest.raises(InputError, match=r"tomo.mrc: found \d+ non-integer voxels \(gain 1\), expected integer "
-                                         r"counts >= 0 to thin; a reconstruction is not counts"):
+    with pytest.raises(
+        InputError,
+        match=r"tomo.mrc: found \d+ non-integer voxels \(gain 1\), expected integer "
+        r"counts >= 0 to thin; a reconstruction is not counts",
+    ):
         thin_volume(counts + 0.3, rng, name="tomo.mrc")
     with pytest.raises(InputError, match=r"volume: found negative counts \(min -7\)"):
         thin_volume(counts - 7, rng)

@@ -66,8 +66,9 @@ def _freqs(shape: tuple[int, int, int], dev: torch.device) -> tuple[torch.Tensor
     return kz, ky, kx
 
 
-def missing_wedge_mask(shape: tuple[int, int, int], tilt_range_deg: float,
-                       device: str | torch.device = "cpu") -> torch.Tensor:
+def missing_wedge_mask(
+    shape: tuple[int, int, int], tilt_range_deg: float, device: str | torch.device = "cpu"
+) -> torch.Tensor:
     """Boolean rfftn-grid mask [nz, ny, nx // 2 + 1] of the Fourier voxels a tilt series over
     +-``tilt_range_deg`` about Y measures: ``|kz| <= tan(range) |kx|`` (all of them at 90)."""
     kz, ky, kx = _freqs(shape, torch.device(device))
@@ -95,8 +96,12 @@ def _scatter(points: torch.Tensor, weights: torch.Tensor, shape: tuple[int, int,
                 y = torch.clamp(i0[:, 1] + dy, max=ny - 1)
                 x = torch.clamp(i0[:, 2] + dx, max=nx - 1)
                 idx.append((z * ny + y) * nx + x)
-                wt.append(w * (f[:, 0] if dz else 1 - f[:, 0]) * (f[:, 1] if dy else 1 - f[:, 1])
-                          * (f[:, 2] if dx else 1 - f[:, 2]))
+                wt.append(
+                    w
+                    * (f[:, 0] if dz else 1 - f[:, 0])
+                    * (f[:, 1] if dy else 1 - f[:, 1])
+                    * (f[:, 2] if dx else 1 - f[:, 2])
+                )
     index, weight = torch.cat(idx), torch.cat(wt)
     if index.is_cuda:
         acc = torch.zeros(nz * ny * nx, dtype=torch.int64, device=index.device)
@@ -126,15 +131,17 @@ def _particles(cfg: TomoConfig, scene: TomoScene, dev: torch.device) -> torch.Te
 
 def _grid(shape: tuple[int, int, int], dev: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     nz, ny, nx = shape
-    return (torch.arange(nz, device=dev, dtype=torch.float32)[:, None, None],
-            torch.arange(ny, device=dev, dtype=torch.float32)[None, :, None],
-            torch.arange(nx, device=dev, dtype=torch.float32)[None, None, :])
+    return (
+        torch.arange(nz, device=dev, dtype=torch.float32)[:, None, None],
+        torch.arange(ny, device=dev, dtype=torch.float32)[None, :, None],
+        torch.arange(nx, device=dev, dtype=torch.float32)[None, None, :],
+    )
 
 
 def _slab(cfg: TomoConfig, scene: TomoScene, dev: torch.device) -> torch.Tensor:
     """The ice slab, 1 inside with faces softened over ~1 voxel."""
     z, y, x = _grid(cfg.shape, dev)
-    nz, ny, nx = cfg.shape
+    _, ny, nx = cfg.shape
     n = scene.slab_normal
     d = (z - scene.slab_centre) * n[0] + (y - 0.5 * (ny - 1)) * n[1] + (x - 0.5 * (nx - 1)) * n[2]
     return torch.sigmoid((0.5 * scene.slab_thickness - d.abs()) / 0.5)
@@ -147,14 +154,14 @@ def _membranes(cfg: TomoConfig, scene: TomoScene, dev: torch.device) -> torch.Te
     delta, sigma = _LEAFLET_A / cfg.voxel_size, _LEAFLET_SIGMA_A / cfg.voxel_size
     z, y, x = _grid(cfg.shape, dev)
     for centre, radius in scene.shells:
-        lo = [max(0, int(math.floor(c - radius - reach))) for c in centre]
-        hi = [min(n, int(math.ceil(c + radius + reach)) + 1) for c, n in zip(centre, cfg.shape, strict=True)]
+        lo = [max(0, math.floor(c - radius - reach)) for c in centre]
+        hi = [min(n, math.ceil(c + radius + reach) + 1) for c, n in zip(centre, cfg.shape, strict=True)]
         if any(h <= lo_ for lo_, h in zip(lo, hi, strict=True)):
             continue
-        zz, yy, xx = z[lo[0]:hi[0]], y[:, lo[1]:hi[1]], x[..., lo[2]:hi[2]]
+        zz, yy, xx = z[lo[0] : hi[0]], y[:, lo[1] : hi[1]], x[..., lo[2] : hi[2]]
         r = torch.sqrt((zz - centre[0]) ** 2 + (yy - centre[1]) ** 2 + (xx - centre[2]) ** 2) - radius
         leaflets = torch.exp(-0.5 * ((r - delta) / sigma) ** 2) + torch.exp(-0.5 * ((r + delta) / sigma) ** 2)
-        out[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] += _LIPID_EXCESS * leaflets
+        out[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] += _LIPID_EXCESS * leaflets
     return out
 
 
@@ -175,11 +182,18 @@ def _transfer(cfg: TomoConfig, scene: TomoScene, dev: torch.device) -> torch.Ten
     s2 = k2 / cfg.voxel_size**2
     df = per_tilt(scene.defocus_a)
     f32 = torch.float32
-    ctf = _ctf_from_grid(s2, torch.zeros((), device=dev), torch.tensor(electron_wavelength(cfg.voltage_kv), dtype=f32,
-                         device=dev), df, df, torch.zeros((), device=dev),
-                         torch.tensor(cfg.cs_mm * 1e7, dtype=f32, device=dev),
-                         torch.tensor(cfg.amplitude_contrast, dtype=f32, device=dev), per_tilt(scene.bfactor),
-                         torch.zeros((), device=dev))
+    ctf = _ctf_from_grid(
+        s2,
+        torch.zeros((), device=dev),
+        torch.tensor(electron_wavelength(cfg.voltage_kv), dtype=f32, device=dev),
+        df,
+        df,
+        torch.zeros((), device=dev),
+        torch.tensor(cfg.cs_mm * 1e7, dtype=f32, device=dev),
+        torch.tensor(cfg.amplitude_contrast, dtype=f32, device=dev),
+        per_tilt(scene.bfactor),
+        torch.zeros((), device=dev),
+    )
     return cfg.contrast * ctf * blur
 
 
@@ -206,6 +220,12 @@ def simulate_tomogram(cfg: TomoConfig, index: int = 0, device: str | torch.devic
         counts = torch.poisson(rate, generator=g)
         halves.append(counts if cfg.tilt_range_deg >= 90.0 else _wedge(counts, mask))
     clean = rate if cfg.tilt_range_deg >= 90.0 else _wedge(rate, mask)
-    meta = {**scene.meta, "dose_per_voxel": cfg.dose, "clipped_voxels": clipped,
-            "measured_fourier_fraction": float(mask.float().mean())}
-    return Tomogram(clean.float().contiguous(), halves[0].float().contiguous(), halves[1].float().contiguous(), meta)
+    meta = {
+        **scene.meta,
+        "dose_per_voxel": cfg.dose,
+        "clipped_voxels": clipped,
+        "measured_fourier_fraction": float(mask.float().mean()),
+    }
+    return Tomogram(
+        clean.float().contiguous(), halves[0].float().contiguous(), halves[1].float().contiguous(), meta
+    )

@@ -64,8 +64,12 @@ class TomoConfig:
 
     def __post_init__(self) -> None:
         s = tuple(self.shape)
-        _check("shape", len(s) == 3 and all(isinstance(v, int) and 8 <= v <= 4096 for v in s), self.shape,
-               "(nz, ny, nx) integers in 8..4096")
+        _check(
+            "shape",
+            len(s) == 3 and all(isinstance(v, int) and 8 <= v <= 4096 for v in s),
+            self.shape,
+            "(nz, ny, nx) integers in 8..4096",
+        )
         object.__setattr__(self, "shape", s)
         for name in ("voxel_size", "tilt_step_deg", "voltage_kv"):
             v = getattr(self, name)
@@ -76,13 +80,25 @@ class TomoConfig:
         for name in ("particles", "vesicles", "sheets", "seed"):
             v = getattr(self, name)
             _check(name, isinstance(v, int) and not isinstance(v, bool) and v >= 0, v, "an integer >= 0")
-        _check("library_size", isinstance(self.library_size, int) and self.library_size >= 1, self.library_size,
-               "an integer >= 1")
-        for name, lo_min, hi_max in (("particle_diameter_a", 20.0, 2000.0), ("vesicle_radius_a", 50.0, 1e5),
-                                     ("ice_fraction", 0.05, 1.0), ("defocus_um", 0.0, 20.0)):
+        _check(
+            "library_size",
+            isinstance(self.library_size, int) and self.library_size >= 1,
+            self.library_size,
+            "an integer >= 1",
+        )
+        for name, lo_min, hi_max in (
+            ("particle_diameter_a", 20.0, 2000.0),
+            ("vesicle_radius_a", 50.0, 1e5),
+            ("ice_fraction", 0.05, 1.0),
+            ("defocus_um", 0.0, 20.0),
+        ):
             r = tuple(getattr(self, name))
-            _check(name, len(r) == 2 and lo_min <= r[0] <= r[1] <= hi_max, getattr(self, name),
-                   f"(lo, hi) with {lo_min:g} <= lo <= hi <= {hi_max:g}")
+            _check(
+                name,
+                len(r) == 2 and lo_min <= r[0] <= r[1] <= hi_max,
+                getattr(self, name),
+                f"(lo, hi) with {lo_min:g} <= lo <= hi <= {hi_max:g}",
+            )
             object.__setattr__(self, name, (float(r[0]), float(r[1])))
         _check("tilt_range_deg", 0 < self.tilt_range_deg <= 90, self.tilt_range_deg, "0 < degrees <= 90")
         _check("amplitude_contrast", 0 <= self.amplitude_contrast < 1, self.amplitude_contrast, "0 <= w < 1")
@@ -91,7 +107,7 @@ class TomoConfig:
     @property
     def tilts_deg(self) -> np.ndarray:
         """The tilt angles, 0 and +-k steps up to the tilt range."""
-        k = int(math.floor(self.tilt_range_deg / self.tilt_step_deg + 1e-9))
+        k = math.floor(self.tilt_range_deg / self.tilt_step_deg + 1e-9)
         return np.arange(-k, k + 1) * self.tilt_step_deg
 
     def to_dict(self) -> dict[str, Any]:
@@ -120,8 +136,13 @@ def tomo_library(size: int, seed: int, diameters: Range) -> tuple[PseudoAtomMode
     rng = np.random.default_rng([seed, 3301])
     lo, hi = diameters
     return tuple(
-        procedural_model(KINDS[j % len(KINDS)], float(math.exp(rng.uniform(math.log(lo), math.log(hi)))),
-                         seed * 100003 + j, n_points=8192, name=f"{KINDS[j % len(KINDS)]}-{j}")
+        procedural_model(
+            KINDS[j % len(KINDS)],
+            float(math.exp(rng.uniform(math.log(lo), math.log(hi)))),
+            seed * 100003 + j,
+            n_points=8192,
+            name=f"{KINDS[j % len(KINDS)]}-{j}",
+        )
         for j in range(size)
     )
 
@@ -130,11 +151,13 @@ def _rotation(rng: np.random.Generator) -> np.ndarray:
     """A uniformly random rotation (unit quaternion from four normals)."""
     q = rng.standard_normal(4)
     w, x, y, z = q / np.linalg.norm(q)
-    return np.array([
-        [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
-        [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
-        [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
-    ])
+    return np.array(
+        [
+            [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
+            [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
+            [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
+        ]
+    )
 
 
 def _in_slab(rng: np.random.Generator, cfg: TomoConfig, scene: TomoScene, margin: float) -> np.ndarray:
@@ -153,7 +176,7 @@ def _in_slab(rng: np.random.Generator, cfg: TomoConfig, scene: TomoScene, margin
 def plan_scene(cfg: TomoConfig, index: int) -> TomoScene:
     """The scene of tomogram ``index`` of ``cfg.seed`` (independent of the count and the device)."""
     rng = np.random.default_rng([cfg.seed, index, 7331])
-    nz, ny, nx = cfg.shape
+    nz = cfg.shape[0]
     thickness = rng.uniform(*cfg.ice_fraction) * nz
     centre = 0.5 * (nz - 1) + rng.uniform(-0.5, 0.5) * (nz - thickness) * 0.5
     ax, ay = np.radians(rng.uniform(-cfg.slab_tilt_deg, cfg.slab_tilt_deg, size=2))
@@ -163,8 +186,16 @@ def plan_scene(cfg: TomoConfig, index: int) -> TomoScene:
     rank = np.empty(len(tilts), np.int64)
     rank[order] = np.arange(len(tilts))
     defocus = (rng.uniform(*cfg.defocus_um) + cfg.defocus_spread_um * rng.standard_normal(len(tilts))) * 1e4
-    scene = TomoScene(centre, thickness, normal / np.linalg.norm(normal), [], [], defocus,
-                      cfg.bfactor + cfg.bfactor_per_tilt * rank, {})
+    scene = TomoScene(
+        centre,
+        thickness,
+        normal / np.linalg.norm(normal),
+        [],
+        [],
+        defocus,
+        cfg.bfactor + cfg.bfactor_per_tilt * rank,
+        {},
+    )
     lib = tomo_library(cfg.library_size, cfg.seed, cfg.particle_diameter_a)
     placed: list[tuple[np.ndarray, float]] = []
     for _ in range(cfg.particles):
@@ -192,8 +223,10 @@ def plan_scene(cfg: TomoConfig, index: int) -> TomoScene:
         "tilts_deg": tilts.tolist(),
         "defocus_um": (defocus / 1e4).tolist(),
         "bfactor_a2": scene.bfactor.tolist(),
-        "particles": [{"model": lib[j].name, "centre_zyx": c.tolist(), "rotation_xyz": rot.tolist()}
-                      for j, c, rot in scene.particles],
+        "particles": [
+            {"model": lib[j].name, "centre_zyx": c.tolist(), "rotation_xyz": rot.tolist()}
+            for j, c, rot in scene.particles
+        ],
         "membranes": [{"centre_zyx": c.tolist(), "radius_voxels": float(r)} for c, r in scene.shells],
     }
     return scene

@@ -27,7 +27,9 @@ def _vol(rng: np.random.Generator, shape=SHAPE, counts: bool = False) -> np.ndar
     if counts:
         return rng.poisson(4.0, shape).astype(np.float32)
     z, y, x = np.meshgrid(*(np.arange(n) for n in shape), indexing="ij")
-    return (np.sin(x / 3.0) + np.cos(y / 4.0) * np.sin(z / 2.0) + 0.3 * rng.standard_normal(shape)).astype(np.float32)
+    return (np.sin(x / 3.0) + np.cos(y / 4.0) * np.sin(z / 2.0) + 0.3 * rng.standard_normal(shape)).astype(
+        np.float32
+    )
 
 
 @pytest.fixture
@@ -35,8 +37,10 @@ def pairs(tmp_path: Path, rng: np.random.Generator) -> list[TomoPair]:
     out = []
     for i in range(3):
         shape = SHAPE if i < 2 else (18, 36, 40)
-        even, odd = write_volume(tmp_path / f"t{i}_even.mrc", _vol(rng, shape)), write_volume(
-            tmp_path / f"t{i}_odd.mrc", _vol(rng, shape))
+        even, odd = (
+            write_volume(tmp_path / f"t{i}_even.mrc", _vol(rng, shape)),
+            write_volume(tmp_path / f"t{i}_odd.mrc", _vol(rng, shape)),
+        )
         out.append(TomoPair(f"t{i}", even, odd))
     return out
 
@@ -50,10 +54,15 @@ def test_pairs_store_layout_and_exact_patches(tmp_path: Path, pairs: list[TomoPa
     m = json.loads((tmp_path / "s" / MANIFEST).read_text())
     assert (m["format"], m["ndim"], m["patch"], m["stride"]) == (FORMAT_ND, 3, [16, 16, 16], [4, 12, 10])
     assert store.ndim == 3 and store.patch == (16, 16, 16) and store.patch_bytes == 16**3 * 4
-    per = [len(range(0, d - 15, 4)) * len(range(0, h - 15, 12)) * len(range(0, w - 15, 10))
-           for d, h, w in (SHAPE, SHAPE, (18, 36, 40))]
-    assert store.count("train") == sum(per) and store.groups("train") == [(0, per[0]), (per[0], per[1]),
-                                                                           (per[0] + per[1], per[2])]
+    per = [
+        len(range(0, d - 15, 4)) * len(range(0, h - 15, 12)) * len(range(0, w - 15, 10))
+        for d, h, w in (SHAPE, SHAPE, (18, 36, 40))
+    ]
+    assert store.count("train") == sum(per) and store.groups("train") == [
+        (0, per[0]),
+        (per[0], per[1]),
+        (per[0] + per[1], per[2]),
+    ]
     src = m["sources"][1]
     stats = NormStats(src["center"], src["scale"])
     with mrcfile.open(pairs[1].even) as e, mrcfile.open(pairs[1].odd) as o:
@@ -63,19 +72,29 @@ def test_pairs_store_layout_and_exact_patches(tmp_path: Path, pairs: list[TomoPa
     z, y, x = corners[5]
     got_in = store.read("train", [per[0] + 5])[0]
     got_tg = store.read("train", [per[0] + 5], "target")[0]
-    assert np.array_equal(got_in, normalize(even, stats)[z:z + 16, y:y + 16, x:x + 16])
-    assert np.array_equal(got_tg, normalize(odd, stats)[z:z + 16, y:y + 16, x:x + 16])  # the input's affine map
+    assert np.array_equal(got_in, normalize(even, stats)[z : z + 16, y : y + 16, x : x + 16])
+    assert np.array_equal(
+        got_tg, normalize(odd, stats)[z : z + 16, y : y + 16, x : x + 16]
+    )  # the input's affine map
 
 
 def test_store_is_byte_identical_for_any_number_of_workers(tmp_path: Path, rng: np.random.Generator) -> None:
     clean = [write_volume(tmp_path / f"c{i}.mrc", _vol(rng, (40, 40, 36))) for i in range(2)]
     digests = []
     for w in (0, 1, 3):
-        s = preprocess_volumes(clean, tmp_path / f"s{w}", _config(targets="noise2noise", workers=w, test_fraction=0.5),
-                               quiet=True)
+        s = preprocess_volumes(
+            clean,
+            tmp_path / f"s{w}",
+            _config(targets="noise2noise", workers=w, test_fraction=0.5),
+            quiet=True,
+        )
         assert s.count("test") > 0 and s.count("train") > 0
-        digests.append([(tmp_path / f"s{w}" / n).read_bytes() for n in
-                        ("train_input.bin", "train_target.bin", "test_input.bin", "test_target.bin")])
+        digests.append(
+            [
+                (tmp_path / f"s{w}" / n).read_bytes()
+                for n in ("train_input.bin", "train_target.bin", "test_input.bin", "test_target.bin")
+            ]
+        )
     assert digests[0] == digests[1] == digests[2]
     assert digests[0][0] != digests[0][1]  # two independent draws
 
@@ -94,7 +113,9 @@ def test_loader_yields_five_dimensional_batches(tmp_path: Path, pairs: list[Tomo
 
 
 def test_self_supervised_store_has_no_targets(tmp_path: Path, pairs: list[TomoPair]) -> None:
-    store = preprocess_volumes([p.even for p in pairs[:2]], tmp_path / "s", _config(targets="none"), quiet=True)
+    store = preprocess_volumes(
+        [p.even for p in pairs[:2]], tmp_path / "s", _config(targets="none"), quiet=True
+    )
     assert not store.has_target("train") and not (tmp_path / "s" / "train_target.bin").exists()
     x, t = next(iter(StreamingLoader(store, "train", None, LoaderConfig(batch_size=2))))
     assert tuple(x.shape) == (2, 1, 16, 16, 16) and t is None
@@ -102,28 +123,42 @@ def test_self_supervised_store_has_no_targets(tmp_path: Path, pairs: list[TomoPa
 
 def test_thin_targets_add_up_to_the_counts(tmp_path: Path, rng: np.random.Generator) -> None:
     counts = _vol(rng, (16, 32, 32), counts=True)
-    store = preprocess_volumes([write_volume(tmp_path / "n.mrc", counts)], tmp_path / "s",
-                               _config(targets="thin", patch=(16, 32, 32)), quiet=True)
+    store = preprocess_volumes(
+        [write_volume(tmp_path / "n.mrc", counts)],
+        tmp_path / "s",
+        _config(targets="thin", patch=(16, 32, 32)),
+        quiet=True,
+    )
     src = store.manifest["sources"][0]
     assert src["gain_from"] == "integer" and src["gain"] == 1.0
-    a, b = (store.read("train", [0], w)[0].astype(np.float64) * src["scale"] + src["center"] for w in ("input", "target"))
+    a, b = (
+        store.read("train", [0], w)[0].astype(np.float64) * src["scale"] + src["center"]
+        for w in ("input", "target")
+    )
     assert np.allclose(a + b, counts, atol=1e-3)
     assert np.allclose(np.round(a), a, atol=1e-3)
 
 
 def test_refusals_name_the_problem(tmp_path: Path, pairs: list[TomoPair], rng: np.random.Generator) -> None:
     bad = TomoPair("x", pairs[0].even, pairs[2].odd)
-    with pytest.raises(InputError, match=r"t2_odd.mrc: shape \(18, 36, 40\) differs from .*t0_even.mrc's "
-                                         r"\(20, 40, 36\), expected halves"):
+    with pytest.raises(
+        InputError,
+        match=r"t2_odd.mrc: shape \(18, 36, 40\) differs from .*t0_even.mrc's "
+        r"\(20, 40, 36\), expected halves",
+    ):
         preprocess_volumes([bad], tmp_path / "s", _config(), quiet=True)
     with pytest.raises(InputError, match=r"t0_even.mrc: has no odd half, but targets are 'pairs'"):
         preprocess_volumes([pairs[0].even], tmp_path / "s", _config(), quiet=True)
-    with pytest.raises(ConfigError, match=r"no training patches: no train volume is at least 64x64x64 voxels"):
+    with pytest.raises(
+        ConfigError, match=r"no training patches: no train volume is at least 64x64x64 voxels"
+    ):
         preprocess_volumes(pairs, tmp_path / "s", _config(patch=64), quiet=True)
     assert not (tmp_path / "s").exists()  # nothing left behind
     with pytest.raises(ConfigError, match="preprocess cuts micrographs"):
         preprocess([pairs[0].even], tmp_path / "s", _config())
-    with pytest.raises(ConfigError, match=r"patch \(16, 16\) invalid, expected a positive int or \(D, H, W\)"):
+    with pytest.raises(
+        ConfigError, match=r"patch \(16, 16\) invalid, expected a positive int or \(D, H, W\)"
+    ):
         _config(patch=(16, 16))
     with pytest.raises(ConfigError, match="targets 'none' unknown"):
         PreprocessConfig(targets="none")
@@ -131,8 +166,9 @@ def test_refusals_name_the_problem(tmp_path: Path, pairs: list[TomoPair], rng: n
         _config(target_dir=tmp_path)
 
 
-def test_two_d_stores_keep_format_one_and_three_d_manifests_are_checked(tmp_path: Path,
-                                                                       rng: np.random.Generator) -> None:
+def test_two_d_stores_keep_format_one_and_three_d_manifests_are_checked(
+    tmp_path: Path, rng: np.random.Generator
+) -> None:
     with StoreWriter(tmp_path / "two", 8) as w:
         w.append("train", rng.standard_normal((2, 8, 8)), rng.standard_normal((2, 8, 8)))
         store = w.finish()
@@ -144,8 +180,10 @@ def test_two_d_stores_keep_format_one_and_three_d_manifests_are_checked(tmp_path
     path = tmp_path / "three" / MANIFEST
     good = json.loads(path.read_text())
     for edit, message in (
-        ({"format": FORMAT}, "found patch [4, 8, 8] and ndim 3 in format 'cryodeploy-patches/1', expected [H, W] "
-                             "and no ndim"),
+        (
+            {"format": FORMAT},
+            "found patch [4, 8, 8] and ndim 3 in format 'cryodeploy-patches/1', expected [H, W] and no ndim",
+        ),
         ({"ndim": 2}, "found patch [4, 8, 8] and ndim 2, expected ndim = the number of patch sides"),
         ({"patch": [4, 8, 4]}, "train_input.bin: found 4 patches, expected 2 (the manifest's count)"),
     ):
