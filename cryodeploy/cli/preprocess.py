@@ -149,7 +149,7 @@ def preprocess(
     if adopt is not None:
         if inputs or store or pairs or noise2noise or thin or noise_given:
             raise click.UsageError("--adopt DIR takes only --patch and --overwrite")
-        from cryodeploy.training.store import adopt_raw_store
+        from cryodeploy.training.adopt import adopt_raw_store
 
         adopted = adopt_raw_store(adopt, patch, overwrite=overwrite)
         click.echo(f"adopted {adopted}")

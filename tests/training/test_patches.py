@@ -12,7 +12,8 @@ from click.testing import CliRunner
 
 from cryodeploy.cli import cli
 from cryodeploy.errors import OutputError, StoreError
-from cryodeploy.training.store import FORMAT, MANIFEST, PatchStore, StoreWriter, adopt_raw_store
+from cryodeploy.training.adopt import adopt_raw_store
+from cryodeploy.training.store import FORMAT, MANIFEST, PatchStore, StoreWriter
 
 
 def _write_store(

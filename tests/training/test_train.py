@@ -24,9 +24,10 @@ from cryodeploy.errors import ConfigError, StoreError
 from cryodeploy.imaging.noise import NoiseSpec, add_noise, to_unit_range
 from cryodeploy.imaging.normalize import NormSpec, norm_stats, normalize
 from cryodeploy.models.checkpoint import load_checkpoint
+from cryodeploy.training.adopt import adopt_raw_store
 from cryodeploy.training.config import TrainConfig
 from cryodeploy.training.objectives import PAIRS, neighbor_pairs, subsample
-from cryodeploy.training.store import StoreWriter, adopt_raw_store
+from cryodeploy.training.store import StoreWriter
 from cryodeploy.training.train import train
 
 FAST = TrainConfig(epochs=2, batch=4, lr=3e-3, log_every=2)
