@@ -23,8 +23,9 @@ from test_train import _write_store
 from cryodeploy.cli import cli
 from cryodeploy.errors import ConfigError, StoreError
 from cryodeploy.files import TEMP_PREFIX
+from cryodeploy.training.adopt import adopt_raw_store
 from cryodeploy.training.config import TrainConfig
-from cryodeploy.training.store import WRITING, adopt_raw_store
+from cryodeploy.training.store import WRITING
 from cryodeploy.training.train import train
 
 pytestmark = pytest.mark.timeout(240)

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 from cryodeploy.errors import ConfigError, StoreError
+from cryodeploy.training.adopt import adopt_raw_store
 from cryodeploy.training.loader import LoaderConfig, StreamingLoader, epoch_order, split_indices
-from cryodeploy.training.store import PatchStore, StoreWriter, adopt_raw_store
+from cryodeploy.training.store import PatchStore, StoreWriter
 
 
 def _indexed_store(path: Path, n: int, patch: int = 8) -> PatchStore:
