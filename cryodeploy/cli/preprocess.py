@@ -14,6 +14,22 @@ def _default_workers() -> int:
     return min(16, os.cpu_count() or 1)
 
 
+def _sampler(device: str, draws_noise: bool) -> tuple[str, str]:
+    """(sampler, device) of the config for ``--device``: torch on a GPU, numpy on the cpu."""
+    if device == "auto":
+        if not draws_noise:
+            return "numpy", "cpu"
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        return "numpy", "cpu"
+    if not draws_noise:
+        raise click.UsageError(f"--device {device}: only noise and --noise2noise targets are drawn on a GPU; "
+                               "--thin, --pairs and --movies run on the cpu")
+    return "torch", device
+
+
 @click.command()
 @click.argument("inputs", nargs=-1)
 @click.option(
@@ -78,6 +94,14 @@ def _default_workers() -> int:
     show_default="min(16, cores)",
     help="Threads drawing noise, normalizing and writing (each adds only small temporaries; 0 = none).",
 )
+@click.option(
+    "--device",
+    default="auto",
+    show_default=True,
+    help="Where the synthetic noise is drawn: cpu (numpy's sampler, as before), cuda or cuda:N (torch's on "
+    "the GPU: a different, equally distributed draw; the manifest's 'sampler' says which), auto = cuda "
+    "when torch sees a GPU. --thin, --pairs and --movies run on the cpu.",
+)
 @click.option("--movies", is_flag=True,
               help="INPUTS are movies (MRC/MRCS/TIFF frame stacks): even/odd frame sums become input/target "
                    "pairs (Noise2Noise); the sums stay in STORE/sums.")
@@ -111,6 +135,7 @@ def preprocess(
     pairs: tuple[Path, Path] | None,
     adopt: Path | None,
     workers: int,
+    device: str,
     movies: bool,
     gain: Path | None,
     bin_factor: int,
@@ -180,6 +205,8 @@ def preprocess(
     from cryodeploy.training.preprocess import PreprocessConfig
     from cryodeploy.training.preprocess import preprocess as run
 
+    targets = "pairs" if pairs else "noise2noise" if noise2noise else "thin" if thin else "noise"
+    sampler, device = _sampler(device, targets in ("noise", "noise2noise") and not movies)
     given: dict[str, Any] = {
         k: v for k, v in (("kind", noise_kind), ("dose", dose), ("sigma", sigma)) if v is not None
     }
@@ -189,11 +216,13 @@ def preprocess(
         stride=stride,
         test_fraction=test_fraction,
         seed=seed,
-        targets="pairs" if pairs else "noise2noise" if noise2noise else "thin" if thin else "noise",
+        targets=targets,
         noise=noise,
         target_dir=pairs[1] if pairs else None,
         workers=workers,
         overwrite=overwrite,
+        sampler=sampler,
+        device=device,
     )
     paths = expand_inputs([str(pairs[0])] if pairs else list(inputs),
                           suffixes=MOVIE_SUFFIXES if movies else MICROGRAPH_SUFFIXES)

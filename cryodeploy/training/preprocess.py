@@ -23,6 +23,10 @@ number of micrographs and grows with workers only by each thread's temporaries (
 bands: ~8 MB per thread for 4096-pixel-wide images). Each band draws its noise from its own
 seeded stream: the store is the same for any number of workers. The patches are written by the
 workers too (positional writes into reserved slots), each copying at most 2 x 4 MB at a time.
+
+With ``sampler="torch"`` (:mod:`~cryodeploy.training.samplers`) the noise is drawn by torch on
+``device`` instead, one frame at a time (the [0, 1] map, draws, statistics and normalization all
+there), so a GPU machine is not bound by the CPU's Poisson sampler; also the same for any workers.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from cryodeploy.imaging.noise import NoiseSpec, add_noise, count_gain, thin, uni
 from cryodeploy.imaging.normalize import NormSpec, NormStats, norm_stats, normalize
 from cryodeploy.io.mrc import read_header, read_micrograph
 from cryodeploy.progress import progress
+from cryodeploy.training.samplers import check_sampler, sampler_record
 from cryodeploy.training.store import PatchStore, StoreWriter, held_out_mask
 
 __all__ = ["TARGET_MODES", "VOLUME_TARGET_MODES", "PreprocessConfig", "preprocess", "split_micrographs"]
@@ -86,6 +91,8 @@ class PreprocessConfig:
     ``ndim=3`` cuts volumes (:func:`cryodeploy.training.volumes.preprocess_volumes`): ``patch`` and
     ``stride`` are ints or (D, H, W), ``pairs`` come with the inputs (no ``target_dir``) and
     ``targets="none"`` stores inputs only (self-supervised training).
+    ``sampler`` "torch" draws ``noise``/``noise2noise`` targets with torch on ``device`` ("cpu",
+    "cuda", "cuda:N"); "numpy" (the default) on the CPU.
     """
 
     patch: int | tuple[int, int] = 1024
@@ -99,6 +106,8 @@ class PreprocessConfig:
     workers: int = 0
     overwrite: bool = False
     ndim: int = 2
+    sampler: str = "numpy"
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         if self.ndim not in (2, 3):
@@ -116,6 +125,7 @@ class PreprocessConfig:
             raise ConfigError("a target directory is required by, and only allowed with, targets='pairs'")
         if self.workers < 0 or self.seed < 0:
             raise ConfigError(f"workers and seed must be >= 0, found {self.workers} and {self.seed}")
+        check_sampler(self.sampler, self.device, self.targets, self.ndim)
 
     @property
     def patch_shape(self) -> tuple[int, int]:
@@ -167,10 +177,16 @@ def _in_bands(pool: ThreadPoolExecutor | None, rows: int, work: Callable[[int, s
     _run(pool, [partial(work, b, slice(r, r + _BAND_ROWS)) for b, r in enumerate(range(0, rows, _BAND_ROWS))])
 
 
-def _rng(config: PreprocessConfig, index: int, *key: int) -> np.random.Generator:
+def _seq(config: PreprocessConfig, index: int, *key: int) -> np.random.SeedSequence:
     """The random stream of micrograph ``index`` named by ``key`` (frame, or frame/draw/band):
-    each band draws its own noise, so the store does not depend on the number of workers."""
-    return np.random.default_rng(np.random.SeedSequence([config.seed, 1, index], spawn_key=key))
+    each band (numpy) or frame (torch) draws its own noise, so the store does not depend on the
+    number of workers."""
+    return np.random.SeedSequence([config.seed, 1, index], spawn_key=key)
+
+
+def _rng(config: PreprocessConfig, index: int, *key: int) -> np.random.Generator:
+    """numpy's generator on :func:`_seq`."""
+    return np.random.default_rng(_seq(config, index, *key))
 
 
 def _normalize_into(
@@ -217,9 +233,15 @@ def _prepare_frame(
         stats = norm_stats(inp, config.normalization)
         _normalize_into((inp, tgt), (inp, tgt), stats, pool)
         return inp, tgt, stats, {"gain": gain, "gain_from": found}
-    lo, hi = unit_range(image)
     dose = config.noise.draw_dose(_rng(config, index, frame))
     n2n = config.targets == "noise2noise"
+    if config.sampler == "torch":
+        from cryodeploy.imaging.noise_torch import noisy_frame
+
+        streams = [_seq(config, index, frame, draw) for draw in range(2 if n2n else 1)]
+        inp, tgt, stats = noisy_frame(image, config.noise, dose, streams, config.normalization, config.device)
+        return inp, tgt, stats, {"dose": dose}
+    lo, hi = unit_range(image)
 
     def draw(band: int, rows: slice) -> None:
         clean01 = np.clip((image[rows] - np.float32(lo)) / np.float32(hi - lo), 0.0, 1.0, dtype=np.float32)
@@ -348,6 +370,7 @@ def preprocess(
     if not paths:
         raise InputError("no input micrographs given")
     partners = _check_inputs(paths, config.target_dir)
+    sampler = sampler_record(config.sampler, config.device, config.targets)
     is_test = split_micrographs(len(paths), config.test_fraction, config.seed)
     patch, stride = config.patch_shape, config.stride_shape
     sources: list[dict[str, Any]] = []
@@ -384,6 +407,7 @@ def preprocess(
             normalization=config.normalization.to_dict(),
             noise=config.noise.to_dict() if config.targets in ("noise", "noise2noise") else None,
             targets=config.targets,
+            sampler=sampler,
             stride=list(stride),
             test_fraction=config.test_fraction,
             seed=config.seed,

@@ -148,7 +148,7 @@ def remove_temps(rundir: Path) -> list[Path]:
 
 
 def check_resumable(rundir: Path, state: dict[str, Any], config: dict[str, Any], may_change: frozenset[str],
-                    store_key: list[int]) -> None:
+                    store_key: list[Any]) -> None:
     """Refuse to resume with a different config (except ``may_change`` fields) or store."""
     saved = json.loads(state["config"])
     for key in sorted(set(config) - may_change):
@@ -156,5 +156,5 @@ def check_resumable(rundir: Path, state: dict[str, Any], config: dict[str, Any],
             raise ConfigError(f"{rundir / STATE}: the run was started with {key}={saved.get(key)!r}, "
                               f"found {config[key]!r}")
     if list(state["store"]) != store_key:
-        raise ConfigError(f"{rundir / STATE}: the run's store had (patch H, W, train, val) "
+        raise ConfigError(f"{rundir / STATE}: the run's store had (patch H, W, train, val[, sampler]) "
                           f"{list(state['store'])}, found {store_key}")

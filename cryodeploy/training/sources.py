@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from cryodeploy.training.config import TrainConfig
     from cryodeploy.training.distributed import DistContext
 
-__all__ = ["BatchSource", "SimBatches", "SimulatedData", "StoreBatches", "make_source"]
+__all__ = ["BatchSource", "SimBatches", "SimulatedData", "StoreBatches", "make_source", "sampler_label"]
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,11 @@ class BatchSource:
         raise NotImplementedError
 
 
+def sampler_label(record: dict[str, Any]) -> str:
+    """A store manifest's ``sampler`` in one string, e.g. "numpy" or "torch cuda NVIDIA H200"."""
+    return " ".join(str(record[k]) for k in ("name", "device", "device_name") if record.get(k))
+
+
 class StoreBatches(BatchSource):
     """Batches of a patch store (:mod:`cryodeploy.training.loader`); whole micrographs go to validation."""
 
@@ -135,15 +140,19 @@ class StoreBatches(BatchSource):
                                           pin_memory=pin)
         self.steps_per_epoch = min(len(self.train_loader), c.max_batches or len(self.train_loader))
         self.n_train, self.n_val = int(train_idx.size), int(val_idx.size)
+        self.sampler = store.manifest.get("sampler")
 
     def describe(self) -> dict[str, Any]:
         manifest = self.store.manifest
         return {"store": str(self.store.path), "targets": manifest.get("targets"),
-                "noise": dict(manifest.get("noise") or {})}
+                "noise": dict(manifest.get("noise") or {}), "sampler": self.sampler}
 
     @property
     def key(self) -> list[Any]:
-        return [*self.patch, self.n_train, self.n_val]
+        """(patch H, W, train, val), and the sampler that drew the store's noise when the manifest
+        records one: a run resumed on a store remade by another sampler would mix two draws."""
+        sampler = [sampler_label(self.sampler)] if self.sampler else []
+        return [*self.patch, self.n_train, self.n_val, *sampler]
 
     def train_batches(self, epoch: int, skip: int) -> Batches:
         self.train_loader.set_epoch(epoch)

@@ -164,8 +164,8 @@ class Trainer:
             versions={"cryodeploy": __version__, "torch": torch.__version__, "numpy": np.__version__})
 
     @property
-    def store_key(self) -> list[int]:
-        """(patch H, W, train, val): the data facts a resumed run must find unchanged."""
+    def store_key(self) -> list[Any]:
+        """(patch H, W, train, val[, sampler]): the data facts a resumed run must find unchanged."""
         return list(self.source.key)
 
     # --- resume -------------------------------------------------------------------------------

@@ -1,0 +1,150 @@
+"""The seeds' noise recipe (:mod:`cryodeploy.imaging.noise`) on torch tensors, where they are (CUDA or CPU).
+
+The same definitions as the numpy path: :func:`unit_range_torch` takes the same percentiles of the same
+regular subsample of rows (linear interpolation, as ``np.percentile``), the [0, 1] map clips in float32,
+and a draw is ``Poisson(x * dose) / dose + N(0, sigma^2)``. The random numbers are torch's
+(``torch.poisson``, ``torch.randn``) from one :class:`torch.Generator` per frame and draw, seeded from
+the caller's key, so a frame's noise depends only on its key and the device type: the numpy sampler,
+torch on the CPU and torch on CUDA give three different (equally distributed) draws.
+
+Exactness: torch's CUDA Poisson sampler is cuRAND's ``curand_poisson``, exact (Knuth's product of
+uniforms) only for rates below 64 and approximate above; rates are therefore drawn as the sum of
+``ceil(dose / POISSON_PART)`` independent parts of rate ``x * dose / parts`` <= ``POISSON_PART``,
+which is exactly Poisson(``x * dose``) (a sum of independent Poissons is Poisson), on every device.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from cryodeploy.errors import ConfigError
+from cryodeploy.imaging.noise import NoiseSpec
+from cryodeploy.imaging.normalize import NormSpec, NormStats, norm_stats_torch
+
+__all__ = ["POISSON_PART", "add_noise_torch", "frame_generator", "noisy_frame", "poisson_parts",
+           "to_unit_range_torch", "torch_sampler", "unit_range_torch"]
+
+#: Largest rate of one Poisson part (below cuRAND's exact range of rates < 64).
+POISSON_PART = 60.0
+
+
+def _f32(value: float) -> float:
+    """``value`` rounded to float32, the scalar the numpy path applies."""
+    return float(np.float32(value))
+
+
+def torch_sampler(device: str) -> dict[str, Any]:
+    """The manifest's record of torch's sampler on ``device`` (torch version, GPU name); refuses a
+    device that is not 'cpu', 'cuda' or 'cuda:N', or a GPU torch does not see."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ConfigError(f"device {device!r} unknown, expected 'cpu', 'cuda' or 'cuda:N'") from err
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device {device!r} unknown, expected 'cpu', 'cuda' or 'cuda:N'")
+    record: dict[str, Any] = {"name": "torch", "device": dev.type, "torch": torch.__version__}
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {device!r} requested, but torch {torch.__version__} sees no CUDA GPU")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {device!r} requested, but torch sees "
+                              f"{torch.cuda.device_count()} GPU(s)")
+        record["device_name"] = torch.cuda.get_device_name(dev)
+    return record
+
+
+def frame_generator(seq: np.random.SeedSequence, device: torch.device | str) -> torch.Generator:
+    """A torch generator on ``device`` seeded from ``seq`` (e.g. keyed by seed, micrograph, frame, draw)."""
+    state = seq.generate_state(1, np.uint64)[0]
+    return torch.Generator(device=torch.device(device)).manual_seed(int(state))
+
+
+def _percentiles(values: torch.Tensor, percentiles: Sequence[float]) -> list[float]:
+    """``np.percentile(values, percentiles)`` (linear interpolation, numpy's rounding) of a tensor."""
+    ordered = torch.sort(values.reshape(-1).to(torch.float64)).values
+    n = ordered.numel()
+    pos = [p / 100.0 * (n - 1) for p in percentiles]
+    first = [min(int(q), n - 1) for q in pos]
+    index = torch.tensor([k for i in first for k in (i, min(i + 1, n - 1))], device=ordered.device)
+    ends = ordered[index].tolist()
+    out = []
+    for k, (q, i) in enumerate(zip(pos, first, strict=True)):
+        a, b, t = ends[2 * k], ends[2 * k + 1], q - i
+        out.append(a + (b - a) * t if t < 0.5 else b - (b - a) * (1.0 - t))
+    return out
+
+
+def unit_range_torch(
+    image: torch.Tensor, low_percentile: float = 0.1, high_percentile: float = 99.9
+) -> tuple[float, float]:
+    """:func:`~cryodeploy.imaging.noise.unit_range` of a 2-D tensor, on its device (one host sync)."""
+    sample = image[:: max(1, image.shape[0] // 1024)].reshape(-1)
+    lo, hi = _percentiles(sample, [low_percentile, high_percentile])
+    if hi <= lo:
+        raise ConfigError("image has no dynamic range to map to [0, 1]")
+    return lo, hi
+
+
+def to_unit_range_torch(image: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """``clip((image - lo) / (hi - lo), 0, 1)`` in float32, as the numpy path computes it."""
+    x = image.to(torch.float32) - _f32(lo)
+    x /= _f32(hi - lo)
+    return x.clamp_(0.0, 1.0)
+
+
+def poisson_parts(dose: float) -> int:
+    """How many independent Poisson parts a draw at ``dose`` takes (each of rate <= POISSON_PART)."""
+    return max(1, math.ceil(dose / POISSON_PART))
+
+
+def add_noise_torch(
+    clean01: torch.Tensor, spec: NoiseSpec, generator: torch.Generator, dose: float
+) -> torch.Tensor:
+    """One noisy draw of a [0, 1] float32 image under ``spec`` at ``dose``, float32, on its device:
+    the Poisson parts first, then the Gaussian, all from ``generator``."""
+    x = clean01.clamp(min=0.0)
+    if dose > 0:
+        parts = poisson_parts(dose)
+        rate = x * _f32(dose / parts)
+        counts = torch.poisson(rate, generator=generator)
+        for _ in range(parts - 1):
+            counts += torch.poisson(rate, generator=generator)
+        noisy = counts.div_(_f32(dose))
+    else:
+        noisy = x.clone()
+    if spec.sigma > 0:
+        gauss = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+        noisy += gauss.mul_(_f32(spec.sigma))
+    return noisy
+
+
+def noisy_frame(
+    image: np.ndarray,
+    spec: NoiseSpec,
+    dose: float,
+    streams: Sequence[np.random.SeedSequence],
+    normalization: NormSpec,
+    device: torch.device | str,
+) -> tuple[np.ndarray, np.ndarray, NormStats]:
+    """Input and target of one frame, as float32 numpy arrays, and the statistics that normalized both.
+
+    One stream: the input is a draw, the target the [0, 1] image (``noise`` targets); two streams: two
+    independent draws (``noise2noise``). Both are normalized with the input's statistics
+    (:func:`~cryodeploy.imaging.normalize.norm_stats_torch`). Every step runs on ``device``.
+    """
+    x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).to(device)
+    lo, hi = unit_range_torch(x)
+    clean01 = to_unit_range_torch(x, lo, hi)
+    del x
+    draws = [add_noise_torch(clean01, spec, frame_generator(seq, device), dose) for seq in streams]
+    inp, tgt = draws[0], draws[1] if len(draws) > 1 else clean01
+    center, scale = (float(v[0]) for v in norm_stats_torch(inp[None], normalization))
+    stats = NormStats(center=center, scale=scale)
+    shift = _f32(center / scale)
+    out = [t.div_(_f32(scale)).sub_(shift).cpu().numpy() for t in (inp, tgt)]
+    return out[0], out[1], stats
