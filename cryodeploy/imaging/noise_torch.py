@@ -16,6 +16,7 @@ which is exactly Poisson(``x * dose``) (a sum of independent Poissons is Poisson
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -137,7 +138,9 @@ def noisy_frame(
     independent draws (``noise2noise``). Both are normalized with the input's statistics
     (:func:`~cryodeploy.imaging.normalize.norm_stats_torch`). Every step runs on ``device``.
     """
-    x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).to(device)
+    with warnings.catch_warnings():  # a read-only array (a memory map) is only read: no copy needed
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+        x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).to(device)
     lo, hi = unit_range_torch(x)
     clean01 = to_unit_range_torch(x, lo, hi)
     del x

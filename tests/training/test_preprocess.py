@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -126,6 +127,68 @@ def test_same_bytes_with_and_without_worker_threads(tmp_path: Path, micrographs:
     ).read_bytes()
 
 
+def _same_files(a: Path, b: Path) -> bool:
+    names = ("train_input.bin", "train_target.bin", "test_input.bin", "test_target.bin", MANIFEST)
+    return all((a / name).read_bytes() == (b / name).read_bytes() for name in names)
+
+
+def test_torch_sampler_store_is_the_same_for_any_number_of_workers(
+    tmp_path: Path, micrographs: list[Path]
+) -> None:
+    import torch
+
+    for targets in ("noise", "noise2noise"):
+        torch_cfg = _cfg(targets=targets, sampler="torch", device="cpu")
+        for workers in (1, 3):
+            cfg = dataclasses.replace(torch_cfg, workers=workers)
+            preprocess(micrographs, tmp_path / f"{targets}{workers}", cfg, quiet=True)
+        assert _same_files(tmp_path / f"{targets}1", tmp_path / f"{targets}3"), targets
+    manifest = PatchStore(tmp_path / "noise1").manifest
+    assert manifest["sampler"] == {"name": "torch", "device": "cpu", "torch": torch.__version__}
+    numpy_store = preprocess(micrographs, tmp_path / "numpy", _cfg(), quiet=True)
+    assert numpy_store.manifest["sampler"] == {"name": "numpy", "numpy": np.__version__}
+    assert not _same_files(tmp_path / "numpy", tmp_path / "noise1")
+    # the target (the [0, 1] image, normalized) is the numpy path's [0, 1] map, with the torch input's stats
+    for src in manifest["sources"][:2]:
+        idx = range(src["start"], src["start"] + src["count"])
+        clean01 = to_unit_range(read_micrograph(src["path"]).data)
+        stats = NormStats(src["center"], src["scale"])
+        np.testing.assert_array_equal(PatchStore(tmp_path / "noise1").read(src["split"], idx, "target"),
+                                      _cut(normalize(clean01, stats)))
+
+
+def test_torch_sampler_noise_statistics(tmp_path: Path, micrographs: list[Path]) -> None:
+    """Residual (input - target, on the [0, 1] scale) of the 6 micrographs' 36 patches (147,456 pixels):
+    mean 0 and variance mean(clean) / dose + sigma^2, each within 5 standard errors (sqrt(var / n) for
+    the mean; var * sqrt((2 + k) / n) for the variance, k <= 0.5 bounding the excess kurtosis)."""
+    spec = NoiseSpec(dose=10.0, sigma=0.05)
+    cfg = _cfg(noise=spec, stride=64, test_fraction=0, sampler="torch", device="cpu")
+    store = preprocess(micrographs, tmp_path / "s", cfg, quiet=True)
+    residuals, cleans = [], []
+    for src in store.manifest["sources"]:
+        idx = range(src["start"], src["start"] + src["count"])
+        target = store.read("train", idx, "target").astype(np.float64)
+        residuals.append((store.read("train", idx) - target) * src["scale"])
+        cleans.append(target * src["scale"] + src["center"])
+    residual, clean = np.concatenate(residuals).ravel(), np.concatenate(cleans).ravel()
+    n, var = residual.size, clean.mean() / spec.dose + spec.sigma**2
+    assert n == 36 * 64 * 64
+    assert abs(residual.mean()) < 5 * np.sqrt(var / n)
+    assert abs(residual.var() - var) < 5 * var * np.sqrt(2.5 / n)
+
+
+def test_sampler_choices_are_checked(tmp_path: Path, micrographs: list[Path]) -> None:
+    with pytest.raises(ConfigError, match=r"draws noise and noise2noise targets, not 'thin'"):
+        _cfg(targets="thin", sampler="torch")
+    with pytest.raises(ConfigError, match="device 'cuda' needs the torch sampler"):
+        _cfg(device="cuda")
+    with pytest.raises(ConfigError, match="sampler 'jax' unknown"):
+        _cfg(sampler="jax")
+    with pytest.raises(ConfigError, match="device 'tpu' unknown"):
+        preprocess(micrographs, tmp_path / "s", _cfg(sampler="torch", device="tpu"), quiet=True)
+    assert not (tmp_path / "s").exists()  # refused before any work
+
+
 def test_refuses_to_overwrite_and_cleans_up_after_errors(tmp_path: Path, micrographs: list[Path]) -> None:
     preprocess(micrographs[:2], tmp_path / "s", _cfg(), quiet=True)
     with pytest.raises(OutputError, match="already exists"):
@@ -226,6 +289,27 @@ def test_cli_noise_options_reach_the_manifest(tmp_path: Path, micrographs: list[
         res = CliRunner().invoke(cli, [*base, str(tmp_path / name), *extra])
         assert res.exit_code == 0, res.output
         assert json.loads((tmp_path / name / MANIFEST).read_text())["noise"] == want.to_dict()
+
+
+def test_cli_device(tmp_path: Path, micrographs: list[Path]) -> None:
+    import torch
+
+    base = ["preprocess", str(micrographs[0]), "--patch", "64", "--test-fraction", "0", "-q", "-o"]
+    res = CliRunner().invoke(cli, [*base, str(tmp_path / "cpu"), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    lib = preprocess(micrographs[:1], tmp_path / "lib", PreprocessConfig(patch=64, test_fraction=0.0),
+                     quiet=True)
+    assert _same_files(tmp_path / "cpu", lib.path)  # --device cpu: numpy's sampler, the library default
+    res = CliRunner().invoke(cli, [*base, str(tmp_path / "auto")])
+    assert res.exit_code == 0, res.output
+    sampler = json.loads((tmp_path / "auto" / MANIFEST).read_text())["sampler"]
+    assert sampler["name"] == ("torch" if torch.cuda.is_available() else "numpy")
+    res = CliRunner().invoke(cli, [*base, str(tmp_path / "t"), "--thin", "--device", "cuda"])
+    assert res.exit_code == 2 and "only noise and --noise2noise targets are drawn on a GPU" in res.output
+    if not torch.cuda.is_available():
+        res = CliRunner().invoke(cli, [*base, str(tmp_path / "g"), "--device", "cuda"])
+        assert res.exit_code == 2 and res.output.startswith("error: device 'cuda' requested, but torch")
+        assert not (tmp_path / "g").exists()
 
 
 _RSS_SCRIPT = """

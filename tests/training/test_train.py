@@ -121,6 +121,28 @@ def test_resume_after_stop_equals_uninterrupted(store: Path, tmp_path: Path, met
     assert losses(tmp_path / "part") == losses(tmp_path / "full")
 
 
+def test_resume_refuses_a_store_drawn_by_another_sampler(tmp_path: Path) -> None:
+    from cryodeploy.io.mrc import write_micrograph
+    from cryodeploy.training.preprocess import PreprocessConfig, preprocess
+
+    rng = np.random.default_rng(0)
+    mics = [write_micrograph(tmp_path / f"m{i}.mrc", smooth_image(rng, (64, 64))) for i in range(3)]
+    config = PreprocessConfig(patch=16, test_fraction=0.0)
+    preprocess(mics, tmp_path / "store", config, quiet=True)
+    part = train(tmp_path / "store", tmp_path / "run", FAST, quiet=True, on_step=lambda step: step == 3)
+    assert part.interrupted and part.steps == 3
+    # the same store remade with the same (numpy) sampler is the same data: the run resumes
+    preprocess(mics, tmp_path / "store", dataclasses.replace(config, overwrite=True), quiet=True)
+    resumed = train(tmp_path / "store", tmp_path / "run", dataclasses.replace(FAST, resume=True), quiet=True,
+                    on_step=lambda step: step == 5)
+    assert resumed.steps == 5
+    torch_config = dataclasses.replace(config, overwrite=True, sampler="torch", device="cpu")
+    preprocess(mics, tmp_path / "store", torch_config, quiet=True)  # same counts, other noise
+    with pytest.raises(ConfigError, match=r"store had \(patch H, W, train, val\[, sampler\]\) "
+                                          r"\[16, 16, \d+, \d+, 'numpy'\], found .*'torch cpu'\]"):
+        train(tmp_path / "store", tmp_path / "run", dataclasses.replace(FAST, resume=True), quiet=True)
+
+
 def test_ctrl_c_saves_resumable_state(store: Path, tmp_path: Path) -> None:
     def press_ctrl_c(step: int) -> None:
         if step == 3:
