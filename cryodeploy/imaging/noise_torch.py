@@ -5,7 +5,9 @@ regular subsample of rows (linear interpolation, as ``np.percentile``), the [0, 
 and a draw is ``Poisson(x * dose) / dose + N(0, sigma^2)``. The random numbers are torch's
 (``torch.poisson``, ``torch.randn``) from one :class:`torch.Generator` per frame and draw, seeded from
 the caller's key, so a frame's noise depends only on its key and the device type: the numpy sampler,
-torch on the CPU and torch on CUDA give three different (equally distributed) draws.
+torch on the CPU and torch on CUDA give three different (equally distributed) draws. torch's CUDA
+kernels hand out random numbers by a grid sized from the GPU's multiprocessor count, so CUDA draws
+are the same for a key on the same GPU model and torch version (:func:`torch_sampler` records both).
 
 Exactness: torch's CUDA Poisson sampler is cuRAND's ``curand_poisson``, exact (Knuth's product of
 uniforms) only for rates below 64 and approximate above; rates are therefore drawn as the sum of
