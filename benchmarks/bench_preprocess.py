@@ -15,7 +15,8 @@ the torch sampler's also with 1 worker (one extra run); each sampler's residual 
 the [0, 1] scale) has the noise model's mean and variance (mean(clean) / dose + sigma^2) on the
 first micrograph, within 5 standard errors.
 Prints a markdown table (MB/s of input and the ratios to the floor) and writes
-``bench_preprocess.json`` and ``bench_preprocess.md`` to ``--out`` (default ``$OUT``)::
+``bench_preprocess.json`` and ``bench_preprocess.md`` to ``--out`` (default ``$OUT``). Disk: the
+inputs, one store (twice their size) and the floor's file of the store's size::
 
     PYTHONPATH=$PWD python3 benchmarks/bench_preprocess.py --count 32 --size 4096 --workers 16
 """
@@ -100,12 +101,11 @@ def _phase(name: str, a: dict[str, Any]) -> dict[str, Any]:
         cfg = PreprocessConfig(patch=a["patch"], test_fraction=0.0, overwrite=True, sampler=sampler,
                                workers=1 if name == "torch_1worker" else a["workers"],
                                device="cpu" if sampler == "numpy" else a["torch_device"])
-        store = a["stores"][name]
-        out["patches"] = preprocess(a["inputs"], store, cfg, quiet=True).count("train")
+        out["patches"] = preprocess(a["inputs"], a["store"], cfg, quiet=True).count("train")
     out["seconds"] = time.perf_counter() - t0
     out["hwm"] = _hwm()
     if name != "floor":
-        store = a["stores"][name]
+        store = a["store"]
         out["sha256"] = _digest(store)
         out["store_bytes"] = sum((store / n).stat().st_size for n in DATA_FILES)
         out["sampler"] = json.loads((store / "manifest.json").read_text())["sampler"]
@@ -153,15 +153,14 @@ def measure(args: argparse.Namespace, work: Path, inputs: list[Path]) -> dict[st
     store_bytes = 2 * len(inputs) * side * side * 4  # input + target patches (test fraction 0)
     names = ["floor", "numpy", *(["torch"] if use_torch else [])]
     a = {"inputs": inputs, "patch": args.patch, "workers": args.workers, "scratch": work / "scratch.bin",
-         "store_bytes": store_bytes, "torch_device": args.torch_device,
-         "stores": {n: work / f"store_{n}" for n in [*names, "torch_1worker"]}}
+         "store_bytes": store_bytes, "torch_device": args.torch_device, "store": work / "store"}
     evict = [] if args.warm else inputs
     runs: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
     for _ in range(args.repeat):
         for n in names:
             runs[n].append(run_phase(n, a, evict))
+            (work / "scratch.bin").unlink(missing_ok=True)  # one store and at most one floor file on disk
             print(f"  {n}: {runs[n][-1]['seconds']:.2f} s", flush=True)
-        (work / "scratch.bin").unlink(missing_ok=True)
     if use_torch:
         runs["torch_1worker"] = [run_phase("torch_1worker", a, evict)]
         print(f"  torch_1worker: {runs['torch_1worker'][0]['seconds']:.2f} s", flush=True)
@@ -194,6 +193,8 @@ def report(args: argparse.Namespace, facts: dict[str, Any]) -> tuple[dict[str, A
         "samplers": {n: b["sampler"] for n, b in best.items() if "sampler" in b},
     }
     summary["numpy_same_bytes_all_runs"] = len({r["sha256"] for r in runs["numpy"]}) == 1
+    summary["floor_wrote_the_store_bytes_all_runs"] = all(
+        r["store_bytes"] == facts["store_bytes"] for n, rs in runs.items() if n != "floor" for r in rs)
     if facts["use_torch"]:
         digests = {r["sha256"] for r in runs["torch"] + runs["torch_1worker"]}
         summary["torch_same_bytes_all_runs_and_1_worker"] = len(digests) == 1
@@ -227,6 +228,7 @@ def main() -> None:
 
     if args.dir is not None:
         args.dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="bench_preprocess_", dir=args.dir))
     try:
         t = time.perf_counter()
@@ -240,6 +242,7 @@ def main() -> None:
     checks = {k: v for k, v in summary.items() if k.endswith(("_all_runs", "_1_worker", "startup_s"))}
     lines += ["", f"checks: {json.dumps(checks)}", f"noise check: {json.dumps(summary['noise_check'])}",
               f"peak RSS MB: {json.dumps(summary['peak_rss_mb'])}"]
+    lines.append(f"bench wall time {time.perf_counter() - start:.0f} s")
     print("\n".join(lines))
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
