@@ -58,6 +58,11 @@ store() {
     --threads 4 --inputs smooth --dir "$work" --repeat 2 --repeat-preprocess 1
 }
 
+preprocess() {  # not a default step: bash benchmarks/gpu_io_suite.sh preprocess
+  timeout 300 python3 benchmarks/bench_preprocess.py --count 32 --size 4096 --patch 1024 --workers 16 \
+    --repeat 2 --dir "$work" --out "$out"
+}
+
 steps=("$@"); [ ${#steps[@]} -gt 0 ] || steps=(denoise shards train train_cold store)
 for s in "${steps[@]}"; do
   echo; echo "=== $s ($(date +%T))"
