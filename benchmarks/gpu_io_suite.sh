@@ -2,7 +2,8 @@
 # The GPU machine's I/O-side benchmarks, one call: end-to-end denoising vs the I/O floor
 # (denoise), sharded denoising by two processes on one GPU whose outputs must equal a
 # one-process run (shards), streaming training vs a naive loop with a warm and a cold page
-# cache (train, train_cold), patch-store throughput (store). Results go to $OUT.
+# cache (train, train_cold), patch-store throughput (store); on request, preprocessing with the
+# numpy vs the CUDA noise sampler against the I/O floor (preprocess). Results go to $OUT.
 # Usage: bash benchmarks/gpu_io_suite.sh [STEP ...]   (default: every step, in that order)
 set -uo pipefail
 export PYTHONUNBUFFERED=1
