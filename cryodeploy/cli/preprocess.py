@@ -100,7 +100,7 @@ def _sampler(device: str, draws_noise: bool) -> tuple[str, str]:
     show_default=True,
     help="Where the synthetic noise is drawn: cpu (numpy's sampler, as before), cuda or cuda:N (torch's on "
     "the GPU: a different, equally distributed draw; the manifest's 'sampler' says which), auto = cuda "
-    "when torch sees a GPU. --thin, --pairs and --movies run on the cpu.",
+    "when torch sees a GPU. --thin, --pairs, --movies and --volumes run on the cpu.",
 )
 @click.option("--movies", is_flag=True,
               help="INPUTS are movies (MRC/MRCS/TIFF frame stacks): even/odd frame sums become input/target "
@@ -166,6 +166,8 @@ def preprocess(
     if volumes:
         if movies or adopt is not None or gain is not None or bin_factor != 1:
             raise click.UsageError("--volumes takes no --movies, --adopt, --gain or --bin")
+        if device not in ("auto", "cpu"):
+            raise click.UsageError(f"--device {device}: --volumes draws its noise on the cpu")
         if store is None:
             raise click.UsageError("missing -o/--output STORE")
         _volumes(store, patch or 64)

@@ -178,8 +178,10 @@ def test_torch_sampler_noise_statistics(tmp_path: Path, micrographs: list[Path])
 
 
 def test_sampler_choices_are_checked(tmp_path: Path, micrographs: list[Path]) -> None:
-    with pytest.raises(ConfigError, match=r"draws noise and noise2noise targets, not 'thin'"):
+    with pytest.raises(ConfigError, match=r"draws noise and noise2noise targets of micrographs, not 'thin'"):
         _cfg(targets="thin", sampler="torch")
+    with pytest.raises(ConfigError, match="noise2noise targets of micrographs, not volumes"):
+        PreprocessConfig(patch=16, ndim=3, sampler="torch")
     with pytest.raises(ConfigError, match="device 'cuda' needs the torch sampler"):
         _cfg(device="cuda")
     with pytest.raises(ConfigError, match="sampler 'jax' unknown"):
@@ -306,6 +308,8 @@ def test_cli_device(tmp_path: Path, micrographs: list[Path]) -> None:
     assert sampler["name"] == ("torch" if torch.cuda.is_available() else "numpy")
     res = CliRunner().invoke(cli, [*base, str(tmp_path / "t"), "--thin", "--device", "cuda"])
     assert res.exit_code == 2 and "only noise and --noise2noise targets are drawn on a GPU" in res.output
+    res = CliRunner().invoke(cli, [*base, str(tmp_path / "v"), "--volumes", "--device", "cuda"])
+    assert res.exit_code == 2 and "--volumes draws its noise on the cpu" in res.output
     if not torch.cuda.is_available():
         res = CliRunner().invoke(cli, [*base, str(tmp_path / "g"), "--device", "cuda"])
         assert res.exit_code == 2 and res.output.startswith("error: device 'cuda' requested, but torch")
