@@ -2,17 +2,21 @@
 
 The same definitions as the numpy path: :func:`unit_range_torch` takes the same percentiles of the same
 regular subsample of rows (linear interpolation, as ``np.percentile``), the [0, 1] map clips in float32,
-and a draw is ``Poisson(x * dose) / dose + N(0, sigma^2)``. The random numbers are torch's
-(``torch.poisson``, ``torch.randn``) from one :class:`torch.Generator` per frame and draw, seeded from
-the caller's key, so a frame's noise depends only on its key and the device type: the numpy sampler,
-torch on the CPU and torch on CUDA give three different (equally distributed) draws. torch's CUDA
-kernels hand out random numbers by a grid sized from the GPU's multiprocessor count, so CUDA draws
-are the same for a key on the same GPU model and torch version (:func:`torch_sampler` records both).
+and a draw is ``Poisson(x * dose) / dose + N(0, sigma^2)``. The random numbers are torch's uniform and
+normal ones (``torch.rand``, ``torch.randn``: Philox on CUDA) from one :class:`torch.Generator` per frame
+and draw, seeded from the caller's key, so a frame's noise depends only on its key and the device type:
+the numpy sampler, torch on the CPU and torch on CUDA give three different (equally distributed)
+draws. torch's CUDA kernels hand out random numbers by a grid sized from the GPU's multiprocessor
+count, so CUDA draws are the same for a key on the same GPU model and torch version
+(:func:`torch_sampler` records both).
 
-Exactness: torch's CUDA Poisson sampler is cuRAND's ``curand_poisson``, exact (Knuth's product of
-uniforms) only for rates below 64 and approximate above; rates are therefore drawn as the sum of
-``ceil(dose / POISSON_PART)`` independent parts of rate ``x * dose / parts`` <= ``POISSON_PART``,
-which is exactly Poisson(``x * dose``) (a sum of independent Poissons is Poisson), on every device.
+Poisson counts are drawn by inversion of one float64 uniform per pixel and part (count = the number
+of cumulative Poisson probabilities below it), not by ``torch.poisson``: on CUDA that is cuRAND's
+per-thread sampler, whose draws are correlated between pixels (pytorch/pytorch#136750; here its
+sample variance at dose 500 came out 7 standard errors off). Rates above ``POISSON_PART`` are
+drawn as the sum of ``ceil(dose / POISSON_PART)`` independent parts of rate ``x * dose / parts``, which
+is exactly Poisson(``x * dose``) (a sum of independent Poissons is Poisson) and keeps ``exp(-rate)``
+and the search short.
 """
 
 from __future__ import annotations
@@ -29,11 +33,14 @@ from cryodeploy.errors import ConfigError
 from cryodeploy.imaging.noise import NoiseSpec
 from cryodeploy.imaging.normalize import NormSpec, NormStats, norm_stats_torch
 
-__all__ = ["POISSON_PART", "add_noise_torch", "frame_generator", "noisy_frame", "poisson_parts",
-           "to_unit_range_torch", "torch_sampler", "unit_range_torch"]
+__all__ = ["POISSON_PART", "add_noise_torch", "frame_generator", "noisy_frame", "poisson_inversion",
+           "poisson_parts", "to_unit_range_torch", "torch_sampler", "unit_range_torch"]
 
-#: Largest rate of one Poisson part (below cuRAND's exact range of rates < 64).
+#: Largest rate of one Poisson part drawn by inversion.
 POISSON_PART = 60.0
+
+#: Poisson probabilities are summed until the tail beyond is below this (float64 uniforms: 2^-53).
+_TAIL = 1e-17
 
 
 def _f32(value: float) -> float:
@@ -50,7 +57,8 @@ def torch_sampler(device: str) -> dict[str, Any]:
         raise ConfigError(f"device {device!r} unknown, expected 'cpu', 'cuda' or 'cuda:N'") from err
     if dev.type not in ("cpu", "cuda"):
         raise ConfigError(f"device {device!r} unknown, expected 'cpu', 'cuda' or 'cuda:N'")
-    record: dict[str, Any] = {"name": "torch", "device": dev.type, "torch": torch.__version__}
+    record: dict[str, Any] = {"name": "torch", "poisson": "inversion of float64 uniforms",
+                              "device": dev.type, "torch": torch.__version__}
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError(f"device {device!r} requested, but torch {torch.__version__} sees no CUDA GPU")
@@ -105,6 +113,30 @@ def poisson_parts(dose: float) -> int:
     return max(1, math.ceil(dose / POISSON_PART))
 
 
+def _terms(rate: float) -> int:
+    """How many Poisson terms (0, 1, ...) carry all but ``_TAIL`` of the mass at ``rate`` (a Chernoff
+    bound: P(N >= k) <= exp(-rate) (e rate / k)^k for k > rate)."""
+    k = max(math.ceil(rate) + 1, 1)
+    while rate > 0 and -rate + k * (1.0 + math.log(rate / k)) > math.log(_TAIL):
+        k += 1
+    return k
+
+
+def poisson_inversion(rate: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Poisson(``rate``) counts (float32, on ``rate``'s device; rates <= POISSON_PART), by inversion:
+    the number of cumulative probabilities F(0), F(1), ... below one uniform per pixel."""
+    lam = rate.double()
+    u = torch.rand(lam.shape, generator=generator, device=lam.device, dtype=torch.float64)
+    term = torch.exp(-lam)
+    cdf = term.clone()
+    counts = (u > cdf).to(torch.float32)
+    for k in range(1, _terms(float(lam.max()) if lam.numel() else 0.0)):
+        term.mul_(lam).div_(k)
+        cdf.add_(term)
+        counts.add_(u > cdf)
+    return counts
+
+
 def add_noise_torch(
     clean01: torch.Tensor, spec: NoiseSpec, generator: torch.Generator, dose: float
 ) -> torch.Tensor:
@@ -114,9 +146,9 @@ def add_noise_torch(
     if dose > 0:
         parts = poisson_parts(dose)
         rate = x * _f32(dose / parts)
-        counts = torch.poisson(rate, generator=generator)
+        counts = poisson_inversion(rate, generator)
         for _ in range(parts - 1):
-            counts += torch.poisson(rate, generator=generator)
+            counts += poisson_inversion(rate, generator)
         noisy = counts.div_(_f32(dose))
     else:
         noisy = x.clone()

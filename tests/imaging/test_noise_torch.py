@@ -44,7 +44,7 @@ def test_draw_has_the_noise_models_mean_and_variance(device: str, dose: float, p
     of the mean sqrt(var / n); of the sample variance var * sqrt((2 + k) / n), k the excess kurtosis
     (x / dose^3) / var^2 of the Poisson term (the Gaussian has none)."""
     x, sigma, n = 0.3, 0.05, 1000 * 1000
-    assert poisson_parts(dose) == parts  # dose 500 is drawn as 9 parts of rate <= 60 (cuRAND's exact range)
+    assert poisson_parts(dose) == parts  # dose 500 is drawn as 9 parts of rate <= 60
     spec = NoiseSpec(dose=dose, sigma=sigma)
     clean = torch.full((1000, 1000), x, device=device)
     noisy = add_noise_torch(clean, spec, frame_generator(np.random.SeedSequence(7), device), dose).double()
@@ -85,7 +85,8 @@ def test_noisy_frame_targets_are_the_normalized_unit_image() -> None:
 
 
 def test_sampler_record_and_bad_devices() -> None:
-    assert torch_sampler("cpu") == {"name": "torch", "device": "cpu", "torch": torch.__version__}
+    assert torch_sampler("cpu") == {"name": "torch", "poisson": "inversion of float64 uniforms",
+                                   "device": "cpu", "torch": torch.__version__}
     for bad in ("gpu", "mps"):
         with pytest.raises(ConfigError, match=rf"device '{bad}' unknown"):
             torch_sampler(bad)
