@@ -1,11 +1,17 @@
-"""The batch denoise pipeline: reader thread -> tiled batches on the calling thread -> writer thread.
+"""The batch denoise pipeline: reader threads -> tiled batches on the calling thread -> writer
+threads -> commit threads, all four stages working on different files at once.
 
-The reader reads, validates and normalizes each micrograph (stacks frame by frame); the calling
+The readers read, validate and normalize each micrograph (stacks frame by frame); the calling
 thread cuts frames into tiles, runs them through the backend in batches (tiles of several
-micrographs share a batch) and stitches them; the writer de-normalizes, converts and writes
-atomically, keeping the input's header. Queues between the threads hold at most
-``RunConfig.queue_depth`` frames each, so memory is fixed by the queue depth (plus the frames
-of one batch and of the stack being written), not by the number of files.
+micrographs share a batch) and stitches them; the writers de-normalize, convert and write each
+output to its temporary file, keeping the input's header; the committers fsync it and rename it
+into place (:func:`~cryodeploy.files.staged_writes`), so a file's fsync waits on its own thread
+while the next files are read, computed and written, and several fsyncs wait at once. Memory is
+fixed by the queue depth, not by the number of files: at most ``2 * queue_depth + 2 * io_threads``
+frames (plus the frames of one batch and of the stack being assembled) are held between reading
+and writing (:func:`frames_in_flight`); the commit queue holds finished files on disk, no frames.
+Each summary says how long each stage was busy, summed over its threads
+(:attr:`RunSummary.stage_seconds`): a sum above the run's wall time is the overlap.
 
 Outputs and crashes:
 
@@ -35,17 +41,18 @@ Concurrent runs on one output folder (``RunConfig.pull`` for any number of worke
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cryodeploy._version import __version__
 from cryodeploy.errors import CryoDeployError, OutputError, first_line
-from cryodeploy.files import new_folders_removed_if_empty
+from cryodeploy.files import StagedWrite, new_folders_removed_if_empty, staged_writes
 from cryodeploy.inference.batching import DeviceArrays, FrameTask, TiledEngine, error_text
 from cryodeploy.inference.claims import claim_owner, clean_leftovers, try_claim
 from cryodeploy.inference.frames import DeviceFrames, HostFrames, denoise_image, frames_for, min_input_size
@@ -71,12 +78,15 @@ if TYPE_CHECKING:
     from cryodeploy.models import ModelSpec
 
 __all__ = [
+    "COMMIT_THREADS_PER_IO_THREAD",
+    "STAGES",
     "FileResult",
     "RunConfig",
     "RunSummary",
     "denoise_files",
     "denoise_image",
     "denoise_pairs",
+    "frames_in_flight",
     "min_input_size",
 ]
 
@@ -84,6 +94,16 @@ log = logging.getLogger(__name__)
 
 _END = object()
 _POLL = 0.1
+#: commit (fsync + rename) threads per ``RunConfig.io_threads``: they hold no frames, only wait on disks
+COMMIT_THREADS_PER_IO_THREAD = 2
+#: the stages whose busy seconds a run reports, in pipeline order
+STAGES = ("read", "compute", "write", "commit")
+
+
+def frames_in_flight(config: RunConfig) -> int:
+    """Most frames held between reading and writing (2-D micrographs; beyond one batch): each queue
+    full, each reader and writer holding one."""
+    return 2 * config.queue_depth + 2 * config.io_threads
 
 
 def _put(q: queue.Queue[Any], item: Any, stop: threading.Event) -> bool:
@@ -128,22 +148,25 @@ class _FileBar:
 
 
 class _Pipeline:
-    """The three stages of :func:`denoise_files` (``io_threads`` readers and writers) and their state."""
+    """The four stages of :func:`denoise_files` (``io_threads`` readers and writers, twice as many
+    committers) and their state."""
 
     def __init__(
         self, jobs: list[Job], engine: TiledEngine, io: HostFrames, spec: ModelSpec, config: RunConfig,
-        bar: _FileBar,
+        bar: _FileBar, busy: dict[str, float],
     ) -> None:
         self.jobs, self.engine, self.io, self.spec = jobs, engine, io, spec
-        self.config, self.bar = config, bar
+        self.config, self.bar, self.busy = config, bar, busy
         self.backend = engine.backend
         self.frames: queue.Queue[Any] = queue.Queue(config.queue_depth)
         self.written: queue.Queue[Any] = queue.Queue(config.queue_depth)
+        self.n = config.io_threads
+        self.n_commit = COMMIT_THREADS_PER_IO_THREAD * self.n
+        self.staged: queue.Queue[Any] = queue.Queue(self.n_commit)  # files on disk, no frames
         self.stop = threading.Event()
         self.fatal: list[BaseException] = []
         self.lock = threading.Lock()
         self.todo = iter(jobs)
-        self.n = config.io_threads
 
     def run(self) -> None:
         def thread(f: Any) -> threading.Thread:
@@ -152,17 +175,25 @@ class _Pipeline:
 
         readers = [thread(self._read_all) for _ in range(self.n)]
         writers = [thread(self._write_all) for _ in range(self.n)]
-        for t in readers + writers:
+        committers = [thread(self._commit_all) for _ in range(self.n_commit)]
+        everyone = readers + writers + committers
+        for t in everyone:
             t.start()
         try:
             self._compute_all()
             for t in writers:
                 t.join()
+            for _ in committers:
+                _put(self.staged, _END, self.stop)
+            for t in committers:
+                t.join()
         finally:
             self.stop.set()
-            for t in readers + writers:
+            for t in everyone:
                 t.join()
             for job in self.jobs:
+                for write in job.runtime.pop("staged", ()):  # never committed (the run stopped)
+                    write.discard()
                 claim = job.runtime.pop("claim", None)
                 if claim is not None:
                     claim.release()
@@ -175,6 +206,16 @@ class _Pipeline:
         except BaseException as err:  # a bug in a stage must stop the run, not hang it
             self.fatal.append(err)
             self.stop.set()
+
+    @contextlib.contextmanager
+    def _busy(self, stage: str) -> Iterator[None]:
+        """Add the time spent in the block to ``stage``'s busy seconds."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.busy[stage] += time.perf_counter() - t0
 
     # --- readers --------------------------------------------------------------------------------
     def _read_all(self) -> None:
@@ -212,7 +253,8 @@ class _Pipeline:
         """Read and queue a claimed ``job``'s frames; False (result set) if it ends here."""
         rt, res = job.runtime, job.result
         try:
-            header, prepared = self.io.read(job.input, min_input_size(self.spec))
+            with self._busy("read"):
+                header, prepared = self.io.read(job.input, min_input_size(self.spec))
         except (CryoDeployError, MemoryError) as err:
             res.status, res.error = "failed", _read_error(job, err)
             return False
@@ -220,7 +262,8 @@ class _Pipeline:
         res.frames, res.bytes_in = header.n_frames, job.input.stat().st_size
         for i in range(header.n_frames):
             try:
-                image, shape, stats = next(prepared)
+                with self._busy("read"):
+                    image, shape, stats = next(prepared)
             except (CryoDeployError, MemoryError) as err:  # this and the later frames fail, past the model
                 with self.lock:
                     rt.setdefault("error", _read_error(job, err))
@@ -246,9 +289,13 @@ class _Pipeline:
             if isinstance(item, Job):
                 _put(self.written, item, self.stop)
                 continue
-            for task in self.engine.add(item):
+            with self._busy("compute"):
+                done = self.engine.add(item)
+            for task in done:
                 _put(self.written, task, self.stop)
-        for task in self.engine.flush():
+        with self._busy("compute"):
+            done = self.engine.flush()
+        for task in done:
             _put(self.written, task, self.stop)
         for _ in range(self.n):
             _put(self.written, _END, self.stop)
@@ -273,30 +320,59 @@ class _Pipeline:
                 rt["received"] += 1
                 complete = rt["received"] == job.result.frames
             item = None  # the normalized input is freed before the write (memory: a few frames)
-            if complete:
-                self._write(job)
+            if not complete:
+                continue
+            with self._busy("write"):
+                staged = self._write(job)
+            if staged:  # the fsync and rename wait on a committer, not here
+                _put(self.staged, job, self.stop)
+            else:
                 self._finish(job)
 
-    def _write(self, job: Job) -> None:
+    def _write(self, job: Job) -> bool:
+        """Write ``job``'s output (and preview) to staged temporary files; False (result set) if it failed."""
         rt, res = job.runtime, job.result
         if "error" in rt:
             res.status, res.error = "failed", rt["error"]
-            return
+            return False
         cfg = self.config
         label = f"cryodeploy {__version__} denoise ({self.spec.architecture})"
         try:
-            self.io.write(
-                job.output, rt.pop("frames"), rt["stats"], rt["header"], cfg.output_dtype, cfg.output_format,
-                cfg.keep_normalized, (job.input,), label,
-            )
-            if "preview" in rt:
-                write_preview(job.output.with_suffix(".png"), *rt.pop("preview"))
+            with staged_writes() as staged:
+                self.io.write(
+                    job.output, rt.pop("frames"), rt["stats"], rt["header"], cfg.output_dtype,
+                    cfg.output_format, cfg.keep_normalized, (job.input,), label,
+                )
+                if "preview" in rt:
+                    write_preview(job.output.with_suffix(".png"), *rt.pop("preview"))
         except CryoDeployError as err:
             res.status, res.error = "failed", str(err)
-            return
+            return False
         except Exception as err:  # e.g. an image library error in the preview: report, go on
             res.status, res.error = "failed", error_text(OutputError(f"{job.output}: {err}"), "writer")
-            return
+            return False
+        rt["staged"] = staged
+        return True
+
+    # --- committers -----------------------------------------------------------------------------
+    def _commit_all(self) -> None:
+        while (job := _get(self.staged, self.stop)) is not _END:
+            with self._busy("commit"):
+                self._commit(job)
+            self._finish(job)
+
+    def _commit(self, job: Job) -> None:
+        """fsync and rename ``job``'s staged files into place, in order (output, then preview)."""
+        res = job.result
+        staged: list[StagedWrite] = job.runtime.pop("staged")
+        for k, write in enumerate(staged):
+            try:
+                write.commit()
+            except CryoDeployError as err:
+                res.status, res.error = "failed", str(err)
+                for rest in staged[k + 1:]:
+                    rest.discard()
+                return
         res.status, res.bytes_out = "done", job.output.stat().st_size
 
     def _finish(self, job: Job) -> None:
@@ -376,12 +452,13 @@ def _run_in(pairs: list[tuple[Path, Path]], folders: list[Path], engine: TiledEn
         for job in jobs:
             if job.result.status != "pending":
                 files.file(job.result.status)
-        _Pipeline(jobs, engine, io, spec, cfg, files).run()
+        busy = dict.fromkeys(STAGES, 0.0)
+        _Pipeline(jobs, engine, io, spec, cfg, files, busy).run()
         while cfg.pull and (orphans := orphaned_jobs(jobs)):  # their claimer died: finish them here
             files.retract("skipped", len(orphans))
             for folder in folders:
                 clean_leftovers(folder)
-            _Pipeline(orphans, engine, io, spec, cfg, files).run()
+            _Pipeline(orphans, engine, io, spec, cfg, files, busy).run()
     summary = RunSummary(
         files=[j.result for j in jobs],
         seconds=time.perf_counter() - start,
@@ -389,6 +466,7 @@ def _run_in(pairs: list[tuple[Path, Path]], folders: list[Path], engine: TiledEn
         shard=(0, 1) if cfg.pull else resolve_shard(cfg.shard if isinstance(cfg.shard, tuple) else None),
         tile=engine.tile,
         batch=engine.batch,
+        stage_seconds=busy,
     )
     if cfg.summary is not None:
         summary.write(cfg.summary)
