@@ -3,7 +3,8 @@
     inputs DIR --count N --size S      N float32 S^2 MRC micrographs (noise + structure), reused
     floors DIR --work W                raw floor (bytes in, as many out) and MRC floor (mrcfile read+write)
     startup FILE --work W              a fresh `cryodeploy denoise FILE` process: start to first output
-    stages DIR --precision P           per-stage times per file on the device frame path (median over files)
+    stages DIR --precision P           per-stage times per file on the device frame path (median over files),
+                                       then the runner on the same files: overlapped wall vs stage sum
     api FILE --precision P             Denoiser(x) vs device forward + one H2D + one D2H
     parity REF_DIR DIR... --file F     outputs of GPU runs vs the CPU fp32 reference (relative error)
     cpuref FILE --out-dir D            the CPU fp32 reference output of FILE (torch, host path)
@@ -131,7 +132,27 @@ def stages(a: argparse.Namespace) -> None:
     res = {"label": a.label, "files": len(paths), "tile": engine.tile, "batch": engine.batch,
            "median_ms": {k: statistics.median(v) for k, v in times.items()}}
     res["sum_ms"] = sum(res["median_ms"].values())
+    res.update(_overlapped(a, backend, source.spec, paths))
     _dump(a.out, f"stages_{a.label}", res)
+
+
+def _overlapped(a: argparse.Namespace, backend: Any, spec: Any, paths: list[Path]) -> dict[str, Any]:
+    """The same files through the runner (device frame path, stages overlapped), first file warmed up:
+    its wall per file next to the serial stage sum, each stage's busy time, allocator retries."""
+    import torch
+
+    from cryodeploy.inference.runner import RunConfig, denoise_files
+
+    cfg = RunConfig(quiet=True, overwrite=True, shard=(0, 1), frame_path="device")
+    denoise_files(paths[:1], a.work / "pipeline-warm", backend, spec, cfg)
+    before = torch.cuda.memory_stats().get("num_alloc_retries", 0) if a.device.startswith("cuda") else 0
+    s = denoise_files(paths, a.work / "pipeline", backend, spec, cfg)
+    after = torch.cuda.memory_stats().get("num_alloc_retries", 0) if a.device.startswith("cuda") else 0
+    busy = getattr(s, "stage_seconds", {})
+    return {"pipeline_ok": s.ok, "pipeline_wall_s": s.seconds,
+            "pipeline_ms_per_file": s.seconds / len(paths) * 1e3,
+            "pipeline_busy_ms_per_file": {k: v / len(paths) * 1e3 for k, v in busy.items()},
+            "cuda_alloc_retries": after - before}
 
 
 def api(a: argparse.Namespace) -> None:
@@ -236,6 +257,16 @@ def table(a: argparse.Namespace) -> None:
         r = json.loads(p.read_text())
         for k, v in r["median_ms"].items():
             row("per-stage time per 4096^2 file (median)", f"{r['label']}: {k}", v, "ms")
+        row("per-stage time per 4096^2 file (median)", f"{r['label']}: stage sum (one file at a time)",
+            r["sum_ms"], "ms")
+        if "pipeline_ms_per_file" in r:
+            what = "runner on the same files, stages overlapped (per file)"
+            row(what, f"{r['label']}: wall", r["pipeline_ms_per_file"], "ms",
+                f"stage sum {r['sum_ms']:.1f} ms", f"{r['pipeline_ms_per_file'] / r['sum_ms']:.2f}x")
+            for k, v in r["pipeline_busy_ms_per_file"].items():
+                row(what, f"{r['label']}: {k} busy (summed over its threads)", v, "ms")
+            row(what, f"{r['label']}: CUDA allocator retries (cudaFree + retry) in the run",
+                r["cuda_alloc_retries"], "count")
     for p in sorted(a.dir.glob("api_*.json")):
         r = json.loads(p.read_text())
         base = r["forward_ms"] + r["h2d_ms"] + r["d2h_ms"]
