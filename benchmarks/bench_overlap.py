@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from cryodeploy.backends import Backend, BackendOptions, create_backend
 from cryodeploy.inference.runner import RunConfig, denoise_files
 from cryodeploy.io.mrc import read_header, write_micrograph
 from cryodeploy.models import ModelSpec
+from cryodeploy.verify.bench import raw_floor
 
 
 class SleepBackend(Backend):
@@ -57,21 +57,6 @@ def inputs(folder: Path, n: int, size: int) -> list[Path]:
         if not (p.is_file() and read_header(p).shape == (size, size)):
             write_micrograph(p, (rng.standard_normal((size, size), dtype=np.float32) * 70 + 5600))
     return paths
-
-
-def raw_floor(paths: list[Path], outdir: Path, fsync: bool) -> float:
-    """Seconds to read each file's bytes and write as many bytes to a new file (fsynced if ``fsync``)."""
-    shutil.rmtree(outdir, ignore_errors=True)
-    outdir.mkdir(parents=True)
-    t0 = time.perf_counter()
-    for i, p in enumerate(paths):
-        data = p.read_bytes()
-        with open(outdir / f"{i:06d}.raw", "wb") as fh:
-            fh.write(data)
-            if fsync:
-                fh.flush()
-                os.fsync(fh.fileno())
-    return time.perf_counter() - t0
 
 
 def main() -> None:
@@ -109,8 +94,8 @@ def main() -> None:
         res["forward_ms"] = a.forward_ms
     with backend:
         denoise_files(paths[:1], a.work / "warm", backend, spec, cfg)  # start-up out of the timings
-        raw_floor(paths, a.work / "raw", fsync=False)  # page cache warm
-        res["raw_floor_s"] = raw_floor(paths, a.work / "raw", fsync=False)
+        raw_floor(paths, a.work / "raw")  # page cache warm
+        res["raw_floor_s"] = raw_floor(paths, a.work / "raw")
         res["raw_floor_fsync_s"] = raw_floor(paths, a.work / "raw", fsync=True)
         t0 = time.perf_counter()
         for p in paths:  # one file per run: read, compute, write and fsync of two files never overlap

@@ -1,7 +1,8 @@
 """Helpers of benchmarks/gpu_frame_suite.sh (one subcommand per step; each writes JSON into --out).
 
     inputs DIR --count N --size S      N float32 S^2 MRC micrographs (noise + structure), reused
-    floors DIR --work W                raw floor (bytes in, as many out) and MRC floor (mrcfile read+write)
+    floors DIR --work W                raw floor (bytes in, as many out; also with an fsync per file) and
+                                       MRC floor (mrcfile read+write)
     startup FILE --work W              a fresh `cryodeploy denoise FILE` process: start to first output
     stages DIR --precision P           per-stage times per file on the device frame path (median over files),
                                        then the runner on the same files: overlapped wall vs stage sum
@@ -57,7 +58,8 @@ def floors(a: argparse.Namespace) -> None:
     paths = _files(a.dir)
     raw_floor(paths, a.work / "raw-warm")  # page cache warm
     res = {"files": len(paths), "bytes": sum(p.stat().st_size for p in paths),
-           "raw_floor_s": raw_floor(paths, a.work / "raw"), "mrc_floor_s": mrc_floor(paths, a.work / "mrc")}
+           "raw_floor_s": raw_floor(paths, a.work / "raw"), "mrc_floor_s": mrc_floor(paths, a.work / "mrc"),
+           "raw_floor_fsync_s": raw_floor(paths, a.work / "raw-fsync", fsync=True)}
     _dump(a.out, f"floors{len(paths)}", res)
 
 
@@ -230,6 +232,9 @@ def table(a: argparse.Namespace) -> None:
         row(what, "raw floor (read bytes, write as many bytes)", raw, "s")
         row(what, "MRC floor (mrcfile read + write)", fl["mrc_floor_s"], "s", f"raw floor {raw:.2f} s",
             f"{fl['mrc_floor_s'] / raw:.2f}x")
+        if "raw_floor_fsync_s" in fl:
+            row(what, "raw floor + fsync per file (the runner's durability)", fl["raw_floor_fsync_s"], "s",
+                f"raw floor {raw:.2f} s", f"{fl['raw_floor_fsync_s'] / raw:.2f}x")
         topaz = load(f"topaz{n}")
         topaz_run = None
         if topaz is not None:
