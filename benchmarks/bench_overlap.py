@@ -9,7 +9,7 @@ and sleeps ``--forward-ms`` per batch with the GIL released, as a CUDA forward w
     PYTHONPATH=$PWD python3 benchmarks/bench_overlap.py --backend torch --device cuda --model default \
         --files 20 --size 4096 --frame-path device      # on the GPU machine
 
-Prints one JSON object and writes it to ``$OUT/bench_overlap.json`` when ``OUT`` is set.
+Prints one JSON object and writes it to ``$OUT/<label>.json`` when ``OUT`` is set.
 """
 
 from __future__ import annotations
@@ -64,6 +64,8 @@ def main() -> None:
     ap.add_argument("--files", type=int, default=12)
     ap.add_argument("--size", type=int, default=2048)
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench_overlap"))
+    ap.add_argument("--inputs", type=Path, help="a folder of .mrc inputs to use instead of new ones")
+    ap.add_argument("--label", default="overlap", help="the JSON is $OUT/<label>.json")
     ap.add_argument("--backend", default="sleep", help="sleep, or a registered backend (torch, ort, ...)")
     ap.add_argument("--forward-ms", type=float, default=60.0, help="sleep backend: ms per batch")
     ap.add_argument("--model", default="default", help="real backends: the model")
@@ -73,10 +75,14 @@ def main() -> None:
     ap.add_argument("--io-threads", type=int, default=2)
     ap.add_argument("--tile", default="auto", help="auto or pixels (the size: one batch per file)")
     ap.add_argument("--batch", default="auto")
+    ap.add_argument("--compile", action="store_true", help="torch: torch.compile")
+    ap.add_argument("--cuda-graphs", action="store_true", help="torch: CUDA graphs")
     a = ap.parse_args()
 
-    paths = inputs(a.work / f"in{a.files}_{a.size}", a.files, a.size)
-    opts = BackendOptions(device=a.device, precision=a.precision)
+    folder = a.work / f"in{a.files}_{a.size}"
+    paths = sorted(a.inputs.glob("*.mrc")) if a.inputs else inputs(folder, a.files, a.size)
+    extra = tuple((k, True) for k, on in (("compile", a.compile), ("cuda_graphs", a.cuda_graphs)) if on)
+    opts = BackendOptions(device=a.device, precision=a.precision, extra=extra)
     if a.backend == "sleep":
         backend: Backend = SleepBackend(opts, a.forward_ms)
         spec = ModelSpec("cnn3")
@@ -88,8 +94,8 @@ def main() -> None:
     geometry = {k: v if v == "auto" else int(v) for k, v in (("tile", a.tile), ("batch", a.batch))}
     cfg = RunConfig(quiet=True, overwrite=True, shard=(0, 1), frame_path=a.frame_path,
                     io_threads=a.io_threads, **geometry)
-    res: dict[str, Any] = {"files": a.files, "size": a.size, "backend": backend.label,
-                           "io_threads": a.io_threads}
+    res: dict[str, Any] = {"label": a.label, "files": len(paths), "backend": backend.label,
+                           "bytes": sum(p.stat().st_size for p in paths), "io_threads": a.io_threads}
     if a.backend == "sleep":
         res["forward_ms"] = a.forward_ms
     with backend:
@@ -116,7 +122,7 @@ def main() -> None:
     print(text)
     if os.environ.get("OUT"):
         Path(os.environ["OUT"]).mkdir(parents=True, exist_ok=True)
-        (Path(os.environ["OUT"]) / "bench_overlap.json").write_text(text + "\n")
+        (Path(os.environ["OUT"]) / f"{a.label}.json").write_text(text + "\n")
 
 
 if __name__ == "__main__":

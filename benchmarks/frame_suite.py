@@ -272,6 +272,18 @@ def table(a: argparse.Namespace) -> None:
                 row(what, f"{r['label']}: {k} busy (summed over its threads)", v, "ms")
             row(what, f"{r['label']}: CUDA allocator retries (cudaFree + retry) in the run",
                 r["cuda_alloc_retries"], "count")
+    for p in sorted(a.dir.glob("overlap_*.json")):  # benchmarks/bench_overlap.py
+        r = json.loads(p.read_text())
+        what = f"{r['files']} files, runner stages overlapped? ({r['backend']}, {r['label']})"
+        one = r["one_file_at_a_time_s"]
+        row(what, "runner, one file per run (nothing overlaps)", one, "s")
+        row(what, "runner over all files", r["run_s"], "s", f"one at a time {one:.2f} s",
+            f"{r['run_s'] / one:.2f}x")
+        for k, v in r["stage_busy_s"].items():
+            row(what, f"{k} busy (summed over its threads)", v, "s")
+        raw = r["raw_floor_s"]
+        row(what, "raw floor + fsync per file", r["raw_floor_fsync_s"], "s", f"raw floor {raw:.2f} s",
+            f"{r['raw_floor_fsync_s'] / raw:.2f}x")
     for p in sorted(a.dir.glob("api_*.json")):
         r = json.loads(p.read_text())
         base = r["forward_ms"] + r["h2d_ms"] + r["d2h_ms"]
