@@ -4,9 +4,10 @@ writers -> committers, each stage on a different file at once (see :mod:`cryodep
 Memory: at most :func:`frames_in_flight` frames (2-D micrographs; plus the frames of one batch and of
 the stack being assembled) are held between reading and writing: each of the two frame queues
 (``RunConfig.queue_depth``) full and each reader and writer holding one. The commit queue holds
-files already on disk waiting for their fsync and rename, no frames; its
-``COMMIT_THREADS_PER_IO_THREAD * io_threads`` committers wait on the disk, so several fsyncs wait
-at once while the next files are read, computed and written.
+files already on disk waiting for their fsync and rename, no frames; up to
+``COMMIT_THREADS_PER_IO_THREAD * io_threads`` committers (started as the writers need them) wait
+on the disk, so several fsyncs wait at once while the next files are read, computed and
+written.
 """
 
 from __future__ import annotations
@@ -107,33 +108,34 @@ class Pipeline:
         self.n = config.io_threads
         self.n_commit = COMMIT_THREADS_PER_IO_THREAD * self.n
         self.staged: queue.Queue[Any] = queue.Queue(self.n_commit)  # files on disk, no frames
+        #: started on demand (:meth:`_hand_over`), so a run that commits nothing starts none
+        self.committers: list[threading.Thread] = []
+        self.idle_committers = 0
         self.stop = threading.Event()
         self.fatal: list[BaseException] = []
         self.lock = threading.Lock()
         self.todo = iter(jobs)
 
     def run(self) -> None:
-        def thread(f: Any) -> threading.Thread:
-            name = f"cryodeploy{f.__name__}"
-            return threading.Thread(target=self._guard, args=(f,), name=name, daemon=True)
-
-        readers = [thread(self._read_all) for _ in range(self.n)]
-        writers = [thread(self._write_all) for _ in range(self.n)]
-        committers = [thread(self._commit_all) for _ in range(self.n_commit)]
-        everyone = readers + writers + committers
-        for t in everyone:
+        readers = [self._thread(self._read_all) for _ in range(self.n)]
+        writers = [self._thread(self._write_all) for _ in range(self.n)]
+        for t in readers + writers:
             t.start()
         try:
             self._compute_all()
             for t in writers:
                 t.join()
-            for _ in committers:
+            for _ in self.committers:  # no more are started: the writers are done
                 _put(self.staged, _END, self.stop)
-            for t in committers:
+            for t in self.committers:
                 t.join()
         finally:
             self.stop.set()
-            for t in everyone:
+            for t in readers + writers:
+                t.join()
+            with self.lock:
+                committers = list(self.committers)
+            for t in committers:
                 t.join()
             for job in self.jobs:
                 for write in job.runtime.pop("staged", ()):  # never committed (the run stopped)
@@ -143,6 +145,9 @@ class Pipeline:
                     claim.release()
         if self.fatal:
             raise self.fatal[0]
+
+    def _thread(self, f: Any) -> threading.Thread:
+        return threading.Thread(target=self._guard, args=(f,), name=f"cryodeploy{f.__name__}", daemon=True)
 
     def _guard(self, stage: Any) -> None:
         try:
@@ -269,7 +274,7 @@ class Pipeline:
             with self._busy("write"):
                 staged = self._write(job)
             if staged:  # the fsync and rename wait on a committer, not here
-                _put(self.staged, job, self.stop)
+                self._hand_over(job)
             else:
                 self._finish(job)
 
@@ -299,8 +304,24 @@ class Pipeline:
         return True
 
     # --- committers -----------------------------------------------------------------------------
+    def _hand_over(self, job: Job) -> None:
+        """Queue a staged job for commit, starting one more committer if none is idle (up to ``n_commit``)."""
+        with self.lock:
+            full = len(self.committers) >= self.n_commit
+            if not (full or self.idle_committers or self.stop.is_set()):
+                self.committers.append(self._thread(self._commit_all))
+                self.committers[-1].start()
+        _put(self.staged, job, self.stop)
+
     def _commit_all(self) -> None:
-        while (job := _get(self.staged, self.stop)) is not _END:
+        while True:
+            with self.lock:
+                self.idle_committers += 1
+            job = _get(self.staged, self.stop)
+            with self.lock:
+                self.idle_committers -= 1
+            if job is _END:
+                return
             with self._busy("commit"):
                 self._commit(job)
             self._finish(job)
