@@ -93,8 +93,8 @@ class FileBar:
 
 
 class Pipeline:
-    """The four stages of :func:`denoise_files` (``io_threads`` readers and writers, twice as many
-    committers) and their state."""
+    """The four stages of :func:`~cryodeploy.inference.runner.denoise_files` (``io_threads`` readers and
+    writers, up to twice as many committers, started on demand) and their state."""
 
     def __init__(
         self, jobs: list[Job], engine: TiledEngine, io: HostFrames, spec: ModelSpec, config: RunConfig,
