@@ -45,6 +45,10 @@ json.dump(r, open(sys.argv[2], "w"), indent=2); print(r)
 PY
 }
 
+# ov ARGS: the runner's stages overlapped? one file per run vs all files, busy time per stage, raw floor + fsync
+ov() { env "OUT=$out" python3 benchmarks/bench_overlap.py --inputs "$work/in20" --backend torch --device cuda \
+  --model "$model" --frame-path device --work "$work/overlap" "$@"; }
+
 topaz() {  # topaz N
   local n=$1
   [[ -n "${TOPAZ_PY:-}" && -f benchmarks/topaz_denoise.py ]] || { echo "TOPAZ_PY unset or no topaz_denoise.py: skipped"; return 0; }
@@ -78,9 +82,6 @@ step denoise20_default 150 denoise 20 default
 step startup_default 90 fs startup "$first" --label default --precision auto --work "$work/startup_default"
 step stages_fp32 120 fs stages "$work/in20" --precision fp32 --label fp32 --work "$work/stages"
 step stages_fp16 120 fs stages "$work/in20" --precision fp16 --label fp16 --work "$work/stages"
-# the runner's stages overlapped? one file per run vs all files, busy time per stage, raw floor + fsync
-ov() { env "OUT=$out" python3 benchmarks/bench_overlap.py --inputs "$work/in20" --backend torch --device cuda \
-  --model "$model" --frame-path device --work "$work/overlap" "$@"; }
 step overlap_fp16 150 ov --precision fp16 --label overlap_fp16
 step overlap_compile_fp16 240 ov --precision fp16 --compile --label overlap_compile_fp16
 step api_fp32 90 fs api "$first" --precision fp32 --label fp32
