@@ -1,9 +1,11 @@
 """Helpers of benchmarks/gpu_frame_suite.sh (one subcommand per step; each writes JSON into --out).
 
     inputs DIR --count N --size S      N float32 S^2 MRC micrographs (noise + structure), reused
-    floors DIR --work W                raw floor (bytes in, as many out) and MRC floor (mrcfile read+write)
+    floors DIR --work W                raw floor (bytes in, as many out; also with an fsync per file) and
+                                       MRC floor (mrcfile read+write)
     startup FILE --work W              a fresh `cryodeploy denoise FILE` process: start to first output
-    stages DIR --precision P           per-stage times per file on the device frame path (median over files)
+    stages DIR --precision P           per-stage times per file on the device frame path (median over files),
+                                       then the runner on the same files: overlapped wall vs stage sum
     api FILE --precision P             Denoiser(x) vs device forward + one H2D + one D2H
     parity REF_DIR DIR... --file F     outputs of GPU runs vs the CPU fp32 reference (relative error)
     cpuref FILE --out-dir D            the CPU fp32 reference output of FILE (torch, host path)
@@ -56,7 +58,8 @@ def floors(a: argparse.Namespace) -> None:
     paths = _files(a.dir)
     raw_floor(paths, a.work / "raw-warm")  # page cache warm
     res = {"files": len(paths), "bytes": sum(p.stat().st_size for p in paths),
-           "raw_floor_s": raw_floor(paths, a.work / "raw"), "mrc_floor_s": mrc_floor(paths, a.work / "mrc")}
+           "raw_floor_s": raw_floor(paths, a.work / "raw"), "mrc_floor_s": mrc_floor(paths, a.work / "mrc"),
+           "raw_floor_fsync_s": raw_floor(paths, a.work / "raw-fsync", fsync=True)}
     _dump(a.out, f"floors{len(paths)}", res)
 
 
@@ -131,7 +134,27 @@ def stages(a: argparse.Namespace) -> None:
     res = {"label": a.label, "files": len(paths), "tile": engine.tile, "batch": engine.batch,
            "median_ms": {k: statistics.median(v) for k, v in times.items()}}
     res["sum_ms"] = sum(res["median_ms"].values())
+    res.update(_overlapped(a, backend, source.spec, paths))
     _dump(a.out, f"stages_{a.label}", res)
+
+
+def _overlapped(a: argparse.Namespace, backend: Any, spec: Any, paths: list[Path]) -> dict[str, Any]:
+    """The same files through the runner (device frame path, stages overlapped), first file warmed up:
+    its wall per file next to the serial stage sum, each stage's busy time, allocator retries."""
+    import torch
+
+    from cryodeploy.inference.runner import RunConfig, denoise_files
+
+    cfg = RunConfig(quiet=True, overwrite=True, shard=(0, 1), frame_path="device")
+    denoise_files(paths[:1], a.work / "pipeline-warm", backend, spec, cfg)
+    before = torch.cuda.memory_stats().get("num_alloc_retries", 0) if a.device.startswith("cuda") else 0
+    s = denoise_files(paths, a.work / "pipeline", backend, spec, cfg)
+    after = torch.cuda.memory_stats().get("num_alloc_retries", 0) if a.device.startswith("cuda") else 0
+    busy = getattr(s, "stage_seconds", {})
+    return {"pipeline_ok": s.ok, "pipeline_wall_s": s.seconds,
+            "pipeline_ms_per_file": s.seconds / len(paths) * 1e3,
+            "pipeline_busy_ms_per_file": {k: v / len(paths) * 1e3 for k, v in busy.items()},
+            "cuda_alloc_retries": after - before}
 
 
 def api(a: argparse.Namespace) -> None:
@@ -209,6 +232,9 @@ def table(a: argparse.Namespace) -> None:
         row(what, "raw floor (read bytes, write as many bytes)", raw, "s")
         row(what, "MRC floor (mrcfile read + write)", fl["mrc_floor_s"], "s", f"raw floor {raw:.2f} s",
             f"{fl['mrc_floor_s'] / raw:.2f}x")
+        if "raw_floor_fsync_s" in fl:
+            row(what, "raw floor + fsync per file (the runner's durability)", fl["raw_floor_fsync_s"], "s",
+                f"raw floor {raw:.2f} s", f"{fl['raw_floor_fsync_s'] / raw:.2f}x")
         topaz = load(f"topaz{n}")
         topaz_run = None
         if topaz is not None:
@@ -236,6 +262,28 @@ def table(a: argparse.Namespace) -> None:
         r = json.loads(p.read_text())
         for k, v in r["median_ms"].items():
             row("per-stage time per 4096^2 file (median)", f"{r['label']}: {k}", v, "ms")
+        row("per-stage time per 4096^2 file (median)", f"{r['label']}: stage sum (one file at a time)",
+            r["sum_ms"], "ms")
+        if "pipeline_ms_per_file" in r:
+            what = "runner on the same files, stages overlapped (per file)"
+            row(what, f"{r['label']}: wall", r["pipeline_ms_per_file"], "ms",
+                f"stage sum {r['sum_ms']:.1f} ms", f"{r['pipeline_ms_per_file'] / r['sum_ms']:.2f}x")
+            for k, v in r["pipeline_busy_ms_per_file"].items():
+                row(what, f"{r['label']}: {k} busy (summed over its threads)", v, "ms")
+            row(what, f"{r['label']}: CUDA allocator retries (cudaFree + retry) in the run",
+                r["cuda_alloc_retries"], "count")
+    for p in sorted(a.dir.glob("overlap_*.json")):  # benchmarks/bench_overlap.py
+        r = json.loads(p.read_text())
+        what = f"{r['files']} files, runner stages overlapped? ({r['backend']}, {r['label']})"
+        one = r["one_file_at_a_time_s"]
+        row(what, "runner, one file per run (nothing overlaps)", one, "s")
+        row(what, "runner over all files", r["run_s"], "s", f"one at a time {one:.2f} s",
+            f"{r['run_s'] / one:.2f}x")
+        for k, v in r["stage_busy_s"].items():
+            row(what, f"{k} busy (summed over its threads)", v, "s")
+        raw = r["raw_floor_s"]
+        row(what, "raw floor + fsync per file", r["raw_floor_fsync_s"], "s", f"raw floor {raw:.2f} s",
+            f"{r['raw_floor_fsync_s'] / raw:.2f}x")
     for p in sorted(a.dir.glob("api_*.json")):
         r = json.loads(p.read_text())
         base = r["forward_ms"] + r["h2d_ms"] + r["d2h_ms"]

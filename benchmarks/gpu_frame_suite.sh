@@ -21,7 +21,7 @@ elapsed() { echo $(( $(date +%s) - start )); }
 step() {  # step NAME TIMEOUT CMD...: run (shell functions too), report failure, never stop the suite
   local name=$1 limit=$2; shift 2
   echo "=== $name ($(elapsed) s into the suite)"
-  timeout "$limit" bash -c "$(declare -f fs denoise topaz); $(declare -p out work model); \"\$@\"" step "$@"
+  timeout "$limit" bash -c "$(declare -f fs denoise topaz ov); $(declare -p out work model); \"\$@\"" step "$@"
   local rc=$?
   [[ $rc -eq 0 ]] || echo "!!! step $name failed (exit $rc)"
   return 0
@@ -44,6 +44,10 @@ r = {"label": sys.argv[3], "wall_s": int(sys.argv[4]) / 1e6, "run_s": s["seconds
 json.dump(r, open(sys.argv[2], "w"), indent=2); print(r)
 PY
 }
+
+# ov ARGS: the runner's stages overlapped? one file per run vs all files, busy time per stage, raw floor + fsync
+ov() { env "OUT=$out" python3 benchmarks/bench_overlap.py --inputs "$work/in20" --backend torch --device cuda \
+  --model "$model" --frame-path device --work "$work/overlap" "$@"; }
 
 topaz() {  # topaz N
   local n=$1
@@ -78,6 +82,8 @@ step denoise20_default 150 denoise 20 default
 step startup_default 90 fs startup "$first" --label default --precision auto --work "$work/startup_default"
 step stages_fp32 120 fs stages "$work/in20" --precision fp32 --label fp32 --work "$work/stages"
 step stages_fp16 120 fs stages "$work/in20" --precision fp16 --label fp16 --work "$work/stages"
+step overlap_fp16 150 ov --precision fp16 --label overlap_fp16
+step overlap_compile_fp16 240 ov --precision fp16 --compile --label overlap_compile_fp16
 step api_fp32 90 fs api "$first" --precision fp32 --label fp32
 step api_fp16 90 fs api "$first" --precision fp16 --label fp16
 step cpuref 180 fs cpuref "$first" --out-dir "$work/cpuref"

@@ -9,7 +9,9 @@ import json
 import os
 import secrets
 import stat
+import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, TypeVar
 
@@ -18,9 +20,9 @@ from cryodeploy.errors import CryoDeployError, OutputError, one_line
 if TYPE_CHECKING:
     from pydantic import BaseModel
 
-__all__ = ["CACHE_ENV", "NAME_KEY_MAX", "TEMP_PREFIX", "atomic_write", "cache_root", "file_sha256",
-           "name_key", "new_folders_removed_if_empty", "open_regular", "read_document", "read_json", "seal",
-           "seal_problem", "validated"]
+__all__ = ["CACHE_ENV", "NAME_KEY_MAX", "TEMP_PREFIX", "StagedWrite", "atomic_write", "cache_root",
+           "file_sha256", "name_key", "new_folders_removed_if_empty", "open_regular", "read_document",
+           "read_json", "seal", "seal_problem", "staged_writes", "validated"]
 
 #: Temporary files of atomic writes start with this, so a crashed run's leftovers are recognisable.
 TEMP_PREFIX = ".cryodeploy-tmp-"
@@ -56,11 +58,60 @@ def _temp_path(target: Path) -> Path:
     raise FileExistsError(errno.EEXIST, "no unused temporary file name", str(target.parent))
 
 
+@dataclass(frozen=True)
+class StagedWrite:
+    """A finished, closed temporary file that becomes ``target`` on :meth:`commit`."""
+
+    tmp: Path
+    target: Path
+
+    def commit(self) -> None:
+        """fsync the temporary file and rename it onto the target; on failure it is removed
+        (:class:`OutputError` for an OS error) and the target is untouched."""
+        try:
+            with open(self.tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+            os.replace(self.tmp, self.target)
+        except OSError as err:
+            self.discard()
+            raise OutputError(f"{self.target}: cannot write ({err.strerror or err})") from err
+        except BaseException:
+            self.discard()
+            raise
+
+    def discard(self) -> None:
+        """Remove the temporary file; the target is untouched."""
+        self.tmp.unlink(missing_ok=True)
+
+
+_staging = threading.local()
+
+
+@contextlib.contextmanager
+def staged_writes() -> Iterator[list[StagedWrite]]:
+    """Within this block, each :func:`atomic_write` of this thread leaves its finished temporary file
+    staged instead of committing it: the yielded list gets one :class:`StagedWrite` per write, in
+    order, for the caller to :meth:`~StagedWrite.commit` (e.g. on another thread, so the fsync waits
+    there). An exception in the block discards every staged file."""
+    outer = getattr(_staging, "writes", None)
+    staged: list[StagedWrite] = []
+    _staging.writes = staged
+    try:
+        yield staged
+    except BaseException:
+        for write in staged:
+            write.discard()
+        raise
+    finally:
+        _staging.writes = outer
+
+
 @contextlib.contextmanager
 def atomic_write(
     target: str | os.PathLike[str], protect: tuple[str | os.PathLike[str], ...] = ()
 ) -> Iterator[Path]:
-    """Yield a temp path beside ``target``; on success it is fsynced and renamed onto ``target``.
+    """Yield a temp path beside ``target``; on success it is fsynced and renamed onto ``target``
+    (inside :func:`staged_writes`: staged for the caller to commit).
 
     On any exception the temp file is removed and ``target`` is untouched. ``protect`` lists
     files (the inputs) that must never be replaced.
@@ -76,15 +127,18 @@ def atomic_write(
         raise OutputError(f"{t}: cannot write ({err.strerror or err})") from err
     try:
         yield tmp
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, t)
     except OSError as err:
         tmp.unlink(missing_ok=True)
         raise OutputError(f"{t}: cannot write ({err.strerror or err})") from err
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    write = StagedWrite(tmp, t)
+    staged = getattr(_staging, "writes", None)
+    if staged is None:
+        write.commit()
+    else:
+        staged.append(write)
 
 
 @contextlib.contextmanager

@@ -316,7 +316,11 @@ def orphaned_jobs(jobs: list[Job]) -> list[Job]:
 
 @dataclass
 class RunSummary:
-    """The outcome of a run: one :class:`FileResult` per input of this shard, in processing order."""
+    """The outcome of a run: one :class:`FileResult` per input of this shard, in processing order.
+
+    ``stage_seconds``: how long each pipeline stage (read, compute, write, commit) was busy, summed
+    over its threads; their total above ``seconds`` (the wall time) is the stages' overlap.
+    """
 
     files: list[FileResult]
     seconds: float
@@ -324,6 +328,7 @@ class RunSummary:
     shard: tuple[int, int] = (0, 1)
     tile: int | None = None
     batch: int | None = None
+    stage_seconds: dict[str, float] = field(default_factory=dict)
 
     def count(self, status: Status) -> int:
         """Number of files with ``status``."""
@@ -355,6 +360,7 @@ class RunSummary:
             "tile": self.tile,
             "batch": self.batch,
             "seconds": round(self.seconds, 3),
+            "stage_seconds": {k: round(v, 3) for k, v in self.stage_seconds.items()},
             "done": self.count("done"),
             "skipped": self.count("skipped"),
             "failed": self.count("failed"),

@@ -1,11 +1,18 @@
-"""The batch denoise pipeline: reader thread -> tiled batches on the calling thread -> writer thread.
+"""The batch denoise pipeline: reader threads -> tiled batches on the calling thread -> writer
+threads -> commit threads, all four stages working on different files at once.
 
-The reader reads, validates and normalizes each micrograph (stacks frame by frame); the calling
+The readers read, validate and normalize each micrograph (stacks frame by frame); the calling
 thread cuts frames into tiles, runs them through the backend in batches (tiles of several
-micrographs share a batch) and stitches them; the writer de-normalizes, converts and writes
-atomically, keeping the input's header. Queues between the threads hold at most
-``RunConfig.queue_depth`` frames each, so memory is fixed by the queue depth (plus the frames
-of one batch and of the stack being written), not by the number of files.
+micrographs share a batch) and stitches them; the writers de-normalize, convert and write each
+output to its temporary file, keeping the input's header; the committers fsync it and rename it
+into place (:func:`~cryodeploy.files.staged_writes`), so a file's fsync waits on its own thread
+while the next files are read, computed and written, and several fsyncs wait at once. Memory is
+fixed by the queue depth, not by the number of files: at most ``2 * queue_depth + 2 * io_threads``
+frames (plus the frames of one batch and of the stack being assembled) are held between reading
+and writing (:func:`frames_in_flight`, :mod:`cryodeploy.inference.pipeline`); the commit queue holds
+finished files on disk, no frames.
+Each summary says how long each stage was busy, summed over its threads
+(:attr:`RunSummary.stage_seconds`): a sum above the run's wall time is the overlap.
 
 Outputs and crashes:
 
@@ -35,34 +42,28 @@ Concurrent runs on one output folder (``RunConfig.pull`` for any number of worke
 
 from __future__ import annotations
 
-import logging
-import queue
-import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from cryodeploy._version import __version__
-from cryodeploy.errors import CryoDeployError, OutputError, first_line
+from cryodeploy.errors import OutputError
 from cryodeploy.files import new_folders_removed_if_empty
-from cryodeploy.inference.batching import DeviceArrays, FrameTask, TiledEngine, error_text
-from cryodeploy.inference.claims import claim_owner, clean_leftovers, try_claim
+from cryodeploy.inference.batching import DeviceArrays, TiledEngine
+from cryodeploy.inference.claims import clean_leftovers
 from cryodeploy.inference.frames import DeviceFrames, HostFrames, denoise_image, frames_for, min_input_size
 from cryodeploy.inference.jobs import (
     FileResult,
-    Job,
     RunConfig,
     RunSummary,
-    file_identity,
     orphaned_jobs,
     output_pairs,
     plan_jobs,
     resolve_shard,
 )
-from cryodeploy.io.preview import downsample, write_preview
+from cryodeploy.inference.pipeline import STAGES, FileBar, Pipeline, frames_in_flight
 from cryodeploy.io.writers import output_format
-from cryodeploy.progress import ProgressTask, progress
+from cryodeploy.progress import progress
 
 if TYPE_CHECKING:
     import os
@@ -71,245 +72,16 @@ if TYPE_CHECKING:
     from cryodeploy.models import ModelSpec
 
 __all__ = [
+    "STAGES",
     "FileResult",
     "RunConfig",
     "RunSummary",
     "denoise_files",
     "denoise_image",
     "denoise_pairs",
+    "frames_in_flight",
     "min_input_size",
 ]
-
-log = logging.getLogger(__name__)
-
-_END = object()
-_POLL = 0.1
-
-
-def _put(q: queue.Queue[Any], item: Any, stop: threading.Event) -> bool:
-    while not stop.is_set():
-        try:
-            q.put(item, timeout=_POLL)
-            return True
-        except queue.Full:
-            continue
-    return False
-
-
-def _get(q: queue.Queue[Any], stop: threading.Event) -> Any:
-    while not stop.is_set():
-        try:
-            return q.get(timeout=_POLL)
-        except queue.Empty:
-            continue
-    return _END
-
-
-def _read_error(job: Job, err: BaseException) -> str:
-    if isinstance(err, CryoDeployError):
-        return str(err)
-    return f"{job.input}: out of memory reading it ({first_line(err, type(err).__name__)})"
-
-
-class _FileBar:
-    """The progress bar advanced one file at a time, showing how many are done, skipped and failed."""
-
-    def __init__(self, bar: ProgressTask) -> None:
-        self.bar, self.counts = bar, {"done": 0, "skipped": 0, "failed": 0}
-
-    def file(self, status: str) -> None:
-        self.counts[status] += 1
-        self.bar.advance(1, **self.counts)
-
-    def retract(self, status: str, n: int) -> None:
-        """Take back ``n`` files counted as ``status`` (they are run again)."""
-        self.counts[status] -= n
-        self.bar.advance(-n, **self.counts)
-
-
-class _Pipeline:
-    """The three stages of :func:`denoise_files` (``io_threads`` readers and writers) and their state."""
-
-    def __init__(
-        self, jobs: list[Job], engine: TiledEngine, io: HostFrames, spec: ModelSpec, config: RunConfig,
-        bar: _FileBar,
-    ) -> None:
-        self.jobs, self.engine, self.io, self.spec = jobs, engine, io, spec
-        self.config, self.bar = config, bar
-        self.backend = engine.backend
-        self.frames: queue.Queue[Any] = queue.Queue(config.queue_depth)
-        self.written: queue.Queue[Any] = queue.Queue(config.queue_depth)
-        self.stop = threading.Event()
-        self.fatal: list[BaseException] = []
-        self.lock = threading.Lock()
-        self.todo = iter(jobs)
-        self.n = config.io_threads
-
-    def run(self) -> None:
-        def thread(f: Any) -> threading.Thread:
-            name = f"cryodeploy{f.__name__}"
-            return threading.Thread(target=self._guard, args=(f,), name=name, daemon=True)
-
-        readers = [thread(self._read_all) for _ in range(self.n)]
-        writers = [thread(self._write_all) for _ in range(self.n)]
-        for t in readers + writers:
-            t.start()
-        try:
-            self._compute_all()
-            for t in writers:
-                t.join()
-        finally:
-            self.stop.set()
-            for t in readers + writers:
-                t.join()
-            for job in self.jobs:
-                claim = job.runtime.pop("claim", None)
-                if claim is not None:
-                    claim.release()
-        if self.fatal:
-            raise self.fatal[0]
-
-    def _guard(self, stage: Any) -> None:
-        try:
-            stage()
-        except BaseException as err:  # a bug in a stage must stop the run, not hang it
-            self.fatal.append(err)
-            self.stop.set()
-
-    # --- readers --------------------------------------------------------------------------------
-    def _read_all(self) -> None:
-        while True:
-            with self.lock:  # jobs are claimed in order, so the first failing claim is the one reported
-                job = None if self.stop.is_set() else next(self.todo, None)
-                if job is None:
-                    break
-                try:
-                    ended = job.result.status != "pending" or not self._claim(job)
-                except BaseException as err:
-                    self.fatal.append(err)
-                    self.stop.set()
-                    return
-            if ended or not self._read(job):
-                _put(self.frames, job, self.stop)
-        _put(self.frames, _END, self.stop)
-
-    def _claim(self, job: Job) -> bool:
-        """Claim ``job``'s output; False (result set) if another process has it."""
-        rt, res = job.runtime, job.result
-        rt["t0"] = time.perf_counter()
-        claim = try_claim(job.output)
-        if claim is None:
-            owner = claim_owner(job.output)
-            res.status, res.error = "skipped", f"being written by another process (PID {owner})"
-            return False
-        rt["claim"] = claim
-        if file_identity(job.output) != job.planned:
-            res.status, res.error = "skipped", "written by another process during this run"
-            return False
-        return True
-
-    def _read(self, job: Job) -> bool:
-        """Read and queue a claimed ``job``'s frames; False (result set) if it ends here."""
-        rt, res = job.runtime, job.result
-        try:
-            header, prepared = self.io.read(job.input, min_input_size(self.spec))
-        except (CryoDeployError, MemoryError) as err:
-            res.status, res.error = "failed", _read_error(job, err)
-            return False
-        rt.update(header=header, stats=[None] * header.n_frames, frames=[None] * header.n_frames, received=0)
-        res.frames, res.bytes_in = header.n_frames, job.input.stat().st_size
-        for i in range(header.n_frames):
-            try:
-                image, shape, stats = next(prepared)
-            except (CryoDeployError, MemoryError) as err:  # this and the later frames fail, past the model
-                with self.lock:
-                    rt.setdefault("error", _read_error(job, err))
-                for k in range(i, header.n_frames):
-                    if not _put(self.written, FrameTask((job, k), None, (0, 0), error=err), self.stop):
-                        break
-                break
-            rt["stats"][i] = stats
-            if not _put(self.frames, FrameTask((job, i), image, shape), self.stop):
-                break
-        return True
-
-    # --- model (calling thread) -----------------------------------------------------------------
-    def _compute_all(self) -> None:
-        ends = 0
-        while ends < self.n:
-            item = _get(self.frames, self.stop)
-            if item is _END:
-                if self.stop.is_set():
-                    break
-                ends += 1
-                continue
-            if isinstance(item, Job):
-                _put(self.written, item, self.stop)
-                continue
-            for task in self.engine.add(item):
-                _put(self.written, task, self.stop)
-        for task in self.engine.flush():
-            _put(self.written, task, self.stop)
-        for _ in range(self.n):
-            _put(self.written, _END, self.stop)
-
-    # --- writers --------------------------------------------------------------------------------
-    def _write_all(self) -> None:
-        while (item := _get(self.written, self.stop)) is not _END:
-            if isinstance(item, Job):
-                self._finish(item)
-                continue
-            job, index = item.key
-            rt = job.runtime
-            with self.lock:
-                if item.error is not None:
-                    rt.setdefault("error", f"{job.input}: {error_text(item.error, self.backend.label)}")
-                else:
-                    rt["frames"][index] = item.output()
-                    if index == 0 and self.config.preview:
-                        # downsampled now: the frame is de-normalized in place before it is written
-                        rt["preview"] = tuple(downsample(self.io.to_numpy(x)) for x in (
-                            item.plan.crop(item.image), item.output()))  # type: ignore[union-attr]
-                rt["received"] += 1
-                complete = rt["received"] == job.result.frames
-            item = None  # the normalized input is freed before the write (memory: a few frames)
-            if complete:
-                self._write(job)
-                self._finish(job)
-
-    def _write(self, job: Job) -> None:
-        rt, res = job.runtime, job.result
-        if "error" in rt:
-            res.status, res.error = "failed", rt["error"]
-            return
-        cfg = self.config
-        label = f"cryodeploy {__version__} denoise ({self.spec.architecture})"
-        try:
-            self.io.write(
-                job.output, rt.pop("frames"), rt["stats"], rt["header"], cfg.output_dtype, cfg.output_format,
-                cfg.keep_normalized, (job.input,), label,
-            )
-            if "preview" in rt:
-                write_preview(job.output.with_suffix(".png"), *rt.pop("preview"))
-        except CryoDeployError as err:
-            res.status, res.error = "failed", str(err)
-            return
-        except Exception as err:  # e.g. an image library error in the preview: report, go on
-            res.status, res.error = "failed", error_text(OutputError(f"{job.output}: {err}"), "writer")
-            return
-        res.status, res.bytes_out = "done", job.output.stat().st_size
-
-    def _finish(self, job: Job) -> None:
-        rt = job.runtime
-        claim = rt.pop("claim", None)
-        if claim is not None:
-            claim.release()
-        job.result.seconds = time.perf_counter() - rt.get("t0", time.perf_counter())
-        if job.result.status == "failed":  # info: the summary (and the CLI, on stderr) report it
-            log.info("failed: %s", job.result.error)
-        job.runtime = {}
-        with self.lock:
-            self.bar.file(job.result.status)
 
 
 def denoise_files(
@@ -372,16 +144,17 @@ def _run_in(pairs: list[tuple[Path, Path]], folders: list[Path], engine: TiledEn
         clean_leftovers(folder)
     start = time.perf_counter()
     with progress(len(jobs), "denoise", cfg.quiet) as bar:
-        files = _FileBar(bar)
+        files = FileBar(bar)
         for job in jobs:
             if job.result.status != "pending":
                 files.file(job.result.status)
-        _Pipeline(jobs, engine, io, spec, cfg, files).run()
+        busy = dict.fromkeys(STAGES, 0.0)
+        Pipeline(jobs, engine, io, spec, cfg, files, busy).run()
         while cfg.pull and (orphans := orphaned_jobs(jobs)):  # their claimer died: finish them here
             files.retract("skipped", len(orphans))
             for folder in folders:
                 clean_leftovers(folder)
-            _Pipeline(orphans, engine, io, spec, cfg, files).run()
+            Pipeline(orphans, engine, io, spec, cfg, files, busy).run()
     summary = RunSummary(
         files=[j.result for j in jobs],
         seconds=time.perf_counter() - start,
@@ -389,6 +162,7 @@ def _run_in(pairs: list[tuple[Path, Path]], folders: list[Path], engine: TiledEn
         shard=(0, 1) if cfg.pull else resolve_shard(cfg.shard if isinstance(cfg.shard, tuple) else None),
         tile=engine.tile,
         batch=engine.batch,
+        stage_seconds=busy,
     )
     if cfg.summary is not None:
         summary.write(cfg.summary)

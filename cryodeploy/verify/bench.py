@@ -8,6 +8,7 @@ memory-traffic floors come from the device-to-device copy bandwidth measured in 
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -274,14 +275,18 @@ class E2EReport:
     rows: list[E2ERow] = field(default_factory=list)
 
 
-def raw_floor(paths: list[Path], outdir: Path) -> float:
-    """Seconds to read each file's bytes and write the same number of bytes to a new file in ``outdir``."""
+def raw_floor(paths: list[Path], outdir: Path, fsync: bool = False) -> float:
+    """Seconds to read each file's bytes and write the same number of bytes to a new file in ``outdir``;
+    with ``fsync``, each new file is also fsynced (the durability every runner output gets)."""
     outdir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     for i, p in enumerate(paths):
         data = p.read_bytes()
         with open(outdir / f"{i:06d}.raw", "wb") as fh:
             fh.write(data)
+            if fsync:
+                fh.flush()
+                os.fsync(fh.fileno())
     return time.perf_counter() - t0
 
 

@@ -187,13 +187,16 @@ def test_sigint_and_sigterm_stop_a_run_cleanly(dataset, cnn3_checkpoint, tmp_pat
     root, reference = dataset
     runs = {sig: (tmp_path / sig.name, _denoise(root, tmp_path / sig.name, cnn3_checkpoint))
             for sig in (signal.SIGINT, signal.SIGTERM)}
-    for sig, (out, proc) in runs.items():
-        deadline = time.monotonic() + 120
-        while not (out.is_dir() and any(p.name.startswith("mic_") for p in out.iterdir())):
-            assert proc.poll() is None, proc.communicate()[1].decode()
-            assert time.monotonic() < deadline
-            time.sleep(0.002)
-        os.kill(proc.pid, sig)
+    waiting, deadline = dict(runs), time.monotonic() + 120
+    while waiting:  # both polled together: each is stopped as soon as its first output appears
+        for sig, (out, proc) in list(waiting.items()):
+            if out.is_dir() and any(p.name.startswith("mic_") for p in out.iterdir()):
+                os.kill(proc.pid, sig)
+                del waiting[sig]
+            else:
+                assert proc.poll() is None, proc.communicate()[1].decode()
+        assert time.monotonic() < deadline
+        time.sleep(0.002)
     for sig, (out, proc) in runs.items():
         stdout, stderr = proc.communicate(timeout=120)
         outcome = (proc.returncode, stderr.decode().splitlines(), stdout)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from cryodeploy.errors import InputError, OutputError
-from cryodeploy.files import TEMP_PREFIX
+from cryodeploy.files import TEMP_PREFIX, staged_writes
 from cryodeploy.io.mrc import (
     MicrographHeader,
     atomic_write,
@@ -331,6 +331,44 @@ def test_atomic_write_success_has_normal_permissions(tmp_path: Path) -> None:
     os.umask(umask)
     assert target.stat().st_mode & 0o777 == 0o666 & ~umask
     assert _leftovers(tmp_path) == ["out.bin"]
+
+
+def test_staged_writes_wait_for_commit_and_are_discarded_on_error(tmp_path: Path) -> None:
+    """Inside staged_writes a finished write is a closed temp file, the target untouched, until
+    commit renames it into place (bytes equal); an exception in the block removes every staged temp."""
+    target, preview = tmp_path / "out.mrc", tmp_path / "out.png"
+    target.write_bytes(b"previous result")
+    data = np.arange(64 * 48, dtype=np.float32).reshape(64, 48)
+    with staged_writes() as staged:
+        write_micrograph(target, data)
+        with atomic_write(preview) as tmp:
+            tmp.write_bytes(b"png")
+    assert [(w.target.name, w.tmp.name.startswith(TEMP_PREFIX)) for w in staged] == [
+        ("out.mrc", True), ("out.png", True)]
+    assert target.read_bytes() == b"previous result" and not preview.exists()
+    assert len(_leftovers(tmp_path)) == 3  # the old target and two temps
+    for w in staged:
+        w.commit()
+    assert _leftovers(tmp_path) == ["out.mrc", "out.png"]
+    np.testing.assert_array_equal(read_micrograph(target).data, data)
+    write_micrograph(tmp_path / "direct.mrc", data)  # outside the block: committed at once, same bytes
+    assert (tmp_path / "direct.mrc").read_bytes() == target.read_bytes()
+
+    with pytest.raises(RuntimeError, match="boom"), staged_writes() as staged:
+        write_micrograph(tmp_path / "lost.mrc", data)
+        raise RuntimeError("boom")
+    assert len(staged) == 1 and not staged[0].tmp.exists()
+    assert _leftovers(tmp_path) == ["direct.mrc", "out.mrc", "out.png"]
+
+
+def test_failed_commit_removes_its_temp_and_names_the_target(tmp_path: Path) -> None:
+    target = tmp_path / "out.bin"
+    with staged_writes() as staged, atomic_write(target) as tmp:
+        tmp.write_bytes(b"done")
+    staged[0].tmp.unlink()  # e.g. removed by someone else before the fsync
+    with pytest.raises(OutputError, match=r"out\.bin: cannot write"):
+        staged[0].commit()
+    assert _leftovers(tmp_path) == []
 
 
 def test_failure_inside_mrcfile_write_leaves_no_partial_file(tmp_path: Path) -> None:
