@@ -8,6 +8,7 @@
 # Every step reports its own failure and the rest go on. Results: $OUT/frame_suite.md (rows in the
 # docs/benchmarks.md format), one JSON per step, and $OUT/gpu_frame_suite.log.
 # Usage (repo root): OUT=/tmp/out bash benchmarks/gpu_frame_suite.sh
+# ONLY="inputs20 floors20 ..." runs just the named steps (the table is made from what ran).
 set -u
 export PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
@@ -20,6 +21,7 @@ fs() { local cmd=$1; shift; python3 benchmarks/frame_suite.py "$cmd" --out "$out
 elapsed() { echo $(( $(date +%s) - start )); }
 step() {  # step NAME TIMEOUT CMD...: run (shell functions too), report failure, never stop the suite
   local name=$1 limit=$2; shift 2
+  if [[ -n "${ONLY:-}" && " $ONLY " != *" $name "* ]]; then echo "=== $name: not in ONLY, skipped"; return 0; fi
   echo "=== $name ($(elapsed) s into the suite)"
   timeout "$limit" bash -c "$(declare -f fs denoise topaz ov); $(declare -p out work model); \"\$@\"" step "$@"
   local rc=$?
@@ -90,7 +92,7 @@ step cpuref 180 fs cpuref "$first" --out-dir "$work/cpuref"
 step parity 60 fs parity "$work/cpuref" "$work/out20/fp32" "$work/out20/fp16" "$work/out20/fp16_graphs" "$work/out20/default" \
   --file "$(basename "$first")"
 step topaz20 150 topaz 20
-if (( $(elapsed) < 330 )); then  # 200 files: about 13 GB from copies of the 20
+if (( $(elapsed) < 330 )) && [[ -z "${ONLY:-}" || " $ONLY " == *" denoise200_default "* ]]; then  # 200 files: ~13 GB
   mkdir -p "$work/in200"
   for i in $(seq 0 199); do
     src=$(printf "%s/in20/mic_%04d.mrc" "$work" $((i % 20)))
