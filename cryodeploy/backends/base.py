@@ -63,7 +63,8 @@ class BackendOptions:
 
 
 class Backend(ABC):
-    """Runs a denoising model on batches ``[N, 1, H, W]`` float32 -> same shape float32 (numpy).
+    """Runs a denoising model on batches ``[N, 1, H, W]`` (volume models: ``[N, 1, D, H, W]``) float32
+    -> same shape float32 (numpy).
 
     Subclasses implement :meth:`_run`; :meth:`run` checks shapes and dtypes around it.
     """
@@ -90,9 +91,12 @@ class Backend(ABC):
         return f"{self.name}/{self.device}/{self.precision}"
 
     def run(self, batch: np.ndarray) -> np.ndarray:
-        """Denoise a normalized batch ``[N, 1, H, W]`` float32; returns float32 of the same shape."""
-        if batch.ndim != 4 or batch.shape[1] != 1:
-            raise ValueError(f"{self.label}: batch shape {batch.shape}, expected [N, 1, H, W]")
+        """Denoise a normalized batch ``[N, 1, H, W]`` or ``[N, 1, D, H, W]`` float32; returns float32 of
+        the same shape."""
+        if batch.ndim not in (4, 5) or batch.shape[1] != 1:
+            raise ValueError(
+                f"{self.label}: batch shape {batch.shape}, expected [N, 1, H, W] or [N, 1, D, H, W]"
+            )
         out = self._run(np.ascontiguousarray(batch, dtype=np.float32))
         if out.shape != batch.shape:
             raise RuntimeError(f"{self.label}: output shape {out.shape} differs from input {batch.shape}")

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from cryodeploy.errors import InputError, OutputError
-from cryodeploy.imaging.contract import FrameContract, stride_padding
+from cryodeploy.imaging.contract import FrameContract, crop_to, stride_padding
 from cryodeploy.imaging.normalize import NormSpec, NormStats, norm_stats_torch
 
 __all__ = ["DeviceFrameContract", "DevicePrepared", "header_stats", "validate_frames"]
@@ -53,13 +53,14 @@ class DevicePrepared:
     """A frame as the network takes it (a tensor, normalized and padded); ``shape`` the frame's own."""
 
     image: torch.Tensor
-    shape: tuple[int, int]
+    shape: tuple[int, ...]
     stats: NormStats
 
 
 @dataclass(frozen=True)
 class DeviceFrameContract:
-    """:class:`FrameContract` on 2-D float32 tensors (the statistics, padding and maps defined there)."""
+    """:class:`FrameContract` on float32 tensors, 2-D or 3-D as the contract's ``ndim`` (the statistics,
+    padding and maps defined there)."""
 
     contract: FrameContract
 
@@ -68,25 +69,27 @@ class DeviceFrameContract:
         return _norm_stats(frame, self.contract.normalization)
 
     def pad(self, image: torch.Tensor) -> torch.Tensor:
-        """``image`` reflect-padded at the bottom/right to a multiple of the stride."""
-        ph, pw = stride_padding(tuple(image.shape), self.contract.stride)
-        if ph == 0 and pw == 0:
+        """``image`` reflect-padded at the far end of every axis to a multiple of the stride."""
+        pads = stride_padding(tuple(image.shape), self.contract.stride)
+        if not any(pads):
             return image
-        return F.pad(image[None, None], (0, pw, 0, ph), mode="reflect")[0, 0]
+        widths = [w for p in reversed(pads) for w in (0, p)]
+        return F.pad(image[None, None], widths, mode="reflect")[0, 0]
 
     def prepare(self, frame: torch.Tensor, stats: NormStats | None = None) -> DevicePrepared:
         """``frame`` normalized (with ``stats`` or its own) and padded, float32, on its device."""
+        shape = self.contract.check(frame)
         s = self.stats(frame) if stats is None else stats
         z = frame.to(torch.float32).div(s.scale)
         z.sub_(s.center / s.scale)
-        return DevicePrepared(self.pad(z), (int(frame.shape[0]), int(frame.shape[1])), s)
+        return DevicePrepared(self.pad(z), shape, s)
 
     def finish(
-        self, output: torch.Tensor, stats: NormStats, shape: tuple[int, int] | None = None,
+        self, output: torch.Tensor, stats: NormStats, shape: tuple[int, ...] | None = None,
         keep_normalized: bool = False, dtype: torch.dtype = torch.float32,
     ) -> torch.Tensor:
         """A network output cropped to ``shape``, de-normalized (unless ``keep_normalized``), as ``dtype``."""
-        y = output if shape is None else output[: shape[0], : shape[1]]
+        y = output if shape is None else crop_to(output, shape)
         if not keep_normalized:
             y = y.add(stats.center / stats.scale)
             y.mul_(stats.scale)

@@ -1,11 +1,13 @@
 """Batched tiled inference: frames go in, tiles of several frames share a batch, denoised frames
 come out. Picks the tile and batch size for ``"auto"`` and halves them on out-of-memory errors.
+A frame is a 2-D image or, for a volume model, a 3-D volume (tiles ``[N, 1, D, H, W]``).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -22,6 +24,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CPU_BATCH",
     "CPU_TILE",
+    "CPU_TILE_3D",
     "DeviceArrays",
     "FrameTask",
     "HostArrays",
@@ -35,8 +38,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: ``"auto"`` on the CPU: a fixed tile and batch (speed there hardly depends on them).
+#: ``"auto"`` on the CPU: a fixed tile and batch (speed there hardly depends on them); volumes: 128^3
 CPU_TILE = 1024
+CPU_TILE_3D = 128
 CPU_BATCH = 2
 #: share of the free device memory ``"auto"`` plans to use (the rest: workspaces, fragmentation)
 _MEMORY_SHARE = 0.5
@@ -66,8 +70,8 @@ _ACTIVATION_BYTES: dict[str, float] = {}
 
 
 def activation_bytes_per_pixel(spec: ModelSpec) -> float:
-    """Upper bound of fp32 activation bytes per input pixel: every layer output kept, traced on 'meta'
-    (once per architecture and parameters in a process)."""
+    """Upper bound of fp32 activation bytes per input pixel (voxel): every layer output kept, traced on
+    'meta' (once per architecture and parameters in a process)."""
     key = json.dumps([spec.architecture, spec.params], sort_keys=True, default=str)
     if key not in _ACTIVATION_BYTES:
         _ACTIVATION_BYTES[key] = _trace_activation_bytes(spec)
@@ -89,11 +93,12 @@ def _trace_activation_bytes(spec: ModelSpec) -> float:
 
     hooks = [m.register_forward_hook(count) for m in model.modules() if not list(m.children())]
     side = 8 * spec.stride
+    pixels = side**spec.ndim
     with torch.no_grad():
-        model(torch.empty(1, 1, side, side, device="meta"))
+        model(torch.empty(1, 1, *(side,) * spec.ndim, device="meta"))
     for h in hooks:
         h.remove()
-    return (total + 8 * side * side) / (side * side)
+    return (total + 8 * pixels) / pixels
 
 
 def _free_bytes(device: str) -> int | None:
@@ -109,38 +114,44 @@ def _free_bytes(device: str) -> int | None:
 
 
 def auto_geometry(
-    shape: tuple[int, int], spec: ModelSpec, device: str, tile: int | None, batch: int | None
+    shape: tuple[int, ...], spec: ModelSpec, device: str, tile: int | None, batch: int | None
 ) -> tuple[int, int]:
     """Tile and batch for frames of padded ``shape``: the largest that fit half the free device memory.
 
-    On the CPU (or where free memory is unknown) a fixed :data:`CPU_TILE` / :data:`CPU_BATCH`.
+    On the CPU (or where free memory is unknown) a fixed :data:`CPU_TILE` (volumes :data:`CPU_TILE_3D`)
+    and :data:`CPU_BATCH`.
     """
     free = _free_bytes(device) if device.startswith("cuda") else None
     if free is None:
-        return tile or CPU_TILE, batch or CPU_BATCH
+        return tile or (CPU_TILE if len(shape) == 2 else CPU_TILE_3D), batch or CPU_BATCH
     tile, batch = fit_geometry(shape, spec, free, tile, batch)
     log.info("auto geometry on %s (%.1f GiB free): tile %d, batch %d", device, free / 2**30, tile, batch)
     return tile, batch
 
 
+def _pixels(shape: tuple[int, ...], tile: int) -> int:
+    """Pixels (voxels) of one tile of side ``tile`` in a frame of ``shape``."""
+    return math.prod(min(tile, n) for n in shape)
+
+
 def fit_geometry(
-    shape: tuple[int, int],
+    shape: tuple[int, ...],
     spec: ModelSpec,
     free_bytes: int,
     tile: int | None = None,
     batch: int | None = None,
 ) -> tuple[int, int]:
     """The largest tile (whole frame if possible, else halved) and batch whose activations fit in
-    half of ``free_bytes``; a batch holds at most a 4096^2 frame's worth of pixels."""
+    half of ``free_bytes``; a batch holds at most a 4096^2 frame's worth of pixels (or voxels)."""
     budget = free_bytes * _MEMORY_SHARE
     bpp = activation_bytes_per_pixel(spec)
     if tile is None:
         tile = max(shape)
         floor = min_tile(spec.receptive_radius, spec.stride)
-        while tile > floor and min(tile, shape[0]) * min(tile, shape[1]) * bpp > budget:
+        while tile > floor and _pixels(shape, tile) * bpp > budget:
             tile = max(floor, tile // 2)
     if batch is None:
-        pixels = min(tile, shape[0]) * min(tile, shape[1])
+        pixels = _pixels(shape, tile)
         batch = int(max(1, min(_MAX_AUTO_BATCH, _BATCH_PIXELS // pixels, budget // (pixels * bpp))))
     return tile, batch
 
@@ -184,12 +195,12 @@ class DeviceArrays(HostArrays):
 
 @dataclass(eq=False)
 class FrameTask:
-    """One 2-D frame: normalized and padded to the model stride (numpy or a device tensor);
-    ``output()`` once done."""
+    """One frame (2-D image or 3-D volume): normalized and padded to the model stride (numpy or a
+    device tensor); ``output()`` once done."""
 
     key: Any
     image: Any
-    shape: tuple[int, int]
+    shape: tuple[int, ...]
     plan: TilePlan | None = None
     out: Any = None
     remaining: int = 0
@@ -221,12 +232,12 @@ class TiledEngine:
         self.tile: int | None = None if tile == "auto" else int(tile)
         self.batch: int | None = None if batch == "auto" else int(batch)
         if self.tile is not None:
-            TilePlan.create((self.tile, self.tile), self.tile, self.radius, self.stride)  # rejects too small
+            TilePlan.create((self.tile,), self.tile, self.radius, self.stride)  # rejects too small
         self._pending: list[tuple[FrameTask, int]] = []
         self._buffer = self.arrays.empty((0, 1, 0, 0))
-        self._work: list[tuple[tuple[int, int] | None, int]] | None = None
+        self._work: list[tuple[tuple[int, ...] | None, int]] | None = None
 
-    def limit_to(self, work: list[tuple[tuple[int, int] | None, int]]) -> None:
+    def limit_to(self, work: list[tuple[tuple[int, ...] | None, int]]) -> None:
         """Bound the geometry by the frames to come, ``(frame shape, count)`` each (shape None: unknown,
         each counted as one tile): the tile by their largest stride-padded side, the batch by their
         total tiles (as :func:`~cryodeploy.inference.frames.denoise_image` does), so a partial batch
@@ -300,9 +311,8 @@ class TiledEngine:
         must not depend on how many tiles happened to be left (CPU kernels differ for N=1)."""
         plan = chunk[0][0].plan
         assert plan is not None and self.batch is not None
-        th, tw = plan.tile_shape
-        if self._buffer.shape[0] < self.batch or self._buffer.shape[2:] != (th, tw):
-            self._buffer = self.arrays.empty((self.batch, 1, th, tw))
+        if self._buffer.shape[0] < self.batch or tuple(self._buffer.shape[2:]) != plan.tile_shape:
+            self._buffer = self.arrays.empty((self.batch, 1, *plan.tile_shape))
         buf = self._buffer[: self.batch]
         for k, (frame, i) in enumerate(chunk):
             assert frame.plan is not None

@@ -3,7 +3,7 @@ or ``d.denoise_pairs(...)``.
 
     from cryodeploy import Denoiser
     with Denoiser.load("default", device="auto") as d:
-        clean = d(noisy)                                   # 2-D image or 3-D stack, input's scale
+        clean = d(noisy)                  # 2-D image or 3-D stack; with a volume model a (D, H, W) volume
         summary = d.denoise_files(paths, "denoised/", skip_existing=True)
 """
 
@@ -149,12 +149,17 @@ class Denoiser:
         return self.source.spec
 
     def __call__(self, array: np.ndarray, tile: int | str = "auto", batch: int | str = "auto") -> np.ndarray:
-        """Denoise a 2-D image or a 3-D stack (frames first); same shape, in the input's intensity scale."""
+        """Denoise a 2-D image or a 3-D stack (frames first) with an image model, or a (D, H, W) volume
+        with a volume model (:attr:`spec` ``.ndim`` 3); same shape, in the input's intensity scale."""
         from cryodeploy.inference.jobs import check_geometry
         from cryodeploy.inference.runner import denoise_image
+        from cryodeploy.inference.volumes import denoise_volume
 
         check_geometry(tile, batch)
-        return denoise_image(_check_array(array), self.backend, self.spec, tile=tile, batch=batch)
+        arr = _check_array(array)
+        if self.spec.ndim == 3:
+            return denoise_volume(arr, self.backend, self.spec, tile=tile, batch=batch)
+        return denoise_image(arr, self.backend, self.spec, tile=tile, batch=batch)
 
     def denoise_files(
         self,

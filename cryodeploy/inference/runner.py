@@ -62,6 +62,7 @@ from cryodeploy.inference.jobs import (
     resolve_shard,
 )
 from cryodeploy.inference.pipeline import STAGES, FileBar, Pipeline, frames_in_flight
+from cryodeploy.inference.volumes import run_volumes
 from cryodeploy.io.writers import output_format
 from cryodeploy.progress import progress
 
@@ -122,7 +123,10 @@ def denoise_pairs(
 def _run(
     pairs: list[tuple[Path, Path]], folders: list[Path], backend: Backend, spec: ModelSpec, cfg: RunConfig
 ) -> RunSummary:
-    """Plan and run ``pairs`` into ``folders`` (created first, then cleaned of killed runs' leftovers)."""
+    """Plan and run ``pairs`` into ``folders`` (created first, then cleaned of killed runs' leftovers);
+    a volume model's files go to :func:`~cryodeploy.inference.volumes.run_volumes`."""
+    if spec.ndim == 3:
+        return run_volumes(pairs, folders, backend, spec, cfg)
     io = frames_for(backend, spec, cfg.frame_path, cfg.filters, cfg.movies)
     arrays = DeviceArrays(backend.device) if isinstance(io, DeviceFrames) else None
     engine = TiledEngine(backend, spec, cfg.tile, cfg.batch, arrays)  # rejects a tile too small for the model

@@ -1,4 +1,6 @@
-"""Tile plans: cut an image into overlapping windows whose centres stitch to the whole-image forward.
+"""Tile plans: cut an image (or a volume) into overlapping windows whose centres stitch to the
+whole-image forward. Everything below holds along each axis, so a plan of a (D, H, W) volume
+is the product of its three axes' cuts, as that of an (H, W) image is of two.
 
 Construction (why the result is exact for a convolutional net without downsampling):
 
@@ -7,13 +9,13 @@ Construction (why the result is exact for a convolutional net without downsampli
   layer 2 on (``relu(conv1(0)) = relu(bias) != 0``). So no window ever sticks out of the image:
   a window that reaches a border is shifted inwards until its edge *is* the border, and the
   network's own padding then acts exactly where the whole-image forward applies it.
-- Every window has the same shape ``(min(T, H), min(T, W))``, so tiles of one image (and of
-  images of one size) share a batch.
+- Every window has the same shape ``(min(T, H), min(T, W))`` (and ``min(T, D)`` in 3-D), so
+  tiles of one image (and of images of one size) share a batch.
 - Each window owns a *valid* region (its centre); on sides that are not the image border,
   at least ``halo >= receptive radius`` pixels separate the valid region from the window edge,
   so no output pixel there sees the window's artificial padding.
 
-For a net with total stride ``s`` (a U-Net), H and W are first padded to multiples of ``s``
+For a net with total stride ``s`` (a U-Net), every side is first padded to multiples of ``s``
 by reflection at the bottom/right (:func:`~cryodeploy.imaging.contract.pad_to_stride`, identical for
 whole-image and tiled runs; reflection avoids a step edge in the padded strip), and the tile,
 halo and every window offset are multiples of ``s``, so pooling grids of a tile coincide with
@@ -28,11 +30,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from cryodeploy.errors import ConfigError
-from cryodeploy.imaging.contract import pad_to_stride
+from cryodeploy.imaging.contract import crop_to, pad_to_stride
 
 __all__ = ["Tile", "TilePlan", "halo_for", "min_tile"]
 
-Region = tuple[slice, slice]
+Region = tuple[slice, ...]
 
 
 def halo_for(radius: int, stride: int = 1) -> int:
@@ -71,18 +73,19 @@ def _axis_cuts(n: int, t: int, halo: int) -> list[tuple[int, int, int, int]]:
 
 @dataclass(frozen=True)
 class TilePlan:
-    """The tiling of one image of ``shape`` (padded to ``padded_shape``) into equal windows."""
+    """The tiling of one image or volume of ``shape`` (padded to ``padded_shape``) into equal windows."""
 
-    shape: tuple[int, int]
-    padded_shape: tuple[int, int]
-    tile_shape: tuple[int, int]
+    shape: tuple[int, ...]
+    padded_shape: tuple[int, ...]
+    tile_shape: tuple[int, ...]
     halo: int
     stride: int
     tiles: tuple[Tile, ...]
 
     @classmethod
-    def create(cls, shape: tuple[int, int], tile: int, radius: int, stride: int = 1) -> TilePlan:
-        """Plan tiles of side ``tile`` (rounded down to the stride) for a model of ``radius``/``stride``."""
+    def create(cls, shape: tuple[int, ...], tile: int, radius: int, stride: int = 1) -> TilePlan:
+        """Plan tiles of side ``tile`` (rounded down to the stride; the same along every axis of
+        ``shape``) for a model of ``radius``/``stride``."""
         if stride < 1:
             raise ConfigError(f"model stride must be >= 1, found {stride}")
         halo = halo_for(radius, stride)
@@ -92,19 +95,18 @@ class TilePlan:
                 f"tile {tile} is too small for the model (halo {halo} px each side, stride {stride}): "
                 f"expected at least {min_tile(radius, stride)}"
             )
-        h, w = int(shape[0]), int(shape[1])
-        ph, pw = h + (-h % stride), w + (-w % stride)
-        rows, cols = _axis_cuts(ph, t, halo), _axis_cuts(pw, t, halo)
+        size = tuple(int(n) for n in shape)
+        padded = tuple(n + -n % stride for n in size)
+        axes = [_axis_cuts(n, t, halo) for n in padded]
         tiles = tuple(
             Tile(
-                window=(slice(ys, ye), slice(xs, xe)),
-                valid=(slice(ya, yb), slice(xa, xb)),
-                inner=(slice(ya - ys, yb - ys), slice(xa - xs, xb - xs)),
+                window=tuple(slice(s, e) for s, e, _, _ in cuts),
+                valid=tuple(slice(a, b) for _, _, a, b in cuts),
+                inner=tuple(slice(a - s, b - s) for s, _, a, b in cuts),
             )
-            for ys, ye, ya, yb in rows
-            for xs, xe, xa, xb in cols
+            for cuts in itertools.product(*axes)
         )
-        return cls((h, w), (ph, pw), (min(t, ph), min(t, pw)), halo, stride, tiles)
+        return cls(size, padded, tuple(min(t, n) for n in padded), halo, stride, tiles)
 
     def __len__(self) -> int:
         return len(self.tiles)
@@ -125,5 +127,5 @@ class TilePlan:
         out[t.valid] = result[t.inner]
 
     def crop(self, padded: np.ndarray) -> np.ndarray:
-        """The image-sized top-left part of a padded array."""
-        return padded[: self.shape[0], : self.shape[1]]
+        """The image-sized leading corner of a padded array."""
+        return crop_to(padded, self.shape)

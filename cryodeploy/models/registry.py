@@ -28,6 +28,8 @@ class Architecture:
     description: str
     #: inclusive integer range of each parameter: a config outside it is refused before any allocation
     bounds: dict[str, tuple[int, int]] = field(default_factory=dict)
+    #: spatial dimensions of its input: 2 (images, [N,1,H,W]) or 3 (volumes, [N,1,D,H,W])
+    ndim: int = 2
 
 
 def _cnn3(**params: Any) -> torch.nn.Module:
@@ -40,6 +42,12 @@ def _unet(**params: Any) -> torch.nn.Module:
     from cryodeploy.models.unet import UNet
 
     return UNet(**params)
+
+
+def _unet3d(**params: Any) -> torch.nn.Module:
+    from cryodeploy.models.unet3d import UNet3D
+
+    return UNet3D(**params)
 
 
 def _unet_radius(p: dict[str, Any]) -> int:
@@ -67,6 +75,16 @@ ARCHITECTURES: dict[str, Architecture] = {
         description="small U-Net (Topaz-Denoise unet-small spirit): max-pool down, nearest up, skip concat",
         bounds={"base_channels": (1, 256), "depth": (1, 6)},
     ),
+    "unet3d": Architecture(
+        name="unet3d",
+        build=_unet3d,
+        defaults={"base_channels": 16, "depth": 2},
+        receptive_radius=_unet_radius,
+        stride=lambda p: 2 ** int(p["depth"]),
+        description="small 3-D U-Net for tomograms: the unet with 3x3x3 convs, 2x2x2 max-pool, nearest up",
+        bounds={"base_channels": (1, 128), "depth": (1, 5)},
+        ndim=3,
+    ),
 }
 
 
@@ -84,8 +102,9 @@ def get_architecture(name: str) -> Architecture:
 class ModelSpec:
     """Everything needed to rebuild a model and use it correctly (stored as the checkpoint's JSON).
 
-    ``receptive_radius`` is the number of pixels on each side that influence one output pixel;
-    ``stride`` is the total downsampling, to which tile offsets must align.
+    ``receptive_radius`` is the number of pixels (voxels) on each side, along every axis, that
+    influence one output pixel; ``stride`` is the total downsampling, to which tile offsets must
+    align; ``ndim`` is 2 for image models and 3 for volume models.
     """
 
     architecture: str
@@ -119,9 +138,14 @@ class ModelSpec:
         return get_architecture(self.architecture).stride(self.params)
 
     @property
+    def ndim(self) -> int:
+        """Spatial dimensions of the model's input: 2 (images) or 3 (volumes)."""
+        return get_architecture(self.architecture).ndim
+
+    @property
     def contract(self) -> FrameContract:
         """How this model sees an image: its normalization and stride (:mod:`cryodeploy.imaging.contract`)."""
-        return FrameContract(self.normalization, self.stride)
+        return FrameContract(self.normalization, self.stride, self.ndim)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (format-tagged)."""
@@ -131,6 +155,7 @@ class ModelSpec:
             "params": dict(self.params),
             "receptive_radius": self.receptive_radius,
             "stride": self.stride,
+            "ndim": self.ndim,
             "normalization": self.normalization.to_dict(),
             "noise": dict(self.noise),
             "training": dict(self.training),
@@ -156,7 +181,7 @@ class ModelSpec:
             training=dict(doc.training),
             versions=dict(doc.versions),
         )
-        for key in ("receptive_radius", "stride"):
+        for key in ("receptive_radius", "stride", "ndim"):
             said, has = getattr(doc, key), getattr(spec, key)
             if said is not None and said != has:
                 raise ConfigError(f"model config says {key}={said}, but {spec.architecture} has {has}")

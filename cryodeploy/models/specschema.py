@@ -21,6 +21,7 @@ class ModelDoc(BaseModel):
     params: dict[str, Any] = {}
     receptive_radius: int | None = None
     stride: int | None = None
+    ndim: int | None = None
     normalization: dict[str, Any] = {}
     noise: dict[str, Any] = {}
     training: dict[str, Any] = {}

@@ -38,7 +38,8 @@ class _CudaStaging:
 class TorchBackend(Backend):
     """Eager PyTorch; autocast for fp16/bf16 (fp32 accumulate); optional CUDA graphs.
 
-    Memory layout: channels_last on the CPU and for fp16/bf16 on CUDA; NCHW for fp32 on CUDA,
+    Memory layout: channels_last (volume models: channels_last_3d) on the CPU and for fp16/bf16 on
+    CUDA; NCHW for fp32 on CUDA,
     where cuDNN's fp32 kernels are faster in NCHW (CNN3 at 4096^2 on an H200, TF32 off:
     15.6 ms NCHW vs 23.3 ms channels_last, benchmarks/bench_ort.py).
     """
@@ -49,8 +50,10 @@ class TorchBackend(Backend):
         super().__init__(options)
         self._device = torch.device(options.device)
         self._cuda = self._device.type == "cuda"
+        volumes = any(isinstance(m, torch.nn.Conv3d) for m in module.modules())
+        channels_last = torch.channels_last_3d if volumes else torch.channels_last
         self._layout = (
-            torch.contiguous_format if self._cuda and options.precision == "fp32" else torch.channels_last
+            torch.contiguous_format if self._cuda and options.precision == "fp32" else channels_last
         )
         self._module = module.to(self._device).eval().to(memory_format=self._layout)  # type: ignore[call-overload]
         if options.get("compile", False):  # inductor's graph cache kept across processes

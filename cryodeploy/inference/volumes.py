@@ -1,0 +1,201 @@
+"""Volume models on tomograms: :func:`denoise_volume` in memory, :func:`run_volumes` over MRC files.
+
+The same pieces as for micrographs, in 3-D: the model's
+:class:`~cryodeploy.imaging.contract.FrameContract` (``ndim`` 3), a 3-D
+:class:`~cryodeploy.inference.tiling.TilePlan` whose tiles of one volume share batches
+``[N, 1, D, H, W]``, automatic tile and batch from the free device memory with out-of-memory
+back-off (:class:`~cryodeploy.inference.batching.TiledEngine`), and the file runner's planning
+(shards, ``skip_existing``, ``pull``), claims and atomic outputs (:mod:`cryodeploy.inference.jobs`,
+:mod:`cryodeploy.inference.claims`). Files are processed one at a time, read and written whole
+(:mod:`cryodeploy.io.volumes`; voxel size and origin kept); the reader/writer threads of
+micrographs do not apply.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from cryodeploy.errors import ConfigError, CryoDeployError, InputError, OutputError
+from cryodeploy.inference.batching import DeviceArrays, FrameTask, TiledEngine, auto_geometry, error_text
+from cryodeploy.inference.claims import claim_owner, clean_leftovers, try_claim
+from cryodeploy.inference.frames import uses_device_path
+from cryodeploy.inference.jobs import (
+    Job,
+    RunConfig,
+    RunSummary,
+    file_identity,
+    orphaned_jobs,
+    plan_jobs,
+    resolve_shard,
+)
+from cryodeploy.inference.tiling import TilePlan
+from cryodeploy.files import new_folders_removed_if_empty
+from cryodeploy.io.volumes import read_volume, write_volume
+from cryodeploy.progress import progress
+
+if TYPE_CHECKING:
+    from cryodeploy.backends import Backend
+    from cryodeploy.models import ModelSpec
+
+__all__ = ["MIN_VOLUME_SIDE", "check_volume_model", "denoise_volume", "run_volumes"]
+
+#: smallest accepted side of a volume (tomograms have nz >= 16)
+MIN_VOLUME_SIDE = 16
+
+
+def check_volume_model(spec: ModelSpec, ndim: int, where: str) -> None:
+    """:class:`InputError` naming ``where`` unless data of ``ndim`` axes suits the model: a volume
+    model takes 3-D volumes only; an image model never takes volumes (``ndim`` 3 means a volume)."""
+    if spec.ndim == 3 and ndim != 3:
+        raise InputError(f"{where}: found {ndim}-D data, but {spec.architecture} is a volume model "
+                         "that takes 3-D volumes (D, H, W)")
+    if spec.ndim == 2 and ndim == 3:
+        raise InputError(f"{where}: found a 3-D volume, but {spec.architecture} is a 2-D image model; "
+                         "use a volume model (e.g. unet3d)")
+
+
+def _validate(volume: np.ndarray, where: str) -> None:
+    if min(volume.shape) < MIN_VOLUME_SIDE:
+        size = "x".join(str(n) for n in reversed(volume.shape))
+        raise InputError(f"{where}: volume is {size} voxels, expected at least {MIN_VOLUME_SIDE} a side")
+    lo, hi = float(volume.min()), float(volume.max())
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        n_bad = int(volume.size - np.count_nonzero(np.isfinite(volume)))
+        raise InputError(f"{where}: found {n_bad} NaN/Inf values, expected finite voxels")
+    if lo == hi:
+        raise InputError(f"{where}: volume is constant ({lo:g}), expected non-zero variance")
+
+
+def denoise_volume(
+    volume: np.ndarray,
+    backend: Backend,
+    spec: ModelSpec,
+    tile: int | str = "auto",
+    batch: int | str = "auto",
+    keep_normalized: bool = False,
+    frame_path: str = "auto",
+    where: str = "array",
+) -> np.ndarray:
+    """Denoise a (D, H, W) volume with a volume model; same shape, the input's intensity scale.
+
+    Normalized with the whole volume's statistics, padded to the stride, tiled in 3-D (halo >= the
+    receptive radius, so the result equals the whole-volume forward), de-normalized unless
+    ``keep_normalized``. On the device path (``frame_path``, see
+    :func:`~cryodeploy.inference.frames.uses_device_path`) the volume is copied to the device once.
+    """
+    arr = np.asarray(volume, dtype=np.float32)
+    check_volume_model(spec, arr.ndim, where)
+    _validate(arr, where)
+    on_device = uses_device_path(backend, frame_path)
+    if on_device:
+        import torch
+
+        from cryodeploy.imaging.device import DeviceFrameContract
+
+        with warnings.catch_warnings():  # a read-only array: only read, never written
+            warnings.simplefilter("ignore", UserWarning)
+            frame: Any = torch.from_numpy(np.ascontiguousarray(arr)).to(backend.device)
+        contract: Any = DeviceFrameContract(spec.contract)
+    else:
+        frame, contract = arr, spec.contract
+    padded = tuple(n + -n % spec.stride for n in arr.shape)
+    t, b = auto_geometry(padded, spec, backend.device, None if tile == "auto" else int(tile),
+                         None if batch == "auto" else int(batch))
+    n_tiles = len(TilePlan.create(arr.shape, t, spec.receptive_radius, spec.stride))
+    arrays = DeviceArrays(backend.device) if on_device else None
+    engine = TiledEngine(backend, spec, t, min(b, n_tiles), arrays)  # no larger batch than the work
+    p = contract.prepare(frame)
+    done = engine.add(FrameTask(0, p.image, p.shape)) + engine.flush()
+    task = done[0]
+    if task.error is not None:
+        raise task.error
+    out = contract.finish(task.output(), p.stats, keep_normalized=keep_normalized)
+    return np.asarray(out.cpu().numpy()) if on_device else np.asarray(out)
+
+
+def _check_config(cfg: RunConfig) -> None:
+    unsupported = [
+        (cfg.output_format != "mrc", f"output format {cfg.output_format}"),
+        (cfg.output_dtype != "float32", f"output dtype {cfg.output_dtype}"),
+        (cfg.filters.active, "filters"),
+        (cfg.movies is not None, "movies"),
+        (cfg.preview, "preview"),
+    ]
+    for bad, what in unsupported:
+        if bad:
+            raise ConfigError(f"{what}: not supported for volumes (volume models write float32 MRC)")
+
+
+def _one(job: Job, backend: Backend, spec: ModelSpec, cfg: RunConfig) -> None:
+    res = job.result
+    t0 = time.perf_counter()
+    claim = try_claim(job.output)
+    if claim is None:
+        res.status, res.error = "skipped", f"being written by another process (PID {claim_owner(job.output)})"
+        return
+    try:
+        if file_identity(job.output) != job.planned:
+            res.status, res.error = "skipped", "written by another process during this run"
+            return
+        data, voxel, origin = read_volume(job.input)
+        res.frames, res.bytes_in = 1, job.input.stat().st_size
+        out = denoise_volume(data, backend, spec, cfg.tile, cfg.batch, cfg.keep_normalized, cfg.frame_path,
+                             where=str(job.input))
+        del data
+        write_volume(job.output, out, voxel, origin, protect=(job.input,))
+        res.status, res.bytes_out = "done", job.output.stat().st_size
+    except (CryoDeployError, MemoryError) as err:
+        res.status, res.error = "failed", str(err) if isinstance(err, CryoDeployError) else (
+            f"{job.input}: out of memory ({err})")
+    except Exception as err:  # a backend's own error type: this file fails, the run goes on
+        res.status, res.error = "failed", f"{job.input}: {error_text(err, backend.label)}"
+    finally:
+        claim.release()
+        res.seconds = time.perf_counter() - t0
+
+
+def run_volumes(pairs: list[tuple[Path, Path]], folders: list[Path], backend: Backend, spec: ModelSpec,
+                cfg: RunConfig) -> RunSummary:
+    """Denoise each (input volume, output path) pair with a volume model, one file at a time; never
+    raises for one bad file (its outcome is in the summary). Folders are created first (and removed
+    again if every input failed)."""
+    _check_config(cfg)
+    TiledEngine(backend, spec, cfg.tile, cfg.batch)  # rejects a tile too small for the model
+    with new_folders_removed_if_empty(*folders):
+        return _run_in(pairs, folders, backend, spec, cfg)
+
+
+def _run_in(pairs: list[tuple[Path, Path]], folders: list[Path], backend: Backend, spec: ModelSpec,
+            cfg: RunConfig) -> RunSummary:
+    for folder in folders:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise OutputError(f"{folder}: cannot create the output folder ({err.strerror or err})") from err
+    jobs = plan_jobs(pairs, cfg)
+    for folder in folders:
+        clean_leftovers(folder)
+    start = time.perf_counter()
+    with progress(len(jobs), "denoise", cfg.quiet) as bar:
+        todo = [j for j in jobs if j.result.status == "pending"]
+        bar.advance(len(jobs) - len(todo))
+        while todo:
+            for job in todo:
+                _one(job, backend, spec, cfg)
+                bar.advance(1)
+            todo = orphaned_jobs(jobs) if cfg.pull else []  # their claimer died: finish them here
+            bar.advance(-len(todo))
+    summary = RunSummary(files=[j.result for j in jobs], seconds=time.perf_counter() - start,
+                         backend=backend.label,
+                         shard=(0, 1) if cfg.pull else resolve_shard(cfg.shard if isinstance(cfg.shard, tuple)
+                                                                     else None),
+                         tile=None if cfg.tile == "auto" else int(cfg.tile),
+                         batch=None if cfg.batch == "auto" else int(cfg.batch))
+    if cfg.summary is not None:
+        summary.write(cfg.summary)
+    return summary
