@@ -53,7 +53,7 @@ __all__ = ["DeviceFrames", "FilteredHostFrames", "HostFrames", "Prepared", "deno
            "min_input_size", "uses_device_path"]
 
 #: (normalized padded image, frame shape, statistics) of one frame
-Prepared = tuple[Any, tuple[int, int], "NormStats"]
+Prepared = tuple[Any, tuple[int, ...], "NormStats"]
 
 
 def uses_device_path(backend: Backend, frame_path: str) -> bool:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cryodeploy.errors import ConfigError, CryoDeployError, InputError, OutputError
+from cryodeploy.files import new_folders_removed_if_empty
 from cryodeploy.inference.batching import DeviceArrays, FrameTask, TiledEngine, auto_geometry, error_text
 from cryodeploy.inference.claims import claim_owner, clean_leftovers, try_claim
 from cryodeploy.inference.frames import uses_device_path
@@ -34,7 +35,6 @@ from cryodeploy.inference.jobs import (
     resolve_shard,
 )
 from cryodeploy.inference.tiling import TilePlan
-from cryodeploy.files import new_folders_removed_if_empty
 from cryodeploy.io.volumes import read_volume, write_volume
 from cryodeploy.progress import progress
 
@@ -49,14 +49,14 @@ MIN_VOLUME_SIDE = 16
 
 
 def check_volume_model(spec: ModelSpec, ndim: int, where: str) -> None:
-    """:class:`InputError` naming ``where`` unless data of ``ndim`` axes suits the model: a volume
-    model takes 3-D volumes only; an image model never takes volumes (``ndim`` 3 means a volume)."""
-    if spec.ndim == 3 and ndim != 3:
+    """:class:`InputError` naming ``where`` unless ``spec`` is a volume model and the data has 3 axes.
+    (Image models refuse volume files where they are read, :func:`cryodeploy.io.mrc.read_header`.)"""
+    if spec.ndim != 3:
+        raise InputError(f"{where}: {spec.architecture} is a 2-D image model, expected a volume model "
+                         "(e.g. unet3d) for volumes")
+    if ndim != 3:
         raise InputError(f"{where}: found {ndim}-D data, but {spec.architecture} is a volume model "
                          "that takes 3-D volumes (D, H, W)")
-    if spec.ndim == 2 and ndim == 3:
-        raise InputError(f"{where}: found a 3-D volume, but {spec.architecture} is a 2-D image model; "
-                         "use a volume model (e.g. unet3d)")
 
 
 def _validate(volume: np.ndarray, where: str) -> None:

@@ -1,0 +1,152 @@
+"""Volume models on tomograms: 3-D tiling equals the whole-volume forward, the API and the file runner."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cryodeploy import Denoiser
+from cryodeploy.backends import BackendOptions
+from cryodeploy.backends.base import Backend
+from cryodeploy.backends.torch import TorchBackend
+from cryodeploy.errors import ConfigError, InputError
+from cryodeploy.imaging.contract import pad_to_stride
+from cryodeploy.imaging.normalize import denormalize, norm_stats, normalize
+from cryodeploy.inference.batching import activation_bytes_per_pixel, fit_geometry
+from cryodeploy.inference.runner import RunConfig, denoise_files
+from cryodeploy.inference.tiling import TilePlan, min_tile
+from cryodeploy.inference.volumes import denoise_volume
+from cryodeploy.io.volumes import read_volume, write_volume
+from cryodeploy.models import ModelSpec, build_model
+from cryodeploy.models.checkpoint import save_checkpoint
+
+SHAPE = (37, 50, 61)  # no side a multiple of the stride 4
+
+
+@pytest.fixture(scope="module")
+def volume_model(tmp_path_factory):
+    torch.manual_seed(0)
+    spec = ModelSpec("unet3d", params={"base_channels": 4, "depth": 2})
+    model = build_model(spec).eval()
+    return model, spec, save_checkpoint(tmp_path_factory.mktemp("v") / "unet3d.safetensors", model, spec)
+
+
+@pytest.fixture
+def volume(rng) -> np.ndarray:
+    return (rng.standard_normal(SHAPE) * 20 + 300).astype(np.float32)
+
+
+def _whole(model, vol: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.from_numpy(np.ascontiguousarray(vol))[None, None])[0, 0].numpy()
+
+
+@pytest.mark.parametrize(("shape", "tile", "radius", "stride"), [
+    ((37, 50, 61), 56, 24, 4), ((20, 33, 17), 8, 3, 1), ((16, 16, 100), 40, 10, 2),
+])
+def test_3d_plan_partitions_the_volume_with_aligned_windows(shape, tile, radius, stride) -> None:
+    plan = TilePlan.create(shape, tile, radius, stride)
+    assert plan.padded_shape == tuple(n + -n % stride for n in shape) and len(plan.tile_shape) == 3
+    owner = np.zeros(plan.padded_shape, np.int32)
+    for t in plan.tiles:
+        owner[t.valid] += 1
+        for w, v, n, s in zip(t.window, t.valid, plan.padded_shape, plan.tile_shape, strict=True):
+            assert w.start % stride == 0 and w.stop - w.start == s
+            assert v.start == 0 or v.start - w.start >= plan.halo  # a halo where not a border
+            assert v.stop == n or w.stop - v.stop >= plan.halo
+    assert (owner == 1).all()
+
+
+def test_tiled_volume_equals_whole_volume_forward(volume_model, volume) -> None:
+    model, spec, _ = volume_model
+    stats = norm_stats(volume, spec.normalization)
+    ref = _whole(model, pad_to_stride(normalize(volume, stats), 4))[:37, :50, :61]
+    with TorchBackend(model, BackendOptions()) as backend:
+        for tile, batch, n in ((min_tile(spec.receptive_radius, spec.stride), 3, 4), (56, 2, 2), (64, 1, 1)):
+            assert len(TilePlan.create(SHAPE, tile, spec.receptive_radius, spec.stride)) == n
+            got = denoise_volume(volume, backend, spec, tile=tile, batch=batch, keep_normalized=True)
+            assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
+        whole = denoise_volume(volume, backend, spec, tile=64, batch=1)
+    np.testing.assert_allclose(whole, denormalize(ref, stats), rtol=0, atol=1e-3)
+
+
+class _Limited(Backend):
+    """The real torch backend on a device that holds at most ``limit`` voxels per batch."""
+
+    name = "limited"
+
+    def __init__(self, inner: TorchBackend, limit: int) -> None:
+        super().__init__(inner.options)
+        self.inner, self.limit, self.calls = inner, limit, []
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        self.calls.append(batch.shape)
+        if batch.size > self.limit:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return self.inner.run(batch)
+
+
+def test_out_of_memory_halves_batch_then_tile_on_volumes(rng) -> None:
+    volume = rng.standard_normal((24, 24, 72)).astype(np.float32)
+    torch.manual_seed(0)
+    spec = ModelSpec("unet3d", params={"base_channels": 4, "depth": 1})  # radius 10: a 24^3 tile is valid
+    with TorchBackend(build_model(spec), BackendOptions()) as backend:
+        ref = denoise_volume(volume, backend, spec, tile=64, batch=1)
+        limited = _Limited(backend, limit=24 * 24 * 48 - 1)
+        got = denoise_volume(volume, limited, spec, tile=48, batch=2)  # 2 tiles of 24x24x48
+    assert limited.calls[:3] == [(2, 1, 24, 24, 48), (1, 1, 24, 24, 48), (1, 1, 24, 24, 24)]
+    assert set(limited.calls[4:]) == {(1, 1, 24, 24, 24)}
+    assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+def test_auto_geometry_fits_volume_tiles_to_free_memory(volume_model) -> None:
+    """Half the free memory holds one batch's activations (218.5 bytes per voxel for base 4, depth 2)."""
+    _, spec, _ = volume_model
+    assert activation_bytes_per_pixel(spec) == 218.5
+    assert fit_geometry((256, 1024, 1024), spec, free_bytes=8 << 30) == (256, 1)  # 256^3: 3.7 GB of 4.3
+    assert fit_geometry((256, 1024, 1024), spec, free_bytes=140 << 30) == (1024, 1)  # the whole tomogram
+    assert fit_geometry((40, 52, 64), spec, free_bytes=8 << 30) == (64, 8)
+
+
+def test_denoiser_takes_volumes_and_refuses_the_wrong_dimensionality(volume_model, volume, cnn3_checkpoint,
+                                                                    tmp_path) -> None:
+    model, spec, path = volume_model
+    with Denoiser.load(path, device="cpu") as d:
+        got = d(volume, tile=56, batch=2)
+        assert got.shape == SHAPE and got.dtype == np.float32
+        with TorchBackend(model, BackendOptions()) as backend:
+            np.testing.assert_array_equal(got, denoise_volume(volume, backend, spec, tile=56, batch=2))
+        with pytest.raises(InputError, match=r"found 2-D data, but unet3d is a volume model"):
+            d(volume[0])
+    write_volume(tmp_path / "tomo.mrc", volume, (1.0, 1.0, 1.0), (0.0, 0.0, 0.0))
+    with Denoiser.load(cnn3_checkpoint, device="cpu") as d2:
+        assert d2(volume[:, :32, :32]).shape == (37, 32, 32)  # an image model: a 3-D array is a stack
+        summary = d2.denoise_files([tmp_path / "tomo.mrc"], tmp_path / "out", quiet=True)
+        assert "tomo.mrc: found a 3-D volume (61x50x37, space group 1)" in (summary.files[0].error or "")
+        with pytest.raises(InputError, match="cnn3 is a 2-D image model"):
+            denoise_volume(volume, d2.backend, d2.spec)
+
+
+def test_denoise_files_on_mrc_volumes_keeps_geometry_skips_existing(tmp_path, volume_model, volume) -> None:
+    model, spec, _ = volume_model
+    src = tmp_path / "in"
+    src.mkdir()
+    write_volume(src / "a.rec", volume, (4.0, 4.0, 5.0), (10.0, 20.0, 30.0))
+    write_volume(src / "b.mrc", volume[::-1], (4.0, 4.0, 4.0), (0.0, 0.0, 0.0))
+    (src / "c.mrc").write_bytes(b"not an mrc file")
+    out = tmp_path / "out"
+    with TorchBackend(model, BackendOptions()) as backend:
+        summary = denoise_files(sorted(src.iterdir()), out, backend, spec, RunConfig(tile=56, quiet=True))
+        assert [f.status for f in summary.files] == ["done", "done", "failed"]
+        assert "c.mrc: not a readable MRC file" in (summary.files[2].error or "")
+        data, voxel, origin = read_volume(out / "a.rec")
+        assert (voxel, origin) == ((4.0, 4.0, 5.0), (10.0, 20.0, 30.0))
+        np.testing.assert_array_equal(data, denoise_volume(volume, backend, spec, tile=56))
+        again = denoise_files(sorted(src.iterdir()), out, backend, spec,
+                              RunConfig(tile=56, quiet=True, skip_existing=True, shard=(0, 2)))
+        assert [(f.input.split("/")[-1], f.status) for f in again.files] == [("a.rec", "skipped"),
+                                                                             ("c.mrc", "failed")]
+        with pytest.raises(ConfigError, match="output format tiff: not supported for volumes"):
+            denoise_files([src / "a.rec"], tmp_path / "o2", backend, spec, RunConfig(output_format="tiff"))
+    assert sorted(p.name for p in out.iterdir()) == ["a.rec", "b.mrc"]  # no temporary or claim files left
