@@ -93,12 +93,14 @@ def denoise(
     movies: bool, gain: Path | None, keep_normalized: bool, project_dir: Path | None,
     cuda_graphs: bool, quiet: bool,
 ) -> None:
-    """Denoise micrographs INPUTS (.mrc/.mrcs files, quoted globs, folders, RELION STAR files) into OUTDIR."""
+    """Denoise micrographs INPUTS (.mrc/.mrcs files, quoted globs, folders, RELION STAR files) into OUTDIR;
+    with a volume model (unet3d), tomograms (.mrc/.rec)."""
     from cryodeploy.imaging.filters import FrameFilters
     from cryodeploy.imaging.movies import MOVIE_SUFFIXES, MovieConfig
     from cryodeploy.inference.denoiser import Denoiser
     from cryodeploy.inference.runner import RunConfig
     from cryodeploy.io.inputs import MICROGRAPH_SUFFIXES, expand_inputs
+    from cryodeploy.io.volumes import VOLUME_SUFFIXES
 
     config = RunConfig(
         tile=size_or_auto(tile, "--tile"), batch=size_or_auto(batch, "--batch"), output_dtype=output_dtype,  # type: ignore[arg-type]
@@ -110,10 +112,11 @@ def denoise(
     )
     if gain is not None and not movies:
         raise click.UsageError("--gain needs --movies")
-    paths = expand_inputs(list(inputs), project_dir, MOVIE_SUFFIXES if movies else MICROGRAPH_SUFFIXES)
     extra = {"cuda_graphs": True} if cuda_graphs else {}
     with _sigterm_interrupts(), Denoiser.load(list(models), device=device, backend=backend,
                                               precision=precision, threads=threads, **extra) as d:
+        suffixes = VOLUME_SUFFIXES if d.spec.ndim == 3 else MOVIE_SUFFIXES if movies else MICROGRAPH_SUFFIXES
+        paths = expand_inputs(list(inputs), project_dir, suffixes)
         result = d.denoise_files(paths, outdir, config)
         label = d.backend.label
     for f in result.files:
