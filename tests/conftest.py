@@ -58,6 +58,19 @@ def unet_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "unet.safetensors", model, spec)
 
 
+@pytest.fixture(scope="session")
+def unet3d_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A seeded, randomly initialised small 3-D U-Net (base 4, depth 2: radius 24, stride 4) checkpoint."""
+    import torch
+
+    from cryodeploy.models import ModelSpec, build_model
+    from cryodeploy.models.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    spec = ModelSpec("unet3d", params={"base_channels": 4, "depth": 2})
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "unet3d.safetensors", build_model(spec), spec)
+
+
 @pytest.fixture
 def shared_data() -> Path:
     """The real micrographs in ../shared/data (tests using it skip if the folder is absent)."""

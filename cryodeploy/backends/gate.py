@@ -2,7 +2,8 @@
 
 The arithmetic (:func:`fp16_gate`) is pure; :func:`denoising_psnr` measures any
 :class:`~cryodeploy.backends.Backend` on calibration pairs (noisy input, clean target), which
-:func:`synthetic_calibration` draws from :mod:`cryodeploy.imaging.synth` with the model's noise model.
+:func:`synthetic_calibration` draws from :mod:`cryodeploy.imaging.synth` with the model's noise model
+(for volume models: volumes of random Gaussian densities, :func:`clean_volume`).
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ if TYPE_CHECKING:
     from cryodeploy.backends.base import Backend
     from cryodeploy.models import ModelSpec
 
-__all__ = ["CalibrationPair", "GateResult", "denoising_psnr", "fp16_gate", "synthetic_calibration"]
+__all__ = ["CalibrationPair", "GateResult", "clean_volume", "denoising_psnr", "fp16_gate",
+           "synthetic_calibration"]
 
-#: (noisy input, clean target): 2-D float32 images on the same intensity scale.
+#: (noisy input, clean target): float32 images (volume models: volumes) on the same intensity scale.
 CalibrationPair = tuple[np.ndarray, np.ndarray]
 
 
@@ -74,11 +76,24 @@ def fp16_gate(psnr_fp32: float, psnr_fp16: float, max_drop_db: float = 0.1, samp
     return GateResult(float(psnr_fp32), float(psnr_fp16), float(max_drop_db), samples)
 
 
+def clean_volume(rng: np.random.Generator, shape: tuple[int, ...], count: int = 24) -> np.ndarray:
+    """A clean float32 volume of ``shape`` on [0, 1]: ``count`` Gaussian densities of random
+    position and width (2 to 6 voxels) on a constant background."""
+    grids = np.ogrid[tuple(slice(0, n) for n in shape)]
+    vol = np.zeros(shape, np.float64)
+    for _ in range(count):
+        centre = [rng.uniform(0, n) for n in shape]
+        width = rng.uniform(2.0, 6.0)
+        vol += np.exp(-sum((g - c) ** 2 for g, c in zip(grids, centre, strict=True)) / (2 * width**2))
+    return (0.8 - 0.6 * vol / vol.max()).astype(np.float32)
+
+
 def synthetic_calibration(
-    spec: ModelSpec, shape: tuple[int, int], count: int = 4, seed: int = 0
+    spec: ModelSpec, shape: tuple[int, ...], count: int = 4, seed: int = 0
 ) -> list[CalibrationPair]:
-    """``count`` synthetic micrographs of ``shape`` with their clean targets, noised with the
-    model's own noise model (its ``spec.noise``; the default Poisson + Gaussian if it has none)."""
+    """``count`` synthetic micrographs (or, for a 3-D ``shape``, volumes) of ``shape`` with their clean
+    targets, noised with the model's own noise model (its ``spec.noise``; the default Poisson +
+    Gaussian if it has none)."""
     from cryodeploy.imaging.noise import NoiseSpec, add_noise
     from cryodeploy.imaging.synth import render_clean
 
@@ -88,7 +103,7 @@ def synthetic_calibration(
     rng = np.random.default_rng(seed)
     pairs = []
     for _ in range(count):
-        clean = render_clean(rng, shape)
+        clean = render_clean(rng, (shape[0], shape[1])) if len(shape) == 2 else clean_volume(rng, shape)
         pairs.append((add_noise(clean, noise, rng), clean))
     return pairs
 
@@ -96,9 +111,9 @@ def synthetic_calibration(
 def denoising_psnr(backend: Backend, spec: ModelSpec, pairs: list[CalibrationPair]) -> float:
     """Mean PSNR (dB) of ``backend``'s whole-image denoising against the clean targets.
 
-    Each noisy image goes through the model's image contract as one ``[1, 1, H, W]``
-    batch (normalized, padded to stride, cropped, de-normalized) and is scored with the
-    target's value range as the data range.
+    Each noisy image goes through the model's image contract as one ``[1, 1, H, W]`` batch
+    (a volume as ``[1, 1, D, H, W]``; normalized, padded to stride, cropped, de-normalized) and is
+    scored with the target's value range as the data range.
     """
     from cryodeploy.imaging.metrics import psnr
 

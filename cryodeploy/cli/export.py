@@ -57,7 +57,7 @@ def export(
     source = load_source(checkpoint)
     if trt:
         build = BuildConfig.from_options(precision or "both", shapes, workspace or 2048, allow_accuracy_loss,
-                                         source.spec.stride)
+                                         source.spec.stride, source.spec.ndim)
     try:
         outdir.mkdir(parents=True, exist_ok=True)
     except OSError as err:

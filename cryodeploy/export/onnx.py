@@ -1,11 +1,12 @@
 """ONNX export: a checkpoint becomes ``model.onnx`` that carries everything needed to use it.
 
 The graph takes ``input`` ``[batch, 1, height, width]`` float32 (normalized micrograph tiles;
-height and width multiples of the model's stride) and returns ``output`` of the same shape;
-batch, height and width are dynamic. ``metadata_props`` hold the architecture, its parameters,
-receptive radius, stride, normalization, the source checkpoint's sha256, the cryodeploy
-version, and the full :class:`~cryodeploy.models.ModelSpec` as JSON under ``model_spec``, so
-:func:`read_onnx_spec` rebuilds the spec without the checkpoint.
+height and width multiples of the model's stride; a volume model's ``[batch, 1, depth, height,
+width]``) and returns ``output`` of the same shape; batch and every side are dynamic.
+``metadata_props`` hold the architecture, its parameters, receptive radius, stride,
+normalization, the source checkpoint's sha256, the cryodeploy version, and the full
+:class:`~cryodeploy.models.ModelSpec` as JSON under ``model_spec``, so :func:`read_onnx_spec`
+rebuilds the spec without the checkpoint.
 """
 
 from __future__ import annotations
@@ -56,7 +57,11 @@ INPUT_NAME = "input"
 OUTPUT_NAME = "output"
 #: metadata key holding the full ModelSpec JSON (written last, so a cut-off file loses it)
 SPEC_KEY = "model_spec"
-_AXES = {0: "batch", 2: "height", 3: "width"}
+#: the dynamic axes of the input and output, by the model's spatial dimensions
+_AXES = {2: {0: "batch", 2: "height", 3: "width"}, 3: {0: "batch", 2: "depth", 3: "height", 4: "width"}}
+_LAYOUTS = {2: "NCHW float32 [batch,1,height,width], normalized; height and width multiples of stride",
+            3: "NCDHW float32 [batch,1,depth,height,width], normalized; depth, height and width multiples "
+               "of stride"}
 #: an export must reproduce PyTorch to this relative error (max|a-b| / max|b|) on a random input
 VERIFY_RTOL = 1e-5
 
@@ -72,7 +77,7 @@ def _example_input(spec: ModelSpec) -> torch.Tensor:
     import torch
 
     step = max(spec.stride, 16)
-    return torch.zeros(1, 1, 3 * step, 2 * step)
+    return torch.zeros(1, 1, *(2 * step,) * (spec.ndim - 2), 3 * step, 2 * step)
 
 
 def _torch_export(module: torch.nn.Module, example: torch.Tensor, path: Path, opset: int) -> None:
@@ -83,7 +88,8 @@ def _torch_export(module: torch.nn.Module, example: torch.Tensor, path: Path, op
         # one also works (verified on torch 2.13) but takes ~4 s and only writes opset >= 18 natively
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", FutureWarning)
-        axes = {INPUT_NAME: _AXES, OUTPUT_NAME: _AXES}
+        dims = _AXES[example.dim() - 2]
+        axes = {INPUT_NAME: dims, OUTPUT_NAME: dims}
         torch.onnx.export(
             module, (example,), str(path), dynamo=False, opset_version=opset,
             input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_axes=axes,
@@ -102,7 +108,7 @@ def _metadata(src: ModelSource, verified: str) -> dict[str, str]:
         "source_sha256": src.sha256,
         "cryodeploy_version": __version__,
         "precision": "fp32",
-        "layout": "NCHW float32 [batch,1,height,width], normalized; height and width multiples of stride",
+        "layout": _LAYOUTS[spec.ndim],
         "verified": verified,
         SPEC_KEY: json.dumps(spec.to_dict(), sort_keys=True),
     }
@@ -133,10 +139,12 @@ def _check(model: onnx.ModelProto, where: Path) -> None:
         raise ModelError(f"{where}: exported graph fails onnx.checker ({str(err).splitlines()[0]})") from err
 
 
-def verify_shape(spec: ModelSpec) -> tuple[int, int, int, int]:
-    """The random input used to verify an export: batch 2, non-square, odd sides unless the stride forbids."""
+def verify_shape(spec: ModelSpec) -> tuple[int, ...]:
+    """The random input used to verify an export: batch 2, non-square, odd sides unless the stride
+    forbids (volumes: 23 x 37 x 29 before rounding up to the stride)."""
     s = spec.stride
-    return (2, 1, -(-67 // s) * s, -(-45 // s) * s)
+    sides = (67, 45) if spec.ndim == 2 else (23, 37, 29)
+    return (2, 1, *(-(-n // s) * s for n in sides))
 
 
 def _verify(graph: onnx.ModelProto, module: torch.nn.Module, spec: ModelSpec, where: Path) -> str:
@@ -353,7 +361,7 @@ def convert_fp16(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Pa
 
 
 def check_against_torch(
-    onnx_model: str | os.PathLike[str] | bytes, module: torch.nn.Module, shape: tuple[int, int, int, int],
+    onnx_model: str | os.PathLike[str] | bytes, module: torch.nn.Module, shape: tuple[int, ...],
     rng: np.random.Generator,
 ) -> float:
     """Relative error ``max|onnx - torch| / max|torch|`` of ONNX Runtime (CPU, fp32) against ``module``

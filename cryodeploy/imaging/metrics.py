@@ -39,13 +39,15 @@ __all__ = [
 DEFAULT_SIGMAS = (0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)
 
 
-def _pair(pred: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _pair(pred: np.ndarray, target: np.ndarray, volumes: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Both as float64, of one shape: 2-D images (or, where ``volumes``, also 3-D volumes)."""
     a = np.asarray(pred, dtype=np.float64)
     b = np.asarray(target, dtype=np.float64)
     if a.shape != b.shape:
         raise InputError(f"images differ in shape: found {a.shape} and {b.shape}, expected equal shapes")
-    if a.ndim != 2:
-        raise InputError(f"found a {a.ndim}-D array, expected a 2-D image")
+    if a.ndim != 2 and not (volumes and a.ndim == 3):
+        want = "a 2-D image or a 3-D volume" if volumes else "a 2-D image"
+        raise InputError(f"found a {a.ndim}-D array, expected {want}")
     return a, b
 
 
@@ -57,8 +59,8 @@ def _data_range(target: np.ndarray, data_range: float | None) -> float:
 
 
 def mse(pred: np.ndarray, target: np.ndarray) -> float:
-    """Mean squared error."""
-    a, b = _pair(pred, target)
+    """Mean squared error (of images or volumes)."""
+    a, b = _pair(pred, target, volumes=True)
     return float(np.mean((a - b) ** 2))
 
 
@@ -69,8 +71,8 @@ def rmse(pred: np.ndarray, target: np.ndarray) -> float:
 
 def psnr(pred: np.ndarray, target: np.ndarray, data_range: float | None = None) -> float:
     """Peak signal-to-noise ratio in dB: ``10 log10(R^2 / MSE)``, R = ``target.max() - target.min()``
-    unless ``data_range`` is given; ``inf`` for identical images."""
-    a, b = _pair(pred, target)
+    unless ``data_range`` is given; ``inf`` for identical images (or volumes)."""
+    a, b = _pair(pred, target, volumes=True)
     r = _data_range(b, data_range)
     err = float(np.mean((a - b) ** 2))
     return float("inf") if err == 0 else float(10.0 * np.log10(r * r / err))

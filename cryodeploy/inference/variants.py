@@ -82,14 +82,16 @@ def measure_variants(
     source: ModelSource, device: str, size: int = 1024, repeats: int = 5, calibration: int = 2,
     candidates: tuple[Candidate, ...] = CANDIDATES,
 ) -> list[Trial]:
-    """Time every available candidate on a ``size``^2 batch and check it against eager fp32
+    """Time every available candidate on a ``size``^2 batch (volume models: ``(size/8)``^3) and check it
+    against eager fp32
     (outputs on that batch; denoising PSNR on ``calibration`` synthetic micrographs for fp16)."""
     from cryodeploy.backends import BackendOptions, availability, create_backend
     from cryodeploy.backends.gate import denoising_psnr, fp16_gate, synthetic_calibration
 
     cuda = device.startswith("cuda")
-    x = np.random.default_rng(0).standard_normal((1, 1, size, size), dtype=np.float32)
-    pairs = synthetic_calibration(source.spec, (size // 2, size // 2), calibration)
+    side = (size,) * 2 if source.spec.ndim == 2 else (size // 8,) * 3  # volume models: 128^3 for 1024
+    x = np.random.default_rng(0).standard_normal((1, 1, *side), dtype=np.float32)
+    pairs = synthetic_calibration(source.spec, tuple(n // 2 for n in side), calibration)
     ref_out: np.ndarray | None = None
     ref_psnr = 0.0
     trials: list[Trial] = []

@@ -1,6 +1,6 @@
 """Cross-backend parity: every available backend and precision denoises the same whole micrographs
-through the runner, and the written outputs are compared with each other and with a float64
-PyTorch reference.
+(volume models: tomograms, each one frame) through the runner, and the written outputs are
+compared with each other and with a float64 PyTorch reference.
 
 Definitions (per micrograph, all frames of a stack together; the report keeps the worst file):
 
@@ -38,6 +38,7 @@ from cryodeploy.backends.registry import auto_device_options
 from cryodeploy.errors import BackendUnavailable, ConfigError, CryoDeployError, ModelError
 from cryodeploy.imaging.normalize import NormStats, norm_stats
 from cryodeploy.io.mrc import read_micrograph
+from cryodeploy.io.volumes import read_volume
 
 if TYPE_CHECKING:
     import torch
@@ -201,7 +202,11 @@ def compare_arrays(a: np.ndarray, b: np.ndarray) -> tuple[float, float, float]:
     return max_abs, rel, psnr
 
 
-def _frames(data: np.ndarray) -> np.ndarray:
+def _frames(path: str | os.PathLike[str], ndim: int) -> np.ndarray:
+    """The frames of a micrograph (``ndim`` 2: its images) or of a volume (``ndim`` 3: one volume)."""
+    if ndim == 3:
+        return read_volume(path)[0][None]
+    data = read_micrograph(path).data
     return data.reshape(-1, *data.shape[-2:])
 
 
@@ -283,16 +288,17 @@ def _measure(
     for p in pairs:
         p.psnr = float("inf")
     for path in inputs:
-        frames = _frames(read_micrograph(path).data)
+        ndim = source.spec.ndim
+        frames = _frames(path, ndim)
         stats = [norm_stats(f, source.spec.normalization) for f in frames]
-        out = {v.label: _frames(read_micrograph(v.outputs[str(path)]).data) for v in done}
+        out = {v.label: _frames(v.outputs[str(path)], ndim) for v in done}
         if module is not None:
             out[REFERENCE] = _reference(module, frames, stats, source.spec.contract)
         for p in pairs:
             max_abs, rel, pair_psnr = compare_arrays(out[p.a], out[p.b])
             p.max_abs, p.rel, p.psnr = max(p.max_abs, max_abs), max(p.rel, rel), min(p.psnr, pair_psnr)
         if targets is not None:
-            clean = _frames(read_micrograph(targets[path]).data).astype(np.float64)
+            clean = _frames(targets[path], ndim).astype(np.float64)
             for v in done:
                 y = out[v.label].astype(np.float64)
                 per_frame = [psnr(y[i] * s.scale + s.center, clean[i], data_range=float(np.ptp(clean[i])))

@@ -91,12 +91,12 @@ def test_plan_batches_splits_above_max_and_pads_below_min() -> None:
 
 
 def test_profile_require_names_the_engine_and_the_ranges() -> None:
-    PROFILE.require(4, 256, 64, "x.engine")
+    PROFILE.require(4, (256, 64), "x.engine")
     with pytest.raises(ModelError, match=r"x.engine: found batch 1 of 512x512 tiles, expected batch 1..4 "
                                          r"and tiles 64x64..256x256"):
-        PROFILE.require(1, 512, 512, "x.engine")
+        PROFILE.require(1, (512, 512), "x.engine")
     with pytest.raises(ModelError, match="found batch 5"):
-        PROFILE.require(5, 128, 128, "x.engine")
+        PROFILE.require(5, (128, 128), "x.engine")
 
 
 def test_profile_from_engine_input_shapes() -> None:

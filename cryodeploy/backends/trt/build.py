@@ -111,7 +111,7 @@ def _gate(fp32: EngineRecord, fp16: EngineRecord, spec: ModelSpec, config: Build
     from cryodeploy.backends.base import BackendOptions
     from cryodeploy.backends.trt.runner import TrtBackend
 
-    tile = (fp16.key.profile.opt[1], fp16.key.profile.opt[2])
+    tile = fp16.key.profile.opt[1:]
     pairs = list(config.calibration) or synthetic_calibration(
         spec, tile, config.calibration_count, config.calibration_seed
     )
@@ -143,6 +143,7 @@ def build_engines(
     onnx_file, cache = Path(onnx_path), Path(cache_dir)
     spec = read_onnx_spec(onnx_file)
     cfg.shapes.check_stride(spec.stride)
+    cfg.shapes.check_ndim(spec.ndim)
     cache.mkdir(parents=True, exist_ok=True)
     platform = current_platform(cfg.device)
     onnx_sha = file_sha256(onnx_file)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from cryodeploy.backends.gate import CalibrationPair, GateResult
-from cryodeploy.backends.trt.profile import DEFAULT_SHAPES, ProfileShapes, parse_shapes
+from cryodeploy.backends.trt.profile import DEFAULT_SHAPES, ProfileShapes, default_shapes, parse_shapes
 from cryodeploy.errors import ConfigError, ModelError
 
 __all__ = [
@@ -70,14 +70,17 @@ class BuildConfig:
 
     @classmethod
     def from_options(
-        cls, precision: str, shapes: str | None, workspace_mib: int, allow_accuracy_loss: bool, stride: int
+        cls, precision: str, shapes: str | None, workspace_mib: int, allow_accuracy_loss: bool, stride: int,
+        ndim: int = 2,
     ) -> BuildConfig:
-        """From the command line: ``precision`` fp32|fp16|both, ``--shapes`` text (None: default)."""
+        """From the command line: ``precision`` fp32|fp16|both, ``--shapes`` text (None: the default of
+        an ``ndim`` model)."""
         choices = {"fp32": ("fp32",), "fp16": ("fp16",), "both": ("fp32", "fp16")}
         if precision not in choices:
             raise ConfigError(f"engine precision {precision!r}, expected fp32, fp16 or both")
-        profile = parse_shapes(shapes) if shapes else DEFAULT_SHAPES
+        profile = parse_shapes(shapes, ndim=ndim) if shapes else default_shapes(ndim)
         profile.check_stride(stride)
+        profile.check_ndim(ndim)
         return cls(precisions=choices[precision], shapes=profile, workspace_bytes=workspace_mib << 20,
                    allow_accuracy_loss=allow_accuracy_loss)
 

@@ -1,5 +1,6 @@
-"""TensorRT optimization profiles over (batch, height, width): ``--shapes`` parsing and validation,
-and choosing the batch and tile a runner uses inside a profile. Pure Python."""
+"""TensorRT optimization profiles over (batch, height, width), or (batch, depth, height, width) for
+volume models: ``--shapes`` parsing and validation, and choosing the batch and tile a runner uses
+inside a profile. Pure Python."""
 
 from __future__ import annotations
 
@@ -8,60 +9,78 @@ from dataclasses import dataclass
 
 from cryodeploy.errors import ConfigError, ModelError
 
-__all__ = ["DEFAULT_SHAPES", "ProfileShapes", "Shape3", "parse_shapes", "plan_batches", "select_shape"]
+__all__ = ["DEFAULT_SHAPES", "DEFAULT_SHAPES_3D", "ProfileShape", "ProfileShapes", "default_shapes",
+           "parse_shapes", "plan_batches", "select_shape"]
 
-#: (batch, height, width) of the model input ``[N, 1, H, W]``.
-Shape3 = tuple[int, int, int]
+#: (batch, height, width) of an image model's input ``[N, 1, H, W]``, or (batch, depth, height,
+#: width) of a volume model's ``[N, 1, D, H, W]``
+ProfileShape = tuple[int, ...]
+
+_AXES = {2: ("batch", "height", "width"), 3: ("batch", "depth", "height", "width")}
 
 
 @dataclass(frozen=True)
 class ProfileShapes:
-    """A TensorRT optimization profile over (batch, height, width): min <= opt <= max per dimension."""
+    """A TensorRT optimization profile over (batch, height, width), or (batch, depth, height, width)
+    for volume models: min <= opt <= max per dimension."""
 
-    min: Shape3
-    opt: Shape3
-    max: Shape3
+    min: ProfileShape
+    opt: ProfileShape
+    max: ProfileShape
 
     def __post_init__(self) -> None:
         for name, shape in self._named():
-            if len(shape) != 3 or any(int(d) < 1 for d in shape):
+            if len(shape) not in (3, 4) or len(shape) != len(self.min) or any(int(d) < 1 for d in shape):
                 raise ConfigError(
-                    f"profile {name} shape {shape}, expected 3 positive sizes (batch, height, width)"
+                    f"profile {name} shape {shape}, expected 3 positive sizes (batch, height, width) "
+                    "or 4 (batch, depth, height, width), the same number in min, opt and max"
                 )
-        for i, dim in enumerate(("batch", "height", "width")):
+        for i, dim in enumerate(_AXES[self.ndim]):
             if not self.min[i] <= self.opt[i] <= self.max[i]:
                 raise ConfigError(
                     f"profile {dim}: found min {self.min[i]}, opt {self.opt[i]}, max {self.max[i]}, "
                     "expected min <= opt <= max"
                 )
 
-    def _named(self) -> tuple[tuple[str, Shape3], ...]:
+    @property
+    def ndim(self) -> int:
+        """Spatial dimensions of the input: 2 (images) or 3 (volumes)."""
+        return len(self.min) - 1
+
+    def _named(self) -> tuple[tuple[str, ProfileShape], ...]:
         return ("min", self.min), ("opt", self.opt), ("max", self.max)
 
     def check_stride(self, stride: int) -> None:
         """Raise :class:`ConfigError` unless every tile size is a multiple of the model's ``stride``."""
         for name, shape in self._named():
-            if shape[1] % stride or shape[2] % stride:
+            if any(side % stride for side in shape[1:]):
                 raise ConfigError(
-                    f"profile {name} tile {shape[1]}x{shape[2]}: not a multiple of the model stride {stride}"
+                    f"profile {name} tile {_tile(shape[1:])}: not a multiple of the model stride {stride}"
                 )
 
-    def input_shapes(self) -> list[tuple[int, int, int, int]]:
-        """The min, opt and max shapes of the ``[N, 1, H, W]`` input tensor."""
-        return [(b, 1, h, w) for b, h, w in (self.min, self.opt, self.max)]
+    def check_ndim(self, ndim: int) -> None:
+        """Raise :class:`ConfigError` unless the profile's tiles have the model's ``ndim`` sides."""
+        if ndim != self.ndim:
+            kind = {2: "an image model: BATCHxHEIGHTxWIDTH", 3: "a volume model: BATCHxDEPTHxHEIGHTxWIDTH"}
+            raise ConfigError(f"profile {self.describe()} has {self.ndim}-D tiles, expected {kind[ndim]}")
 
-    def contains(self, batch: int, height: int, width: int) -> bool:
-        """Whether an input of this batch and tile size is inside the profile."""
-        want = (batch, height, width)
-        return all(lo <= v <= hi for lo, v, hi in zip(self.min, want, self.max, strict=True))
+    def input_shapes(self) -> list[tuple[int, ...]]:
+        """The min, opt and max shapes of the ``[N, 1, H, W]`` (``[N, 1, D, H, W]``) input tensor."""
+        return [(s[0], 1, *s[1:]) for s in (self.min, self.opt, self.max)]
 
-    def require(self, batch: int, height: int, width: int, where: str) -> None:
+    def contains(self, batch: int, sides: tuple[int, ...]) -> bool:
+        """Whether an input of this batch and tile ``sides`` is inside the profile."""
+        want = (batch, *sides)
+        return len(want) == len(self.min) and all(
+            lo <= v <= hi for lo, v, hi in zip(self.min, want, self.max, strict=True))
+
+    def require(self, batch: int, sides: tuple[int, ...], where: str) -> None:
         """Raise :class:`ModelError` naming ``where`` unless this input fits the profile."""
-        if not self.contains(batch, height, width):
+        if not self.contains(batch, sides):
             lo, hi = self.min, self.max
             raise ModelError(
-                f"{where}: found batch {batch} of {height}x{width} tiles, expected batch {lo[0]}..{hi[0]} "
-                f"and tiles {lo[1]}x{lo[2]}..{hi[1]}x{hi[2]} (the engine's profile); rebuild the engine "
+                f"{where}: found batch {batch} of {_tile(sides)} tiles, expected batch {lo[0]}..{hi[0]} "
+                f"and tiles {_tile(lo[1:])}..{_tile(hi[1:])} (the engine's profile); rebuild the engine "
                 "with --shapes covering it, or use a tile size inside the profile"
             )
 
@@ -71,20 +90,35 @@ class ProfileShapes:
 
     @classmethod
     def from_input_shapes(cls, shapes: list[list[int]]) -> ProfileShapes:
-        """From three ``[N, 1, H, W]`` shapes (min, opt, max), as an engine reports them."""
-        if len(shapes) != 3 or any(len(s) != 4 or s[1] != 1 for s in shapes):
-            raise ModelError(f"engine profile shapes {shapes}, expected min/opt/max of [N, 1, H, W]")
-        lo, opt, hi = ((int(s[0]), int(s[2]), int(s[3])) for s in shapes)
+        """From three ``[N, 1, H, W]`` (or ``[N, 1, D, H, W]``) shapes (min, opt, max), as an engine
+        reports them."""
+        if len(shapes) != 3 or any(len(s) not in (4, 5) or len(s) != len(shapes[0]) or s[1] != 1
+                                   for s in shapes):
+            raise ModelError(f"engine profile shapes {shapes}, expected min/opt/max of [N, 1, H, W] "
+                             "or [N, 1, D, H, W]")
+        lo, opt, hi = ((int(s[0]), *(int(d) for d in s[2:])) for s in shapes)
         return cls(lo, opt, hi)
 
 
+def _tile(sides: tuple[int, ...]) -> str:
+    return "x".join(str(d) for d in sides)
+
+
 DEFAULT_SHAPES = ProfileShapes((1, 256, 256), (4, 1024, 1024), (8, 2048, 2048))
+DEFAULT_SHAPES_3D = ProfileShapes((1, 64, 64, 64), (2, 128, 128, 128), (4, 256, 256, 256))
 
-_SHAPE_RE = re.compile(r"^\s*(\d+)x(\d+)(?:x(\d+))?\s*$")
+
+def default_shapes(ndim: int) -> ProfileShapes:
+    """The default profile of an image (``ndim`` 2) or volume (3) model."""
+    return DEFAULT_SHAPES if ndim == 2 else DEFAULT_SHAPES_3D
 
 
-def parse_shapes(text: str, stride: int = 1) -> ProfileShapes:
-    """Parse ``--shapes MIN,OPT,MAX`` where each is ``BATCHxTILE`` or ``BATCHxHEIGHTxWIDTH``.
+_SHAPE_RE = re.compile(r"^\s*(\d+(?:x\d+){1,3})\s*$")
+
+
+def parse_shapes(text: str, stride: int = 1, ndim: int = 2) -> ProfileShapes:
+    """Parse ``--shapes MIN,OPT,MAX`` where each is ``BATCHxTILE`` (a tile of ``ndim`` equal sides),
+    ``BATCHxHEIGHTxWIDTH`` or ``BATCHxDEPTHxHEIGHTxWIDTH``.
 
     Checks min <= opt <= max per dimension and that tiles are multiples of ``stride``.
     """
@@ -94,27 +128,28 @@ def parse_shapes(text: str, stride: int = 1) -> ProfileShapes:
             f"--shapes {text!r}: found {len(parts)} shapes, expected MIN,OPT,MAX "
             "like 1x256x256,4x1024x1024,8x2048x2048"
         )
-    shapes: list[Shape3] = []
+    shapes: list[ProfileShape] = []
     for part in parts:
         m = _SHAPE_RE.match(part)
         if m is None:
-            raise ConfigError(f"--shapes {text!r}: found {part.strip()!r}, expected BATCHxHEIGHTxWIDTH")
-        b, h, w = m.group(1), m.group(2), m.group(3) or m.group(2)
-        shapes.append((int(b), int(h), int(w)))
+            raise ConfigError(f"--shapes {text!r}: found {part.strip()!r}, expected BATCHxHEIGHTxWIDTH "
+                              "or BATCHxDEPTHxHEIGHTxWIDTH")
+        dims = tuple(int(d) for d in m.group(1).split("x"))
+        shapes.append(dims if len(dims) > 2 else (dims[0], *(dims[1],) * ndim))
     profile = ProfileShapes(*shapes)
     profile.check_stride(stride)
     return profile
 
 
 def select_shape(
-    profile: ProfileShapes, batch: int, tile: int | tuple[int, int], stride: int = 1
-) -> tuple[int, tuple[int, int]]:
-    """The batch and tile (height, width) to use when the runner wants ``batch`` tiles of size ``tile``.
+    profile: ProfileShapes, batch: int, tile: int | tuple[int, ...], stride: int = 1
+) -> tuple[int, tuple[int, ...]]:
+    """The batch and tile sides to use when the runner wants ``batch`` tiles of size ``tile``.
 
     The tile is clamped into the profile's range and rounded down to a multiple of ``stride``
     (never below the profile's minimum); the batch is clamped into the profile's batch range.
     """
-    want = (tile, tile) if isinstance(tile, int) else tile
+    want = (tile,) * profile.ndim if isinstance(tile, int) else tile
     if batch < 1 or min(want) < 1:
         raise ConfigError(f"batch {batch} and tile {want} must be positive")
     size = []
@@ -123,7 +158,7 @@ def select_shape(
         t = min(max(t, lo), hi)
         t = max(lo, t - t % stride)
         size.append(t)
-    return min(max(batch, profile.min[0]), profile.max[0]), (size[0], size[1])
+    return min(max(batch, profile.min[0]), profile.max[0]), tuple(size)
 
 
 def plan_batches(n: int, min_batch: int, max_batch: int) -> list[tuple[int, int, int]]:

@@ -69,10 +69,9 @@ class TrtBackend(Backend):
         return ctx
 
     def infer(self, x: torch.Tensor, stream: torch.cuda.Stream | None = None) -> torch.Tensor:
-        """Run ``x`` ``[N, 1, H, W]`` (inside the profile) on ``stream``; returns the output on the
-        GPU, valid once ``stream`` has reached this point."""
-        n, _, h, w = x.shape
-        self.profile.require(n, h, w, str(self.path))
+        """Run ``x`` ``[N, 1, H, W]`` or ``[N, 1, D, H, W]`` (inside the profile) on ``stream``; returns
+        the output on the GPU, valid once ``stream`` has reached this point."""
+        self.profile.require(int(x.shape[0]), tuple(int(d) for d in x.shape[2:]), str(self.path))
         s = stream if stream is not None else self._stream
         s.wait_stream(torch.cuda.current_stream(self._device))
         with torch.cuda.device(self._device), torch.cuda.stream(s):  # TensorRT runs on the current device
@@ -92,8 +91,8 @@ class TrtBackend(Backend):
         return y
 
     def run_device(self, x: torch.Tensor) -> torch.Tensor:
-        """Denoise a CUDA tensor ``[N, 1, H, W]`` inside the profile; the result is ordered on the
-        caller's current stream."""
+        """Denoise a CUDA tensor ``[N, 1, H, W]`` (``[N, 1, D, H, W]``) inside the profile; the result
+        is ordered on the caller's current stream."""
         current = torch.cuda.current_stream(self._device)
         y = self.infer(x, self._stream)
         current.wait_stream(self._stream)
@@ -101,22 +100,22 @@ class TrtBackend(Backend):
         return y
 
     def fit_geometry(self, tile: int, batch: int) -> tuple[int, int]:
-        """The square tile and batch nearest to those wanted that this engine's profile accepts."""
-        b, (h, w) = select_shape(self.profile, batch, tile, self._stride)
-        t = min(h, w)
-        if t < max(self.profile.min[1], self.profile.min[2]):
+        """The square (cubic) tile and batch nearest to those wanted that this engine's profile accepts."""
+        b, sides = select_shape(self.profile, batch, tile, self._stride)
+        t = min(sides)
+        if t < max(self.profile.min[1:]):
             raise ModelError(f"{self.path}: profile {self.profile.describe()} admits no square tile")
         return t, b
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
-        n, _, h, w = batch.shape
-        self.profile.require(self.profile.min[0], h, w, str(self.path))
+        n, sides = batch.shape[0], tuple(int(d) for d in batch.shape[2:])
+        self.profile.require(self.profile.min[0], sides, str(self.path))
         host = torch.from_numpy(batch)
         out = np.empty_like(batch)
         for start, stop, size in plan_batches(n, self.profile.min[0], self.profile.max[0]):
             chunk = host[start:stop]
             if size > stop - start:
-                chunk = torch.cat([chunk, chunk.new_zeros((size - (stop - start), 1, h, w))])
+                chunk = torch.cat([chunk, chunk.new_zeros((size - (stop - start), 1, *sides))])
             with torch.cuda.stream(self._stream):
                 y = self.infer(chunk.pin_memory().to(self._device, non_blocking=True), self._stream)
                 out[start:stop] = y[: stop - start].cpu().numpy()
