@@ -50,7 +50,8 @@ def _sim_data(sim_config: Path | None, sim_size: int, crop: int, steps_per_epoch
 @click.argument("store", required=False, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("-o", "--output", "rundir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Run folder: best/last checkpoints, state.pt, metrics.jsonl, loss.png.")
-@click.option("--model", default=None, help="Architecture: cnn3 (default) or unet; with --init, its own.")
+@click.option("--model", default=None,
+              help="Architecture: cnn3 (default), unet, or unet3d for tomograms; with --init, its own.")
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE",
               help="Architecture parameter, e.g. --param base_channels=16 --param depth=2.")
 @click.option("--method", default="supervised", show_default=True,

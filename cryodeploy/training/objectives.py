@@ -1,9 +1,9 @@
 """Training objectives: supervised / Noise2Noise pairs, and Neighbor2Neighbor for unpaired data.
 
 ``supervised`` and ``noise2noise`` are the same loss, the MSE between ``f(input)`` and the
-store's target; they differ in what the target is (a clean image or an independent noisy
-draw of the same one), which Noise2Noise (Lehtinen et al. 2018) shows trains the same denoiser
-in expectation.
+store's target (images, or volumes for volume models); they differ in what the target is (a
+clean image or an independent noisy draw of the same one), which Noise2Noise (Lehtinen et al.
+2018) shows trains the same denoiser in expectation.
 
 ``neighbor2neighbor`` (Huang et al., CVPR 2021) needs only noisy images. Each image ``y`` is
 cut into 2x2 cells; in every cell a random pair of *adjacent* pixels (one of the 8 ordered
@@ -40,9 +40,12 @@ Objective = Callable[["torch.nn.Module", "torch.nn.Module", "torch.Tensor", "tor
 
 
 def crop_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
-    """The top-left crop of ``x`` [..., H, W] whose sides are multiples of ``multiple``."""
-    h, w = x.shape[-2] // multiple * multiple, x.shape[-1] // multiple * multiple
-    return x if (h, w) == tuple(x.shape[-2:]) else x[..., :h, :w]
+    """The leading crop of ``x`` [N, C, H, W] ([N, C, D, H, W]) whose sides are multiples of ``multiple``."""
+    sides = tuple(n // multiple * multiple for n in x.shape[2:])
+    if sides == tuple(x.shape[2:]):
+        return x
+    crop: tuple[slice, ...] = (slice(None), slice(None), *(slice(0, n) for n in sides))
+    return x[crop]
 
 
 def neighbor_pairs(x: torch.Tensor, generator: torch.Generator,
@@ -96,9 +99,15 @@ def _neighbor2neighbor(model: torch.nn.Module, net: torch.nn.Module, x: torch.Te
     return torch.mean(diff**2) + GAMMA * torch.mean((diff - target_gap) ** 2)
 
 
-def make_objective(method: str, stride: int) -> Objective:
-    """The loss function of ``method`` for a model of total ``stride``."""
+def make_objective(method: str, stride: int, ndim: int = 2) -> Objective:
+    """The loss function of ``method`` for a model of total ``stride`` on ``ndim``-D patches
+    (supervised and Noise2Noise: any; Neighbor2Neighbor: images only)."""
     from functools import partial
 
+    from cryodeploy.errors import ConfigError
+
+    if method == "neighbor2neighbor" and ndim != 2:
+        raise ConfigError("--method neighbor2neighbor sub-samples 2x2 pixel cells of images; train volume "
+                          "models with supervised or noise2noise (even/odd tomograms)")
     fn = _neighbor2neighbor if method == "neighbor2neighbor" else _paired
     return partial(fn, stride=stride)

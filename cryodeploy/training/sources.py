@@ -1,5 +1,6 @@
-"""Where the trainer's batches come from: a patch store (:class:`StoreBatches`) or micrographs simulated
-on the fly (:class:`SimBatches`, from a :class:`SimulatedData`). Both give the
+"""Where the trainer's batches come from: a patch store (:class:`StoreBatches`), micrographs simulated
+on the fly (:class:`SimBatches`, from a :class:`SimulatedData`) or patches in memory
+(:class:`ArrayBatches`, from an :class:`ArrayData`: 2-D images or 3-D volumes). All give the
 :class:`~cryodeploy.training.trainer.Trainer` the same things: the batches of an epoch from a given
 batch on, a fixed validation set, the images' normalization and the facts a resume must find unchanged.
 """
@@ -8,9 +9,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
 
 from cryodeploy.errors import ConfigError, StoreError
 from cryodeploy.imaging.normalize import NormSpec
@@ -22,7 +25,8 @@ if TYPE_CHECKING:
     from cryodeploy.training.config import TrainConfig
     from cryodeploy.training.distributed import DistContext
 
-__all__ = ["BatchSource", "SimBatches", "SimulatedData", "StoreBatches", "make_source", "sampler_label"]
+__all__ = ["ArrayBatches", "ArrayData", "BatchSource", "SimBatches", "SimulatedData", "StoreBatches",
+           "make_source", "sampler_label"]
 
 log = logging.getLogger(__name__)
 
@@ -64,14 +68,34 @@ class SimulatedData:
                 "steps_per_epoch": self.steps_per_epoch, "val_images": self.val_images}
 
 
+@dataclass(frozen=True, eq=False)
+class ArrayData:
+    """Training patches in memory: ``inputs`` ``[N, 1, H, W]`` images or ``[N, 1, D, H, W]`` volumes,
+    already normalized (as a store's patches are, with ``normalization``); ``targets`` of the same
+    shape (clean, or an independent noisy draw for Noise2Noise), or None for self-supervision."""
+
+    inputs: np.ndarray
+    targets: np.ndarray | None = None
+    normalization: NormSpec = field(default_factory=NormSpec)
+
+    def __post_init__(self) -> None:
+        shape = self.inputs.shape
+        if self.inputs.ndim not in (4, 5) or shape[1] != 1 or shape[0] < 2:
+            raise ConfigError(f"training arrays of shape {shape}, expected [N, 1, H, W] or [N, 1, D, H, W] "
+                              "with N >= 2")
+        if self.targets is not None and self.targets.shape != shape:
+            raise ConfigError(f"training targets of shape {self.targets.shape}, expected the inputs' {shape}")
+
+
 class BatchSource:
     """The interface: ``paired``, ``patch``, ``normalization``, ``describe``, ``key``, ``n_train``,
     ``n_val``, ``steps_per_epoch``, ``train_batches(epoch, skip)``, ``val_batches()``; ``on_device``
-    says the batches are already on the training device."""
+    says the batches are already on the training device. ``patch`` has two sides (images) or three
+    (volumes)."""
 
     paired: bool
     on_device: bool = False
-    patch: tuple[int, int]
+    patch: tuple[int, ...]
     normalization: NormSpec
     n_train: int
     n_val: int
@@ -224,8 +248,65 @@ class SimBatches(BatchSource):
             yield x[i:i + self.batch], y[i:i + self.batch]
 
 
-def make_source(data: str | Path | SimulatedData, config: TrainConfig, ctx: DistContext) -> BatchSource:
-    """A store path's or a :class:`SimulatedData`'s batch source."""
+class ArrayBatches(BatchSource):
+    """Batches of an :class:`ArrayData`: a deterministic split
+    (:func:`~cryodeploy.training.loader.split_indices`) and a shuffle per (seed, epoch); each step's
+    global batch is split between the ranks, as the store loader does."""
+
+    def __init__(self, data: ArrayData, config: TrainConfig, ctx: DistContext) -> None:
+        from cryodeploy.training.loader import split_indices
+
+        self.paired = config.method != "neighbor2neighbor"
+        if self.paired and data.targets is None:
+            raise ConfigError(f"training arrays have no targets, expected them for --method {config.method}")
+        self.data, self.config, self.ctx = data, config, ctx
+        self.patch = tuple(int(n) for n in data.inputs.shape[2:])
+        self.normalization = data.normalization
+        self.train_idx, self.val_idx = split_indices(data.inputs.shape[0], config.val_split, config.seed)
+        if self.val_idx.size < ctx.world_size:
+            raise ConfigError(f"training arrays: {self.val_idx.size} validation patches for {ctx.world_size} "
+                              f"process(es); need at least one each")
+        full = self.train_idx.size // config.batch
+        if full < 1:
+            raise ConfigError(f"training arrays: {self.train_idx.size} training patches, fewer than a batch "
+                              f"of {config.batch}")
+        self.steps_per_epoch = min(full, config.max_batches or full)
+        self.n_train, self.n_val = int(self.train_idx.size), int(self.val_idx.size)
+
+    def describe(self) -> dict[str, Any]:
+        return {"arrays": list(self.data.inputs.shape), "targets": "given" if self.paired else None}
+
+    @property
+    def key(self) -> list[Any]:
+        return [*self.patch, self.n_train, self.n_val]
+
+    def _batch(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
+        import torch
+
+        x = torch.from_numpy(np.ascontiguousarray(self.data.inputs[idx], np.float32))
+        t = self.data.targets
+        if not self.paired or t is None:
+            return x, None
+        return x, torch.from_numpy(np.ascontiguousarray(t[idx], np.float32))
+
+    def train_batches(self, epoch: int, skip: int) -> Batches:
+        order = np.random.default_rng([self.config.seed, epoch]).permutation(self.train_idx)
+        b, k, r = self.config.batch, self.ctx.world_size, self.ctx.rank
+        for step in range(skip, self.steps_per_epoch):
+            yield self._batch(order[step * b:(step + 1) * b][r::k])
+
+    def val_batches(self) -> Batches:
+        share = self.val_idx[self.ctx.rank::self.ctx.world_size]
+        per_rank = self.config.batch // self.ctx.world_size
+        for i in range(0, share.size, per_rank):
+            yield self._batch(share[i:i + per_rank])
+
+
+def make_source(data: str | Path | SimulatedData | ArrayData, config: TrainConfig, ctx: DistContext
+                ) -> BatchSource:
+    """A store path's, a :class:`SimulatedData`'s or an :class:`ArrayData`'s batch source."""
     if isinstance(data, SimulatedData):
         return SimBatches(data, config, ctx)
+    if isinstance(data, ArrayData):
+        return ArrayBatches(data, config, ctx)
     return StoreBatches(Path(data), config, ctx)

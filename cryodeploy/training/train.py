@@ -1,5 +1,7 @@
-"""Training from a patch store, ``train(store, rundir, TrainConfig(...))``, or from micrographs simulated
-on the fly, ``train(SimulatedData(SimConfig(...)), rundir, TrainConfig(...))``; single process or DDP.
+"""Training from a patch store, ``train(store, rundir, TrainConfig(...))``, from micrographs simulated
+on the fly, ``train(SimulatedData(SimConfig(...)), rundir, TrainConfig(...))``, or from patches in
+memory, ``train(ArrayData(inputs, targets), ...)`` (images, or volumes for ``model="unet3d"``);
+single process or DDP.
 
 A run folder holds ``best.safetensors``/``best.json`` (lowest validation loss) beside
 ``last.*`` (end of the latest epoch, or the batch where the run was stopped), ``state.pt``
@@ -20,7 +22,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from cryodeploy.training.config import TrainConfig, TrainResult
-from cryodeploy.training.sources import SimulatedData
+from cryodeploy.training.sources import ArrayData, SimulatedData
 
 __all__ = ["train"]
 
@@ -47,7 +49,7 @@ def _stop_on_sigint() -> Iterator[threading.Event]:
         signal.signal(signal.SIGINT, previous)
 
 
-def train(store_path: str | os.PathLike[str] | SimulatedData, rundir: str | os.PathLike[str],
+def train(store_path: str | os.PathLike[str] | SimulatedData | ArrayData, rundir: str | os.PathLike[str],
           config: TrainConfig, quiet: bool = False,
           on_step: Callable[[int], bool | None] | None = None) -> TrainResult:
     """Train ``config.model`` on the store at ``store_path`` (or on simulation), writing the run folder
@@ -68,7 +70,7 @@ def train(store_path: str | os.PathLike[str] | SimulatedData, rundir: str | os.P
         # fixed shapes: let cuDNN time its algorithms once (fp16 on an H100: 1.3x the heuristic's)
         torch.backends.cudnn.benchmark = benchmark or ctx.device.type == "cuda"
         out = Path(rundir)
-        data = store_path if isinstance(store_path, SimulatedData) else Path(store_path)
+        data = store_path if isinstance(store_path, SimulatedData | ArrayData) else Path(store_path)
         run = Trainer(data, out, config, ctx)
         run.restore()
         ctx.barrier()

@@ -41,9 +41,9 @@ if TYPE_CHECKING:
 
     from cryodeploy.models import ModelSpec
     from cryodeploy.training.distributed import DistContext
-    from cryodeploy.training.sources import SimulatedData
+    from cryodeploy.training.sources import ArrayData, SimulatedData
 
-__all__ = ["MAY_CHANGE_ON_RESUME", "Trainer", "device_batches"]
+__all__ = ["MAY_CHANGE_ON_RESUME", "Trainer", "channels_last", "device_batches"]
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +56,16 @@ def _step_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([p + 1 for p in parts]).generate_state(1)[0])
 
 
+def channels_last(ndim: int) -> torch.memory_format:
+    """The channels-last memory format of ``ndim``-D patches (images: channels_last, volumes: _3d)."""
+    import torch
+
+    return torch.channels_last if ndim == 2 else torch.channels_last_3d
+
+
 def device_batches(batches: Iterator[tuple[torch.Tensor, torch.Tensor | None]], device: torch.device,
-                   paired: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-    """Loader batches on ``device`` (targets only if ``paired``).
+                   paired: bool, ndim: int = 2) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Loader batches of ``ndim``-D patches on ``device`` (targets only if ``paired``).
 
     On CUDA the next batch is copied (non-blocking, from the loader's pinned buffer, channels_last)
     on a side stream while the current one computes; the loader's buffer is released only after
@@ -71,13 +78,14 @@ def device_batches(batches: Iterator[tuple[torch.Tensor, torch.Tensor | None]], 
             yield x, t if paired else None
         return
     stream, compute = torch.cuda.Stream(device), torch.cuda.current_stream(device)
+    layout = channels_last(ndim)
     pending: tuple[torch.Tensor, torch.Tensor | None, torch.cuda.Event] | None = None
     while True:
         with torch.cuda.stream(stream):  # next() releases the previous buffer after this stream's copies
             item = next(batches, None)
             if item is not None:
-                x = item[0].to(device, non_blocking=True, memory_format=torch.channels_last)
-                t = (item[1].to(device, non_blocking=True, memory_format=torch.channels_last)
+                x = item[0].to(device, non_blocking=True, memory_format=layout)
+                t = (item[1].to(device, non_blocking=True, memory_format=layout)
                      if paired and item[1] is not None else None)
                 copied = torch.cuda.Event()
                 copied.record(stream)
@@ -96,7 +104,7 @@ def device_batches(batches: Iterator[tuple[torch.Tensor, torch.Tensor | None]], 
 class Trainer:
     """One training run on one rank: data, model, optimizer and position."""
 
-    def __init__(self, data: Path | SimulatedData, rundir: Path, config: TrainConfig,
+    def __init__(self, data: Path | SimulatedData | ArrayData, rundir: Path, config: TrainConfig,
                  ctx: DistContext) -> None:
         import torch
 
@@ -110,6 +118,10 @@ class Trainer:
         self.source = make_source(data, config, ctx)
         self.paired = self.source.paired
         self.spec = self._spec()
+        if len(self.source.patch) != self.spec.ndim:
+            kind = {2: "a 2-D image model", 3: "a 3-D volume model"}[self.spec.ndim]
+            raise ConfigError(f"{data}: patches {self.source.patch} have {len(self.source.patch)} sides, but "
+                              f"{config.model} is {kind}")
         need = self.spec.stride * (1 if self.paired else 2)
         if min(self.source.patch) < need:
             raise ConfigError(f"{data}: patches {self.source.patch} are smaller than {need} px, the "
@@ -128,7 +140,7 @@ class Trainer:
                                                                  "init_training": base.training})
         self.net = self.net.to(self.dev)
         if cuda:
-            self.net = self.net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+            self.net = self.net.to(memory_format=channels_last(self.spec.ndim))  # type: ignore[call-overload]
         self.model: torch.nn.Module = self.net
         if ctx.distributed:
             from torch.nn.parallel import DistributedDataParallel
@@ -140,7 +152,7 @@ class Trainer:
             if config.optimizer == "adam" else torch.optim.SGD(self.net.parameters(), lr=config.lr, **extra))
         self.scaler = torch.amp.GradScaler(self.dev.type, enabled=config.precision == "fp16")
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.precision)
-        self.objective = make_objective(config.method, self.spec.stride)
+        self.objective = make_objective(config.method, self.spec.stride, self.spec.ndim)
         self.gen = torch.Generator(self.dev)
         self.epoch = self.batch = self.step = 0
         self.best_val: float | None = None
@@ -235,7 +247,8 @@ class Trainer:
 
     def _on_device(self, batches: Iterator[tuple[torch.Tensor, torch.Tensor | None]]
                    ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-        return batches if self.source.on_device else device_batches(batches, self.dev, self.paired)
+        return batches if self.source.on_device else device_batches(batches, self.dev, self.paired,
+                                                                    self.spec.ndim)
 
     # --- the loop -----------------------------------------------------------------------------
     def train_step(self, x: torch.Tensor, t: torch.Tensor | None) -> None:

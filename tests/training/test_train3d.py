@@ -1,0 +1,85 @@
+"""Training a volume model (unet3d) on 5-D batches [B, 1, D, H, W] from volumes in memory (ArrayData)."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from cryodeploy.backends.gate import clean_volume
+from cryodeploy.errors import ConfigError
+from cryodeploy.imaging.noise import NoiseSpec, add_noise
+from cryodeploy.imaging.normalize import norm_stats, normalize
+from cryodeploy.models.checkpoint import load_checkpoint
+from cryodeploy.training.config import TrainConfig
+from cryodeploy.training.sources import ArrayData
+from cryodeploy.training.train import train
+
+FAST = TrainConfig(model="unet3d", model_params={"base_channels": 4, "depth": 1}, epochs=2, batch=2, lr=3e-3,
+                   val_split=0.2, log_every=2, loader_threads=1)
+
+
+@pytest.fixture(scope="module")
+def volumes() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """10 clean 16^3 volumes and two independent noisy draws of each (an even/odd pair), normalized
+    with the first draw's statistics."""
+    rng = np.random.default_rng(5)
+    clean, even, odd = [], [], []
+    noise = NoiseSpec(dose=20.0, sigma=0.0)
+    for _ in range(10):
+        c = clean_volume(rng, (16, 16, 16), count=6)
+        a, b = add_noise(c, noise, rng), add_noise(c, noise, rng)
+        s = norm_stats(a)
+        clean.append(normalize(c, s)), even.append(normalize(a, s)), odd.append(normalize(b, s))
+    return tuple(np.stack(v)[:, None] for v in (clean, even, odd))  # type: ignore[return-value]
+
+
+def _weights_diff(a: Path, b: Path) -> float:
+    wa, wb = load_file(str(a)), load_file(str(b))
+    return max(float(np.abs(wa[k] - wb[k]).max()) for k in wa)
+
+
+def test_supervised_and_noise2noise_train_a_volume_model(volumes, tmp_path) -> None:
+    clean, even, odd = volumes
+    sup = train(ArrayData(even, clean), tmp_path / "sup", dataclasses.replace(FAST, epochs=4), quiet=True)
+    assert sup.steps == 16 and sup.best is not None  # 8 training volumes, batch 2
+    rows = [json.loads(line) for line in (tmp_path / "sup" / "metrics.jsonl").read_text().splitlines()]
+    val = [r["val_loss"] for r in rows if r["kind"] == "val"]
+    print(f"unet3d supervised validation MSE by epoch: {val}")
+    assert len(val) == 4 and all(b < a for a, b in itertools.pairwise(val)) and val[-1] < 0.85 * val[0]
+    _, spec = load_checkpoint(sup.best)
+    assert spec.architecture == "unet3d" and spec.ndim == 3 and spec.training["arrays"] == [10, 1, 16, 16, 16]
+    n2n = train(ArrayData(even, odd), tmp_path / "n2n", dataclasses.replace(FAST, method="noise2noise"),
+                quiet=True)
+    assert n2n.steps == 8 and n2n.best_val_loss is not None and np.isfinite(n2n.best_val_loss)
+
+
+def test_resume_of_a_volume_run_equals_uninterrupted(volumes, tmp_path) -> None:
+    clean, even, _ = volumes
+    data = ArrayData(even, clean)
+    full = train(data, tmp_path / "full", FAST, quiet=True)
+    part = train(data, tmp_path / "part", FAST, quiet=True, on_step=lambda step: step == 5)
+    assert part.interrupted and part.steps == 5
+    resumed = train(data, tmp_path / "part", dataclasses.replace(FAST, resume=True), quiet=True)
+    assert (resumed.steps, resumed.epochs_completed) == (full.steps, full.epochs_completed) == (8, 2)
+    assert _weights_diff(tmp_path / "full" / "last.safetensors", tmp_path / "part" / "last.safetensors") == 0
+
+
+def test_volume_training_refuses_mismatched_data(volumes, tmp_path) -> None:
+    clean, even, _ = volumes
+    images = ArrayData(even[:, :, 0], clean[:, :, 0])
+    with pytest.raises(ConfigError, match=r"\(16, 16\) have 2 sides, but unet3d is a 3-D volume model"):
+        train(images, tmp_path / "a", FAST, quiet=True)
+    cnn3 = dataclasses.replace(FAST, model="cnn3", model_params={})
+    with pytest.raises(ConfigError, match=r"\(16, 16, 16\) have 3 sides, but cnn3 is a 2-D image model"):
+        train(ArrayData(even, clean), tmp_path / "b", cnn3, quiet=True)
+    n2n = dataclasses.replace(FAST, method="neighbor2neighbor")
+    with pytest.raises(ConfigError, match="neighbor2neighbor sub-samples 2x2 pixel cells of images"):
+        train(ArrayData(even), tmp_path / "c", n2n, quiet=True)
+    with pytest.raises(ConfigError, match="no targets, expected them for --method supervised"):
+        train(ArrayData(even), tmp_path / "d", FAST, quiet=True)
