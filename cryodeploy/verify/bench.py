@@ -20,7 +20,7 @@ import numpy as np
 
 from cryodeploy.backends import BenchVariant, availability, bench_variants, create_backend
 from cryodeploy.backends.base import Backend, BackendOptions
-from cryodeploy.errors import CryoDeployError
+from cryodeploy.errors import ConfigError, CryoDeployError
 from cryodeploy.models.source import ModelSource
 
 __all__ = [
@@ -155,7 +155,10 @@ def run_bench(
 ) -> BenchReport:
     """Measure every variant of :data:`VARIANTS` (filtered by ``config.backends``) on ``config.device``.
 
-    ``progress`` gets one line before each variant and one with its result."""
+    ``progress`` gets one line before each variant and one with its result. Image models only."""
+    if source.spec.ndim != 2:
+        raise ConfigError(f"{source.path}: bench times images, but {source.spec.architecture} is a volume "
+                          "model (tomograms: benchmarks/bench_volume.py)")
     cuda = config.device.startswith("cuda")
     rng = np.random.default_rng(0)
     host = rng.standard_normal((1, 1, config.size, config.size), dtype=np.float32)

@@ -81,6 +81,14 @@ def test_parity_torch_vs_ort_on_tomograms(unet3d_checkpoint, tmp_path, rng) -> N
     assert psnrs[0] is not None and psnrs[0] == pytest.approx(psnrs[1], abs=1e-4)
 
 
+def test_bench_refuses_a_volume_model(unet3d_checkpoint) -> None:
+    from cryodeploy.errors import ConfigError
+    from cryodeploy.verify.bench import BenchConfig, run_bench
+
+    with pytest.raises(ConfigError, match="bench times images, but unet3d is a volume model"):
+        run_bench(load_source(unet3d_checkpoint), BenchConfig(size=64))
+
+
 def test_fp16_gate_measures_volumes(unet3d_checkpoint) -> None:
     source = load_source(unet3d_checkpoint)
     pairs = synthetic_calibration(source.spec, (16, 24, 20), count=2, seed=3)
