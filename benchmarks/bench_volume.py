@@ -10,7 +10,7 @@ CPU smoke test: ``python3 benchmarks/bench_volume.py --shape 32,96,96 --device c
 - Input: one float32 tomogram of ``--shape`` (D,H,W): Gaussian noise around 100 (speed does not depend
   on the content), written once to ``WORKDIR/in/tomo.mrc``.
 - Model: an untrained, seeded ``unet3d`` of ``--base``/``--depth`` (speed does not depend on the weights).
-- Floors: ``read_volume`` + ``write_volume`` (mrcfile, atomic, fsync) with no processing; the runner
+- Floors: ``read_volume`` + ``write_volume`` (mrcfile, validation, atomic, fsync) with no model; the runner
   with the ``identity`` backend (read, normalize, 3-D tiling, stitch, write; no model).
 - Variants: each ``backend:precision`` of ``--variants`` after an untimed warm-up run (cuDNN/ORT
   algorithm search); median of ``--repeats`` runs; the tile and batch that ``auto`` chose
@@ -41,7 +41,7 @@ from cryodeploy.backends.sources import load_source
 from cryodeploy.inference.batching import auto_geometry
 from cryodeploy.inference.runner import RunConfig, denoise_files
 from cryodeploy.inference.volumes import denoise_volume
-from cryodeploy.io.volumes import read_volume, write_volume
+from cryodeploy.io.volumes import read_volume, read_volume_header, write_volume
 from cryodeploy.models import ModelSpec, build_model
 from cryodeploy.models.checkpoint import save_checkpoint
 from cryodeploy.verify.bench import IdentityBackend, device_label
@@ -115,9 +115,8 @@ def main() -> None:
     (work / "in").mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     src = work / "in" / "tomo.mrc"
-    if not src.is_file() or read_volume(src)[0].shape != shape:
-        vol = np.random.default_rng(0).standard_normal(shape, dtype=np.float32) * 5 + 100
-        write_volume(src, vol, (10.0, 10.0, 10.0), (0.0, 0.0, 0.0))
+    if not src.is_file() or read_volume_header(src).shape != shape:
+        write_volume(src, np.random.default_rng(0).standard_normal(shape, dtype=np.float32) * 5 + 100)
     torch.manual_seed(0)
     spec = ModelSpec("unet3d", params={"base_channels": args.base, "depth": args.depth})
     ckpt = save_checkpoint(work / "unet3d.safetensors", build_model(spec), spec)
@@ -125,8 +124,8 @@ def main() -> None:
     mb = src.stat().st_size / 1e6
 
     def floor() -> None:
-        data, voxel, origin = read_volume(src)
-        write_volume(work / "floor.mrc", data, voxel, origin)
+        volume = read_volume(src)
+        write_volume(work / "floor.mrc", volume.data, volume.header)
 
     rows: list[dict[str, Any]] = [{"label": "raw read+write floor (mrcfile)", "seconds": _median_s(floor, 3)}]
     with IdentityBackend(BackendOptions(device="cpu")) as ident:

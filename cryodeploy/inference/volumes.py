@@ -7,8 +7,8 @@ The same pieces as for micrographs, in 3-D: the model's
 back-off (:class:`~cryodeploy.inference.batching.TiledEngine`), and the file runner's planning
 (shards, ``skip_existing``, ``pull``), claims and atomic outputs (:mod:`cryodeploy.inference.jobs`,
 :mod:`cryodeploy.inference.claims`). Files are processed one at a time, read and written whole
-(:mod:`cryodeploy.io.volumes`; voxel size and origin kept); the reader/writer threads of
-micrographs do not apply.
+(:mod:`cryodeploy.io.volumes`: the volume rule, validation; voxel size, origin, start indices,
+extended header and labels kept); the reader/writer threads of micrographs do not apply.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from cryodeploy._version import __version__
 from cryodeploy.errors import ConfigError, CryoDeployError, InputError, OutputError
 from cryodeploy.files import new_folders_removed_if_empty
 from cryodeploy.inference.batching import DeviceArrays, FrameTask, TiledEngine, auto_geometry, error_text
@@ -35,17 +36,14 @@ from cryodeploy.inference.jobs import (
     resolve_shard,
 )
 from cryodeploy.inference.tiling import TilePlan
-from cryodeploy.io.volumes import read_volume, write_volume
+from cryodeploy.io.volumes import read_volume, validate_volume, write_volume
 from cryodeploy.progress import progress
 
 if TYPE_CHECKING:
     from cryodeploy.backends import Backend
     from cryodeploy.models import ModelSpec
 
-__all__ = ["MIN_VOLUME_SIDE", "check_volume_model", "denoise_volume", "run_volumes"]
-
-#: smallest accepted side of a volume (tomograms have nz >= 16)
-MIN_VOLUME_SIDE = 16
+__all__ = ["check_volume_model", "denoise_volume", "run_volumes"]
 
 
 def check_volume_model(spec: ModelSpec, ndim: int, where: str) -> None:
@@ -59,18 +57,6 @@ def check_volume_model(spec: ModelSpec, ndim: int, where: str) -> None:
                          "that takes 3-D volumes (D, H, W)")
 
 
-def _validate(volume: np.ndarray, where: str) -> None:
-    if min(volume.shape) < MIN_VOLUME_SIDE:
-        size = "x".join(str(n) for n in reversed(volume.shape))
-        raise InputError(f"{where}: volume is {size} voxels, expected at least {MIN_VOLUME_SIDE} a side")
-    lo, hi = float(volume.min()), float(volume.max())
-    if not (np.isfinite(lo) and np.isfinite(hi)):
-        n_bad = int(volume.size - np.count_nonzero(np.isfinite(volume)))
-        raise InputError(f"{where}: found {n_bad} NaN/Inf values, expected finite voxels")
-    if lo == hi:
-        raise InputError(f"{where}: volume is constant ({lo:g}), expected non-zero variance")
-
-
 def denoise_volume(
     volume: np.ndarray,
     backend: Backend,
@@ -82,6 +68,7 @@ def denoise_volume(
     where: str = "array",
 ) -> np.ndarray:
     """Denoise a (D, H, W) volume with a volume model; same shape, the input's intensity scale.
+    Checked as the volume reader checks files (:func:`~cryodeploy.io.volumes.validate_volume`).
 
     Normalized with the whole volume's statistics, padded to the stride, tiled in 3-D (halo >= the
     receptive radius, so the result equals the whole-volume forward), de-normalized unless
@@ -90,7 +77,7 @@ def denoise_volume(
     """
     arr = np.asarray(volume, dtype=np.float32)
     check_volume_model(spec, arr.ndim, where)
-    _validate(arr, where)
+    validate_volume(arr, where)
     on_device = uses_device_path(backend, frame_path)
     if on_device:
         import torch
@@ -121,14 +108,13 @@ def denoise_volume(
 def _check_config(cfg: RunConfig) -> None:
     unsupported = [
         (cfg.output_format != "mrc", f"output format {cfg.output_format}"),
-        (cfg.output_dtype != "float32", f"output dtype {cfg.output_dtype}"),
         (cfg.filters.active, "filters"),
         (cfg.movies is not None, "movies"),
         (cfg.preview, "preview"),
     ]
     for bad, what in unsupported:
         if bad:
-            raise ConfigError(f"{what}: not supported for volumes (volume models write float32 MRC)")
+            raise ConfigError(f"{what}: not supported for volumes (volume models write MRC volumes)")
 
 
 def _one(job: Job, backend: Backend, spec: ModelSpec, cfg: RunConfig) -> None:
@@ -142,12 +128,14 @@ def _one(job: Job, backend: Backend, spec: ModelSpec, cfg: RunConfig) -> None:
         if file_identity(job.output) != job.planned:
             res.status, res.error = "skipped", "written by another process during this run"
             return
-        data, voxel, origin = read_volume(job.input)
+        volume = read_volume(job.input)
         res.frames, res.bytes_in = 1, job.input.stat().st_size
-        out = denoise_volume(data, backend, spec, cfg.tile, cfg.batch, cfg.keep_normalized, cfg.frame_path,
-                             where=str(job.input))
-        del data
-        write_volume(job.output, out, voxel, origin, protect=(job.input,))
+        out = denoise_volume(volume.data, backend, spec, cfg.tile, cfg.batch, cfg.keep_normalized,
+                             cfg.frame_path, where=str(job.input))
+        header = volume.header
+        del volume  # the input's voxels are freed before the write
+        label = f"cryodeploy {__version__} denoise ({spec.architecture})"
+        write_volume(job.output, out, header, cfg.output_dtype, (job.input,), label)
         res.status, res.bytes_out = "done", job.output.stat().st_size
     except (CryoDeployError, MemoryError) as err:
         res.status, res.error = "failed", str(err) if isinstance(err, CryoDeployError) else (

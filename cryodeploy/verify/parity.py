@@ -205,7 +205,7 @@ def compare_arrays(a: np.ndarray, b: np.ndarray) -> tuple[float, float, float]:
 def _frames(path: str | os.PathLike[str], ndim: int) -> np.ndarray:
     """The frames of a micrograph (``ndim`` 2: its images) or of a volume (``ndim`` 3: one volume)."""
     if ndim == 3:
-        return read_volume(path)[0][None]
+        return read_volume(path).data[None]
     data = read_micrograph(path).data
     return data.reshape(-1, *data.shape[-2:])
 

@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 from cryodeploy.cli import cli
 from cryodeploy.io.mrc import write_micrograph
-from cryodeploy.io.volumes import read_volume, write_volume
+from cryodeploy.io.volumes import VolumeHeader, read_volume, write_volume
 from cryodeploy.models import ModelSpec, build_model
 from cryodeploy.models.checkpoint import save_checkpoint
 
@@ -20,7 +20,8 @@ def test_denoise_a_folder_of_tomograms(tmp_path, rng) -> None:
     src = tmp_path / "tomos"
     src.mkdir()
     for name in ("a.rec", "b.mrc"):
-        write_volume(src / name, rng.standard_normal((16, 24, 20)) * 5 + 9, (7.0, 7.0, 7.0), (1.0, 2.0, 3.0))
+        data = rng.standard_normal((16, 32, 40)) * 5 + 9
+        write_volume(src / name, data, VolumeHeader((16, 32, 40), 2, (7.0, 7.0, 7.0), (1.0, 2.0, 3.0)))
     write_micrograph(tmp_path / "micrograph.mrc", rng.standard_normal((40, 40)))
     (src / "notes.txt").write_text("not a volume")
 
@@ -31,13 +32,13 @@ def test_denoise_a_folder_of_tomograms(tmp_path, rng) -> None:
     first = run(str(src), "--tile", "40")
     assert first.exit_code == 0, first.output
     assert "denoised 2, skipped 0, failed 0" in first.output
-    data, voxel, origin = read_volume(tmp_path / "out" / "a.rec")
-    assert data.shape == (16, 24, 20) and voxel == (7.0, 7.0, 7.0) and origin == (1.0, 2.0, 3.0)
-    assert np.isfinite(data).all() and data.std() > 0
+    done = read_volume(tmp_path / "out" / "a.rec")
+    assert done.data.shape == (16, 32, 40) and done.header.voxel_size == (7.0, 7.0, 7.0)
+    assert done.header.origin == (1.0, 2.0, 3.0) and np.isfinite(done.data).all() and done.data.std() > 0
     again = run(str(src), "--skip-existing")
     assert again.exit_code == 0 and "denoised 0, skipped 2, failed 0" in again.output, again.output
     wrong = run(str(tmp_path / "micrograph.mrc"))
     assert wrong.exit_code == 1
-    assert "micrograph.mrc: found a 2-D image of shape (40, 40), expected a 3-D volume" in wrong.output
+    assert "micrograph.mrc: found a 2-D image (40x40), expected a 3-D volume of at least 16" in wrong.output
     tiff = run(str(src), "--format", "tiff", "--overwrite")
     assert tiff.exit_code != 0 and "error: output format tiff: not supported for volumes" in tiff.output

@@ -67,8 +67,8 @@ def test_parity_torch_vs_ort_on_tomograms(unet3d_checkpoint, tmp_path, rng) -> N
     for i in range(2):
         clean = clean_volume(rng, (24, 40, 44))
         noisy = tmp_path / "tomo" / f"t{i}.mrc"
-        write_volume(noisy, add_noise(clean, NoiseSpec(), rng), (2.0, 2.0, 2.0), (0.0, 0.0, 0.0))
-        targets[noisy] = write_volume(tmp_path / "clean" / noisy.name, clean, (2.0,) * 3, (0.0,) * 3)
+        write_volume(noisy, add_noise(clean, NoiseSpec(), rng))
+        targets[noisy] = write_volume(tmp_path / "clean" / noisy.name, clean)
         inputs.append(noisy)
     config = ParityConfig(backends=("torch", "ort"), threads=1, tile=56, batch=2, quiet=True)
     report = run_parity(source, inputs, tmp_path / "work", config, targets)

@@ -17,7 +17,7 @@ from cryodeploy.inference.batching import activation_bytes_per_pixel, fit_geomet
 from cryodeploy.inference.runner import RunConfig, denoise_files
 from cryodeploy.inference.tiling import TilePlan, min_tile
 from cryodeploy.inference.volumes import denoise_volume
-from cryodeploy.io.volumes import read_volume, write_volume
+from cryodeploy.io.volumes import VolumeHeader, read_volume, write_volume
 from cryodeploy.models import ModelSpec, build_model
 from cryodeploy.models.checkpoint import save_checkpoint
 
@@ -99,14 +99,14 @@ class _Limited(Backend):
 
 
 def test_out_of_memory_halves_batch_then_tile_on_volumes(rng) -> None:
-    volume = rng.standard_normal((24, 24, 72)).astype(np.float32)
+    volume = rng.standard_normal((24, 32, 72)).astype(np.float32)
     torch.manual_seed(0)
     spec = ModelSpec("unet3d", params={"base_channels": 4, "depth": 1})  # radius 10: a 24^3 tile is valid
     with TorchBackend(build_model(spec), BackendOptions()) as backend:
         ref = denoise_volume(volume, backend, spec, tile=64, batch=1)
-        limited = _Limited(backend, limit=24 * 24 * 48 - 1)
-        got = denoise_volume(volume, limited, spec, tile=48, batch=2)  # 2 tiles of 24x24x48
-    assert limited.calls[:3] == [(2, 1, 24, 24, 48), (1, 1, 24, 24, 48), (1, 1, 24, 24, 24)]
+        limited = _Limited(backend, limit=24 * 32 * 48 - 1)
+        got = denoise_volume(volume, limited, spec, tile=48, batch=2)  # 2 tiles of 24x32x48
+    assert limited.calls[:3] == [(2, 1, 24, 32, 48), (1, 1, 24, 32, 48), (1, 1, 24, 24, 24)]
     assert set(limited.calls[4:]) == {(1, 1, 24, 24, 24)}
     assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
 
@@ -131,7 +131,7 @@ def test_denoiser_takes_volumes_and_refuses_the_wrong_dimensionality(volume_mode
         assert np.abs(got - want).max() <= 1e-6 * np.abs(want).max()  # CPU kernels: not bitwise
         with pytest.raises(InputError, match=r"found 2-D data, but unet3d is a volume model"):
             d(volume[0])
-    write_volume(tmp_path / "tomo.mrc", volume, (1.0, 1.0, 1.0), (0.0, 0.0, 0.0))
+    write_volume(tmp_path / "tomo.mrc", volume)
     with Denoiser.load(cnn3_checkpoint, device="cpu") as d2:
         assert d2(volume[:, :32, :32]).shape == (37, 32, 32)  # an image model: a 3-D array is a stack
         summary = d2.denoise_files([tmp_path / "tomo.mrc"], tmp_path / "out", quiet=True)
@@ -144,16 +144,18 @@ def test_denoise_files_on_mrc_volumes_keeps_geometry_skips_existing(tmp_path, vo
     model, spec, _ = volume_model
     src = tmp_path / "in"
     src.mkdir()
-    write_volume(src / "a.rec", volume, (4.0, 4.0, 5.0), (10.0, 20.0, 30.0))
-    write_volume(src / "b.mrc", volume[::-1], (4.0, 4.0, 4.0), (0.0, 0.0, 0.0))
+    write_volume(src / "a.rec", volume, VolumeHeader(SHAPE, 2, (4.0, 4.0, 5.0), (10.0, 20.0, 30.0)))
+    write_volume(src / "b.mrc", volume[::-1])
     (src / "c.mrc").write_bytes(b"not an mrc file")
     out = tmp_path / "out"
     with TorchBackend(model, BackendOptions()) as backend:
         summary = denoise_files(sorted(src.iterdir()), out, backend, spec, RunConfig(tile=56, quiet=True))
         assert [f.status for f in summary.files] == ["done", "done", "failed"]
         assert "c.mrc: not a readable MRC file" in (summary.files[2].error or "")
-        data, voxel, origin = read_volume(out / "a.rec")
-        assert (voxel, origin) == ((4.0, 4.0, 5.0), (10.0, 20.0, 30.0))
+        done = read_volume(out / "a.rec")
+        data, head = done.data, done.header
+        assert (head.voxel_size, head.origin) == ((4.0, 4.0, 5.0), (10.0, 20.0, 30.0))
+        assert head.labels[-1].startswith("cryodeploy ") and head.labels[-1].endswith(" denoise (unet3d)")
         want = denoise_volume(volume, backend, spec, tile=56)
         assert np.abs(data - want).max() <= 1e-6 * np.abs(want).max()
         again = denoise_files(sorted(src.iterdir()), out, backend, spec,
