@@ -83,3 +83,32 @@ def test_volume_training_refuses_mismatched_data(volumes, tmp_path) -> None:
         train(ArrayData(even), tmp_path / "c", n2n, quiet=True)
     with pytest.raises(ConfigError, match="no targets, expected them for --method supervised"):
         train(ArrayData(even), tmp_path / "d", FAST, quiet=True)
+
+
+def test_cli_trains_unet3d_on_an_even_odd_3d_store(tmp_path, rng) -> None:
+    """``cryodeploy train STORE --model unet3d`` on a real 3-D patch store (preprocess of even/odd pairs)."""
+    from click.testing import CliRunner
+
+    from cryodeploy.cli import cli
+    from cryodeploy.io.tomopairs import TomoPair
+    from cryodeploy.io.volumes import write_volume
+    from cryodeploy.training.preprocess import PreprocessConfig
+    from cryodeploy.training.volumes import preprocess_volumes
+
+    noise = NoiseSpec(dose=20.0, sigma=0.0)
+    pairs = []
+    for i in range(2):
+        c = clean_volume(rng, (20, 32, 32), count=8)
+        even = write_volume(tmp_path / f"t{i}_even.mrc", add_noise(c, noise, rng))
+        odd = write_volume(tmp_path / f"t{i}_odd.mrc", add_noise(c, noise, rng))
+        pairs.append(TomoPair(f"t{i}", even, odd))
+    config = PreprocessConfig(patch=16, ndim=3, targets="pairs", test_fraction=0.0, stride=(4, 8, 8))
+    store = preprocess_volumes(pairs, tmp_path / "store", config, quiet=True)
+    assert store.ndim == 3 and store.count("train") == 2 * 2 * 3 * 3
+    args = ["--model", "unet3d", "--param", "base_channels=4", "--param", "depth=1",
+            "--method", "noise2noise", "--epochs", "1", "--batch", "4", "--loader-threads", "1", "-q"]
+    run = CliRunner().invoke(cli, ["train", str(tmp_path / "store"), "-o", str(tmp_path / "run"), *args])
+    assert run.exit_code == 0, run.output
+    _, spec = load_checkpoint(tmp_path / "run")
+    assert spec.ndim == 3 and spec.training["method"] == "noise2noise"
+    assert spec.training["train_patches"] == 18  # whole tomograms validate: one of the two
