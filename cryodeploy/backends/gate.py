@@ -2,8 +2,8 @@
 
 The arithmetic (:func:`fp16_gate`) is pure; :func:`denoising_psnr` measures any
 :class:`~cryodeploy.backends.Backend` on calibration pairs (noisy input, clean target), which
-:func:`synthetic_calibration` draws from :mod:`cryodeploy.imaging.synth` with the model's noise model
-(for volume models: volumes of random Gaussian densities, :func:`clean_volume`).
+:func:`synthetic_calibration` draws from :mod:`cryodeploy.imaging.synth` with the model's noise
+model (for volume models: synthetic tomograms of :mod:`cryodeploy.imaging.simulate.tomogram`).
 """
 
 from __future__ import annotations
@@ -20,8 +20,7 @@ if TYPE_CHECKING:
     from cryodeploy.backends.base import Backend
     from cryodeploy.models import ModelSpec
 
-__all__ = ["CalibrationPair", "GateResult", "clean_volume", "denoising_psnr", "fp16_gate",
-           "synthetic_calibration"]
+__all__ = ["CalibrationPair", "GateResult", "denoising_psnr", "fp16_gate", "synthetic_calibration"]
 
 #: (noisy input, clean target): float32 images (volume models: volumes) on the same intensity scale.
 CalibrationPair = tuple[np.ndarray, np.ndarray]
@@ -76,34 +75,30 @@ def fp16_gate(psnr_fp32: float, psnr_fp16: float, max_drop_db: float = 0.1, samp
     return GateResult(float(psnr_fp32), float(psnr_fp16), float(max_drop_db), samples)
 
 
-def clean_volume(rng: np.random.Generator, shape: tuple[int, ...], count: int = 24) -> np.ndarray:
-    """A clean float32 volume of ``shape`` on [0, 1]: ``count`` Gaussian densities of random
-    position and width (2 to 6 voxels) on a constant background."""
-    grids = np.ogrid[tuple(slice(0, n) for n in shape)]
-    vol = np.zeros(shape, np.float64)
-    for _ in range(count):
-        centre = [rng.uniform(0, n) for n in shape]
-        width = rng.uniform(2.0, 6.0)
-        vol += np.exp(-sum((g - c) ** 2 for g, c in zip(grids, centre, strict=True)) / (2 * width**2))
-    return (0.8 - 0.6 * vol / vol.max()).astype(np.float32)
-
-
 def synthetic_calibration(
     spec: ModelSpec, shape: tuple[int, ...], count: int = 4, seed: int = 0
 ) -> list[CalibrationPair]:
-    """``count`` synthetic micrographs (or, for a 3-D ``shape``, volumes) of ``shape`` with their clean
-    targets, noised with the model's own noise model (its ``spec.noise``; the default Poisson +
-    Gaussian if it has none)."""
+    """``count`` synthetic micrographs of ``shape`` with their clean targets, noised with the model's
+    own noise model (its ``spec.noise``; the default Poisson + Gaussian if it has none). For a 3-D
+    ``shape``: synthetic tomograms of the simulator's defaults (their own dose), the even half with
+    the exact clean volume."""
     from cryodeploy.imaging.noise import NoiseSpec, add_noise
     from cryodeploy.imaging.synth import render_clean
 
     if count < 1:
         raise ConfigError(f"calibration count {count}, expected >= 1")
+    if len(shape) == 3:
+        from cryodeploy.imaging.simulate.tomogram import simulate_tomogram
+        from cryodeploy.imaging.simulate.tomoscene import TomoConfig
+
+        cfg = TomoConfig(shape=(int(shape[0]), int(shape[1]), int(shape[2])), seed=seed)
+        tomograms = (simulate_tomogram(cfg, i) for i in range(count))
+        return [(t.even.numpy(), t.clean.numpy()) for t in tomograms]
     noise = NoiseSpec.from_dict(spec.noise) if spec.noise else NoiseSpec()
     rng = np.random.default_rng(seed)
     pairs = []
     for _ in range(count):
-        clean = render_clean(rng, (shape[0], shape[1])) if len(shape) == 2 else clean_volume(rng, shape)
+        clean = render_clean(rng, (shape[0], shape[1]))
         pairs.append((add_noise(clean, noise, rng), clean))
     return pairs
 

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from cryodeploy.backends.gate import clean_volume
 from cryodeploy.errors import ConfigError
-from cryodeploy.imaging.noise import NoiseSpec, add_noise
 from cryodeploy.imaging.normalize import norm_stats, normalize
+from cryodeploy.imaging.simulate.tomogram import simulate_tomogram
+from cryodeploy.imaging.simulate.tomoscene import TomoConfig
 from cryodeploy.models.checkpoint import load_checkpoint
 from cryodeploy.training.config import TrainConfig
 from cryodeploy.training.sources import ArrayData
@@ -26,16 +26,16 @@ FAST = TrainConfig(model="unet3d", model_params={"base_channels": 4, "depth": 1}
 
 @pytest.fixture(scope="module")
 def volumes() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """10 clean 16^3 volumes and two independent noisy draws of each (an even/odd pair), normalized
-    with the first draw's statistics."""
-    rng = np.random.default_rng(5)
+    """10 synthetic 16^3 tomograms: clean, even and odd halves, normalized with the even half's statistics."""
+    config = TomoConfig(shape=(16, 16, 16), voxel_size=20.0, seed=5, particles=4, vesicles=0, sheets=0,
+                        dose=5.0)
     clean, even, odd = [], [], []
-    noise = NoiseSpec(dose=20.0, sigma=0.0)
-    for _ in range(10):
-        c = clean_volume(rng, (16, 16, 16), count=6)
-        a, b = add_noise(c, noise, rng), add_noise(c, noise, rng)
-        s = norm_stats(a)
-        clean.append(normalize(c, s)), even.append(normalize(a, s)), odd.append(normalize(b, s))
+    for i in range(10):
+        t = simulate_tomogram(config, i)
+        s = norm_stats(t.even.numpy())
+        clean.append(normalize(t.clean.numpy(), s))
+        even.append(normalize(t.even.numpy(), s))
+        odd.append(normalize(t.odd.numpy(), s))
     return tuple(np.stack(v)[:, None] for v in (clean, even, odd))  # type: ignore[return-value]
 
 
@@ -85,7 +85,7 @@ def test_volume_training_refuses_mismatched_data(volumes, tmp_path) -> None:
         train(ArrayData(even), tmp_path / "d", FAST, quiet=True)
 
 
-def test_cli_trains_unet3d_on_an_even_odd_3d_store(tmp_path, rng) -> None:
+def test_cli_trains_unet3d_on_an_even_odd_3d_store(tmp_path) -> None:
     """``cryodeploy train STORE --model unet3d`` on a real 3-D patch store (preprocess of even/odd pairs)."""
     from click.testing import CliRunner
 
@@ -95,12 +95,11 @@ def test_cli_trains_unet3d_on_an_even_odd_3d_store(tmp_path, rng) -> None:
     from cryodeploy.training.preprocess import PreprocessConfig
     from cryodeploy.training.volumes import preprocess_volumes
 
-    noise = NoiseSpec(dose=20.0, sigma=0.0)
     pairs = []
     for i in range(2):
-        c = clean_volume(rng, (20, 32, 32), count=8)
-        even = write_volume(tmp_path / f"t{i}_even.mrc", add_noise(c, noise, rng))
-        odd = write_volume(tmp_path / f"t{i}_odd.mrc", add_noise(c, noise, rng))
+        t = simulate_tomogram(TomoConfig(shape=(20, 32, 32), seed=2, particles=6, vesicles=0), i)
+        even = write_volume(tmp_path / f"t{i}_even.mrc", t.even.numpy())
+        odd = write_volume(tmp_path / f"t{i}_odd.mrc", t.odd.numpy())
         pairs.append(TomoPair(f"t{i}", even, odd))
     config = PreprocessConfig(patch=16, ndim=3, targets="pairs", test_fraction=0.0, stride=(4, 8, 8))
     store = preprocess_volumes(pairs, tmp_path / "store", config, quiet=True)
