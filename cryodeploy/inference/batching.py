@@ -25,6 +25,7 @@ __all__ = [
     "CPU_BATCH",
     "CPU_TILE",
     "CPU_TILE_3D",
+    "INDEX_LIMIT",
     "DeviceArrays",
     "FrameTask",
     "HostArrays",
@@ -34,6 +35,7 @@ __all__ = [
     "error_text",
     "fit_geometry",
     "is_out_of_memory",
+    "largest_tensor_per_pixel",
 ]
 
 log = logging.getLogger(__name__)
@@ -66,30 +68,45 @@ def _release_device_cache() -> None:
         torch.cuda.empty_cache()
 
 
-_ACTIVATION_BYTES: dict[str, float] = {}
+#: most elements of one tensor a batch may give a layer (32-bit index math of cuDNN and of PyTorch's
+#: CUDA kernels; a 3-D U-Net's full-resolution concatenation reaches it at 256 x 512 x 512 voxels)
+INDEX_LIMIT = 2**31 - 1
+_ACTIVATIONS: dict[str, tuple[float, int]] = {}
+
+
+def _activations(spec: ModelSpec) -> tuple[float, int]:
+    key = json.dumps([spec.architecture, spec.params], sort_keys=True, default=str)
+    if key not in _ACTIVATIONS:
+        _ACTIVATIONS[key] = _trace_activations(spec)
+    return _ACTIVATIONS[key]
 
 
 def activation_bytes_per_pixel(spec: ModelSpec) -> float:
     """Upper bound of fp32 activation bytes per input pixel (voxel): every layer output kept, traced on
     'meta' (once per architecture and parameters in a process)."""
-    key = json.dumps([spec.architecture, spec.params], sort_keys=True, default=str)
-    if key not in _ACTIVATION_BYTES:
-        _ACTIVATION_BYTES[key] = _trace_activation_bytes(spec)
-    return _ACTIVATION_BYTES[key]
+    return _activations(spec)[0]
 
 
-def _trace_activation_bytes(spec: ModelSpec) -> float:
+def largest_tensor_per_pixel(spec: ModelSpec) -> int:
+    """Elements per input pixel (voxel) of the largest tensor a layer takes or gives (e.g. the U-Net's
+    full-resolution concatenation: 3 x base channels)."""
+    return _activations(spec)[1]
+
+
+def _trace_activations(spec: ModelSpec) -> tuple[float, int]:
     import torch
 
     from cryodeploy.models import build_model
 
     with torch.device("meta"):
         model = build_model(spec)
-    total = 0
+    total = largest = 0
 
-    def count(_m: Any, _i: Any, out: Any) -> None:
-        nonlocal total
+    def count(_m: Any, inputs: Any, out: Any) -> None:
+        nonlocal total, largest
         total += out.numel() * 4 if isinstance(out, torch.Tensor) else 0
+        for t in (*inputs, out):
+            largest = max(largest, t.numel() if isinstance(t, torch.Tensor) else 0)
 
     hooks = [m.register_forward_hook(count) for m in model.modules() if not list(m.children())]
     side = 8 * spec.stride
@@ -98,7 +115,7 @@ def _trace_activation_bytes(spec: ModelSpec) -> float:
         model(torch.empty(1, 1, *(side,) * spec.ndim, device="meta"))
     for h in hooks:
         h.remove()
-    return (total + 8 * pixels) / pixels
+    return (total + 8 * pixels) / pixels, -(-largest // pixels)
 
 
 def _free_bytes(device: str) -> int | None:
@@ -142,17 +159,20 @@ def fit_geometry(
     batch: int | None = None,
 ) -> tuple[int, int]:
     """The largest tile (whole frame if possible, else halved) and batch whose activations fit in
-    half of ``free_bytes``; a batch holds at most a 4096^2 frame's worth of pixels (or voxels)."""
+    half of ``free_bytes`` and whose largest layer tensor stays within :data:`INDEX_LIMIT` elements;
+    a batch holds at most a 4096^2 frame's worth of pixels (or voxels)."""
     budget = free_bytes * _MEMORY_SHARE
     bpp = activation_bytes_per_pixel(spec)
+    most = INDEX_LIMIT // largest_tensor_per_pixel(spec)  # pixels of one batch
     if tile is None:
         tile = max(shape)
         floor = min_tile(spec.receptive_radius, spec.stride)
-        while tile > floor and _pixels(shape, tile) * bpp > budget:
+        while tile > floor and (_pixels(shape, tile) * bpp > budget or _pixels(shape, tile) > most):
             tile = max(floor, tile // 2)
     if batch is None:
         pixels = _pixels(shape, tile)
-        batch = int(max(1, min(_MAX_AUTO_BATCH, _BATCH_PIXELS // pixels, budget // (pixels * bpp))))
+        batch = int(max(1, min(_MAX_AUTO_BATCH, _BATCH_PIXELS // pixels, budget // (pixels * bpp),
+                               most // pixels)))
     return tile, batch
 
 

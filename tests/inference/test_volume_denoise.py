@@ -13,7 +13,7 @@ from cryodeploy.backends.torch import TorchBackend
 from cryodeploy.errors import ConfigError, InputError
 from cryodeploy.imaging.contract import pad_to_stride
 from cryodeploy.imaging.normalize import denormalize, norm_stats, normalize
-from cryodeploy.inference.batching import activation_bytes_per_pixel, fit_geometry
+from cryodeploy.inference.batching import activation_bytes_per_pixel, fit_geometry, largest_tensor_per_pixel
 from cryodeploy.inference.runner import RunConfig, denoise_files
 from cryodeploy.inference.tiling import TilePlan, min_tile
 from cryodeploy.inference.volumes import denoise_volume
@@ -112,11 +112,13 @@ def test_out_of_memory_halves_batch_then_tile_on_volumes(rng) -> None:
 
 
 def test_auto_geometry_fits_volume_tiles_to_free_memory(volume_model) -> None:
-    """Half the free memory holds one batch's activations (218.5 bytes per voxel for base 4, depth 2)."""
+    """Half the free memory holds one batch's activations (218.5 bytes per voxel for base 4, depth 2),
+    and no layer tensor exceeds 2^31 - 1 elements (the full-resolution concatenation: 12 per voxel)."""
     _, spec, _ = volume_model
-    assert activation_bytes_per_pixel(spec) == 218.5
+    assert activation_bytes_per_pixel(spec) == 218.5 and largest_tensor_per_pixel(spec) == 12
     assert fit_geometry((256, 1024, 1024), spec, free_bytes=8 << 30) == (256, 1)  # 256^3: 3.7 GB of 4.3
-    assert fit_geometry((256, 1024, 1024), spec, free_bytes=140 << 30) == (1024, 1)  # the whole tomogram
+    # the whole tomogram would fit 70 GiB (58.7 GB) but its concatenation holds 3.2e9 elements
+    assert fit_geometry((256, 1024, 1024), spec, free_bytes=140 << 30) == (512, 1)
     assert fit_geometry((40, 52, 64), spec, free_bytes=8 << 30) == (64, 8)
 
 
