@@ -17,7 +17,7 @@ from cryodeploy.inference.batching import activation_bytes_per_pixel, fit_geomet
 from cryodeploy.inference.runner import RunConfig, denoise_files
 from cryodeploy.inference.tiling import TilePlan, min_tile
 from cryodeploy.inference.volumes import denoise_volume
-from cryodeploy.io.volumes import VolumeHeader, read_volume, write_volume
+from cryodeploy.io.volumes import VolumeHeader, read_volume, read_volume_header, write_volume
 from cryodeploy.models import ModelSpec, build_model
 from cryodeploy.models.checkpoint import save_checkpoint
 
@@ -166,4 +166,8 @@ def test_denoise_files_on_mrc_volumes_keeps_geometry_skips_existing(tmp_path, vo
                                                                              ("c.mrc", "failed")]
         with pytest.raises(ConfigError, match="output format tiff: not supported for volumes"):
             denoise_files([src / "a.rec"], tmp_path / "o2", backend, spec, RunConfig(output_format="tiff"))
+        half = denoise_files([src / "a.rec"], tmp_path / "o3", backend, spec,
+                             RunConfig(tile=56, quiet=True, output_dtype="float16", suffix="_h"))
+        assert half.ok and read_volume_header(tmp_path / "o3" / "a_h.rec").mode == 12  # MRC float16
+        assert np.abs(read_volume(tmp_path / "o3" / "a_h.rec").data - data).max() <= 2e-3 * np.abs(data).max()
     assert sorted(p.name for p in out.iterdir()) == ["a.rec", "b.mrc"]  # no temporary or claim files left
