@@ -68,7 +68,7 @@ class SimulatedData:
                 "steps_per_epoch": self.steps_per_epoch, "val_images": self.val_images}
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, repr=False)
 class ArrayData:
     """Training patches in memory: ``inputs`` ``[N, 1, H, W]`` images or ``[N, 1, D, H, W]`` volumes,
     already normalized (as a store's patches are, with ``normalization``); ``targets`` of the same
@@ -85,6 +85,11 @@ class ArrayData:
                               "with N >= 2")
         if self.targets is not None and self.targets.shape != shape:
             raise ConfigError(f"training targets of shape {self.targets.shape}, expected the inputs' {shape}")
+
+    def __repr__(self) -> str:
+        """One line for messages: the shape, and whether there are targets."""
+        targets = " with targets" if self.targets is not None else ""
+        return f"training arrays {list(self.inputs.shape)}{targets}"
 
 
 class BatchSource:

@@ -73,7 +73,8 @@ def test_resume_of_a_volume_run_equals_uninterrupted(volumes, tmp_path) -> None:
 def test_volume_training_refuses_mismatched_data(volumes, tmp_path) -> None:
     clean, even, _ = volumes
     images = ArrayData(even[:, :, 0], clean[:, :, 0])
-    with pytest.raises(ConfigError, match=r"\(16, 16\) have 2 sides, but unet3d is a 3-D volume model"):
+    message = r"^training arrays \[10, 1, 16, 16\] with targets: patches \(16, 16\) have 2 sides, but unet3d"
+    with pytest.raises(ConfigError, match=message):
         train(images, tmp_path / "a", FAST, quiet=True)
     cnn3 = dataclasses.replace(FAST, model="cnn3", model_params={})
     with pytest.raises(ConfigError, match=r"\(16, 16, 16\) have 3 sides, but cnn3 is a 2-D image model"):
