@@ -40,6 +40,7 @@ from cryodeploy.backends import BackendOptions, availability, create_backend
 from cryodeploy.backends.sources import load_source
 from cryodeploy.inference.batching import auto_geometry
 from cryodeploy.inference.runner import RunConfig, denoise_files
+from cryodeploy.inference.tiling import TilePlan
 from cryodeploy.inference.volumes import denoise_volume
 from cryodeploy.io.volumes import read_volume, read_volume_header, write_volume
 from cryodeploy.models import ModelSpec, build_model
@@ -143,13 +144,16 @@ def main() -> None:
             continue
         with create_backend(name, source, opts) as b:
             tile, batch = auto_geometry(padded, spec, args.device, None, None)
+            tiles = len(TilePlan.create(shape, tile, spec.receptive_radius, spec.stride))
+            batch = min(batch, tiles)  # as denoise_volume bounds it
             _run(b, spec, src, work / label.replace("/", "_"), args.frame_path)  # warm-up
             if args.device.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats()
             s = _median_s(lambda b=b, label=label: _run(b, spec, src, work / label.replace("/", "_"),
                                                         args.frame_path), args.repeats)
             peak = torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else None
-        rows.append({"label": label, "seconds": s, "tile": tile, "batch": batch, "peak_gib": peak})
+        rows.append({"label": label, "seconds": s, "tile": tile, "tiles": tiles, "batch": batch,
+                     "peak_gib": peak})
     if args.topaz_python:
         rows.append({"label": "Topaz-Denoise denoise3d (unet-3d-10a, patch 96, padding 48)",
                      **_topaz(args.topaz_python, src, work, args.device)})
@@ -165,13 +169,14 @@ def main() -> None:
     (out / "bench_volume.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     lines = [f"Tomogram {shape[2]}x{shape[1]}x{shape[0]} float32 ({mb:.0f} MB), unet3d base {args.base} "
              f"depth {args.depth}, {report['device']}, {report['date']}", "",
-             "| run | s | MB/s | x floor | tile | batch | peak GiB |", "|---|---|---|---|---|---|---|"]
+             "| run | s | MB/s | x floor | tile (count) | batch | peak GiB |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         sec = r.get("seconds") or r.get("wall_s")
         cells = [r["label"], f"{sec:.2f}" if sec else r.get("note", r.get("error", "-")),
                  f"{r['mb_per_s']:.0f}" if r["mb_per_s"] else "-",
                  f"{r['x_floor']:.1f}" if r["x_floor"] else "-",
-                 str(r.get("tile", "-")), str(r.get("batch", "-")),
+                 f"{r['tile']} ({r['tiles']})" if "tile" in r else "-", str(r.get("batch", "-")),
                  f"{r['peak_gib']:.1f}" if r.get("peak_gib") else "-"]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", f"checks: {report['checks']}"]
