@@ -43,7 +43,8 @@ def parity(
     device: str, threads: int, tile: str, batch: str, rtol: float, max_psnr_loss: float, tf32: bool,
     no_reference: bool, json_path: Path | None, workdir: Path | None, quiet: bool,
 ) -> None:
-    """Denoise the same micrographs with every backend/precision through the runner and compare the outputs.
+    """Denoise the same micrographs (or, with a volume model, tomograms) with every backend/precision
+    through the runner and compare the outputs.
 
     Exits 1 when an fp32 result differs from another or from the float64 reference by more than
     --rtol, or an fp16/bf16 result loses more than --max-psnr-loss dB (needs clean targets).
@@ -64,6 +65,10 @@ def parity(
         rtol=rtol, max_psnr_loss_db=max_psnr_loss, reference=not no_reference, quiet=quiet,
     )
     source = load_source(model)
+    volumes = source.spec.ndim == 3
+    if synth_count and volumes:
+        raise click.UsageError("--synth draws micrographs; for a volume model write tomograms with "
+                               "`cryodeploy synth --volume` and give their even halves (--targets: clean)")
     with tempfile.TemporaryDirectory(prefix="cryodeploy-parity-") as tmp:
         work = workdir or Path(tmp)
         clean: dict[Path, Path] | None
@@ -73,7 +78,10 @@ def parity(
             paths = synth_micrographs(work / "synth", SynthConfig(synth_count, size=size, seed=seed))
             clean = {p: p.parent.parent / "clean" / p.name for p in paths}
         else:
-            paths = expand_inputs(list(inputs))
+            from cryodeploy.io.inputs import MICROGRAPH_SUFFIXES
+            from cryodeploy.io.volumes import VOLUME_SUFFIXES
+
+            paths = expand_inputs(list(inputs), suffixes=VOLUME_SUFFIXES if volumes else MICROGRAPH_SUFFIXES)
             clean = {p: targets / p.name for p in paths} if targets else None
         report = run_parity(source, paths, work, config, clean)
     console = Console(width=max(Console().width, 140))

@@ -42,3 +42,21 @@ def test_denoise_a_folder_of_tomograms(tmp_path, rng) -> None:
     assert "micrograph.mrc: found a 2-D image (40x40), expected a 3-D volume of at least 16" in wrong.output
     tiff = run(str(src), "--format", "tiff", "--overwrite")
     assert tiff.exit_code != 0 and "error: output format tiff: not supported for volumes" in tiff.output
+
+
+def test_parity_of_a_volume_model_on_synthetic_tomograms(tmp_path) -> None:
+    """``synth --volume`` then ``parity`` on the even halves with the clean volumes as targets."""
+    torch.manual_seed(0)
+    spec = ModelSpec("unet3d", params={"base_channels": 4, "depth": 1})
+    ckpt = save_checkpoint(tmp_path / "v.safetensors", build_model(spec), spec)
+    runner = CliRunner()
+    made = runner.invoke(cli, ["synth", "--volume", str(tmp_path / "d"), "--count", "1", "--size", "32",
+                               "40", "--depth", "16"])
+    assert made.exit_code == 0, made.output
+    args = ["parity", str(ckpt), str(tmp_path / "d" / "even"), "--targets", str(tmp_path / "d" / "clean"),
+            "--backends", "torch,ort", "--precisions", "fp32", "--device", "cpu", "--tile", "32", "-q"]
+    run = runner.invoke(cli, args)
+    assert run.exit_code == 0, run.output  # 0: every fp32 pair within 1e-5
+    assert "ort/cpu/fp32" in run.output and "torch/cpu/fp32" in run.output
+    synth = runner.invoke(cli, ["parity", str(ckpt), "--synth", "2", "-q"])
+    assert synth.exit_code == 2 and "write tomograms with `cryodeploy synth --volume`" in synth.output
