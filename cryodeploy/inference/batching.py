@@ -9,12 +9,14 @@ import json
 import logging
 import math
 import sys
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from cryodeploy.errors import CryoDeployError, first_line
+from cryodeploy.imaging.contract import stride_padding
 from cryodeploy.inference.tiling import TilePlan, min_tile
 
 if TYPE_CHECKING:
@@ -183,6 +185,10 @@ class HostArrays:
         """A new float32 array."""
         return np.empty(shape, np.float32)
 
+    def zeros(self, shape: tuple[int, ...]) -> Any:
+        """A new float32 array of zeros."""
+        return np.zeros(shape, np.float32)
+
     def run(self, backend: Backend, batch: Any) -> Any:
         """The backend on one batch."""
         return backend.run(batch)
@@ -202,6 +208,10 @@ class DeviceArrays(HostArrays):
     def empty(self, shape: tuple[int, ...]) -> Any:
         """A new float32 tensor on the device."""
         return self._torch.empty(shape, dtype=self._torch.float32, device=self._device)
+
+    def zeros(self, shape: tuple[int, ...]) -> Any:
+        """A new float32 tensor of zeros on the device."""
+        return self._torch.zeros(shape, dtype=self._torch.float32, device=self._device)
 
     def run(self, backend: Backend, batch: Any) -> Any:
         """The backend's device-resident forward on one batch."""
@@ -256,6 +266,17 @@ class TiledEngine:
         self._pending: list[tuple[FrameTask, int]] = []
         self._buffer = self.arrays.empty((0, 1, 0, 0))
         self._work: list[tuple[tuple[int, ...] | None, int]] | None = None
+
+    def warm_up(self, shape: tuple[int, ...]) -> float:
+        """Run one frame of zeros of ``shape`` through the backend, as a real frame of that shape would
+        go (same tiles, same batch), so one-time costs (kernel loading, cuDNN plans, compilation for
+        these shapes) are paid before the files; returns its seconds. A failure is left to the files."""
+        t0 = time.perf_counter()
+        padded = tuple(n + p for n, p in zip(shape, stride_padding(shape, self.stride), strict=True))
+        self.add(FrameTask(None, self.arrays.zeros(padded), shape))
+        self.flush()
+        self.arrays.sync()
+        return time.perf_counter() - t0
 
     def limit_to(self, work: list[tuple[tuple[int, ...] | None, int]]) -> None:
         """Bound the geometry by the frames to come, ``(frame shape, count)`` each (shape None: unknown,

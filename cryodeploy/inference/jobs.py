@@ -320,6 +320,7 @@ class RunSummary:
 
     ``stage_seconds``: how long each pipeline stage (read, compute, write, commit) was busy, summed
     over its threads; their total above ``seconds`` (the wall time) is the stages' overlap.
+    ``warmup_seconds``: the one frame of zeros run on a GPU before the files (not in ``seconds``).
     """
 
     files: list[FileResult]
@@ -329,6 +330,7 @@ class RunSummary:
     tile: int | None = None
     batch: int | None = None
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    warmup_seconds: float = 0.0
 
     def count(self, status: Status) -> int:
         """Number of files with ``status``."""
@@ -349,6 +351,7 @@ class RunSummary:
         return (
             f"denoised {self.count('done')}, skipped {self.count('skipped')}, failed {self.count('failed')} "
             f"in {self.seconds:.1f} s ({self.megabytes_per_second:.1f} MB/s)"
+            + (f" after a {self.warmup_seconds:.1f} s warm-up" if self.warmup_seconds >= 0.05 else "")
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -360,6 +363,7 @@ class RunSummary:
             "tile": self.tile,
             "batch": self.batch,
             "seconds": round(self.seconds, 3),
+            "warmup_seconds": round(self.warmup_seconds, 3),
             "stage_seconds": {k: round(v, 3) for k, v in self.stage_seconds.items()},
             "done": self.count("done"),
             "skipped": self.count("skipped"),

@@ -143,9 +143,15 @@ def _run_in(pairs: list[tuple[Path, Path]], folders: list[Path], engine: TiledEn
         except OSError as err:
             raise OutputError(f"{folder}: cannot create the output folder ({err.strerror or err})") from err
     jobs = plan_jobs(pairs, cfg)
-    engine.limit_to([io.planned(j.input) for j in jobs if j.result.status == "pending"])  # as denoise_image
+    work: list[tuple[tuple[int, ...] | None, int]] = [
+        io.planned(j.input) for j in jobs if j.result.status == "pending"]
+    engine.limit_to(work)  # as denoise_image
     for folder in folders:
         clean_leftovers(folder)
+    shapes = [shape for shape, _ in work if shape is not None]
+    # on a GPU the first forward of a shape pays one-time costs (kernels, cuDNN plans, compilation):
+    # paid here on zeros of the first file's shape, reported apart from the run's seconds
+    warmup = engine.warm_up(shapes[0]) if shapes and backend.device.startswith("cuda") else 0.0
     start = time.perf_counter()
     with progress(len(jobs), "denoise", cfg.quiet) as bar:
         files = FileBar(bar)
@@ -167,6 +173,7 @@ def _run_in(pairs: list[tuple[Path, Path]], folders: list[Path], engine: TiledEn
         tile=engine.tile,
         batch=engine.batch,
         stage_seconds=busy,
+        warmup_seconds=warmup,
     )
     if cfg.summary is not None:
         summary.write(cfg.summary)

@@ -137,3 +137,43 @@ def test_outputs_are_byte_identical_to_one_file_at_a_time(tmp_path, model, io_th
     assert len(_digests(tmp_path / "all")) == 2 * len(paths)  # outputs and previews, no leftovers
     assert _digests(tmp_path / "all") == _digests(tmp_path / "one")
     assert frames_in_flight(cfg) == 2 * queue_depth + 2 * io_threads
+
+
+@pytest.mark.parametrize(("tile", "batch"), [("auto", "auto"), (48, 3)])
+def test_warm_up_leaves_the_engine_as_it_was(model: tuple[Any, Any], tile: Any, batch: Any) -> None:
+    """The GPU warm-up (one frame of zeros before the files) runs the backend and changes no result."""
+    from cryodeploy.inference.batching import FrameTask
+
+    net, spec = model
+    backend = TorchBackend(net, BackendOptions(device="cpu", threads=1))
+    image = np.random.default_rng(5).standard_normal((64, 80)).astype(np.float32)
+
+    def run(warm: bool) -> np.ndarray:
+        engine = TiledEngine(backend, spec, tile, batch)
+        engine.limit_to([((64, 80), 2)])
+        calls = []
+        original = backend.run
+        backend.run = lambda x: calls.append(x.shape) or original(x)  # type: ignore[method-assign]
+        try:
+            seconds = engine.warm_up((64, 80)) if warm else 0.0
+            assert seconds >= 0 and (len(calls) > 0) == warm  # it did run the backend
+            done = engine.add(FrameTask("a", image, (64, 80))) + engine.flush()
+        finally:
+            backend.run = original  # type: ignore[method-assign]
+        assert [t.key for t in done] == ["a"] and done[0].error is None
+        return np.asarray(done[0].output())
+
+    assert np.array_equal(run(True), run(False))
+
+
+def test_summary_reports_no_warm_up_on_the_cpu(tmp_path: Path, model: tuple[Any, Any]) -> None:
+    import json
+
+    net, spec = model
+    backend = TorchBackend(net, BackendOptions(device="cpu", threads=1))
+    paths = _inputs(tmp_path / "in", 2)
+    config = RunConfig(quiet=True, summary=tmp_path / "s.json")
+    summary = denoise_files(paths, tmp_path / "out", backend, spec, config)
+    assert summary.warmup_seconds == 0.0
+    assert json.loads((tmp_path / "s.json").read_text())["warmup_seconds"] == 0
+    assert "warm-up" not in summary.line()
