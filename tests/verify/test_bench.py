@@ -91,9 +91,10 @@ def test_raw_and_mrc_floors_write_what_they_read(tmp_path: Path) -> None:
     paths = sorted(src.glob("epu_crop_*.mrc"))
     assert raw_floor(paths, tmp_path / "raw") > 0 and mrc_floor(paths, tmp_path / "mrc") > 0
     assert raw_floor(paths, tmp_path / "raw_fsync", fsync=True) > 0
+    assert raw_floor(paths, tmp_path / "raw_threads", fsync=True, threads=3) > 0
     for i, p in enumerate(paths):
-        assert (tmp_path / "raw" / f"{i:06d}.raw").read_bytes() == p.read_bytes()
-        assert (tmp_path / "raw_fsync" / f"{i:06d}.raw").read_bytes() == p.read_bytes()
+        for folder in ("raw", "raw_fsync", "raw_threads"):
+            assert (tmp_path / folder / f"{i:06d}.raw").read_bytes() == p.read_bytes()
         assert np.array_equal(mrcfile.read(tmp_path / "mrc" / f"{i:06d}.mrc"), mrcfile.read(p))
 
 
