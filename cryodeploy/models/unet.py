@@ -1,4 +1,5 @@
-"""A small U-Net in the spirit of Topaz-Denoise's unet-small (max-pool down, nearest up, skips)."""
+"""A small U-Net in the spirit of Topaz-Denoise's unet-small (max-pool down, nearest up, skips), for
+images (2-D) or volumes (3-D: :class:`~cryodeploy.models.unet3d.UNet3D`)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,16 @@ from torch import nn
 __all__ = ["UNet", "unet_receptive_radius"]
 
 
-def _block(cin: int, cout: int) -> nn.Sequential:
+_CONV: dict[int, type[nn.Module]] = {2: nn.Conv2d, 3: nn.Conv3d}
+_POOL: dict[int, type[nn.Module]] = {2: nn.MaxPool2d, 3: nn.MaxPool3d}
+
+
+def _block(cin: int, cout: int, dims: int) -> nn.Sequential:
+    conv = _CONV[dims]
     return nn.Sequential(
-        nn.Conv2d(cin, cout, 3, padding=1),
+        conv(cin, cout, 3, padding=1),
         nn.LeakyReLU(0.1),
-        nn.Conv2d(cout, cout, 3, padding=1),
+        conv(cout, cout, 3, padding=1),
         nn.LeakyReLU(0.1),
     )
 
@@ -36,22 +42,26 @@ class UNet(nn.Module):
     """Encoder of ``depth`` levels with ``base_channels`` doubling per level; residual output.
 
     Input H and W must be multiples of 2**depth (the tiler pads to that). Under 2 M parameters
-    for base_channels <= 32, depth <= 3.
+    for base_channels <= 32, depth <= 3. ``dims``: 2 for images [N,1,H,W], 3 for volumes [N,1,D,H,W]
+    (the same layers and weight names, with 3x3x3 convolutions and 2x2x2 pooling).
     """
 
-    def __init__(self, base_channels: int = 32, depth: int = 3) -> None:
+    def __init__(self, base_channels: int = 32, depth: int = 3, dims: int = 2) -> None:
         super().__init__()
         self.depth = depth
         chans = [base_channels * 2**i for i in range(depth + 1)]
-        self.enc = nn.ModuleList([_block(1 if i == 0 else chans[i - 1], chans[i]) for i in range(depth)])
-        self.pool = nn.MaxPool2d(2)
-        self.mid = _block(chans[depth - 1], chans[depth])
+        ins = [1, *chans[:depth - 1]]
+        self.enc = nn.ModuleList([_block(ins[i], chans[i], dims) for i in range(depth)])
+        self.pool = _POOL[dims](2)
+        self.mid = _block(chans[depth - 1], chans[depth], dims)
         self.up = nn.Upsample(scale_factor=2, mode="nearest")
-        self.dec = nn.ModuleList([_block(chans[i + 1] + chans[i], chans[i]) for i in reversed(range(depth))])
-        self.out = nn.Conv2d(chans[0], 1, 3, padding=1)
+        self.dec = nn.ModuleList([_block(chans[i + 1] + chans[i], chans[i], dims)
+                                  for i in reversed(range(depth))])
+        self.out = _CONV[dims](chans[0], 1, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Map [N,1,H,W] (H, W multiples of 2**depth) to the same shape: input + learned residual."""
+        """Map [N,1,H,W] (or [N,1,D,H,W]; sides multiples of 2**depth) to the same shape: input +
+        learned residual."""
         skips = []
         h = x
         for enc in self.enc:
