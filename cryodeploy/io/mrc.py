@@ -12,9 +12,10 @@ import os
 import stat
 import struct
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -31,6 +32,7 @@ __all__ = [
     "read_micrograph",
     "validate_array",
     "write_micrograph",
+    "write_mrc",
 ]
 
 #: MRC modes we read: int8, int16, float32, uint16, float16.
@@ -284,6 +286,22 @@ def write_micrograph(
     With ``header`` the voxel size, origin, start indices, space group, extended header and
     labels are carried over. ``protect`` lists input files that must not be overwritten.
     """
+    kind = "stack" if np.ndim(data) == 3 else "image"
+    return write_mrc(path, data, header.shape if header is not None else None, dtype, protect,
+                     lambda mrc: _describe(mrc, kind, header, label))
+
+
+def write_mrc(
+    path: str | os.PathLike[str],
+    data: np.ndarray,
+    shape: tuple[int, ...] | None,
+    dtype: str,
+    protect: tuple[str | os.PathLike[str], ...],
+    describe: Callable[[Any], None],
+) -> Path:
+    """The one MRC writer: ``data`` cast to ``dtype`` (float32 or float16), refused when not finite or
+    not of ``shape`` (the header's, when given), written atomically through mrcfile; ``describe(mrc)``
+    sets the header once the data is in, then the header statistics are computed."""
     import mrcfile
 
     if dtype not in _OUT_DTYPES:
@@ -291,14 +309,14 @@ def write_micrograph(
     with np.errstate(over="ignore", invalid="ignore"):  # checked below, with a clearer message
         arr = np.ascontiguousarray(data, dtype=_OUT_DTYPES[dtype])
     check_output_finite(arr, data, path, dtype)
-    if header is not None and tuple(arr.shape) != tuple(header.shape):
-        raise OutputError(f"{path}: data shape {arr.shape} differs from the header's {header.shape}")
+    if shape is not None and tuple(arr.shape) != tuple(shape):
+        raise OutputError(f"{path}: data shape {arr.shape} differs from the header's {tuple(shape)}")
     target = Path(path)
     with atomic_write(target, protect) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with mrcfile.new(tmp, overwrite=True) as mrc:
             mrc.set_data(arr)
-            _describe(mrc, arr.ndim, header, label)
+            describe(mrc)
             mrc.update_header_stats()
     return target
 
@@ -318,38 +336,35 @@ def check_output_finite(arr: np.ndarray, data: np.ndarray, path: str | os.PathLi
     )
 
 
-def _describe(mrc: object, ndim: int, header: MicrographHeader | None, label: str | None) -> None:
-    """The header of a new MRC after its data is set: a stack flag for 3-D data, no default label
-    (mrcfile's is time-stamped: the same data and header give the same bytes), ``header``'s fields
-    and ``label``. Shared by :func:`write_micrograph` and :mod:`cryodeploy.io.rawmrc`."""
+def _describe(mrc: object, kind: str, header: Any, label: str | None) -> None:
+    """The header of a new MRC after its data is set: the stack or volume flag (``kind``: image,
+    stack or volume), no default label (mrcfile's is time-stamped: the same data and header give the
+    same bytes), ``header``'s fields (a :class:`MicrographHeader` or a volume header) and ``label``.
+    Shared by :func:`write_micrograph`, :mod:`cryodeploy.io.rawmrc` and :mod:`cryodeploy.io.volumes`."""
     import mrcfile.mrcobject
 
     assert isinstance(mrc, mrcfile.mrcobject.MrcObject)
-    if ndim == 3:
+    if kind == "stack":
         mrc.set_image_stack()
+    elif kind == "volume":
+        mrc.set_volume()
     mrc.header.nlabl = 0
     mrc.header.label[:] = b""
     if header is not None:
-        _apply_header(mrc, header)
+        if header.extended_header:
+            mrc.set_extended_header(np.frombuffer(header.extended_header, dtype="V1"))
+            mrc.header.exttyp = header.exttyp
+        mrc.voxel_size = header.voxel_size
+        h = mrc.header
+        # a stack keeps space group 0; a volume its own (1-230; 0, ambiguous, becomes 1)
+        if (1 <= header.ispg <= 230) if kind == "volume" else not header.is_stack:
+            h.ispg = header.ispg
+        h.origin.x, h.origin.y, h.origin.z = header.origin
+        h.nxstart, h.nystart, h.nzstart = header.nstart
+        for lab in header.labels[:9]:
+            mrc.add_label(_ascii_label(lab))
     if label:
         mrc.add_label(_ascii_label(label))
-
-
-def _apply_header(mrc: object, header: MicrographHeader) -> None:
-    import mrcfile.mrcobject
-
-    assert isinstance(mrc, mrcfile.mrcobject.MrcObject)
-    if header.extended_header:
-        mrc.set_extended_header(np.frombuffer(header.extended_header, dtype="V1"))
-        mrc.header.exttyp = header.exttyp
-    mrc.voxel_size = header.voxel_size
-    h = mrc.header
-    if not header.is_stack:  # a stack keeps space group 0
-        h.ispg = header.ispg
-    h.origin.x, h.origin.y, h.origin.z = header.origin
-    h.nxstart, h.nystart, h.nzstart = header.nstart
-    for lab in header.labels[:9]:
-        mrc.add_label(_ascii_label(lab))
 
 
 def _ascii_label(text: str) -> str:

@@ -96,7 +96,7 @@ def write_raw_micrograph(
         mrc._create_default_attributes()
         mrc._set_new_data(data)  # no copy, no statistics pass: both are the caller's
         mrc.update_header_from_data()
-        _describe(mrc, data.ndim, header, label)
+        _describe(mrc, "stack" if data.ndim == 3 else "image", header, label)
         h = mrc.header
         h.dmin, h.dmax, h.dmean, h.rms = (np.float32(v) for v in stats)
         target = Path(path)

@@ -32,14 +32,14 @@ from pathlib import Path
 import numpy as np
 
 from cryodeploy.errors import InputError, OutputError
-from cryodeploy.files import atomic_write
 from cryodeploy.io.mrc import (
     MIN_SIZE,
     SUPPORTED_MODES,
     _ascii_label,
     _check_file,
+    _describe,
     _open_error,
-    check_output_finite,
+    write_mrc,
 )
 
 __all__ = [
@@ -238,9 +238,6 @@ def read_volume(path: str | os.PathLike[str], min_size: int = MIN_SIZE, min_dept
     return Volume(path=p, data=data, header=header)
 
 
-_OUT_DTYPES = {"float32": np.float32, "float16": np.float16}
-
-
 def write_volume(
     path: str | os.PathLike[str],
     data: np.ndarray,
@@ -252,44 +249,7 @@ def write_volume(
     """Write ``data`` [nz, ny, nx] atomically as a float32 or float16 MRC volume (space group 1,
     ``mz == nz``) with header statistics. With ``header`` the voxel size, origin, start indices,
     extended header and labels are carried over. ``protect`` lists inputs never to overwrite."""
-    import mrcfile
-
-    if dtype not in _OUT_DTYPES:
-        raise OutputError(f"{path}: output dtype {dtype!r} not supported, expected float32 or float16")
     if np.ndim(data) != 3:
         raise OutputError(f"{path}: found data of shape {np.shape(data)}, expected a 3-D volume [nz, ny, nx]")
-    with np.errstate(over="ignore", invalid="ignore"):
-        arr = np.ascontiguousarray(data, dtype=_OUT_DTYPES[dtype])
-    check_output_finite(arr, data, path, dtype)
-    if header is not None and tuple(arr.shape) != tuple(header.shape):
-        raise OutputError(f"{path}: data shape {arr.shape} differs from the header's {header.shape}")
-    with atomic_write(Path(path), protect) as tmp, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with mrcfile.new(tmp, overwrite=True) as mrc:
-            mrc.set_data(arr)
-            mrc.set_volume()
-            mrc.header.nlabl = 0
-            mrc.header.label[:] = b""
-            if header is not None:
-                _apply(mrc, header)
-            if label:
-                mrc.add_label(_ascii_label(label))
-            mrc.update_header_stats()
-    return Path(path)
-
-
-def _apply(mrc: object, header: VolumeHeader) -> None:
-    import mrcfile.mrcobject
-
-    assert isinstance(mrc, mrcfile.mrcobject.MrcObject)
-    if header.extended_header:
-        mrc.set_extended_header(np.frombuffer(header.extended_header, dtype="V1"))
-        mrc.header.exttyp = header.exttyp
-    mrc.voxel_size = header.voxel_size
-    h = mrc.header
-    if 1 <= header.ispg <= 230:  # a volume's own space group; 0 (ambiguous) becomes 1
-        h.ispg = header.ispg
-    h.origin.x, h.origin.y, h.origin.z = header.origin
-    h.nxstart, h.nystart, h.nzstart = header.nstart
-    for lab in header.labels[:9]:
-        mrc.add_label(_ascii_label(lab))
+    return write_mrc(path, data, header.shape if header is not None else None, dtype, protect,
+                     lambda mrc: _describe(mrc, "volume", header, label))
