@@ -82,6 +82,7 @@ step denoise20_fp16_graphs 120 denoise 20 fp16_graphs --precision fp16 --cuda-gr
 step startup_default_first 240 fs startup "$first" --label default_first --precision auto --work "$work/startup_df"
 step denoise20_default 150 denoise 20 default
 step startup_default 90 fs startup "$first" --label default --precision auto --work "$work/startup_default"
+step denoise20_default_io4 150 denoise 20 default_io4 --io-threads 4
 step stages_fp32 120 fs stages "$work/in20" --precision fp32 --label fp32 --work "$work/stages"
 step stages_fp16 120 fs stages "$work/in20" --precision fp16 --label fp16 --work "$work/stages"
 step overlap_fp16 150 ov --precision fp16 --label overlap_fp16

@@ -104,6 +104,8 @@ def test_bad_option_values(cnn3_checkpoint, inputs, tmp_path) -> None:
     assert res.exit_code == 2 and "tile 4 is too small" in res.stderr
     res = denoise(cnn3_checkpoint, str(inputs[0]), "-o", str(tmp_path / "o"), "--shard", "2/2")
     assert res.exit_code == 2 and "0 <= index < count" in res.stderr
+    res = denoise(cnn3_checkpoint, str(inputs[0]), "-o", str(tmp_path / "o"), "--io-threads", "0")
+    assert res.exit_code == 2 and "Invalid value for '--io-threads'" in res.output
     res = denoise(cnn3_checkpoint, str(tmp_path / "nothing*.mrc"), "-o", str(tmp_path / "o"))
     assert res.exit_code == 1 and "pattern matches no files" in res.stderr
     res = CliRunner().invoke(cli, ["denoise", str(inputs[0]), "-o", str(tmp_path / "o"), "--model",
@@ -169,3 +171,11 @@ def test_batch_is_clamped_to_all_planned_tiles_an_unreadable_file_counting_one(
     assert res.exit_code == 1 and f"failed: {tmp_path / 'in' / 'bad.mrc'}: " in res.stderr
     record = json.loads((tmp_path / "s.json").read_text())
     assert (record["tile"], record["batch"], record["done"]) == (90, 4, 3)  # 3 files of 70x90, one tile each
+
+
+def test_io_threads_write_the_same_bytes(cnn3_checkpoint, inputs, tmp_path) -> None:
+    for n in ("1", "4"):
+        res = denoise(cnn3_checkpoint, str(tmp_path / "in"), "-o", str(tmp_path / n), "--io-threads", n)
+        assert res.exit_code == 0, res.output
+    for p in inputs:
+        assert (tmp_path / "1" / p.name).read_bytes() == (tmp_path / "4" / p.name).read_bytes()
