@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Denoise a list of micrographs with the cryodeploy Python API.
+"""Denoise a list of micrographs (or, with a volume model, tomograms) with the cryodeploy Python API.
 
 Usage::
 
