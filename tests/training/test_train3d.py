@@ -162,6 +162,21 @@ def test_resume_of_a_neighbor2neighbor_volume_run_equals_uninterrupted(single_to
     assert _weights_diff(tmp_path / "full" / "last.safetensors", tmp_path / "part" / "last.safetensors") == 0
 
 
+def test_cli_trains_unet3d_with_neighbor2neighbor_on_a_single_tomogram(single_tomogram, tmp_path) -> None:
+    from click.testing import CliRunner
+
+    from cryodeploy.cli import cli
+
+    _, _, store = single_tomogram
+    args = ["train", str(store), "-o", str(tmp_path / "run"), "--model", "unet3d",
+            "--param", "base_channels=4", "--param", "depth=1", "--method", "neighbor2neighbor",
+            "--epochs", "1", "--batch", "4", "--max-batches", "3", "--loader-threads", "1", "-q"]
+    run = CliRunner().invoke(cli, args)
+    assert run.exit_code == 0, run.output
+    _, spec = load_checkpoint(tmp_path / "run")
+    assert spec.ndim == 3 and spec.training["method"] == "neighbor2neighbor"
+
+
 def test_cli_trains_unet3d_on_an_even_odd_3d_store(tmp_path) -> None:
     """``cryodeploy train STORE --model unet3d`` on a real 3-D patch store (preprocess of even/odd pairs)."""
     from click.testing import CliRunner
