@@ -21,9 +21,9 @@ import numpy as np
 
 from cryodeploy.errors import OutputError
 from cryodeploy.files import atomic_write
-from cryodeploy.io.mrc import MIN_SIZE, SUPPORTED_MODES, _ascii_label
+from cryodeploy.io.mrc import MIN_SIZE, SUPPORTED_MODES, _describe
 from cryodeploy.io.rawmrc import HeaderStats, read_data_into
-from cryodeploy.io.volumes import MIN_DEPTH, VolumeHeader, _apply, validate_volume
+from cryodeploy.io.volumes import MIN_DEPTH, VolumeHeader, validate_volume
 
 __all__ = ["read_volume_data", "volume_header_bytes", "write_raw_volume"]
 
@@ -64,13 +64,7 @@ def volume_header_bytes(shape: tuple[int, int, int], dtype: str, stats: HeaderSt
         mrc._create_default_attributes()
         mrc._set_new_data(dummy)  # shape and dtype only: no voxel is read
         mrc.update_header_from_data()
-        mrc.set_volume()
-        mrc.header.nlabl = 0
-        mrc.header.label[:] = b""
-        if header is not None:
-            _apply(mrc, header)
-        if label:
-            mrc.add_label(_ascii_label(label))
+        _describe(mrc, "volume", header, label)
         h = mrc.header
         h.dmin, h.dmax, h.dmean, h.rms = (np.float32(v) for v in stats)
         return bytes(h.tobytes()) + bytes(mrc.extended_header.tobytes())
