@@ -56,7 +56,8 @@ def _sim_data(sim_config: Path | None, sim_size: int, crop: int, steps_per_epoch
               help="Architecture parameter, e.g. --param base_channels=16 --param depth=2.")
 @click.option("--method", default="supervised", show_default=True,
               type=click.Choice(METHODS),
-              help="Store pairs (clean or independent noisy targets), or self-supervised Neighbor2Neighbor.")
+              help="Store pairs (clean or independent noisy targets), or self-supervised Neighbor2Neighbor "
+                   "(images, or single tomograms for unet3d).")
 @click.option("--epochs", default=5, show_default=True, type=click.IntRange(min=1),
               help="Passes over the training patches.")
 @click.option("--batch", default=8, show_default=True, type=click.IntRange(min=1),

@@ -25,7 +25,8 @@ from cryodeploy.errors import InputError, OutputError
 from cryodeploy.imaging.contract import FrameContract, crop_to, stride_padding
 from cryodeploy.imaging.normalize import NormSpec, NormStats, norm_stats_torch
 
-__all__ = ["DeviceFrameContract", "DevicePrepared", "header_stats", "validate_frames"]
+__all__ = ["DeviceFrameContract", "DevicePrepared", "header_stats", "validate_frames",
+           "validate_volume_tensor", "volume_header_stats"]
 
 
 def _norm_stats(image: torch.Tensor, spec: NormSpec) -> NormStats:
@@ -46,6 +47,26 @@ def validate_frames(frames: torch.Tensor, path: object) -> None:
             raise InputError(f"{path}: found {int(nb)} NaN/Inf values{where}, expected finite pixels")
         if a == b:
             raise InputError(f"{path}: image is constant ({a:g}){where}, expected non-zero variance")
+
+
+def validate_volume_tensor(volume: torch.Tensor, path: object, min_size: int, min_depth: int) -> None:
+    """The checks of :func:`~cryodeploy.io.volumes.validate_volume` on a [nz, ny, nx] tensor, with its
+    messages (one host sync)."""
+    nz, ny, nx = volume.shape
+    if ny < min_size or nx < min_size or nz < min_depth:
+        raise InputError(
+            f"{path}: volume is {nx}x{ny}x{nz} voxels, expected at least {min_size}x{min_size}x{min_depth}"
+        )
+    bad = (~torch.isfinite(volume)).sum(dim=(1, 2))
+    first = torch.argmax((bad > 0).to(torch.int32))
+    lo, hi = volume.amin(), volume.amax()
+    n_bad, k, a, b = torch.stack([bad.sum().double(), first.double(), lo.double(), hi.double()]).tolist()
+    if n_bad:
+        raise InputError(
+            f"{path}: found {int(n_bad)} NaN/Inf values (first in section {int(k)}), expected finite voxels"
+        )
+    if a == b:
+        raise InputError(f"{path}: volume is constant ({a:g}), expected non-zero variance")
 
 
 @dataclass(frozen=True)
@@ -117,4 +138,23 @@ def header_stats(
         raise OutputError(
             f"{path}: found {n_bad} NaN/Inf values in the {dtype_name} output{why}, expected finite pixels"
         )
+    return a, b, m, r
+
+
+def volume_header_stats(
+    data: torch.Tensor, path: object, dtype_name: str, before_cast: torch.Tensor | None = None,
+    slab_voxels: int = 1 << 24,
+) -> tuple[float, float, float, float]:
+    """:func:`header_stats` of a [nz, ny, nx] volume accumulated over slabs of sections (float64
+    temporaries of one slab, not of the volume), one host sync."""
+    step = max(1, slab_voxels // max(1, data.shape[1] * data.shape[2]))
+    slabs = [data[z:z + step] for z in range(0, data.shape[0], step)]
+    n = data.numel()
+    lo = torch.stack([s.amin() for s in slabs]).amin().double()
+    hi = torch.stack([s.amax() for s in slabs]).amax().double()
+    mean = torch.stack([s.sum(dtype=torch.float64) for s in slabs]).sum() / n
+    m2 = torch.stack([(s.to(torch.float64) - mean).square().sum() for s in slabs]).sum()
+    a, b, m, r = torch.stack([lo, hi, mean, (m2 / n).sqrt()]).tolist()
+    if not all(v == v and abs(v) != float("inf") for v in (a, b)):
+        header_stats(data, path, dtype_name, before_cast)  # raises, saying why
     return a, b, m, r

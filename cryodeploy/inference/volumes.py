@@ -8,7 +8,8 @@ back-off (:class:`~cryodeploy.inference.batching.TiledEngine`), and the file run
 (shards, ``skip_existing``, ``pull``), claims and atomic outputs (:mod:`cryodeploy.inference.jobs`,
 :mod:`cryodeploy.inference.claims`). Files are processed one at a time, read and written whole
 (:mod:`cryodeploy.io.volumes`: the volume rule, validation; voxel size, origin, start indices,
-extended header and labels kept); the reader/writer threads of micrographs do not apply.
+extended header and labels kept), streamed with bounded memory on the host or the device path
+(:mod:`cryodeploy.inference.volumestream`); the reader/writer threads of micrographs do not apply.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import numpy as np
 from cryodeploy._version import __version__
 from cryodeploy.errors import ConfigError, CryoDeployError, InputError, OutputError
 from cryodeploy.files import new_folders_removed_if_empty
-from cryodeploy.inference.batching import DeviceArrays, FrameTask, TiledEngine, auto_geometry, error_text
+from cryodeploy.inference.batching import DeviceArrays, TiledEngine, error_text
 from cryodeploy.inference.claims import claim_owner, clean_leftovers, try_claim
 from cryodeploy.inference.frames import uses_device_path
 from cryodeploy.inference.jobs import (
@@ -35,8 +36,8 @@ from cryodeploy.inference.jobs import (
     plan_jobs,
     resolve_shard,
 )
-from cryodeploy.inference.tiling import TilePlan
-from cryodeploy.io.volumes import read_volume, validate_volume, write_volume
+from cryodeploy.inference.volumestream import DeviceVolumes, HostVolumes, run_tiles, volume_engine
+from cryodeploy.io.volumes import validate_volume
 from cryodeploy.progress import progress
 
 if TYPE_CHECKING:
@@ -90,18 +91,11 @@ def denoise_volume(
         contract: Any = DeviceFrameContract(spec.contract)
     else:
         frame, contract = arr, spec.contract
-    padded = tuple(n + -n % spec.stride for n in arr.shape)
-    t, b = auto_geometry(padded, spec, backend.device, None if tile == "auto" else int(tile),
-                         None if batch == "auto" else int(batch))
-    n_tiles = len(TilePlan.create(arr.shape, t, spec.receptive_radius, spec.stride))
     arrays = DeviceArrays(backend.device) if on_device else None
-    engine = TiledEngine(backend, spec, t, min(b, n_tiles), arrays)  # no larger batch than the work
+    engine = volume_engine(arr.shape, backend, spec, tile, batch, arrays)
     p = contract.prepare(frame)
-    done = engine.add(FrameTask(0, p.image, p.shape)) + engine.flush()
-    task = done[0]
-    if task.error is not None:
-        raise task.error
-    out = contract.finish(task.output(), p.stats, keep_normalized=keep_normalized)
+    output = run_tiles(engine, p.image, p.shape)
+    out = contract.finish(output, p.stats, keep_normalized=keep_normalized)
     return np.asarray(out.cpu().numpy()) if on_device else np.asarray(out)
 
 
@@ -117,7 +111,7 @@ def _check_config(cfg: RunConfig) -> None:
             raise ConfigError(f"{what}: not supported for volumes (volume models write MRC volumes)")
 
 
-def _one(job: Job, backend: Backend, spec: ModelSpec, cfg: RunConfig) -> None:
+def _one(job: Job, volumes: HostVolumes, backend: Backend, spec: ModelSpec, cfg: RunConfig) -> None:
     res = job.result
     t0 = time.perf_counter()
     claim = try_claim(job.output)
@@ -128,14 +122,9 @@ def _one(job: Job, backend: Backend, spec: ModelSpec, cfg: RunConfig) -> None:
         if file_identity(job.output) != job.planned:
             res.status, res.error = "skipped", "written by another process during this run"
             return
-        volume = read_volume(job.input)
         res.frames, res.bytes_in = 1, job.input.stat().st_size
-        out = denoise_volume(volume.data, backend, spec, cfg.tile, cfg.batch, cfg.keep_normalized,
-                             cfg.frame_path, where=str(job.input))
-        header = volume.header
-        del volume  # the input's voxels are freed before the write
         label = f"cryodeploy {__version__} denoise ({spec.architecture})"
-        write_volume(job.output, out, header, cfg.output_dtype, (job.input,), label)
+        volumes.denoise(job.input, job.output, cfg.output_dtype, (job.input,), label)
         res.status, res.bytes_out = "done", job.output.stat().st_size
     except (CryoDeployError, MemoryError) as err:
         res.status, res.error = "failed", str(err) if isinstance(err, CryoDeployError) else (
@@ -168,13 +157,15 @@ def _run_in(pairs: list[tuple[Path, Path]], folders: list[Path], backend: Backen
     jobs = plan_jobs(pairs, cfg)
     for folder in folders:
         clean_leftovers(folder)
+    kind = DeviceVolumes if uses_device_path(backend, cfg.frame_path) else HostVolumes
+    volumes = kind(backend, spec, cfg.tile, cfg.batch, cfg.keep_normalized)
     start = time.perf_counter()
     with progress(len(jobs), "denoise", cfg.quiet) as bar:
         todo = [j for j in jobs if j.result.status == "pending"]
         bar.advance(len(jobs) - len(todo))
         while todo:
             for job in todo:
-                _one(job, backend, spec, cfg)
+                _one(job, volumes, backend, spec, cfg)
                 bar.advance(1)
             todo = orphaned_jobs(jobs) if cfg.pull else []  # their claimer died: finish them here
             bar.advance(-len(todo))

@@ -11,6 +11,7 @@ import os
 import struct
 import warnings
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -18,13 +19,23 @@ from cryodeploy.errors import InputError, OutputError
 from cryodeploy.files import atomic_write
 from cryodeploy.io.mrc import SUPPORTED_MODES, MicrographHeader, _describe
 
-__all__ = ["HeaderStats", "data_layout", "data_stats", "read_data_into", "write_raw_micrograph"]
+__all__ = ["DataLayout", "HeaderStats", "data_layout", "data_stats", "read_data_into", "write_raw_micrograph"]
 
 #: (min, max, mean, rms) of the data, as the header stores them
 HeaderStats = tuple[float, float, float, float]
 
 
 _CHUNK = 1 << 20
+
+
+class DataLayout(Protocol):
+    """What locating a data block needs from a checked header (a micrograph's or a volume's)."""
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    @property
+    def mode(self) -> int: ...
 
 
 def data_stats(data: np.ndarray) -> HeaderStats:
@@ -38,7 +49,7 @@ def data_stats(data: np.ndarray) -> HeaderStats:
     return float(data.min()), float(data.max()), mean, (sq / flat.size) ** 0.5
 
 
-def data_layout(path: str | os.PathLike[str], header: MicrographHeader) -> tuple[int, np.dtype]:
+def data_layout(path: str | os.PathLike[str], header: DataLayout) -> tuple[int, np.dtype]:
     """Byte offset of the data block and its dtype (with the file's byte order)."""
     with open(path, "rb") as fh:
         head = fh.read(1024)
@@ -47,8 +58,9 @@ def data_layout(path: str | os.PathLike[str], header: MicrographHeader) -> tuple
     return 1024 + nsymbt, np.dtype(SUPPORTED_MODES[header.mode]).newbyteorder(">" if big else "<")
 
 
-def read_data_into(path: str | os.PathLike[str], header: MicrographHeader, buffer: np.ndarray) -> np.ndarray:
-    """Read the data block of a checked MRC file (see :func:`~cryodeploy.io.mrc.read_header`) into
+def read_data_into(path: str | os.PathLike[str], header: DataLayout, buffer: np.ndarray) -> np.ndarray:
+    """Read the data block of a checked MRC file (see :func:`~cryodeploy.io.mrc.read_header`,
+    :func:`~cryodeploy.io.volumes.read_volume_header`) into
     ``buffer`` (a writable uint8 array at least as large); returns it viewed as the file's pixels
     in native byte order (a copy only for a big-endian file)."""
     p = Path(path)

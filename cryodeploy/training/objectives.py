@@ -5,9 +5,10 @@ store's target (images, or volumes for volume models); they differ in what the t
 clean image or an independent noisy draw of the same one), which Noise2Noise (Lehtinen et al.
 2018) shows trains the same denoiser in expectation.
 
-``neighbor2neighbor`` (Huang et al., CVPR 2021) needs only noisy images. Each image ``y`` is
-cut into 2x2 cells; in every cell a random pair of *adjacent* pixels (one of the 8 ordered
-horizontal/vertical pairs) is drawn and the two pixels go to ``g1(y)`` and ``g2(y)``, two
+``neighbor2neighbor`` (Huang et al., CVPR 2021) needs only noisy images (or single tomograms).
+Each image ``y`` is cut into cells of 2 pixels a side (2x2 for images, 2x2x2 for volumes); in
+every cell a random pair of *adjacent* pixels (sharing a side: one of the 8 ordered pairs of a
+2x2 cell, of the 24 of a 2x2x2 cell) is drawn and the two go to ``g1(y)`` and ``g2(y)``, two
 half-size images with nearly the same signal and independent noise. The loss is::
 
     |f(g1) - g2|^2  +  gamma * |f(g1) - g2 - (g1(f(y)) - g2(f(y)))|^2,   gamma = 2
@@ -16,6 +17,8 @@ where ``f(y)`` is the network on the full image under ``no_grad``, sub-sampled w
 cells. The regulariser makes the full-resolution ``f`` consistent with the half-resolution one.
 Images are cropped so the half-size images stay a multiple of the model's stride (U-Net).
 The paper's code ramps gamma up over the epochs; we use the constant 2 the brief asks for.
+A cell's positions are numbered as ``pixel_unshuffle`` orders a 2x2 cell, row-major over its
+axes (position ``sum(bit_a * 2**(ndim-1-a))``); the pairs are :func:`cell_pairs`.
 """
 
 from __future__ import annotations
@@ -26,13 +29,22 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["GAMMA", "METHODS", "PAIRS", "Objective", "crop_to_multiple", "make_objective", "neighbor_pairs",
-           "subsample"]
+__all__ = ["GAMMA", "METHODS", "PAIRS", "Objective", "cell_pairs", "cells", "crop_to_multiple",
+           "make_objective", "neighbor_pairs", "subsample"]
 
 METHODS = ("supervised", "noise2noise", "neighbor2neighbor")
 GAMMA = 2.0
-# Positions in a 2x2 cell, as pixel_unshuffle orders them: 0=(0,0) 1=(0,1) 2=(1,0) 3=(1,1).
-PAIRS = ((0, 1), (0, 2), (1, 3), (2, 3), (1, 0), (2, 0), (3, 1), (3, 2))
+
+
+def cell_pairs(ndim: int) -> tuple[tuple[int, int], ...]:
+    """The ordered pairs of adjacent positions in a cell of 2 pixels a side in ``ndim`` axes: the
+    unordered ones (positions differing in one bit) sorted, then the same pairs swapped."""
+    edges = sorted((p, p | 1 << b) for p in range(2**ndim) for b in range(ndim) if not p >> b & 1)
+    return (*edges, *((q, p) for p, q in edges))
+
+
+#: Positions in a 2x2 cell, as pixel_unshuffle orders them: 0=(0,0) 1=(0,1) 2=(1,0) 3=(1,1).
+PAIRS = cell_pairs(2)
 
 #: (model, raw module, inputs, targets or None, generator, (rank, world)) -> scalar float32 loss
 Objective = Callable[["torch.nn.Module", "torch.nn.Module", "torch.Tensor", "torch.Tensor | None",
@@ -50,30 +62,44 @@ def crop_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
 
 def neighbor_pairs(x: torch.Tensor, generator: torch.Generator,
                    shard: tuple[int, int] = (0, 1)) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random cell positions (idx1, idx2) [N,1,H/2,W/2] of an adjacent pixel pair in every 2x2 cell.
+    """Random cell positions (idx1, idx2) [N, 1, H/2, W/2] ([N, 1, D/2, H/2, W/2] for volumes) of an
+    adjacent pixel pair (:func:`cell_pairs`) in every cell of ``x`` [N, 1, H, W] ([N, 1, D, H, W]).
 
     ``shard`` (rank, world): ``x`` is slice ``rank`` of a global batch of ``N * world`` images; the
     draw is made for the global batch and sliced, so it does not depend on the number of ranks.
     """
     import torch
 
-    n, _, h, w = x.shape
+    n, ndim = x.shape[0], x.dim() - 2
     rank, world = shard
-    k = torch.randint(0, 8, (n * world, 1, h // 2, w // 2), generator=generator,
+    pairs = cell_pairs(ndim)
+    half = tuple(s // 2 for s in x.shape[2:])
+    k = torch.randint(0, len(pairs), (n * world, 1, *half), generator=generator,
                       device=x.device)[rank * n:(rank + 1) * n]
-    # PAIRS[k] computed arithmetically: a device constant would cost a host sync per step
-    j = k % 4
-    first, second = (j >= 2) * (j - 1), torch.clamp(j + 1, max=3)
-    swap = k >= 4
-    return torch.where(swap, second, first), torch.where(swap, first, second)
+    # pairs[k] as a sum of indicator terms: a table on the device would cost a host sync per step
+    first, second = torch.zeros_like(k), torch.zeros_like(k)
+    for i, (p, q) in enumerate(pairs):
+        hit = k == i
+        first += hit * p
+        second += hit * q
+    return first, second
+
+
+def cells(x: torch.Tensor) -> torch.Tensor:
+    """Single-channel ``x`` [N, 1, *S] cut into cells of 2 pixels a side: [N, 2**ndim, *S/2], the
+    positions of a cell along dim 1 in :func:`cell_pairs`' order (``pixel_unshuffle(x, 2)`` in 2-D)."""
+    n, ndim = x.shape[0], x.dim() - 2
+    half = [s // 2 for s in x.shape[2:]]
+    split = x.reshape(n, *(v for h in half for v in (h, 2)))  # [N, h0, 2, h1, 2, ...]
+    order = (0, *(2 + 2 * a for a in range(ndim)), *(1 + 2 * a for a in range(ndim)))
+    return split.permute(order).reshape(n, 2**ndim, *half)
 
 
 def subsample(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Pick one pixel per 2x2 cell of single-channel ``x`` [N,1,H,W] at cell positions ``idx``."""
+    """Pick one pixel per cell of single-channel ``x`` [N,1,H,W] ([N,1,D,H,W]) at cell positions ``idx``."""
     import torch
 
-    cells = torch.nn.functional.pixel_unshuffle(x, 2)  # [N, 4, H/2, W/2]
-    return torch.gather(cells, 1, idx)
+    return torch.gather(cells(x), 1, idx)
 
 
 def _paired(model: torch.nn.Module, net: torch.nn.Module, x: torch.Tensor, t: torch.Tensor | None,
@@ -101,13 +127,8 @@ def _neighbor2neighbor(model: torch.nn.Module, net: torch.nn.Module, x: torch.Te
 
 def make_objective(method: str, stride: int, ndim: int = 2) -> Objective:
     """The loss function of ``method`` for a model of total ``stride`` on ``ndim``-D patches
-    (supervised and Noise2Noise: any; Neighbor2Neighbor: images only)."""
+    (images or volumes; Neighbor2Neighbor sub-samples cells of 2 pixels a side in ``ndim`` axes)."""
     from functools import partial
 
-    from cryodeploy.errors import ConfigError
-
-    if method == "neighbor2neighbor" and ndim != 2:
-        raise ConfigError("--method neighbor2neighbor sub-samples 2x2 pixel cells of images; train volume "
-                          "models with supervised or noise2noise (even/odd tomograms)")
     fn = _neighbor2neighbor if method == "neighbor2neighbor" else _paired
     return partial(fn, stride=stride)

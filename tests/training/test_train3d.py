@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from safetensors.numpy import load_file
 
 from cryodeploy.errors import ConfigError
@@ -17,6 +18,7 @@ from cryodeploy.imaging.simulate.tomogram import simulate_tomogram
 from cryodeploy.imaging.simulate.tomoscene import TomoConfig
 from cryodeploy.models.checkpoint import load_checkpoint
 from cryodeploy.training.config import TrainConfig
+from cryodeploy.training.objectives import cell_pairs, neighbor_pairs, subsample
 from cryodeploy.training.sources import ArrayData
 from cryodeploy.training.train import train
 
@@ -79,11 +81,100 @@ def test_volume_training_refuses_mismatched_data(volumes, tmp_path) -> None:
     cnn3 = dataclasses.replace(FAST, model="cnn3", model_params={})
     with pytest.raises(ConfigError, match=r"\(16, 16, 16\) have 3 sides, but cnn3 is a 2-D image model"):
         train(ArrayData(even, clean), tmp_path / "b", cnn3, quiet=True)
-    n2n = dataclasses.replace(FAST, method="neighbor2neighbor")
-    with pytest.raises(ConfigError, match="neighbor2neighbor sub-samples 2x2 pixel cells of images"):
-        train(ArrayData(even), tmp_path / "c", n2n, quiet=True)
     with pytest.raises(ConfigError, match="no targets, expected them for --method supervised"):
         train(ArrayData(even), tmp_path / "d", FAST, quiet=True)
+
+
+def test_3d_subsampler_halves_are_disjoint_adjacent_voxels_of_the_input() -> None:
+    """Each 2x2x2 cell gives one voxel to each half: two face neighbours, so the halves are disjoint
+    sets of the input's voxels; all 24 ordered pairs occur about equally often; sharding-independent."""
+    shape = (3, 1, 6, 8, 10)
+    x = torch.arange(int(np.prod(shape)), dtype=torch.float64).reshape(shape)  # value = voxel index
+    i1, i2 = neighbor_pairs(x, torch.Generator().manual_seed(4))
+    g1, g2 = subsample(x, i1), subsample(x, i2)
+    assert g1.shape == g2.shape == (3, 1, 3, 4, 5)
+    a, b = g1.flatten().long(), g2.flatten().long()
+    assert len(set(a.tolist()) | set(b.tolist())) == 2 * a.numel()  # disjoint, no voxel twice
+    za, ya, xa = np.unravel_index(a.numpy(), shape)[2:]
+    zb, yb, xb = np.unravel_index(b.numpy(), shape)[2:]
+    assert (np.unravel_index(a.numpy(), shape)[0] == np.unravel_index(b.numpy(), shape)[0]).all()
+    for u, v in ((za, zb), (ya, yb), (xa, xb)):
+        assert (u // 2 == v // 2).all()  # both voxels inside the same cell
+    assert set((a - b).abs().unique().tolist()) == {1, 10, 80}  # one step along x, y or z: never diagonal
+    many = neighbor_pairs(torch.zeros(8, 1, 32, 32, 32), torch.Generator().manual_seed(0))
+    pairs, counts = np.unique(np.stack([many[0].flatten().numpy(), many[1].flatten().numpy()]), axis=1,
+                              return_counts=True)
+    assert [tuple(p) for p in pairs.T] == sorted(cell_pairs(3)) and len(pairs.T) == 24
+    assert counts.min() > 0.9 * counts.mean()
+    whole, _ = neighbor_pairs(torch.zeros(4, 1, 6, 8, 10), torch.Generator().manual_seed(4))
+    rank1, _ = neighbor_pairs(torch.zeros(2, 1, 6, 8, 10), torch.Generator().manual_seed(4), shard=(1, 2))
+    assert torch.equal(rank1, whole[2:])  # rank 1 of 2 draws the second half of the same global draw
+
+
+@pytest.fixture(scope="module")
+def single_tomogram(tmp_path_factory):
+    """A 32x64x64 synthetic tomogram (no missing wedge: independent voxel noise), one noisy half and its
+    exact clean volume, and a patch store of that half alone (targets none)."""
+    from cryodeploy.io.volumes import write_volume
+    from cryodeploy.training.preprocess import PreprocessConfig
+    from cryodeploy.training.volumes import preprocess_volumes
+
+    tmp = tmp_path_factory.mktemp("single")
+    t = simulate_tomogram(TomoConfig(shape=(32, 64, 64), seed=11, tilt_range_deg=90.0, dose=10.0), 0)
+    src = write_volume(tmp / "tomo.mrc", t.even.numpy())
+    config = PreprocessConfig(patch=16, ndim=3, targets="none", test_fraction=0.0, stride=(8, 8, 8))
+    preprocess_volumes([src], tmp / "store", config, quiet=True)
+    return t.clean.numpy(), t.even.numpy(), tmp / "store"
+
+
+N2N3D = dataclasses.replace(FAST, method="neighbor2neighbor", batch=4, epochs=2, seed=0)
+
+
+def test_neighbor2neighbor_denoises_a_single_tomogram(single_tomogram, tmp_path) -> None:
+    """58 steps of 3-D Neighbor2Neighbor on one noisy tomogram (147 patches of 16^3): PSNR against the
+    exact clean volume rises from -0.60 dB to 5.11 dB (measured, fixed seeds); asserted >= 4 dB gain."""
+    from cryodeploy.backends import BackendOptions
+    from cryodeploy.backends.torch import TorchBackend
+    from cryodeploy.imaging.metrics import psnr
+    from cryodeploy.inference.volumes import denoise_volume
+
+    clean, noisy, store = single_tomogram
+    result = train(store, tmp_path / "run", N2N3D, quiet=True)
+    assert result.steps == 58
+    model, spec = load_checkpoint(tmp_path / "run" / "last.safetensors")
+    assert spec.ndim == 3 and spec.training["method"] == "neighbor2neighbor"
+    with TorchBackend(model.eval(), BackendOptions()) as backend:
+        out = denoise_volume(noisy, backend, spec, tile=64)
+    span = float(np.ptp(clean))
+    before, after = psnr(noisy, clean, span), psnr(out, clean, span)
+    print(f"3-D Neighbor2Neighbor: PSNR {before:.2f} dB -> {after:.2f} dB")
+    assert after - before >= 4.0
+
+
+def test_resume_of_a_neighbor2neighbor_volume_run_equals_uninterrupted(single_tomogram, tmp_path) -> None:
+    _, _, store = single_tomogram
+    config = dataclasses.replace(N2N3D, epochs=1, max_batches=6)
+    full = train(store, tmp_path / "full", config, quiet=True)
+    part = train(store, tmp_path / "part", config, quiet=True, on_step=lambda step: step == 4)
+    assert part.interrupted and part.steps == 4
+    resumed = train(store, tmp_path / "part", dataclasses.replace(config, resume=True), quiet=True)
+    assert resumed.steps == full.steps == 6
+    assert _weights_diff(tmp_path / "full" / "last.safetensors", tmp_path / "part" / "last.safetensors") == 0
+
+
+def test_cli_trains_unet3d_with_neighbor2neighbor_on_a_single_tomogram(single_tomogram, tmp_path) -> None:
+    from click.testing import CliRunner
+
+    from cryodeploy.cli import cli
+
+    _, _, store = single_tomogram
+    args = ["train", str(store), "-o", str(tmp_path / "run"), "--model", "unet3d",
+            "--param", "base_channels=4", "--param", "depth=1", "--method", "neighbor2neighbor",
+            "--epochs", "1", "--batch", "4", "--max-batches", "3", "--loader-threads", "1", "-q"]
+    run = CliRunner().invoke(cli, args)
+    assert run.exit_code == 0, run.output
+    _, spec = load_checkpoint(tmp_path / "run")
+    assert spec.ndim == 3 and spec.training["method"] == "neighbor2neighbor"
 
 
 def test_cli_trains_unet3d_on_an_even_odd_3d_store(tmp_path) -> None:
