@@ -303,7 +303,7 @@ def _summary_table(result: dict[str, Any]) -> str:
     head = "".join(f"<th>{html.escape(_label(k, result))} min / median / max</th>" for k, _, _ in keys)
     body = ""
     for n, m in methods.items():
-        cells = "".join("<td>" + (" / ".join(f.format(m["summary"][k][s]) for s in ("min", "median", "max"))
+        cells = "".join("<td>" + (" / ".join(_fmt(m["summary"][k][s], f) for s in ("min", "median", "max"))
                                   if k in m["summary"] else "n/a") + "</td>" for k, _, f in keys)
         body += f"<tr><td>{html.escape(n)}</td>{cells}</tr>"
     return f'<table id="summary-table"><tr><th>method</th>{head}</tr>{body}</table>'
