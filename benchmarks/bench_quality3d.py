@@ -16,14 +16,16 @@ Data: ``--count`` tomograms per (voxel size, dose) from :func:`cryodeploy.imagin
 clean volume and independent even and odd halves, written as MRC volumes.
 
 Scores, per tomogram then averaged: PSNR of f(even) against the clean volume (data range max - min of
-the clean volume); split gain -10 log10(E) of f(even), f(odd) on the halves
-(:func:`cryodeploy.imaging.volsplits.volume_split_gain`; identity 0 dB); FSC 0.143 of f(even) and
-f(odd) in A. Methods: identity; the 3-D Gaussian with sigma chosen by mean split gain (no clean
-volume needed) and, as an oracle, by mean PSNR against the clean volumes; each ``--model`` through
-:class:`cryodeploy.Denoiser`; with ``--topaz-python``, Topaz's ``unet-3d-10a`` and ``unet-3d-20a``
-(topaz-em 0.3.20, ``Denoise3D(name).denoise(volume, patch_size=96, padding=48)``, as ``topaz
-denoise3d`` calls it; ``--quick``: on the whole volume) run by ``benchmarks/topaz_denoise.py --volume``
-in that environment.
+the clean volume); split error E of f(even), f(odd) on the halves
+(:func:`cryodeploy.imaging.volsplits.volume_split_error`) and the split gain -10 log10 of its mean
+(identity 0 dB; the mean of E, not of the gains, because E of a small volume can be <= 0); FSC 0.143
+of f(even) and f(odd) in A. Methods: identity; the 3-D Gaussian with sigma chosen by split gain (no
+clean volume needed: the lowest mean E) and, as an oracle, by mean PSNR against the clean volumes;
+each ``--model`` through :class:`cryodeploy.Denoiser`; with ``--topaz-python``, Topaz's
+``unet-3d-10a`` and ``unet-3d-20a`` (topaz-em 0.3.20, ``Denoise3D(name).denoise(volume,
+patch_size=96, padding=48)`` as ``topaz denoise3d`` calls it, and on the whole volume, patch size 0;
+``--quick``: the whole volume only) run by ``benchmarks/topaz_denoise.py --volume`` in that
+environment.
 Writes ``quality3d.json`` and ``quality3d.md`` to ``--out`` (default ``$OUT``).
 """
 
@@ -49,8 +51,8 @@ TEST_SEED = 20261201
 SIGMAS = (0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0)
 TOPAZ_MODELS = ("unet-3d-10a", "unet-3d-20a")
 FULL = {
-    "shape": (128, 256, 256),
-    "count": 4,
+    "shape": (96, 192, 192),
+    "count": 2,
     "doses": (10.0, 40.0, 160.0),
     "voxel_sizes": (10.0, 20.0),
     "topaz_patch": ((96, 48), (0, 0)),
@@ -131,6 +133,7 @@ def simulate(args: argparse.Namespace) -> list[dict[str, Any]]:
             cfg = TomoConfig(shape=args.shape, voxel_size=vs, seed=args.seed, dose=dose)
             t0 = time.perf_counter()
             evens = synth_tomograms(folder, cfg, args.count, device=args.device, overwrite=True)
+            print(f"# simulated {folder.name}: {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
             sets.append(
                 {
                     "key": folder.name,
@@ -151,18 +154,29 @@ def _load(folder: Path, sub: str, name: str) -> np.ndarray:
 
 
 def score(
-    fe: np.ndarray, fo: np.ndarray, even: np.ndarray, odd: np.ndarray, clean: np.ndarray, vs: float
+    fe: np.ndarray,
+    fo: np.ndarray,
+    even: np.ndarray,
+    odd: np.ndarray,
+    clean: np.ndarray,
+    vs: float,
+    with_fsc: bool = True,
 ) -> dict[str, Any]:
     """PSNR of f(even) vs clean, split gain of f(even), f(odd), FSC 0.143 of f(even) and f(odd) (A)."""
     from cryodeploy.imaging.metrics import psnr
-    from cryodeploy.imaging.volsplits import fsc, volume_split_gain
+    from cryodeploy.imaging.volsplits import fsc, volume_split_error
 
     flat = float(np.ptp(fe)) == 0.0
     return {
         "psnr_db": psnr(fe, clean),
-        "split_gain_db": volume_split_gain(fe, fo, even, odd),
-        "fsc_0.143_a": None if flat else fsc(fe, fo, vs).resolution(0.143),
+        "split_error": volume_split_error(fe, fo, even, odd),
+        "fsc_0.143_a": None if flat or not with_fsc else fsc(fe, fo, vs).resolution(0.143),
     }
+
+
+def _gain(error: float | None) -> float | None:
+    """-10 log10(E), 0 for identity; None where E <= 0 (better than the estimate resolves)."""
+    return None if error is None or error <= 0 else float(-10.0 * np.log10(error)) + 0.0
 
 
 def _row(method: str, per: list[dict[str, Any]], seconds: float, **extra: Any) -> dict[str, Any]:
@@ -170,10 +184,12 @@ def _row(method: str, per: list[dict[str, Any]], seconds: float, **extra: Any) -
         vals = [r[k] for r in per if r[k] is not None and np.isfinite(r[k])]
         return float(np.mean(vals)) if vals else None
 
+    err = mean("split_error")
     return {
         "method": method,
         "psnr_db": mean("psnr_db"),
-        "split_gain_db": mean("split_gain_db"),
+        "split_error": err,
+        "split_gain_db": _gain(err),
         "fsc_0.143_a": mean("fsc_0.143_a"),
         "seconds": seconds,
         **extra,
@@ -185,20 +201,29 @@ def baselines(ds: dict[str, Any]) -> list[dict[str, Any]]:
     """Identity and the Gaussian rows (sigma by split gain; oracle sigma by PSNR vs clean)."""
     from cryodeploy.imaging.metrics import gaussian_filter
 
+    vs = ds["voxel_size"]
     ident, by_sigma = [], {s: [] for s in SIGMAS}
-    for n in ds["names"]:
+    for n in ds["names"]:  # the sweep: PSNR and split gain of every sigma (FSC only for the chosen)
         even, odd, clean = (_load(ds["folder"], sub, n) for sub in ("even", "odd", "clean"))
-        ident.append({"name": n, **score(even, odd, even, odd, clean, ds["voxel_size"])})
+        ident.append({"name": n, **score(even, odd, even, odd, clean, vs)})
         for s in SIGMAS:
-            rec = score(gaussian_filter(even, s), gaussian_filter(odd, s), even, odd, clean, ds["voxel_size"])
-            by_sigma[s].append({"name": n, **rec})
+            rec = score(gaussian_filter(even, s), gaussian_filter(odd, s), even, odd, clean, vs, False)
+            by_sigma[s].append(rec)
     rows = [_row("identity", ident, 0.0)]
     for label, key in (
-        ("gaussian (sigma by split gain)", "split_gain_db"),
+        ("gaussian (sigma by split gain)", "split_error"),
         ("gaussian (oracle sigma by PSNR)", "psnr_db"),
     ):
-        best = max(SIGMAS, key=lambda s: float(np.mean([r[key] for r in by_sigma[s]])))
-        rows.append(_row(label, by_sigma[best], 0.0, sigma=best))
+        sign = -1.0 if key == "split_error" else 1.0
+        best = max(SIGMAS, key=lambda s: sign * float(np.mean([r[key] for r in by_sigma[s]])))
+        per, seconds = [], 0.0
+        for n in ds["names"]:
+            even, odd, clean = (_load(ds["folder"], sub, n) for sub in ("even", "odd", "clean"))
+            t0 = time.perf_counter()
+            fe, fo = gaussian_filter(even, best), gaussian_filter(odd, best)
+            seconds += time.perf_counter() - t0
+            per.append({"name": n, **score(fe, fo, even, odd, clean, vs)})
+        rows.append(_row(label, per, seconds, sigma=best))
     return rows
 
 
@@ -253,7 +278,9 @@ def run_topaz(
         "-p",
         str(patch[1]),
     ]
+    t0 = time.perf_counter()
     done = subprocess.run(argv, capture_output=True, text=True)
+    print(f"# topaz {model} patch {patch}: {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     if done.returncode != 0:
         return {"error": (done.stderr.strip().splitlines() or ["?"])[-1]}
     rec = json.loads(report.read_text())

@@ -230,7 +230,7 @@ def _plot_sigma(out: Path, result: dict[str, Any]) -> str | None:
     if not g or "sigma_scores" not in g:
         return None
     s = [float(k) for k in g["sigma_scores"]]
-    v = list(g["sigma_scores"].values())
+    v = [np.nan if x is None else x for x in g["sigma_scores"].values()]
     f, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(s, v, "o-")
     ax.axvline(g["sigma"], color="r", linestyle="--", label=f"chosen sigma = {g['sigma']:g} px")

@@ -9,7 +9,7 @@ Every method f is scored by split gain (dB over identity), signal error per freq
 to identity, the FSC of f(A) and f(B) (resolution at 0.143 and at the half-bit threshold), the
 change it makes to x (RMS(f(x) - x) / std(x), power ratio per band) and, where clean volumes are
 given (``synth --volume`` writes them), PSNR and MSE of f(x) against the clean volume. Methods:
-identity, the best 3-D Gaussian (sigma chosen by mean split gain over all tomograms), the model(s),
+identity, the best 3-D Gaussian (sigma: the lowest mean split error over all tomograms), the model(s),
 and other tools' outputs on the halves written by ``write_halves`` (``NAME_A.mrc``, ``NAME_B.mrc``,
 ``NAME_full.mrc`` per tomogram): e.g. Topaz-Denoise's ``denoise3d`` run on that folder.
 """
@@ -245,20 +245,21 @@ def evaluate_volume_split(methods: list[Method], data: VolumeSplitData,
     pairs = _pairs(data, config.limit)
     _prepare_halves(data.write_halves)
     bands: set[tuple[float, ...]] = set()
-    gains: list[list[float]] = []
+    errors: list[list[float]] = []
     for t in _tomograms(pairs, data, config.seed):  # pass 1: read every tomogram, choose the Gaussian
         if data.write_halves is not None:
             _write_halves(Path(data.write_halves), t)
         bands.add(tuple(S.band_edges(t.voxel_size)[0]))
-        gains.append([V.volume_split_gain(M.gaussian_filter(t.a, g), M.gaussian_filter(t.b, g), t.a, t.b)
-                      for g in config.sigmas])
+        errors.append([V.volume_split_error(M.gaussian_filter(t.a, g), M.gaussian_filter(t.b, g), t.a, t.b)
+                       for g in config.sigmas])
     if len(bands) > 1:
         raise InputError("tomograms differ in voxel size (different frequency bands); evaluate them "
                          "separately")
     check_outputs(methods, [n for p in pairs for n in tomogram_halves_names(p.name)], "halves of tomograms",
                   "the files written by --write-halves")
-    scores = np.mean(gains, axis=0).tolist()
-    sigma = float(config.sigmas[int(np.argmax(scores))])
+    mean_errors = np.mean(errors, axis=0)  # E, not the gain: E of a small volume can be <= 0 (inf dB)
+    sigma = float(config.sigmas[int(np.argmin(mean_errors))])
+    scores = [float(-10.0 * np.log10(e)) if e > 0 else None for e in mean_errors]
     count = len(pairs)
     all_methods = _methods(methods, sigma)
     names = [m.name for m in all_methods]
@@ -310,7 +311,8 @@ def evaluate_volume_split(methods: list[Method], data: VolumeSplitData,
             res["fsc_half_bit"] = _half_bit(freq0, mean_curves[n], shells)
         result_methods[n] = res
     result_methods["gaussian"].update({
-        "sigma": sigma, "sigma_chosen_on": f"all {count} tomograms, by mean split gain (sigma in voxels)",
+        "sigma": sigma,
+        "sigma_chosen_on": f"all {count} tomograms, by the gain of the mean split error (sigma in voxels)",
         "sigma_scores": {f"{g:g}": v for g, v in zip(config.sigmas, scores, strict=True)}})
     band_names = S.band_edges(vs)[1]
     result = {
