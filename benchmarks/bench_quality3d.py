@@ -50,22 +50,12 @@ import numpy as np
 TEST_SEED = 20261201
 SIGMAS = (0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0)
 TOPAZ_MODELS = ("unet-3d-10a", "unet-3d-20a")
-FULL = {
-    "shape": (96, 192, 192),
-    "count": 2,
-    "doses": (10.0, 40.0, 160.0),
-    "voxel_sizes": (10.0, 20.0),
-    "topaz_patch": ((96, 48), (0, 0)),
-}
+FULL = {"shape": (96, 192, 192), "count": 2, "doses": (10.0, 40.0, 160.0), "voxel_sizes": (10.0, 20.0),
+        "topaz_patch": ((96, 48), (0, 0))}
 #: Topaz tiles (size, padding): the denoise3d CLI's 96^3 tiles, each padded to 192^3, and the whole volume
 #: (size 0); quick: the whole volume only (a padded tile takes ~100 s on 2 CPU cores)
-QUICK = {
-    "shape": (32, 64, 64),
-    "count": 1,
-    "doses": (40.0,),
-    "voxel_sizes": (10.0,),
-    "topaz_patch": ((0, 0),),
-}
+QUICK = {"shape": (32, 64, 64), "count": 1, "doses": (40.0,), "voxel_sizes": (10.0,),
+         "topaz_patch": ((0, 0),)}
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -74,13 +64,8 @@ def _floats(text: str) -> tuple[float, ...]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument(
-        "--model",
-        action="append",
-        default=[],
-        metavar="[NAME=]CKPT",
-        help="a volume model (checkpoint, run folder, .onnx); repeatable; none: baselines only",
-    )
+    p.add_argument("--model", action="append", default=[], metavar="[NAME=]CKPT",
+                   help="a volume model (checkpoint, run folder, .onnx); repeatable; none: baselines only")
     p.add_argument("--quick", action="store_true", help=f"tiny sizes for a CPU run: {QUICK}")
     p.add_argument("--shape", default=None, help=f"D,H,W of each tomogram (default {FULL['shape']})")
     p.add_argument("--count", type=int, default=None, help=f"tomograms per dataset (default {FULL['count']})")
@@ -88,19 +73,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--voxel-sizes", default=None, help=f"A per voxel (default {FULL['voxel_sizes']})")
     p.add_argument("--seed", type=int, default=TEST_SEED, help="simulation seed (held out)")
     p.add_argument("--device", default="cpu", help="torch device for the simulation and the models")
-    p.add_argument(
-        "--topaz-python",
-        default=None,
-        help="command running the Topaz environment's python (no Topaz rows without it)",
-    )
+    p.add_argument("--topaz-python", default=None,
+                   help="command running the Topaz environment's python (no Topaz rows without it)")
     p.add_argument("--topaz-models", default=",".join(TOPAZ_MODELS), help="Topaz 3-D models to run")
-    p.add_argument(
-        "--topaz-patch",
-        default=None,
-        metavar="SIZE,PADDING",
-        help="Topaz tiles, ';'-separated SIZE,PADDING runs (SIZE 0: the whole volume; default 96,48;0,0, "
-        "the denoise3d CLI's and the whole volume; quick: 0,0)",
-    )
+    p.add_argument("--topaz-patch", default=None, metavar="SIZE,PADDING",
+                   help="Topaz tiles, ';'-separated SIZE,PADDING runs (SIZE 0: the whole volume; default "
+                   "96,48;0,0, the denoise3d CLI's and the whole volume; quick: 0,0)")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/bench_quality3d"), help="scratch (volumes)")
     p.add_argument("--out", type=Path, default=Path(os.environ["OUT"]) if "OUT" in os.environ else None)
     args = p.parse_args(argv)
@@ -109,11 +87,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.count = args.count or base["count"]
     args.doses = _floats(args.doses) if args.doses else base["doses"]
     args.voxel_sizes = _floats(args.voxel_sizes) if args.voxel_sizes else base["voxel_sizes"]
-    args.topaz_patch = (
-        tuple(tuple(int(v) for v in t.split(",")) for t in args.topaz_patch.split(";") if t)
-        if args.topaz_patch
+    patches = args.topaz_patch.split(";") if args.topaz_patch else None
+    args.topaz_patch = tuple(tuple(int(v) for v in t.split(",")) for t in patches if t) if patches \
         else base["topaz_patch"]
-    )
     if args.out is None:
         p.error("--out is required when $OUT is not set")
     if len(args.shape) != 3:
@@ -134,16 +110,8 @@ def simulate(args: argparse.Namespace) -> list[dict[str, Any]]:
             t0 = time.perf_counter()
             evens = synth_tomograms(folder, cfg, args.count, device=args.device, overwrite=True)
             print(f"# simulated {folder.name}: {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
-            sets.append(
-                {
-                    "key": folder.name,
-                    "voxel_size": vs,
-                    "dose": dose,
-                    "folder": folder,
-                    "names": [p.stem for p in evens],
-                    "simulate_s": time.perf_counter() - t0,
-                }
-            )
+            sets.append({"key": folder.name, "voxel_size": vs, "dose": dose, "folder": folder,
+                         "names": [p.stem for p in evens], "simulate_s": time.perf_counter() - t0})
     return sets
 
 
@@ -153,25 +121,15 @@ def _load(folder: Path, sub: str, name: str) -> np.ndarray:
     return read_volume(folder / sub / f"{name}.mrc").data
 
 
-def score(
-    fe: np.ndarray,
-    fo: np.ndarray,
-    even: np.ndarray,
-    odd: np.ndarray,
-    clean: np.ndarray,
-    vs: float,
-    with_fsc: bool = True,
-) -> dict[str, Any]:
+def score(fe: np.ndarray, fo: np.ndarray, even: np.ndarray, odd: np.ndarray, clean: np.ndarray, vs: float,
+          with_fsc: bool = True) -> dict[str, Any]:
     """PSNR of f(even) vs clean, split gain of f(even), f(odd), FSC 0.143 of f(even) and f(odd) (A)."""
     from cryodeploy.imaging.metrics import psnr
     from cryodeploy.imaging.volsplits import fsc, volume_split_error
 
     flat = float(np.ptp(fe)) == 0.0
-    return {
-        "psnr_db": psnr(fe, clean),
-        "split_error": volume_split_error(fe, fo, even, odd),
-        "fsc_0.143_a": None if flat or not with_fsc else fsc(fe, fo, vs).resolution(0.143),
-    }
+    return {"psnr_db": psnr(fe, clean), "split_error": volume_split_error(fe, fo, even, odd),
+            "fsc_0.143_a": None if flat or not with_fsc else fsc(fe, fo, vs).resolution(0.143)}
 
 
 def _gain(error: float | None) -> float | None:
@@ -185,16 +143,8 @@ def _row(method: str, per: list[dict[str, Any]], seconds: float, **extra: Any) -
         return float(np.mean(vals)) if vals else None
 
     err = mean("split_error")
-    return {
-        "method": method,
-        "psnr_db": mean("psnr_db"),
-        "split_error": err,
-        "split_gain_db": _gain(err),
-        "fsc_0.143_a": mean("fsc_0.143_a"),
-        "seconds": seconds,
-        **extra,
-        "per_tomogram": per,
-    }
+    return {"method": method, "psnr_db": mean("psnr_db"), "split_error": err, "split_gain_db": _gain(err),
+            "fsc_0.143_a": mean("fsc_0.143_a"), "seconds": seconds, **extra, "per_tomogram": per}
 
 
 def baselines(ds: dict[str, Any]) -> list[dict[str, Any]]:
@@ -259,36 +209,17 @@ def run_topaz(
     report = dst / "topaz.json"
     script = Path(__file__).with_name("topaz_denoise.py")
     device = "cuda" if args.device.startswith("cuda") else "cpu"
-    argv = [
-        *shlex.split(args.topaz_python),
-        str(script),
-        str(src),
-        "-o",
-        str(dst / "out"),
-        "--volume",
-        "--model",
-        model,
-        "-q",
-        "--json",
-        str(report),
-        "--device",
-        device,
-        "-s",
-        str(patch[0]),
-        "-p",
-        str(patch[1]),
-    ]
+    argv = [*shlex.split(args.topaz_python), str(script), str(src), "-o", str(dst / "out"), "--volume",
+            "--model", model, "-q", "--json", str(report), "--device", device, "-s", str(patch[0]),
+            "-p", str(patch[1])]
     t0 = time.perf_counter()
     done = subprocess.run(argv, capture_output=True, text=True)
     print(f"# topaz {model} patch {patch}: {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     if done.returncode != 0:
         return {"error": (done.stderr.strip().splitlines() or ["?"])[-1]}
     rec = json.loads(report.read_text())
-    return {
-        "out": dst / "out",
-        "topaz_version": rec["topaz_version"],
-        "seconds": {Path(f["input"]).name: f["denoise_s"] for f in rec["files"]},
-    }
+    return {"out": dst / "out", "topaz_version": rec["topaz_version"],
+            "seconds": {Path(f["input"]).name: f["denoise_s"] for f in rec["files"]}}
 
 
 def topaz_rows(ds: dict[str, Any], label: str, run: dict[str, Any]) -> list[dict[str, Any]]:
@@ -327,29 +258,22 @@ def _fmt(v: Any, f: str = "{:.2f}") -> str:
 def markdown(report: dict[str, Any]) -> str:
     c = report["config"]
     lines = [
-        f"# Tomogram denoising quality ({report['date']}, {report['device']})",
-        "",
+        f"# Tomogram denoising quality ({report['date']}, {report['device']})", "",
         f"{c['count']} held-out synthetic tomograms of {'x'.join(map(str, c['shape']))} voxels per dataset "
         f"(seed {c['seed']}); PSNR of f(even) vs the exact clean volume; split gain of f(even), f(odd) "
-        "on the even/odd halves (identity 0 dB); FSC 0.143 between f(even) and f(odd).",
-        "",
-    ]
+        "on the even/odd halves (identity 0 dB); FSC 0.143 between f(even) and f(odd).", ""]
     for ds in report["datasets"]:
         lines += [
-            f"## {ds['voxel_size']:g} A/voxel, dose {ds['dose']:g} counts/voxel per half",
-            "",
+            f"## {ds['voxel_size']:g} A/voxel, dose {ds['dose']:g} counts/voxel per half", "",
             "| method | PSNR vs clean (dB) | split gain (dB) | FSC 0.143 (A) | sigma (voxels) | seconds |",
-            "|---|---:|---:|---:|---:|---:|",
-        ]
+            "|---|---:|---:|---:|---:|---:|"]
         for r in ds["rows"]:
             if "error" in r:
                 lines.append(f"| {r['method']} | error: {r['error']} | | | | |")
                 continue
-            lines.append(
-                f"| {r['method']} | {_fmt(r['psnr_db'])} | {_fmt(r['split_gain_db'])} | "
-                f"{_fmt(r['fsc_0.143_a'], '{:.1f}')} | {_fmt(r.get('sigma'), '{:g}')} | "
-                f"{r['seconds']:.2f} |"
-            )
+            lines.append(f"| {r['method']} | {_fmt(r['psnr_db'])} | {_fmt(r['split_gain_db'])} | "
+                         f"{_fmt(r['fsc_0.143_a'], '{:.1f}')} | {_fmt(r.get('sigma'), '{:g}')} | "
+                         f"{r['seconds']:.2f} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -371,53 +295,33 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.workdir.mkdir(parents=True, exist_ok=True)
     models = _models(args)
     sets = simulate(args)
-    topaz = (
-        {
-            f"topaz {m} ({f'patch {p[0]}, padding {p[1]}' if p[0] > 0 else 'whole volume'})": run_topaz(
-                args, sets, m, p
-            )
-            for m in args.topaz_models.split(",")
-            if m
-            for p in args.topaz_patch
-        }
-        if args.topaz_python
-        else {}
-    )
+    topaz = {}
+    for m in args.topaz_models.split(",") if args.topaz_python else []:
+        for p in args.topaz_patch:
+            tiles = f"patch {p[0]}, padding {p[1]}" if p[0] > 0 else "whole volume"
+            topaz[f"topaz {m} ({tiles})"] = run_topaz(args, sets, m, p)
     datasets = []
     for ds in sets:
         rows = baselines(ds) + run_models(ds, models)
         for m, run in topaz.items():
             rows += topaz_rows(ds, m, run)
-        datasets.append(
-            {k: ds[k] for k in ("key", "voxel_size", "dose", "names", "simulate_s")} | {"rows": rows}
-        )
+        keep = ("key", "voxel_size", "dose", "names", "simulate_s")
+        datasets.append({k: ds[k] for k in keep} | {"rows": rows})
     for _, d in models:
         d.close()
-    report = _clean(
-        {
-            "benchmark": "bench_quality3d",
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "device": torch.cuda.get_device_name(0)
-            if args.device.startswith("cuda")
-            else platform.processor() or "cpu",
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "config": {
-                "shape": list(args.shape),
-                "count": args.count,
-                "doses": list(args.doses),
-                "voxel_sizes": list(args.voxel_sizes),
-                "seed": args.seed,
-                "sigmas": list(SIGMAS),
-                "models": args.model,
-                "topaz_models": list(topaz),
-                "topaz_patch": [list(p) for p in args.topaz_patch],
-                "quick": args.quick,
-            },
-            "topaz": {m: {k: v for k, v in r.items() if k != "seconds"} for m, r in topaz.items()},
-            "datasets": datasets,
-        }
-    )
+    cuda = args.device.startswith("cuda")
+    report = _clean({
+        "benchmark": "bench_quality3d",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name(torch.device(args.device)) if cuda
+        else platform.processor() or "cpu",
+        "torch": torch.__version__, "python": platform.python_version(),
+        "config": {"shape": list(args.shape), "count": args.count, "doses": list(args.doses),
+                   "voxel_sizes": list(args.voxel_sizes), "seed": args.seed, "sigmas": list(SIGMAS),
+                   "models": args.model, "topaz_models": list(topaz),
+                   "topaz_patch": [list(p) for p in args.topaz_patch], "quick": args.quick},
+        "topaz": {m: {k: v for k, v in r.items() if k != "seconds"} for m, r in topaz.items()},
+        "datasets": datasets})
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "quality3d.json").write_text(json.dumps(report, indent=1) + "\n")
     text = markdown(report)
