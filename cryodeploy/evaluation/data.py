@@ -17,7 +17,7 @@ from cryodeploy.imaging import metrics as M
 
 __all__ = [
     "EvalConfig", "EvalData", "HalvesData", "Item", "Method", "PairedSource", "PairsData", "SplitData",
-    "StoreData",
+    "StoreData", "VolumeSplitData",
     "build_methods", "check_outputs", "matched_files", "micrograph_files", "micrograph_items", "model_info",
     "read_frame",
     "voxel_size",
@@ -65,7 +65,32 @@ class SplitData:
             raise ConfigError(f"split is {self.split!r}, expected auto, thin or diagonal")
 
 
-EvalData = PairsData | StoreData | HalvesData | SplitData
+@dataclass(frozen=True)
+class VolumeSplitData:
+    """Tomograms without (or with) a clean target, scored on two independent halves each: ``inputs``
+    (files, globs, folders, RELION 5 tomograms STAR files), paired by name with ``even_odd``, and/or
+    ``half_pairs`` = two folders of even and odd halves of the same file names. ``split``: auto
+    (even/odd where given, else binomial thinning of integer counts) or thin. ``clean``: a folder of
+    exact clean volumes named as the even halves (or ``NAME.mrc``); ``write_halves``: a folder to write
+    the halves into (for other tools to denoise)."""
+
+    inputs: tuple[str, ...] = ()
+    even_odd: bool = False
+    half_pairs: tuple[Path, Path] | None = None
+    split: str = "auto"
+    clean: Path | None = None
+    write_halves: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.split not in ("auto", "thin"):
+            raise ConfigError(f"split is {self.split!r}, expected auto or thin for tomograms")
+        if not self.inputs and self.half_pairs is None:
+            raise ConfigError("found no tomograms, expected inputs or half_pairs (EVEN_DIR, ODD_DIR)")
+        if self.even_odd and not self.inputs:
+            raise ConfigError("even_odd pairs inputs by name, but no inputs are given")
+
+
+EvalData = PairsData | StoreData | HalvesData | SplitData | VolumeSplitData
 
 
 @dataclass(frozen=True)
@@ -306,7 +331,8 @@ def model_info(model: str) -> dict[str, Any]:
     from cryodeploy.backends.sources import load_source
 
     s = load_source(model)
-    return {"path": str(s.path), "kind": s.kind, "architecture": s.spec.architecture, "sha256": s.sha256}
+    return {"path": str(s.path), "kind": s.kind, "architecture": s.spec.architecture, "ndim": s.spec.ndim,
+            "sha256": s.sha256}
 
 
 def build_methods(model: str, config: EvalConfig, normalized: bool, stack: ExitStack) -> list[Method]:

@@ -1,6 +1,6 @@
 """Evaluate a denoiser against baselines and write ``metrics.json`` plus an HTML report.
 
-Three kinds of data:
+Kinds of data:
 
 * :class:`PairsData` - noisy and clean micrographs in two folders, matched by file name;
 * :class:`StoreData` - a patch store split with targets (patches already normalized, so the
@@ -8,7 +8,9 @@ Three kinds of data:
 * :class:`HalvesData` - real micrographs without a clean target: Fourier ring correlation of
   independent halves (see :mod:`cryodeploy.evaluation.halves`);
 * :class:`SplitData` - real micrographs without a clean target, scored by split gain on two
-  independent halves (see :mod:`cryodeploy.evaluation.split`).
+  independent halves (see :mod:`cryodeploy.evaluation.split`);
+* :class:`VolumeSplitData` - tomograms, scored on even/odd or thinned halves, with clean volumes
+  where given (see :mod:`cryodeploy.evaluation.volsplit`).
 
 Every evaluation with a target scores the model against the noisy input ("identity") and the
 best Gaussian low-pass ("gaussian", sigma chosen on the first ``val_fraction`` of the items),
@@ -28,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from cryodeploy.errors import InputError, OutputError
+from cryodeploy.errors import ConfigError, InputError, OutputError
 from cryodeploy.evaluation.data import (
     EvalConfig,
     EvalData,
@@ -38,6 +40,7 @@ from cryodeploy.evaluation.data import (
     PairsData,
     SplitData,
     StoreData,
+    VolumeSplitData,
     build_methods,
     check_outputs,
     model_info,
@@ -47,7 +50,8 @@ from cryodeploy.evaluation.report import Figures, pick_crop, write_report
 from cryodeploy.files import new_folders_removed_if_empty
 from cryodeploy.imaging import metrics as M
 
-__all__ = ["EvalConfig", "HalvesData", "Method", "PairsData", "SplitData", "StoreData", "evaluate"]
+__all__ = ["EvalConfig", "HalvesData", "Method", "PairsData", "SplitData", "StoreData", "VolumeSplitData",
+           "evaluate"]
 
 log = logging.getLogger(__name__)
 
@@ -191,8 +195,21 @@ def _evaluate(model: str | os.PathLike[str], data: EvalData, outdir: str | os.Pa
     models = {"model": model_info(str(model))}
     if config.model_b:
         models["model-b"] = model_info(config.model_b)
+    volumes = isinstance(data, VolumeSplitData)
+    for info in models.values():
+        if volumes and info["ndim"] != 3:
+            raise ConfigError(f"{info['path']}: a 2-D image model ({info['architecture']}) cannot denoise "
+                              "tomograms, expected a volume model (e.g. unet3d)")
+        if not volumes and info["ndim"] == 3:
+            raise ConfigError(f"{info['path']}: a volume model ({info['architecture']}) denoises tomograms, "
+                              "expected volume data (--volumes)")
     with ExitStack() as stack:
-        if isinstance(data, HalvesData):
+        if isinstance(data, VolumeSplitData):
+            from cryodeploy.evaluation.volsplit import evaluate_volume_split
+
+            methods = build_methods(str(model), config, False, stack)
+            result, figures = evaluate_volume_split(methods, data, config)
+        elif isinstance(data, HalvesData):
             from cryodeploy.evaluation.halves import evaluate_halves
 
             methods = build_methods(str(model), config, False, stack)

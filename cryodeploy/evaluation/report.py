@@ -32,7 +32,8 @@ COLUMNS = (
     ("mean_shift", "mean shift (std)", "{:+.3f}"), ("std_ratio", "std ratio", "{:.3f}"),
     ("flat_noise", "flat-region noise", "{:.4g}"),
     ("flat_noise_ratio", "flat noise / input", "{:.3f}"), ("frc_0.5", "resolution at FRC 0.5", "{:.2f}"),
-    ("frc_0.143", "resolution at FRC 0.143", "{:.2f}"), ("seconds", "seconds", "{:.2f}"),
+    ("frc_0.143", "resolution at FRC 0.143", "{:.2f}"), ("fsc_0.143", "resolution at FSC 0.143", "{:.2f}"),
+    ("fsc_half_bit", "resolution at FSC half-bit", "{:.2f}"), ("seconds", "seconds", "{:.2f}"),
 )
 _CAPTIONS = {"identity": "identity (the noisy input)", "clean": "clean (target)"}
 _LOAD_CHECK = """<script>
@@ -100,7 +101,7 @@ def _write_crops(out: Path, fig: Figures) -> list[tuple[str, str]]:
     ref = fig.crops.get("clean", fig.crops.get("identity"))
     if ref is None:
         return []
-    vmin, vmax = np.percentile(ref, [0.5, 99.5])
+    vmin, vmax = np.nanpercentile(ref, [0.5, 99.5])  # NaN: the gaps between orthogonal views
     files = []
     for label, crop in fig.crops.items():
         name = f"crop_{_slug(label)}.png"
@@ -211,10 +212,14 @@ def _plot_frc(out: Path, result: dict[str, Any]) -> str:
     panels = [(result["frc"], result["frc"].get("title", "FRC against the clean target"))]
     if result.get("half_pairs"):
         panels.append((result["half_pairs"]["frc"], "FRC between the given half pairs (e.g. even/odd)"))
-    labels = {"identity": "raw halves"} if result["mode"] in ("halves", "split") else {}
+    labels = {"identity": "raw halves"} if result["mode"] in ("halves", "split", "volume-split") else {}
     f, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.5), squeeze=False)
     for ax, (frc, title) in zip(axes.flat, panels, strict=True):
         _frc_axes(ax, frc, title, labels)
+        if "half_bit" in frc:
+            ax.plot(frc["freq"], frc["half_bit"], ":", color="gray", linewidth=1, label="half-bit threshold")
+            ax.set_ylabel(frc["ylabel"])
+            ax.legend(fontsize=8)
     return _save(f, out / "frc.png")
 
 
@@ -225,12 +230,12 @@ def _plot_sigma(out: Path, result: dict[str, Any]) -> str | None:
     if not g or "sigma_scores" not in g:
         return None
     s = [float(k) for k in g["sigma_scores"]]
-    v = list(g["sigma_scores"].values())
+    v = [np.nan if x is None else x for x in g["sigma_scores"].values()]
     f, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(s, v, "o-")
     ax.axvline(g["sigma"], color="r", linestyle="--", label=f"chosen sigma = {g['sigma']:g} px")
     ax.set_xlabel("Gaussian sigma (px)")
-    split = result["mode"] == "split"
+    split = result["mode"] in ("split", "volume-split")
     ax.set_ylabel("mean split gain (dB)" if split else "mean PSNR on validation items (dB)")
     ax.set_title(f"Gaussian baseline: {g['sigma_chosen_on']}", fontsize=9)
     ax.legend(fontsize=8)
@@ -275,7 +280,7 @@ def _fmt(value: Any, fmt: str) -> str:
 def _label(key: str, result: dict[str, Any]) -> str:
     """Column title of ``key``; resolutions carry the unit of the FRC frequencies (px or A)."""
     title = next(c[1] for c in COLUMNS if c[0] == key)
-    if key.startswith("frc_"):
+    if key.startswith(("frc_", "fsc_")):
         title += " (A)" if result.get("frc", {}).get("unit") == "1/A" else " (px)"
     return title
 
@@ -298,7 +303,7 @@ def _summary_table(result: dict[str, Any]) -> str:
     head = "".join(f"<th>{html.escape(_label(k, result))} min / median / max</th>" for k, _, _ in keys)
     body = ""
     for n, m in methods.items():
-        cells = "".join("<td>" + (" / ".join(f.format(m["summary"][k][s]) for s in ("min", "median", "max"))
+        cells = "".join("<td>" + (" / ".join(_fmt(m["summary"][k][s], f) for s in ("min", "median", "max"))
                                   if k in m["summary"] else "n/a") + "</td>" for k, _, f in keys)
         body += f"<tr><td>{html.escape(n)}</td>{cells}</tr>"
     return f'<table id="summary-table"><tr><th>method</th>{head}</tr>{body}</table>'
@@ -361,7 +366,7 @@ def write_report(out: Path, result: dict[str, Any], fig: Figures, train_log: Pat
     plots = [("Intensity histograms", _plot_histograms(out, fig)),
              ("Prediction vs target", _plot_hexbin(out, fig)),
              ("Per-item metrics", _plot_per_item(out, result)),
-             ("Fourier ring correlation", _plot_frc(out, result)),
+             (result["frc"].get("ylabel", "Fourier ring correlation"), _plot_frc(out, result)),
              ("Gaussian baseline", _plot_sigma(out, result)),
              ("Training loss", _plot_loss(out, train_log) if train_log else None)]
     plot_html = "".join(f'<h2>{t}</h2><img class="plot" src="{p}" alt="{t}">' for t, p in plots if p)
@@ -369,12 +374,17 @@ def write_report(out: Path, result: dict[str, Any], fig: Figures, train_log: Pat
         from cryodeploy.evaluation.splitreport import split_section
 
         plot_html = split_section(out, result) + plot_html
+    elif result["mode"] == "volume-split":
+        from cryodeploy.evaluation.volreport import volume_section
+
+        plot_html = volume_section(out, result) + plot_html
     page = (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>cryodeploy evaluation</title>'
             f"<style>{_CSS}</style></head><body>"
             f"<h1>cryodeploy evaluation ({html.escape(result['mode'])})</h1>"
             f"{flag_html}<h2>Metrics (means over items)</h2>{_metrics_table(result)}"
             f"<h2>Per-item spread</h2>{_summary_table(result)}{_half_pairs_table(result)}{_notes(result)}"
-            f"<h2>Crops at full resolution</h2><p>{html.escape(fig.crop_text)}; the same crop for every "
+            f"<h2>{'Central sections' if result['mode'] == 'volume-split' else 'Crops at full resolution'}"
+            f"</h2><p>{html.escape(fig.crop_text)}; the same place for every "
             "image, one intensity scale (0.5-99.5th percentile of the "
             f"{'clean' if 'clean' in fig.crops else 'noisy'} crop); each pixel drawn as "
             f"{zoom}&times;{zoom} screen pixels.</p>"

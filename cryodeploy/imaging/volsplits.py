@@ -13,6 +13,7 @@ half-bit thresholds need the shells' voxel counts, which :class:`Fsc` carries.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,7 +22,8 @@ from cryodeploy.errors import InputError
 from cryodeploy.imaging.metrics import _edge_taper, frc_crossing
 from cryodeploy.imaging.splits import _split_error
 
-__all__ = ["Fsc", "fsc", "half_bit_threshold", "thin_volume", "volume_halves", "volume_split_gain"]
+__all__ = ["Fsc", "fsc", "half_bit_threshold", "thin_volume", "volume_band_errors", "volume_halves",
+           "volume_power_ratio", "volume_split_error", "volume_split_gain"]
 
 
 def _volumes(*arrays: np.ndarray) -> list[np.ndarray]:
@@ -78,11 +80,16 @@ def volume_halves(
     return a, b, "thinned"
 
 
+def volume_split_error(fa: np.ndarray, fb: np.ndarray, a: np.ndarray, b: np.ndarray) -> float:
+    """The split error E (:func:`cryodeploy.imaging.splits.split_error`) of a denoiser's outputs
+    ``fa``, ``fb`` on volume halves ``a``, ``b``: 1 for identity, 0 for a perfect denoiser."""
+    return _split_error(*_volumes(fa, fb, a, b))
+
+
 def volume_split_gain(fa: np.ndarray, fb: np.ndarray, a: np.ndarray, b: np.ndarray) -> float:
     """The split gain in dB (:func:`cryodeploy.imaging.splits.split_gain`) of a denoiser's outputs
     ``fa``, ``fb`` on volume halves ``a``, ``b``: 0 for identity, inf where the error is <= 0."""
-    fa64, fb64, a64, b64 = _volumes(fa, fb, a, b)
-    e = _split_error(fa64, fb64, a64, b64)
+    e = volume_split_error(fa, fb, a, b)
     return float(-10.0 * np.log10(e)) + 0.0 if e > 0 else float("inf")
 
 
@@ -146,3 +153,41 @@ def half_bit_threshold(voxels: np.ndarray) -> np.ndarray:
     """The half-bit information threshold of each shell (van Heel & Schatz 2005) from its voxel count."""
     s = np.sqrt(np.maximum(np.asarray(voxels, dtype=np.float64), 1.0))
     return (0.2071 + 1.9102 / s) / (1.2071 + 0.9102 / s)
+
+
+def _band_power(volumes: Sequence[np.ndarray], edges: Sequence[float]) -> np.ndarray:
+    """Power of each volume in each band of ``edges`` (cycles/voxel; frequencies beyond the last
+    edge, the corners of the cube, count in the last band)."""
+    nz, ny, nx = volumes[0].shape
+    kz = np.fft.fftfreq(nz)[:, None, None]
+    ky = np.fft.fftfreq(ny)[None, :, None]
+    kx = np.fft.rfftfreq(nx)[None, None, :]
+    r = np.sqrt(kz * kz + ky * ky + kx * kx)
+    weight = np.full(kx.shape, 2.0)  # the rfft half-space holds each conjugate pair once
+    weight[..., 0] = 1.0
+    if nx % 2 == 0:
+        weight[..., -1] = 1.0
+    idx = np.clip(np.searchsorted(np.asarray(edges), r, side="right") - 1, 0, len(edges) - 2).ravel()
+    w = np.broadcast_to(weight, r.shape).ravel()
+    return np.array([np.bincount(idx, w * (np.abs(np.fft.rfftn(v)) ** 2).ravel(), minlength=len(edges) - 1)
+                     for v in volumes])
+
+
+def volume_band_errors(fa: np.ndarray, fb: np.ndarray, a: np.ndarray, b: np.ndarray,
+                       edges: Sequence[float]) -> list[float | None]:
+    """The split error per frequency band (``edges`` in cycles/voxel) of a denoiser's outputs ``fa``,
+    ``fb`` on volume halves ``a``, ``b``, relative to identity's (1 = as noisy as the input, 0 = perfect;
+    :func:`cryodeploy.imaging.splits.band_errors` in 3-D)."""
+    fa64, fb64, a64, b64 = _volumes(fa, fb, a, b)
+    p = _band_power([fa64 - b64, fb64 - a64, a64 - b64], edges)
+    noise = p[2] / 2.0
+    err = 0.5 * (p[0] + p[1]) - noise
+    return [float(e / n) if n > 0 else None for e, n in zip(err, noise, strict=True)]
+
+
+def volume_power_ratio(output: np.ndarray, volume: np.ndarray, edges: Sequence[float]) -> np.ndarray:
+    """Power of ``output`` over that of ``volume`` (means removed) per band of ``edges`` (cycles/voxel);
+    NaN where the volume has no power."""
+    f, x = _volumes(output, volume)
+    p = _band_power([f - f.mean(), x - x.mean()], edges)
+    return np.divide(p[0], p[1], out=np.full(p.shape[1], np.nan), where=p[1] > 0)

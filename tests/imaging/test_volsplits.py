@@ -12,7 +12,10 @@ from cryodeploy.imaging.volsplits import (
     fsc,
     half_bit_threshold,
     thin_volume,
+    volume_band_errors,
     volume_halves,
+    volume_power_ratio,
+    volume_split_error,
     volume_split_gain,
 )
 
@@ -92,3 +95,20 @@ def test_volume_halves_and_split_gain(rng: np.random.Generator) -> None:
         volume_halves(counts)
     with pytest.raises(InputError, match=r"volumes differ in shape: found \(32, 40, 48\) and \(32, 40, 47\)"):
         volume_halves(even, odd[..., :-1])
+
+
+def test_volume_band_errors_and_power_ratio(rng: np.random.Generator) -> None:
+    s = rng.standard_normal(SHAPE)
+    a, b = s + rng.standard_normal(SHAPE), s + rng.standard_normal(SHAPE)
+    edges = [0.0, 0.1, 0.25, 0.5]
+    assert volume_band_errors(a, b, a, b, edges) == [1.0, 1.0, 1.0]  # identity, exactly
+    # the average with the true signal halves each half's noise in every band: E = 1/4 per band
+    got = volume_band_errors(0.5 * (a + s), 0.5 * (b + s), a, b, edges)
+    assert got == pytest.approx([0.25] * 3, abs=0.03)
+    assert volume_split_error(0.5 * (a + s), 0.5 * (b + s), a, b) == pytest.approx(0.25, abs=0.01)
+    assert volume_power_ratio(3.0 * a + 7.0, a, edges) == pytest.approx([9.0] * 3, rel=1e-9)
+    # a low-pass keeping exactly the first band: ratio 1 there, 0 beyond
+    k = np.sqrt(np.fft.fftfreq(32)[:, None, None] ** 2 + np.fft.fftfreq(40)[None, :, None] ** 2
+                + np.fft.rfftfreq(48)[None, None, :] ** 2)
+    low = np.fft.irfftn(np.fft.rfftn(a) * (k < 0.1), a.shape, axes=(0, 1, 2))
+    assert volume_power_ratio(low, a, edges) == pytest.approx([1.0, 0.0, 0.0], abs=1e-9)
