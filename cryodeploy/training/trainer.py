@@ -11,7 +11,7 @@ ranks (:class:`~cryodeploy.training.distributed.GlobalBatchLoader`; each rank re
 DDP averages the gradients: K processes with global batch B follow one process with batch B
 up to float rounding. Validation shares are disjoint and their sums all-reduced.
 
-Speed: bf16/fp16 autocast (fp16 with a grad scaler), channels_last, cuDNN's benchmarked
+Speed: bf16/fp16 autocast (fp16 with a grad scaler), channels_last (_3d for volumes), cuDNN's benchmarked
 algorithms (set by :func:`~cryodeploy.training.train.train`) and fused optimizers on CUDA, the loader's
 reader threads and non-blocking copies from pinned buffers overlap loading with compute, and
 the loss is accumulated on the device and read only at log points (and when the resume state

@@ -1,10 +1,15 @@
-"""Training a volume model (unet3d) on 5-D batches [B, 1, D, H, W] from volumes in memory (ArrayData)."""
+"""Training a volume model (unet3d) on 5-D batches [B, 1, D, H, W] from volumes in memory (ArrayData) and
+3-D patch stores: methods, resume, DDP (gloo), bf16 autocast and the channels_last_3d layout."""
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
 import json
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -177,29 +182,135 @@ def test_cli_trains_unet3d_with_neighbor2neighbor_on_a_single_tomogram(single_to
     assert spec.ndim == 3 and spec.training["method"] == "neighbor2neighbor"
 
 
-def test_cli_trains_unet3d_on_an_even_odd_3d_store(tmp_path) -> None:
-    """``cryodeploy train STORE --model unet3d`` on a real 3-D patch store (preprocess of even/odd pairs)."""
-    from click.testing import CliRunner
-
-    from cryodeploy.cli import cli
+@pytest.fixture(scope="module")
+def pair_store(tmp_path_factory) -> Path:
+    """A 3-D patch store (16^3) of two synthetic even/odd tomogram pairs, 20x32x32: 2 x 18 patches."""
     from cryodeploy.io.tomopairs import TomoPair
     from cryodeploy.io.volumes import write_volume
     from cryodeploy.training.preprocess import PreprocessConfig
     from cryodeploy.training.volumes import preprocess_volumes
 
+    tmp = tmp_path_factory.mktemp("pairs")
     pairs = []
     for i in range(2):
         t = simulate_tomogram(TomoConfig(shape=(20, 32, 32), seed=2, particles=6, vesicles=0), i)
-        even = write_volume(tmp_path / f"t{i}_even.mrc", t.even.numpy())
-        odd = write_volume(tmp_path / f"t{i}_odd.mrc", t.odd.numpy())
+        even = write_volume(tmp / f"t{i}_even.mrc", t.even.numpy())
+        odd = write_volume(tmp / f"t{i}_odd.mrc", t.odd.numpy())
         pairs.append(TomoPair(f"t{i}", even, odd))
     config = PreprocessConfig(patch=16, ndim=3, targets="pairs", test_fraction=0.0, stride=(4, 8, 8))
-    store = preprocess_volumes(pairs, tmp_path / "store", config, quiet=True)
+    store = preprocess_volumes(pairs, tmp / "store", config, quiet=True)
     assert store.ndim == 3 and store.count("train") == 2 * 2 * 3 * 3
+    return tmp / "store"
+
+
+def test_cli_trains_unet3d_on_an_even_odd_3d_store(pair_store, tmp_path) -> None:
+    """``cryodeploy train STORE --model unet3d`` on a real 3-D patch store (preprocess of even/odd pairs)."""
+    from click.testing import CliRunner
+
+    from cryodeploy.cli import cli
+
     args = ["--model", "unet3d", "--param", "base_channels=4", "--param", "depth=1",
             "--method", "noise2noise", "--epochs", "1", "--batch", "4", "--loader-threads", "1", "-q"]
-    run = CliRunner().invoke(cli, ["train", str(tmp_path / "store"), "-o", str(tmp_path / "run"), *args])
+    run = CliRunner().invoke(cli, ["train", str(pair_store), "-o", str(tmp_path / "run"), *args])
     assert run.exit_code == 0, run.output
     _, spec = load_checkpoint(tmp_path / "run")
     assert spec.ndim == 3 and spec.training["method"] == "noise2noise"
     assert spec.training["train_patches"] == 18  # whole tomograms validate: one of the two
+    fp16 = CliRunner().invoke(cli, ["train", str(pair_store), "-o", str(tmp_path / "fp16"), *args,
+                                    "--precision", "fp16"])
+    assert fp16.exit_code != 0 and fp16.output.startswith("error: precision fp16 on device cpu is too slow")
+    assert not (tmp_path / "fp16").exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _ddp_vs_single(store: Path, tmp_path: Path, device: str, tol: float) -> None:
+    """torchrun with 2 processes on ``device`` (per-rank batch 2 of [B, 1, 16, 16, 16]) ends within ``tol``
+    of one process with batch 4 (weights and validation loss); only rank 0 reports."""
+    config = TrainConfig(model="unet3d", model_params={"base_channels": 4, "depth": 1}, method="noise2noise",
+                         epochs=2, batch=4, optimizer="sgd", lr=0.05, log_every=2, loader_threads=1,
+                         device=device)
+    single = train(store, tmp_path / "single", config, quiet=True)
+    assert single.steps == 8  # 18 training patches (one tomogram validates), batch 4, 2 epochs
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+           str(_free_port()), "-m", "cryodeploy", "train", str(store), "-o", str(tmp_path / "ddp"), "-q",
+           "--model", "unet3d", "--param", "base_channels=4", "--param", "depth=1", "--method", "noise2noise",
+           "--batch", "4", "--epochs", "2", "--optimizer", "sgd", "--lr", "0.05", "--log-every", "2",
+           "--loader-threads", "1", "--device", device]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("trained 2 epoch(s), 8 steps") == 1  # only rank 0 reports
+    diff = _weights_diff(tmp_path / "single" / "last.safetensors", tmp_path / "ddp" / "last.safetensors")
+    print(f"3-D DDP ({device}) vs single process: max weight difference {diff:.2e}")
+    assert diff < tol
+    one = json.loads((tmp_path / "single" / "last.json").read_text())["training"]
+    two = json.loads((tmp_path / "ddp" / "last.json").read_text())["training"]
+    assert two["world_size"] == 2 and two["val_loss"] == pytest.approx(one["val_loss"], rel=tol)
+
+
+@pytest.mark.slow
+def test_ddp_two_gloo_processes_match_single_process_on_volumes(pair_store, tmp_path) -> None:
+    _ddp_vs_single(pair_store, tmp_path, "cpu", 1e-5)  # measured: 7.5e-9
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs (NCCL DDP)")
+def test_ddp_two_nccl_processes_match_single_process_on_volumes(pair_store, tmp_path) -> None:
+    _ddp_vs_single(pair_store, tmp_path, "cuda", 1e-4)  # not yet run: no GPU here
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_bf16_trains_a_volume_model_in_channels_last_3d(pair_store, tmp_path) -> None:
+    """On CUDA the model and the 5-D batches go channels_last_3d (a 4-D layout would raise); bf16 ends within
+    2% of fp32's validation loss after 8 steps (not yet run: no GPU here)."""
+    config = TrainConfig(model="unet3d", model_params={"base_channels": 4, "depth": 1}, method="noise2noise",
+                         epochs=2, batch=4, optimizer="sgd", lr=0.05, loader_threads=1, device="cuda")
+    fp32 = train(pair_store, tmp_path / "fp32", config, quiet=True)
+    bf16 = train(pair_store, tmp_path / "bf16", dataclasses.replace(config, precision="bf16"), quiet=True)
+    assert fp32.steps == bf16.steps == 8 and fp32.best_val_loss and bf16.best_val_loss
+    print(f"CUDA unet3d validation MSE: fp32 {fp32.best_val_loss:.6f}, bf16 {bf16.best_val_loss:.6f}")
+    assert bf16.best_val_loss == pytest.approx(fp32.best_val_loss, rel=0.02)
+
+
+def test_bf16_autocast_trains_a_volume_model_on_cpu_close_to_fp32(volumes, tmp_path) -> None:
+    """4 steps of unet3d under CPU bf16 autocast end with a validation loss within 1% of fp32's
+    (same seed; measured: 1.144494 vs 1.144621, 0.011%), and not equal to it: the convolutions ran in bf16."""
+    clean, even, _ = volumes
+    data = ArrayData(even, clean)
+    config = dataclasses.replace(FAST, epochs=1)
+    fp32 = train(data, tmp_path / "fp32", config, quiet=True)
+    bf16 = train(data, tmp_path / "bf16", dataclasses.replace(config, precision="bf16"), quiet=True)
+    assert fp32.steps == bf16.steps == 4 and fp32.best_val_loss and bf16.best_val_loss
+    rel = abs(bf16.best_val_loss - fp32.best_val_loss) / fp32.best_val_loss
+    print(f"unet3d validation MSE after 4 steps: fp32 {fp32.best_val_loss:.6f}, "
+          f"bf16 {bf16.best_val_loss:.6f}")
+    assert 0 < rel < 0.01
+    _, spec = load_checkpoint(bf16.last)
+    assert spec.training["precision"] == "bf16"
+
+
+def test_volumes_use_channels_last_3d() -> None:
+    """The trainer's CUDA layout for 5-D batches and 3-D convolution weights is channels_last_3d (the 4-D
+    channels_last raises on them); the same conversion on CPU tensors keeps the forward pass."""
+    from cryodeploy.models import ModelSpec, build_model
+    from cryodeploy.training.trainer import channels_last
+
+    assert channels_last(2) is torch.channels_last and channels_last(3) is torch.channels_last_3d
+    x = torch.randn(2, 1, 16, 16, 16, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(RuntimeError, match="rank 4"):
+        x.to(memory_format=torch.channels_last)
+    torch.manual_seed(0)
+    net = build_model(ModelSpec("unet3d", {"base_channels": 4, "depth": 1})).eval()
+    with torch.no_grad():
+        ref = net(x)
+        net = net.to(memory_format=channels_last(3))
+        weights = [p for p in net.parameters() if p.dim() == 5]
+        assert weights and all(p.is_contiguous(memory_format=torch.channels_last_3d) for p in weights)
+        out = net(x.to(memory_format=channels_last(3)))
+    assert float((out - ref).abs().max()) < 1e-5
