@@ -30,7 +30,7 @@ import platform
 import re
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -458,12 +458,21 @@ def main(argv: Sequence[str] | None = None, project_dir: Path | None = None) -> 
     except OutputFolderError as err:  # no marker: the folder is not this job's (it may be another job's)
         _fail(str(err), None)
         return 1
+    return run_marked(outdir, lambda: run_job(parse_args(argv), project_dir))
+
+
+def run_marked(outdir: Path | None, work: Callable[[], None],
+               outputs: tuple[str, ...] = (OUTPUT_STAR, LOGFILE)) -> int:
+    """Run ``work`` as the job in ``outdir``: the markers and ``outputs`` of an earlier run removed
+    first (a Continue starts from a clean slate, finished denoised files aside), then exactly one of
+    the success, failure or aborted markers left; returns the exit status (0 success, 1 failure or
+    abort)."""
     try:
-        if outdir is not None:  # a rerun (Continue) starts from a clean slate, finished micrographs aside
+        if outdir is not None:
             outdir.mkdir(parents=True, exist_ok=True)
-            for stale in (SUCCESS, FAILURE, ABORTED, NODES_FILE, OUTPUT_STAR, LOGFILE):
+            for stale in (SUCCESS, FAILURE, ABORTED, NODES_FILE, *outputs):
                 (outdir / stale).unlink(missing_ok=True)
-        run_job(parse_args(argv), project_dir)
+        work()
     except JobAborted as err:
         assert outdir is not None
         log.info("%s", err)

@@ -30,7 +30,6 @@ import platform
 import re
 import sys
 import time
-import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,17 +40,14 @@ if str(Path(__file__).resolve().parent) not in sys.path:  # the micrograph job's
 
 from cryodeploy_relion import (
     ABORT_NOW,
-    ABORTED,
-    FAILURE,
     NODE_LABEL_LOGFILE,
-    NODES_FILE,
-    SUCCESS,
     JobAborted,
     OutputFolderError,
     _fail,
     _outdir_from,
     _Parser,
     check_outdir,
+    run_marked,
 )
 from relion_tomostar import (
     DEFAULT_STAR_VERSION,
@@ -302,32 +298,13 @@ def main(argv: Sequence[str] | None = None, project_dir: Path | None = None) -> 
         return 1
     except CryoDeployError as err:
         early = err  # reported below, with a failure marker
-    try:
-        if outdir is not None:  # a rerun (Continue) starts from a clean slate, finished tomograms aside
-            outdir.mkdir(parents=True, exist_ok=True)
-            for stale in (SUCCESS, FAILURE, ABORTED, NODES_FILE, OUTPUT_STAR, LOGFILE):
-                (outdir / stale).unlink(missing_ok=True)
+    def work() -> None:
         if early is not None:
             raise early
         assert options is not None
         run_job(options, project_dir)
-    except JobAborted as err:
-        assert outdir is not None
-        log.info("%s", err)
-        (outdir / ABORTED).touch()
-        (outdir / ABORT_NOW).unlink(missing_ok=True)  # handled: a later Continue runs normally
-        return 1
-    except CryoDeployError as err:
-        _fail(str(err), outdir)
-        return 1
-    except Exception as err:  # the job must always leave a marker for RELION
-        traceback.print_exc()
-        _fail(f"{type(err).__name__}: {err}", outdir)
-        return 1
-    assert outdir is not None  # parse_args requires --o
-    (outdir / SUCCESS).touch()
-    return 0
 
+    return run_marked(outdir, work, (OUTPUT_STAR, LOGFILE))
 
 if __name__ == "__main__":
     sys.exit(main())
