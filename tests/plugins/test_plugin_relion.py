@@ -92,7 +92,7 @@ def test_executable_runs_like_relion_and_writes_all_outputs(project: Path, cnn3_
     root = _job(project, "exe")
     assert os.access(PLUGIN, os.X_OK) and PLUGIN.read_text().startswith("#!/usr/bin/env python3\n")
     cmd = [str(PLUGIN), *_argv(cnn3_checkpoint, "mics31.star", "--pipeline_control", JOB)]
-    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=120, env=_env())
     assert proc.returncode == 0, proc.stderr
     job = root / JOB
     assert (job / "RELION_JOB_EXIT_SUCCESS").exists() and not (job / "RELION_JOB_EXIT_FAILURE").exists()

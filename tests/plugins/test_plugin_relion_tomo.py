@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -101,7 +102,9 @@ def test_runs_as_relion5_calls_it_and_writes_a_tomograms_star(project: Path, une
     before = (root / STAR).read_bytes()
     assert os.access(PLUGIN, os.X_OK) and PLUGIN.read_text().startswith("#!/usr/bin/env python3\n")
     cmd = [str(PLUGIN), *_argv(unet3d), "--pipeline_control", JOB]  # RELION 5's External job command line
-    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
+    # as RELION would, with the environment that has cryodeploy first on PATH (the shebang's python3)
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr
     job = root / JOB
     assert (job / "RELION_JOB_EXIT_SUCCESS").exists() and not (job / "RELION_JOB_EXIT_FAILURE").exists()
