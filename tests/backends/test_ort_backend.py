@@ -136,6 +136,7 @@ def test_denoise_cli_with_onnx_model(cnn3_checkpoint: Path, tmp_path: Path) -> N
         res = runner.invoke(cli, [
             "denoise", str(tmp_path / "synth" / "noisy"), "-o", str(tmp_path / backend),
             "--model", str(model_arg), "--backend", backend, "--threads", "1", "--tile", "48", "-q",
+            "--precision", "fp32",  # on a GPU machine auto would pick fp16 for torch: compare fp32 with fp32
         ])
         assert res.exit_code == 0, res.output
     for path in noisy:

@@ -33,7 +33,8 @@ def test_out_of_memory_ends_in_one_line_per_file(cnn3_onnx, tmp_path) -> None:
     src = write_micrograph(tmp_path / "m.mrc", np.random.default_rng(0).standard_normal((1024, 1024)))
     out = tmp_path / "out"
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "PYTHONPATH": path, "MALLOC_ARENA_MAX": "1"}
+    # the ONNX Runtime CPU path under a memory cap; no CUDA (torch's CUDA init warns under the cap)
+    env = {**os.environ, "PYTHONPATH": path, "MALLOC_ARENA_MAX": "1", "CUDA_VISIBLE_DEVICES": ""}
     args = ["denoise", str(src), "--model", str(cnn3_onnx), "--backend", "ort", "--device", "cpu",
             "--threads", "1", "--tile", "1024", "--batch", "1", "-o", str(out), "-q"]
     res = subprocess.run([sys.executable, "-c", CAPPED, "100", *args], env=env, capture_output=True,
