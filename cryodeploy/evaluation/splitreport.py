@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["split_section"]
+__all__ = ["bands_section", "split_section"]
 
 #: Values below this (a band error can be slightly negative: it is an estimate) are drawn at it.
 FLOOR = 1e-3
@@ -63,10 +63,15 @@ def _plot_bands(out: Path, result: dict[str, Any]) -> str:
 
 def split_section(out: Path, result: dict[str, Any]) -> str:
     """HTML of the split tables and the per-band plot (written into ``out``)."""
+    return f"<h2>Splits</h2>{_splits_table(result)}{bands_section(out, result)}"
+
+
+def bands_section(out: Path, result: dict[str, Any]) -> str:
+    """HTML of the per-band tables, their plot (written into ``out``) and the notes of a split
+    evaluation (micrographs or tomograms)."""
     notes = "".join(f"<li>{html.escape(k.replace('_', ' '))}: {html.escape(v)}.</li>"
                     for k, v in result["notes"].items())
-    return (f"<h2>Splits</h2>{_splits_table(result)}"
-            f"<h2>Signal error per frequency band (relative to identity)</h2>"
+    return (f"<h2>Signal error per frequency band (relative to identity)</h2>"
             f"{_band_table(result, 'band_error', result['bands']['names'], 'band-error-table')}"
             f"<h2>Power of f(x) relative to x per band</h2>"
             f"{_band_table(result, 'power_ratio', result['bands']['power_names'], 'power-ratio-table')}"

@@ -7,7 +7,7 @@ import html
 from pathlib import Path
 from typing import Any
 
-from cryodeploy.evaluation.splitreport import _band_table, _plot_bands
+from cryodeploy.evaluation.splitreport import bands_section
 
 __all__ = ["volume_section"]
 
@@ -27,12 +27,4 @@ def _tomograms_table(result: dict[str, Any]) -> str:
 
 def volume_section(out: Path, result: dict[str, Any]) -> str:
     """HTML of the tomogram tables and the per-band plot (written into ``out``)."""
-    notes = "".join(f"<li>{html.escape(k.replace('_', ' '))}: {html.escape(v)}.</li>"
-                    for k, v in result["notes"].items())
-    return (f"<h2>Tomograms</h2>{_tomograms_table(result)}"
-            f"<h2>Signal error per frequency band (relative to identity)</h2>"
-            f"{_band_table(result, 'band_error', result['bands']['names'], 'band-error-table')}"
-            f"<h2>Power of f(x) relative to x per band</h2>"
-            f"{_band_table(result, 'power_ratio', result['bands']['power_names'], 'power-ratio-table')}"
-            f'<img class="plot" src="{_plot_bands(out, result)}" alt="per-band plots">'
-            f"<ul>{notes}</ul>")
+    return f"<h2>Tomograms</h2>{_tomograms_table(result)}{bands_section(out, result)}"

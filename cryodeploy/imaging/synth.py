@@ -27,7 +27,7 @@ from cryodeploy.imaging.noise import NoiseSpec, add_noise
 from cryodeploy.io.mrc import MIN_SIZE, MicrographHeader, write_micrograph
 from cryodeploy.progress import progress
 
-__all__ = ["SUBDIRS", "SynthConfig", "render_clean", "synth_micrographs"]
+__all__ = ["SUBDIRS", "SynthConfig", "as_integer", "render_clean", "synth_micrographs"]
 
 #: Sub-folders written by :func:`synth_micrographs`: the clean image and two independent noisy draws.
 SUBDIRS = ("clean", "noisy", "noisy2")
@@ -42,6 +42,16 @@ _CS = 2.7e7
 _CONTRAST = 0.0035
 # How far (A) the CTF spreads a point's signal, at the largest defocus and smallest B-factor drawn.
 _DELOCALISATION = 120.0
+
+
+def as_integer(value: object) -> int | None:
+    """``value`` as an int if it is an integer (not a bool), else None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        return None
 
 
 @dataclass(frozen=True)
@@ -62,12 +72,12 @@ class SynthConfig:
     ctf: bool = True
 
     def __post_init__(self) -> None:
-        count, seed = _integer(self.count), _integer(self.seed)
+        count, seed = as_integer(self.count), as_integer(self.seed)
         if count is None or count < 1:
             raise ConfigError(f"synth count is {self.count!r}, expected an integer >= 1")
         if seed is None or seed < 0:
             raise ConfigError(f"synth seed is {self.seed!r}, expected an integer >= 0")
-        size = tuple(_integer(s) for s in self.size)
+        size = tuple(as_integer(s) for s in self.size)
         if len(size) != 2 or not all(s is not None and s >= MIN_SIZE for s in size):
             raise ConfigError(f"synth size is {self.size!r}, expected (height, width) integers >= {MIN_SIZE}")
         object.__setattr__(self, "count", count)
@@ -91,15 +101,6 @@ class SynthConfig:
         d["size"] = list(self.size)
         return d
 
-
-def _integer(value: object) -> int | None:
-    """``value`` as an int if it is an integer (not a bool), else None."""
-    if isinstance(value, bool):
-        return None
-    try:
-        return operator.index(value)  # type: ignore[arg-type]
-    except TypeError:
-        return None
 
 
 @dataclass(frozen=True)

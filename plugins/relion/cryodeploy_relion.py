@@ -58,6 +58,7 @@ __all__ = [
     "write_logfile",
     "write_micrograph_star",
     "write_output_nodes",
+    "write_pdf_log",
 ]
 
 log = logging.getLogger("cryodeploy.relion")
@@ -245,26 +246,38 @@ def write_output_nodes(outdir: Path, node_name: str, style: int, log_name: str |
 def write_logfile(target: Path, lines: Sequence[str], example: tuple[Path, Path] | None) -> Path:
     """A one-page PDF log for RELION's display: the job's summary lines and, if given, one input
     micrograph beside its denoised copy."""
+    from cryodeploy.io.mrc import read_micrograph
+
+    panels = []
+    if example is not None:
+        for i, (path, title) in enumerate(((example[0], "input"), (example[1], "denoised"))):
+            frame = read_micrograph(path).data
+            panels.append((frame.reshape(-1, *frame.shape[-2:])[0], f"{title}: {path.name}",
+                           (0.05 + 0.47 * i, 0.1, 0.43, 0.6)))
+    return write_pdf_log(target, lines, panels)
+
+
+def write_pdf_log(target: Path, lines: Sequence[str],
+                  panels: Sequence[tuple[Any, str, tuple[float, float, float, float]]]) -> Path:
+    """An A4 PDF (atomically): ``lines`` as monospace text at the top, then each panel ``(image,
+    title, (left, bottom, width, height) in page fractions)`` downsampled, 1-99 % contrast."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from cryodeploy.io.mrc import read_micrograph
     from cryodeploy.io.preview import downsample
 
     fig = plt.figure(figsize=(8.27, 11.69))
     fig.text(0.05, 0.97, "\n".join(lines), va="top", family="monospace", fontsize=9)
-    if example is not None:
-        for i, (path, title) in enumerate(((example[0], "input"), (example[1], "denoised"))):
-            frame = read_micrograph(path).data
-            img = downsample(frame.reshape(-1, *frame.shape[-2:])[0])
-            lo, hi = np.percentile(img, [1, 99])
-            ax = fig.add_axes((0.05 + 0.47 * i, 0.1, 0.43, 0.6))
-            ax.imshow(img, cmap="gray", vmin=lo, vmax=hi)
-            ax.set_title(f"{title}: {path.name}", fontsize=8)
-            ax.axis("off")
+    for image, title, rect in panels:
+        img = downsample(image)
+        lo, hi = np.percentile(img, [1, 99])
+        ax = fig.add_axes(rect)
+        ax.imshow(img, cmap="gray", vmin=lo, vmax=hi)
+        ax.set_title(title, fontsize=8)
+        ax.axis("off")
     with atomic_write(target) as tmp:
         fig.savefig(tmp, format="pdf")
     plt.close(fig)

@@ -46,8 +46,10 @@ from cryodeploy_relion import (
     _fail,
     _outdir_from,
     _Parser,
+    _relative_to_project,
     check_outdir,
     run_marked,
+    write_pdf_log,
 )
 from relion_tomostar import (
     DEFAULT_STAR_VERSION,
@@ -64,7 +66,6 @@ from relion_tomostar import (
 )
 
 from cryodeploy.errors import ConfigError, CryoDeployError, InputError
-from cryodeploy.files import atomic_write
 from cryodeploy.io.tomopairs import TOMOGRAM_COLUMN
 
 __all__ = ["LOGFILE", "OUTPUT_STAR", "TomoJobOptions", "main", "parse_args", "run_job", "write_logfile"]
@@ -178,37 +179,22 @@ def _denoise(tomos: list[Tomogram], options: TomoJobOptions, outdir: Path) -> st
 def write_logfile(target: Path, lines: Sequence[str], example: tuple[Path, Path] | None) -> Path:
     """A one-page PDF log for RELION's display: the summary lines and, if given, the central XY and
     XZ sections of one input tomogram beside its denoised copy."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    from cryodeploy.io.preview import downsample
     from cryodeploy.io.volumes import read_volume
 
-    fig = plt.figure(figsize=(8.27, 11.69))
-    fig.text(0.05, 0.97, "\n".join(lines), va="top", family="monospace", fontsize=9)
+    panels = []
     if example is not None:
         for i, (path, title) in enumerate(((example[0], "input"), (example[1], "denoised"))):
             vol = read_volume(path).data
             sections = ((vol[vol.shape[0] // 2], "XY"), (vol[:, vol.shape[1] // 2], "XZ"))
             for j, (section, axis) in enumerate(sections):
-                img = downsample(section)
-                lo, hi = np.percentile(img, [1, 99])
-                ax = fig.add_axes((0.05 + 0.47 * i, 0.42 - 0.34 * j, 0.43, 0.3))
-                ax.imshow(img, cmap="gray", vmin=lo, vmax=hi)
-                ax.set_title(f"{title} {axis}: {path.name}", fontsize=8)
-                ax.axis("off")
-    with atomic_write(target) as tmp:
-        fig.savefig(tmp, format="pdf")
-    plt.close(fig)
-    return target
+                rect = (0.05 + 0.47 * i, 0.42 - 0.34 * j, 0.43, 0.3)
+                panels.append((section, f"{title} {axis}: {path.name}", rect))
+    return write_pdf_log(target, lines, panels)
 
 
 def _rel(path: Path, project_dir: Path) -> str:
     """``path`` relative to the project (as RELION names files), or absolute if outside it."""
-    return str(path.relative_to(project_dir)) if path.is_relative_to(project_dir) else str(path)
+    return str(_relative_to_project(path, project_dir))
 
 
 def _job(options: TomoJobOptions, project_dir: Path) -> tuple[Path, TomogramStar, list[Tomogram]]:

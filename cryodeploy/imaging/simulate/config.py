@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import operator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from cryodeploy.errors import ConfigError
+from cryodeploy.imaging.synth import as_integer
 
 # (lowest lo, highest hi) allowed for each range field.
 _RANGE_BOUNDS: dict[str, tuple[float, float]] = {
@@ -106,7 +106,7 @@ class SimConfig:
         object.__setattr__(self, "voltages_kv", _check_voltages(self.voltages_kv))
         object.__setattr__(self, "map_paths", _check_paths(self.map_paths))
         for name, lo in (("library_size", 1), ("library_seed", 0)):
-            value = _integer(getattr(self, name))
+            value = as_integer(getattr(self, name))
             if value is None or value < lo:
                 raise ConfigError(
                     f"SimConfig.{name}: found {getattr(self, name)!r}, expected an integer >= {lo}"
@@ -139,15 +139,6 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def _integer(value: object) -> int | None:
-    """``value`` as an int if it is an integer (not a bool), else None."""
-    if isinstance(value, bool):
-        return None
-    try:
-        return operator.index(value)  # type: ignore[arg-type]
-    except TypeError:
-        return None
-
 
 def _number(value: object) -> float | None:
     """``value`` as a finite float if it is a real number (not a bool or string), else None."""
@@ -160,7 +151,7 @@ def _number(value: object) -> float | None:
 def _check_shape(value: object) -> tuple[int, int]:
     """(H, W) as ints >= 16."""
     items = tuple(value) if isinstance(value, (tuple, list)) else ()
-    dims = tuple(_integer(v) for v in items)
+    dims = tuple(as_integer(v) for v in items)
     if len(dims) != 2 or not all(d is not None and 16 <= d <= 16384 for d in dims):
         raise ConfigError(f"SimConfig.shape: found {value!r}, expected (height, width) integers in 16..16384")
     return (int(dims[0]), int(dims[1]))  # type: ignore[arg-type]

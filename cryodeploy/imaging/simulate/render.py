@@ -10,12 +10,13 @@ import numpy as np
 import torch
 
 from cryodeploy.errors import ConfigError
-from cryodeploy.imaging.simulate.config import SimConfig, _integer
+from cryodeploy.imaging.simulate.config import SimConfig
 from cryodeploy.imaging.simulate.detector import _counts, _gain, _mtf_blur, _shift
 from cryodeploy.imaging.simulate.optics import _ctf_from_grid, _freq_grid, interaction_constant
 from cryodeploy.imaging.simulate.particles import ModelLibrary, build_library
 from cryodeploy.imaging.simulate.scene import _column, _Plan, _plan_image, _torch_seed
 from cryodeploy.imaging.simulate.specimen import _phase_spectrum, _transmission
+from cryodeploy.imaging.synth import as_integer
 
 
 @dataclass
@@ -106,7 +107,7 @@ def simulate(
     interpolation); ``with_potential``: also the particles' projected potential. ``library``:
     the models to draw from (default :func:`build_library` of the config).
     """
-    n_i, seed_i = _integer(n), _integer(seed)
+    n_i, seed_i = as_integer(n), as_integer(seed)
     if n_i is None or n_i < 1:
         raise ConfigError(f"simulate n: found {n!r}, expected an integer >= 1")
     if seed_i is None or seed_i < 0:
