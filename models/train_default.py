@@ -40,7 +40,8 @@ if str(ROOT) not in sys.path:
 #: name -> (U-Net base_channels, depth, peak lr); <= 8 MB as float32 safetensors each. Depth 3
 #: (receptive radius 52 px, so images >= 105 px): depth 4 would refuse images under 217 px,
 #: such as the 160^2 halves of 320^2 particle images.
-CANDIDATES = {"unet_b24d3": (24, 3, 5e-4), "unet_b32d3": (32, 3, 5e-4), "unet_b32d3_lr1e3": (32, 3, 1e-3)}
+CANDIDATES = {"unet_b24d3": (24, 3, 5e-4), "unet_b32d3": (32, 3, 5e-4), "unet_b32d3_lr1e3": (32, 3, 1e-3),
+              "unet_b16d4": (16, 4, 5e-4), "unet_b20d4": (20, 4, 5e-4), "unet_b24d4": (24, 4, 5e-4)}
 VAL_SEED = 7001
 TRAIN_SEED = 1
 

@@ -367,8 +367,9 @@ def frames_for(
 
 
 def min_input_size(spec: ModelSpec) -> int:
-    """Smallest accepted image side for a model: 32 px, or its receptive field if larger."""
-    return max(MIN_SIZE, 2 * spec.receptive_radius + 1)
+    """Smallest accepted image side for a model: 32 px, or two strides if larger (an image smaller than
+    the receptive field runs as one tile, equal to the whole-image forward)."""
+    return max(MIN_SIZE, 2 * spec.stride)
 
 
 def _int_or_none(value: int | str) -> int | None:

@@ -124,3 +124,23 @@ def test_too_small_tile_is_a_config_error() -> None:
     assert min_tile(3) == 7 and min_tile(24, 4) == 52
     with pytest.raises(ConfigError, match="tile 6 is too small"):
         TilePlan.create((100, 100), 6, 3)
+
+
+def test_image_smaller_than_the_receptive_field_equals_whole_image(rng) -> None:
+    """A depth-4 U-Net (radius 108) on 160x144 (a split half of a 320² particle image): accepted,
+    one tile, equal to the whole padded image's forward; only sides under 2 strides are refused."""
+    from cryodeploy.imaging.normalize import NormSpec
+    from cryodeploy.inference.frames import min_input_size
+    from cryodeploy.models import ModelSpec, build_model
+
+    torch.manual_seed(3)
+    spec = ModelSpec("unet", {"base_channels": 8, "depth": 4}, normalization=NormSpec())
+    model = build_model(spec).eval()
+    assert spec.receptive_radius == 108 and spec.stride == 16 and min_input_size(spec) == 32
+    image = (rng.standard_normal((160, 144)) * 3 + 10).astype(np.float32)
+    with TorchBackend(model, BackendOptions()) as backend:
+        got = denoise_image(image, backend, spec, keep_normalized=True)
+        norm = normalize(image, norm_stats(image, spec.normalization))
+        assert np.abs(got - _whole(model, norm)).max() <= 1e-5
+        with pytest.raises(Exception, match="at least 32x32"):
+            denoise_image(image[:31], backend, spec)
