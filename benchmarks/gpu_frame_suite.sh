@@ -101,7 +101,8 @@ if (( $(elapsed) < 330 )) && [[ -z "${ONLY:-}" || " $ONLY " == *" denoise200_def
   done
   step floors200 120 fs floors "$work/in200"
   step denoise200_default 150 denoise 200 default
-  (( $(elapsed) < 420 )) && step topaz200 120 topaz 200
+  step denoise200_default_io4 150 denoise 200 default_io4 --io-threads 4
+  (( $(elapsed) < 420 )) && step topaz200 240 topaz 200
   rm -rf "$work/in200" "$work/out200" "$work/w/raw" "$work/w/mrc"
 else
   echo "200-file runs skipped: $(elapsed) s used"

@@ -13,11 +13,12 @@ import numpy as np
 from cryodeploy.io.mrc import write_micrograph
 
 ROOT = Path(__file__).resolve().parents[2]
-#: imports everything first, then caps the address space at what is mapped + argv[1] MiB, then the CLI
+#: imports everything (and probes CUDA) first, then caps the address space at what is mapped + argv[1] MiB, then the CLI
 CAPPED = """
 import resource, sys
 import numpy, onnxruntime, torch
 import cryodeploy.backends.ort, cryodeploy.cli, cryodeploy.inference.runner
+torch.cuda.is_available()  # CUDA (hidden) probed before the cap: under it, torch warns at the probe
 vm = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmSize:"))
 limit = vm + (int(sys.argv[1]) << 20)
 resource.setrlimit(resource.RLIMIT_AS, (limit, limit))

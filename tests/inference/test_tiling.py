@@ -124,6 +124,9 @@ def test_too_small_tile_is_a_config_error() -> None:
     assert min_tile(3) == 7 and min_tile(24, 4) == 52
     with pytest.raises(ConfigError, match="tile 6 is too small"):
         TilePlan.create((100, 100), 6, 3)
+    assert len(TilePlan.create((160, 150), 160, 108, 16)) == 1  # one tile covers it: no halo needed
+    with pytest.raises(ConfigError, match="tile 160 is too small"):
+        TilePlan.create((161, 150), 160, 108, 16)
 
 
 def test_image_smaller_than_the_receptive_field_equals_whole_image(rng) -> None:
@@ -139,8 +142,9 @@ def test_image_smaller_than_the_receptive_field_equals_whole_image(rng) -> None:
     assert spec.receptive_radius == 108 and spec.stride == 16 and min_input_size(spec) == 32
     image = (rng.standard_normal((160, 144)) * 3 + 10).astype(np.float32)
     with TorchBackend(model, BackendOptions()) as backend:
-        got = denoise_image(image, backend, spec, keep_normalized=True)
         norm = normalize(image, norm_stats(image, spec.normalization))
-        assert np.abs(got - _whole(model, norm)).max() <= 1e-5
+        for tile in ("auto", 160):  # 160: the image's side, as the GPU's auto geometry picks
+            got = denoise_image(image, backend, spec, tile=tile, keep_normalized=True)
+            assert np.abs(got - _whole(model, norm)).max() <= 1e-5
         with pytest.raises(Exception, match="at least 32x32"):
             denoise_image(image[:31], backend, spec)
