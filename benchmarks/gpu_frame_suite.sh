@@ -45,6 +45,7 @@ r = {"label": sys.argv[3], "wall_s": int(sys.argv[4]) / 1e6, "run_s": s["seconds
      "backend": s.get("backend"), "tile": s.get("tile"), "batch": s.get("batch")}
 json.dump(r, open(sys.argv[2], "w"), indent=2); print(r)
 PY
+  [[ $n -lt 100 ]] || rm -rf "$dir"  # 200 outputs: 13 GB of disk
 }
 
 # ov ARGS: the runner's stages overlapped? one file per run vs all files, busy time per stage, raw floor + fsync
@@ -56,6 +57,9 @@ topaz() {  # topaz N
   [[ -n "${TOPAZ_PY:-}" && -f benchmarks/topaz_denoise.py ]] || { echo "TOPAZ_PY unset or no topaz_denoise.py: skipped"; return 0; }
   PYTHONPATH=/tmp/topazsite "$TOPAZ_PY" benchmarks/topaz_denoise.py "$work"/in$n/*.mrc -o "$work/topaz$n" \
     --model unet --json "$out/topaz$n.json"
+  local rc=$?
+  [[ $n -lt 100 ]] || rm -rf "$work/topaz$n"
+  return $rc
 }
 
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv || true
@@ -83,6 +87,7 @@ step startup_default_first 240 fs startup "$first" --label default_first --preci
 step denoise20_default 150 denoise 20 default
 step startup_default 90 fs startup "$first" --label default --precision auto --work "$work/startup_default"
 step denoise20_default_io4 150 denoise 20 default_io4 --io-threads 4
+step denoise20_nofsync_io4 150 denoise 20 nofsync_io4 --io-threads 4 --no-fsync
 step stages_fp32 120 fs stages "$work/in20" --precision fp32 --label fp32 --work "$work/stages"
 step stages_fp16 120 fs stages "$work/in20" --precision fp16 --label fp16 --work "$work/stages"
 step overlap_fp16 150 ov --precision fp16 --label overlap_fp16
@@ -102,6 +107,7 @@ if (( $(elapsed) < 330 )) && [[ -z "${ONLY:-}" || " $ONLY " == *" denoise200_def
   step floors200 120 fs floors "$work/in200"
   step denoise200_default 150 denoise 200 default
   step denoise200_default_io4 150 denoise 200 default_io4 --io-threads 4
+  step denoise200_nofsync_io4 150 denoise 200 nofsync_io4 --io-threads 4 --no-fsync
   (( $(elapsed) < 420 )) && step topaz200 240 topaz 200
   rm -rf "$work/in200" "$work/out200" "$work/w/raw" "$work/w/mrc"
 else

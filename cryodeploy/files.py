@@ -65,12 +65,15 @@ class StagedWrite:
     tmp: Path
     target: Path
 
-    def commit(self) -> None:
-        """fsync the temporary file and rename it onto the target; on failure it is removed
-        (:class:`OutputError` for an OS error) and the target is untouched."""
+    def commit(self, fsync: bool = True) -> None:
+        """fsync the temporary file (unless not ``fsync``) and rename it onto the target; on failure it
+        is removed (:class:`OutputError` for an OS error) and the target is untouched. Without the
+        fsync the target is still complete for every reader and after a crash of the process, but a
+        power loss or kernel crash may leave it empty or short."""
         try:
-            with open(self.tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
+            if fsync:
+                with open(self.tmp, "rb+") as fh:
+                    os.fsync(fh.fileno())
             os.replace(self.tmp, self.target)
         except OSError as err:
             self.discard()

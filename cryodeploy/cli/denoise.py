@@ -86,6 +86,10 @@ def _sigterm_interrupts() -> Iterator[None]:
               help="torch backend on CUDA: replay a captured CUDA graph per tile shape (no launch overhead).")
 @click.option("--io-threads", type=click.IntRange(1, 16), default=2, show_default=True,
               help="Reader and writer threads (each); fsyncs run on up to twice as many (1-16).")
+@click.option("--fsync/--no-fsync", default=True, show_default=True,
+              help="fsync each output before renaming it into place. --no-fsync: still atomic (complete or "
+                   "absent after a crash of the process), not durable after a power loss; faster where the "
+                   "disk's write-back is the limit.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def denoise(
     inputs: tuple[str, ...], outdir: Path, models: tuple[str, ...], backend: str, device: str, precision: str,
@@ -93,7 +97,7 @@ def denoise(
     skip_existing: bool, overwrite: bool, shard: str | None, pull: bool, summary: Path | None,
     preview: bool, bin_factor: int, lowpass: float | None, gaussian: float | None, filter_at: str,
     movies: bool, gain: Path | None, keep_normalized: bool, project_dir: Path | None,
-    cuda_graphs: bool, io_threads: int, quiet: bool,
+    cuda_graphs: bool, io_threads: int, fsync: bool, quiet: bool,
 ) -> None:
     """Denoise micrographs INPUTS (.mrc/.mrcs files, quoted globs, folders, RELION STAR files) into OUTDIR;
     with a volume model (unet3d), tomograms (.mrc/.rec)."""
@@ -110,7 +114,7 @@ def denoise(
         shard=shard, pull=pull, summary=summary,
         quiet=quiet, preview=preview, keep_normalized=keep_normalized,
         filters=FrameFilters(bin_factor, lowpass, gaussian, filter_at),  # type: ignore[arg-type]
-        movies=MovieConfig(gain) if movies else None, io_threads=io_threads,
+        movies=MovieConfig(gain) if movies else None, io_threads=io_threads, fsync=fsync,
     )
     if gain is not None and not movies:
         raise click.UsageError("--gain needs --movies")

@@ -110,6 +110,9 @@ class RunConfig:
     queue_depth: int = 2
     frame_path: Literal["auto", "host", "device"] = "auto"
     io_threads: int = 2
+    #: fsync each output before renaming it into place (durable after a power loss); off, outputs are
+    #: still atomic (complete or absent for readers and after a crash of the process)
+    fsync: bool = True
 
     def __post_init__(self) -> None:
         check_geometry(self.tile, self.batch)

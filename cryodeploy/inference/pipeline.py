@@ -327,12 +327,13 @@ class Pipeline:
             self._finish(job)
 
     def _commit(self, job: Job) -> None:
-        """fsync and rename ``job``'s staged files into place, in order (output, then preview)."""
+        """fsync (``RunConfig.fsync``) and rename ``job``'s staged files into place, in order (output,
+        then preview)."""
         res = job.result
         staged: list[StagedWrite] = job.runtime.pop("staged")
         for k, write in enumerate(staged):
             try:
-                write.commit()
+                write.commit(self.config.fsync)
             except CryoDeployError as err:
                 res.status, res.error = "failed", str(err)
                 for rest in staged[k + 1:]:

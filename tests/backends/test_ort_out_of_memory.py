@@ -13,7 +13,8 @@ import numpy as np
 from cryodeploy.io.mrc import write_micrograph
 
 ROOT = Path(__file__).resolve().parents[2]
-#: imports everything (and probes CUDA) first, then caps the address space at what is mapped + argv[1] MiB, then the CLI
+#: imports everything (and probes CUDA) first, caps the address space at what is mapped + argv[1] MiB,
+#: then runs the CLI
 CAPPED = """
 import resource, sys
 import numpy, onnxruntime, torch
