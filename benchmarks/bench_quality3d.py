@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 
 TEST_SEED = 20261201
-SIGMAS = (0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0)
+SIGMAS = (0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0)
 TOPAZ_MODELS = ("unet-3d-10a", "unet-3d-20a")
 FULL = {"shape": (96, 192, 192), "count": 2, "doses": (10.0, 40.0, 160.0), "voxel_sizes": (10.0, 20.0),
         "topaz_patch": ((96, 48), (0, 0))}

@@ -167,8 +167,8 @@ def fit_geometry(
     bpp = activation_bytes_per_pixel(spec)
     most = INDEX_LIMIT // largest_tensor_per_pixel(spec)  # pixels of one batch
     if tile is None:
-        tile = max(shape)
         floor = min_tile(spec.receptive_radius, spec.stride)
+        tile = max(*shape, floor)  # a tile larger than the frame is one tile of the frame's size
         while tile > floor and (_pixels(shape, tile) * bpp > budget or _pixels(shape, tile) > most):
             tile = max(floor, tile // 2)
     if batch is None:

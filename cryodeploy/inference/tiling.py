@@ -85,19 +85,18 @@ class TilePlan:
     @classmethod
     def create(cls, shape: tuple[int, ...], tile: int, radius: int, stride: int = 1) -> TilePlan:
         """Plan tiles of side ``tile`` (rounded down to the stride; the same along every axis of
-        ``shape``) for a model of ``radius``/``stride``. A tile below the halo's minimum is accepted
-        only where one tile covers the whole (stride-padded) image."""
+        ``shape``) for a model of ``radius``/``stride``."""
         if stride < 1:
             raise ConfigError(f"model stride must be >= 1, found {stride}")
         halo = halo_for(radius, stride)
         t = int(tile) // stride * stride
-        size = tuple(int(n) for n in shape)
-        padded = tuple(n + -n % stride for n in size)
-        if t < min_tile(radius, stride) and (t < max(padded) or t < stride):  # one tile needs no halo
+        if t < min_tile(radius, stride):
             raise ConfigError(
                 f"tile {tile} is too small for the model (halo {halo} px each side, stride {stride}): "
                 f"expected at least {min_tile(radius, stride)}"
             )
+        size = tuple(int(n) for n in shape)
+        padded = tuple(n + -n % stride for n in size)
         axes = [_axis_cuts(n, t, halo) for n in padded]
         tiles = tuple(
             Tile(

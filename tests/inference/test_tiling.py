@@ -124,15 +124,15 @@ def test_too_small_tile_is_a_config_error() -> None:
     assert min_tile(3) == 7 and min_tile(24, 4) == 52
     with pytest.raises(ConfigError, match="tile 6 is too small"):
         TilePlan.create((100, 100), 6, 3)
-    assert len(TilePlan.create((160, 150), 160, 108, 16)) == 1  # one tile covers it: no halo needed
     with pytest.raises(ConfigError, match="tile 160 is too small"):
-        TilePlan.create((161, 150), 160, 108, 16)
+        TilePlan.create((160, 150), 160, 108, 16)
 
 
 def test_image_smaller_than_the_receptive_field_equals_whole_image(rng) -> None:
     """A depth-4 U-Net (radius 108) on 160x144 (a split half of a 320² particle image): accepted,
     one tile, equal to the whole padded image's forward; only sides under 2 strides are refused."""
     from cryodeploy.imaging.normalize import NormSpec
+    from cryodeploy.inference.batching import fit_geometry
     from cryodeploy.inference.frames import min_input_size
     from cryodeploy.models import ModelSpec, build_model
 
@@ -143,7 +143,11 @@ def test_image_smaller_than_the_receptive_field_equals_whole_image(rng) -> None:
     image = (rng.standard_normal((160, 144)) * 3 + 10).astype(np.float32)
     with TorchBackend(model, BackendOptions()) as backend:
         norm = normalize(image, norm_stats(image, spec.normalization))
-        for tile in ("auto", 160):  # 160: the image's side, as the GPU's auto geometry picks
+        # auto on a GPU: no smaller than the halo's minimum (240), which here is one 160x144 tile
+        tile, _ = fit_geometry((160, 144), spec, 2**34)
+        assert tile == min_tile(spec.receptive_radius, spec.stride) == 240
+        assert len(TilePlan.create((160, 144), tile, spec.receptive_radius, spec.stride)) == 1
+        for tile in ("auto", 240):
             got = denoise_image(image, backend, spec, tile=tile, keep_normalized=True)
             assert np.abs(got - _whole(model, norm)).max() <= 1e-5
         with pytest.raises(Exception, match="at least 32x32"):
