@@ -23,7 +23,7 @@ axes (position ``sum(bit_a * 2**(ndim-1-a))``); the pairs are :func:`cell_pairs`
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -46,9 +46,10 @@ def cell_pairs(ndim: int) -> tuple[tuple[int, int], ...]:
 #: Positions in a 2x2 cell, as pixel_unshuffle orders them: 0=(0,0) 1=(0,1) 2=(1,0) 3=(1,1).
 PAIRS = cell_pairs(2)
 
-#: (model, raw module, inputs, targets or None, generator, (rank, world)) -> scalar float32 loss
+#: (model, raw module, inputs, targets or None, a generator for the batch or one per image,
+#: (rank, world)) -> scalar float32 loss
 Objective = Callable[["torch.nn.Module", "torch.nn.Module", "torch.Tensor", "torch.Tensor | None",
-                      "torch.Generator", tuple[int, int]], "torch.Tensor"]
+                      "torch.Generator | Sequence[torch.Generator]", tuple[int, int]], "torch.Tensor"]
 
 
 def crop_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
@@ -60,13 +61,15 @@ def crop_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
     return x[crop]
 
 
-def neighbor_pairs(x: torch.Tensor, generator: torch.Generator,
+def neighbor_pairs(x: torch.Tensor, generator: torch.Generator | Sequence[torch.Generator],
                    shard: tuple[int, int] = (0, 1)) -> tuple[torch.Tensor, torch.Tensor]:
     """Random cell positions (idx1, idx2) [N, 1, H/2, W/2] ([N, 1, D/2, H/2, W/2] for volumes) of an
     adjacent pixel pair (:func:`cell_pairs`) in every cell of ``x`` [N, 1, H, W] ([N, 1, D, H, W]).
 
     ``shard`` (rank, world): ``x`` is slice ``rank`` of a global batch of ``N * world`` images; the
     draw is made for the global batch and sliced, so it does not depend on the number of ranks.
+    With one generator per image (a sequence), each image's cells are drawn from its own generator:
+    the draw does not depend on which other images share the batch (``shard`` is then unused).
     """
     import torch
 
@@ -74,8 +77,14 @@ def neighbor_pairs(x: torch.Tensor, generator: torch.Generator,
     rank, world = shard
     pairs = cell_pairs(ndim)
     half = tuple(s // 2 for s in x.shape[2:])
-    k = torch.randint(0, len(pairs), (n * world, 1, *half), generator=generator,
-                      device=x.device)[rank * n:(rank + 1) * n]
+    if isinstance(generator, torch.Generator):
+        k = torch.randint(0, len(pairs), (n * world, 1, *half), generator=generator,
+                          device=x.device)[rank * n:(rank + 1) * n]
+    else:
+        if len(generator) != n:
+            raise ValueError(f"{len(generator)} generators for {n} images")
+        k = torch.cat([torch.randint(0, len(pairs), (1, 1, *half), generator=g, device=x.device)
+                       for g in generator])
     # pairs[k] as a sum of indicator terms: a table on the device would cost a host sync per step
     first, second = torch.zeros_like(k), torch.zeros_like(k)
     for i, (p, q) in enumerate(pairs):
@@ -103,7 +112,8 @@ def subsample(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 
 def _paired(model: torch.nn.Module, net: torch.nn.Module, x: torch.Tensor, t: torch.Tensor | None,
-            generator: torch.Generator, shard: tuple[int, int], stride: int) -> torch.Tensor:
+            generator: torch.Generator | Sequence[torch.Generator], shard: tuple[int, int],
+            stride: int) -> torch.Tensor:
     import torch
 
     assert t is not None
@@ -112,7 +122,8 @@ def _paired(model: torch.nn.Module, net: torch.nn.Module, x: torch.Tensor, t: to
 
 
 def _neighbor2neighbor(model: torch.nn.Module, net: torch.nn.Module, x: torch.Tensor, t: torch.Tensor | None,
-                       generator: torch.Generator, shard: tuple[int, int], stride: int) -> torch.Tensor:
+                       generator: torch.Generator | Sequence[torch.Generator], shard: tuple[int, int],
+            stride: int) -> torch.Tensor:
     import torch
 
     y = crop_to_multiple(x, 2 * stride)

@@ -291,17 +291,26 @@ class Trainer:
         return row
 
     def validate(self) -> float:
-        """Mean validation loss over all ranks' shares (the method's objective, fixed sub-sampling)."""
+        """Mean validation loss over all ranks' shares (the method's objective, fixed sub-sampling:
+        each image's draw seeded by its position in the validation set, so the loss does not depend
+        on the number of ranks)."""
         import torch
 
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.dev)
         count = 0
+        rank, world = self.ctx.rank, self.ctx.world_size
+        per_rank = max(1, self.config.batch // world)  # the validation loader's batch: rank's share, in order
+        gens: list[torch.Generator] = []
         self.net.eval()
         with torch.no_grad(), torch.autocast(self.dev.type, dtype=self.amp_dtype,
                                              enabled=self.amp_dtype is not None):
             for i, (x, t) in enumerate(self._on_device(self.source.val_batches())):
-                self.gen.manual_seed(_step_seed(self.config.seed, 1 << 20, i, self.ctx.rank))
-                loss = self.objective(self.net, self.net, x, t, self.gen, (0, 1))
+                n = x.shape[0]
+                gens += [torch.Generator(self.dev) for _ in range(n - len(gens))]
+                for j in range(n):  # image j of this rank's batch i: its position in the validation set
+                    position = rank + (i * per_rank + j) * world
+                    gens[j].manual_seed(_step_seed(self.config.seed, 1 << 20, position))
+                loss = self.objective(self.net, self.net, x, t, gens[:n], (0, 1))
                 loss_sum += loss.double() * x.shape[0]  # batch means weighted by images: the mean over all
                 count += x.shape[0]
         self.net.train()

@@ -176,6 +176,14 @@ def test_neighbor_subsampler_takes_adjacent_pixels_independent_of_sharding() -> 
     # rank 1 of 2 draws the second half of the same global draw
     j1, _ = neighbor_pairs(x[2:], torch.Generator().manual_seed(3), shard=(1, 2))
     assert torch.equal(j1, i1[2:])
+    # one generator per image (validation): an image's draw does not depend on its batch mates
+    gens = [torch.Generator().manual_seed(s) for s in (10, 11, 12, 13)]
+    both = neighbor_pairs(x, gens)
+    alone = neighbor_pairs(x[2:3], [torch.Generator().manual_seed(12)])
+    assert torch.equal(both[0][2:3], alone[0]) and torch.equal(both[1][2:3], alone[1])
+    assert not torch.equal(both[0][0], both[0][1])
+    with pytest.raises(ValueError, match="3 generators for 4 images"):
+        neighbor_pairs(x, gens[:3])
 
 
 def test_input_only_store_needs_neighbor2neighbor(tmp_path: Path) -> None:
@@ -231,15 +239,15 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _ddp_vs_single(store: Path, tmp_path: Path, device: str, tol: float) -> None:
+def _ddp_vs_single(store: Path, tmp_path: Path, device: str, tol: float, method: str = "supervised") -> None:
     """torchrun with 2 processes (per-rank batch 2) on ``device`` ends within ``tol`` of one
-    process with batch 4, and only rank 0 reports."""
-    config = dataclasses.replace(FAST, optimizer="sgd", lr=0.05, device=device)
+    process with batch 4 (weights and validation loss), and only rank 0 reports."""
+    config = dataclasses.replace(FAST, optimizer="sgd", lr=0.05, device=device, method=method)
     train(store, tmp_path / "single", config, quiet=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
            str(_free_port()), "-m", "cryodeploy", "train", str(store), "-o", str(tmp_path / "ddp"), "-q",
            "--batch", "4", "--epochs", "2", "--optimizer", "sgd", "--lr", "0.05", "--log-every", "2",
-           "--device", device]
+           "--device", device, "--method", method]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -254,6 +262,13 @@ def _ddp_vs_single(store: Path, tmp_path: Path, device: str, tol: float) -> None
 @pytest.mark.slow
 def test_ddp_two_gloo_processes_match_single_process(store: Path, tmp_path: Path) -> None:
     _ddp_vs_single(store, tmp_path, "cpu", 1e-5)  # measured: 3e-8
+
+
+@pytest.mark.slow
+def test_ddp_neighbor2neighbor_validation_loss_does_not_depend_on_the_process_count(store: Path,
+                                                                                      tmp_path: Path) -> None:
+    """Neighbor2Neighbor's validation draws are seeded per validation image, not per (batch, rank)."""
+    _ddp_vs_single(store, tmp_path, "cpu", 1e-5, "neighbor2neighbor")
 
 
 @pytest.mark.gpu
