@@ -17,7 +17,7 @@ import numpy as np
 
 from cryodeploy.errors import CryoDeployError, first_line
 from cryodeploy.imaging.contract import stride_padding
-from cryodeploy.inference.tiling import TilePlan, min_tile
+from cryodeploy.inference.tiling import TilePlan, halo_for, min_tile
 
 if TYPE_CHECKING:
     from cryodeploy.backends import Backend
@@ -27,6 +27,7 @@ __all__ = [
     "CPU_BATCH",
     "CPU_TILE",
     "CPU_TILE_3D",
+    "CPU_TILE_3D_MAX",
     "INDEX_LIMIT",
     "DeviceArrays",
     "FrameTask",
@@ -34,6 +35,7 @@ __all__ = [
     "TiledEngine",
     "activation_bytes_per_pixel",
     "auto_geometry",
+    "cpu_volume_geometry",
     "error_text",
     "fit_geometry",
     "is_out_of_memory",
@@ -43,9 +45,12 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: ``"auto"`` on the CPU: a fixed tile and batch (speed there hardly depends on them); volumes: 128^3
+#: where the model's halo leaves such a tile at least half its side (see :func:`cpu_volume_geometry`)
 CPU_TILE = 1024
 CPU_TILE_3D = 128
 CPU_BATCH = 2
+#: the largest ``"auto"`` volume tile on the CPU, unless the model needs more (its minimum tile)
+CPU_TILE_3D_MAX = 256
 #: share of the free device memory ``"auto"`` plans to use (the rest: workspaces, fragmentation)
 _MEMORY_SHARE = 0.5
 _MAX_AUTO_BATCH = 8
@@ -132,17 +137,31 @@ def _free_bytes(device: str) -> int | None:
         return None
 
 
+def cpu_volume_geometry(spec: ModelSpec) -> tuple[int, int]:
+    """The ``"auto"`` volume tile and batch on the CPU: :data:`CPU_TILE_3D` and :data:`CPU_BATCH` where
+    the tile's centre (its side less two halos) is at least half the side; else (a deep U-Net: unet3d
+    depth 3 has a 56-voxel halo, a 16-voxel centre in 128) the side of four halos, at most
+    :data:`CPU_TILE_3D_MAX` but never below the model's minimum tile, one tile a batch (memory)."""
+    halo = halo_for(spec.receptive_radius, spec.stride)
+    if 4 * halo <= CPU_TILE_3D:
+        return CPU_TILE_3D, CPU_BATCH
+    return max(min(4 * halo, CPU_TILE_3D_MAX), min_tile(spec.receptive_radius, spec.stride)), 1
+
+
 def auto_geometry(
     shape: tuple[int, ...], spec: ModelSpec, device: str, tile: int | None, batch: int | None
 ) -> tuple[int, int]:
     """Tile and batch for frames of padded ``shape``: the largest that fit half the free device memory.
 
-    On the CPU (or where free memory is unknown) a fixed :data:`CPU_TILE` (volumes :data:`CPU_TILE_3D`)
-    and :data:`CPU_BATCH`.
+    On the CPU (or where free memory is unknown) a fixed :data:`CPU_TILE` and :data:`CPU_BATCH`; volumes:
+    :func:`cpu_volume_geometry` (its batch only with its tile; a given tile keeps :data:`CPU_BATCH`).
     """
     free = _free_bytes(device) if device.startswith("cuda") else None
     if free is None:
-        return tile or (CPU_TILE if len(shape) == 2 else CPU_TILE_3D), batch or CPU_BATCH
+        if len(shape) == 2:
+            return tile or CPU_TILE, batch or CPU_BATCH
+        auto_tile, auto_batch = cpu_volume_geometry(spec)
+        return tile or auto_tile, batch or (CPU_BATCH if tile else auto_batch)
     tile, batch = fit_geometry(shape, spec, free, tile, batch)
     log.info("auto geometry on %s (%.1f GiB free): tile %d, batch %d", device, free / 2**30, tile, batch)
     return tile, batch

@@ -13,7 +13,15 @@ from cryodeploy.backends.torch import TorchBackend
 from cryodeploy.errors import ConfigError, InputError
 from cryodeploy.imaging.contract import pad_to_stride
 from cryodeploy.imaging.normalize import denormalize, norm_stats, normalize
-from cryodeploy.inference.batching import activation_bytes_per_pixel, fit_geometry, largest_tensor_per_pixel
+from cryodeploy.inference.batching import (
+    CPU_BATCH,
+    CPU_TILE_3D,
+    activation_bytes_per_pixel,
+    auto_geometry,
+    cpu_volume_geometry,
+    fit_geometry,
+    largest_tensor_per_pixel,
+)
 from cryodeploy.inference.runner import RunConfig, denoise_files
 from cryodeploy.inference.tiling import TilePlan, min_tile
 from cryodeploy.inference.volumes import denoise_volume
@@ -120,6 +128,45 @@ def test_auto_geometry_fits_volume_tiles_to_free_memory(volume_model) -> None:
     # the whole tomogram would fit 70 GiB (58.7 GB) but its concatenation holds 3.2e9 elements
     assert fit_geometry((256, 1024, 1024), spec, free_bytes=140 << 30) == (512, 1)
     assert fit_geometry((40, 52, 64), spec, free_bytes=8 << 30) == (64, 8)
+
+
+def test_cpu_auto_volume_tile_leaves_a_centre_of_half_the_tile() -> None:
+    """unet3d depth 1 and 2 (halos 10 and 24) keep 128^3 and batch 2, so their outputs are those of
+    before; depth 3 (halo 56: a 16-voxel centre in 128, 29241 tiles of a 256x1024x1024 tomogram)
+    gets 224 (162 tiles), depth 4 (halo 112: 128 was refused) 256, depth 5 its minimum 480; batch 1."""
+    want = {1: (CPU_TILE_3D, CPU_BATCH), 2: (CPU_TILE_3D, CPU_BATCH), 3: (224, 1), 4: (256, 1), 5: (480, 1)}
+    specs = {d: ModelSpec("unet3d", params={"base_channels": 2, "depth": d}) for d in want}
+    assert {d: cpu_volume_geometry(s) for d, s in specs.items()} == want
+    assert (CPU_TILE_3D, CPU_BATCH) == (128, 2)
+    tomogram, deep = (256, 1024, 1024), specs[3]
+    assert auto_geometry(tomogram, deep, "cpu", None, None) == (224, 1)
+    assert auto_geometry(tomogram, deep, "cpu", 128, None) == (128, 2)  # a given tile: the batch of before
+    assert auto_geometry(tomogram, deep, "cpu", None, 3) == (224, 3)
+    assert [len(TilePlan.create(tomogram, t, deep.receptive_radius, deep.stride)) for t in (128, 224)] == [
+        29241, 162]
+
+
+@pytest.mark.parametrize(("depth", "shape", "tiles"), [(3, (16, 240, 32), 2), (4, (16, 136, 40), 1)])
+def test_deep_unet3d_auto_on_the_cpu_equals_the_whole_volume_forward(tmp_path, rng, depth, shape,
+                                                                     tiles) -> None:
+    """Depth 3 in two 224-voxel tiles, depth 4 (refused with 128 before) in one 256 tile: the
+    whole-volume forward; the host path of the file runner gives denoise_volume's voxels bit for bit."""
+    torch.manual_seed(depth)
+    spec = ModelSpec("unet3d", params={"base_channels": 2, "depth": depth})
+    model = build_model(spec).eval()
+    vol = (rng.standard_normal(shape) * 20 + 300).astype(np.float32)
+    tile = cpu_volume_geometry(spec)[0]
+    assert len(TilePlan.create(shape, tile, spec.receptive_radius, spec.stride)) == tiles
+    stats = norm_stats(vol, spec.normalization)
+    ref = _whole(model, pad_to_stride(normalize(vol, stats), spec.stride))[tuple(slice(0, n) for n in shape)]
+    with TorchBackend(model, BackendOptions()) as backend:
+        got = denoise_volume(vol, backend, spec, keep_normalized=True)
+        assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
+        write_volume(tmp_path / "t.mrc", vol)
+        cfg = RunConfig(quiet=True, frame_path="host")
+        assert denoise_files([tmp_path / "t.mrc"], tmp_path / "out", backend, spec, cfg).ok
+        np.testing.assert_array_equal(read_volume(tmp_path / "out" / "t.mrc").data,
+                                      denoise_volume(vol, backend, spec))
 
 
 def test_denoiser_takes_volumes_and_refuses_the_wrong_dimensionality(volume_model, volume, cnn3_checkpoint,
