@@ -93,13 +93,19 @@ def to_unit_range(
 def add_noise(
     clean01: np.ndarray, spec: NoiseSpec, rng: np.random.Generator, dose: float | None = None
 ) -> np.ndarray:
-    """One noisy draw of a [0, 1] image under ``spec`` (``dose`` overrides the spec's draw)."""
-    x = np.clip(np.asarray(clean01, dtype=np.float64), 0.0, None)
+    """One noisy draw of a [0, 1] image under ``spec`` (``dose`` overrides the spec's draw).
+
+    The draws are in float64 (rounded to float32 once, at the end) on one float64 array of the
+    image's size, the Poisson's rates turned into the result in place.
+    """
+    x = np.clip(np.asarray(clean01, dtype=np.float64), 0.0, None)  # a new array: ours to reuse
     d = spec.draw_dose(rng) if dose is None else dose
-    noisy = rng.poisson(x * d) / d if d > 0 else x.copy()
+    if d > 0:
+        x *= d
+        np.divide(rng.poisson(x), d, out=x)
     if spec.sigma > 0:
-        noisy = noisy + rng.normal(0.0, spec.sigma, size=x.shape)
-    return noisy.astype(np.float32)
+        x += rng.normal(0.0, spec.sigma, size=x.shape)
+    return x.astype(np.float32)
 
 
 def count_gain(image: np.ndarray, name: str = "image") -> tuple[float, str]:

@@ -22,6 +22,7 @@ and the search short.
 from __future__ import annotations
 
 import math
+import threading
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -170,11 +171,46 @@ def noisy_frame(
 
     One stream: the input is a draw, the target the [0, 1] image (``noise`` targets); two streams: two
     independent draws (``noise2noise``). Both are normalized with the input's statistics
-    (:func:`~cryodeploy.imaging.normalize.norm_stats_torch`). Every step runs on ``device``.
+    (:func:`~cryodeploy.imaging.normalize.norm_stats_torch`). Every step runs on ``device``; on a GPU
+    on a stream of its own (so frames prepared by several threads overlap their copies and kernels),
+    from and back into pinned host memory.
     """
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return _noisy_frame(image, spec, dose, streams, normalization, dev)
+    stream = _thread_stream(dev)
+    with torch.cuda.device(dev), torch.cuda.stream(stream):
+        out = _noisy_frame(image, spec, dose, streams, normalization, dev)
+        stream.synchronize()
+    return out
+
+
+_streams = threading.local()
+
+
+def _thread_stream(device: torch.device) -> torch.cuda.Stream:
+    """This thread's CUDA stream on ``device`` (one each, so the caching allocator reuses its blocks)."""
+    cache: dict[torch.device, torch.cuda.Stream] = _streams.__dict__.setdefault("by_device", {})
+    if device not in cache:
+        cache[device] = torch.cuda.Stream(device)
+    return cache[device]
+
+
+def _noisy_frame(
+    image: np.ndarray,
+    spec: NoiseSpec,
+    dose: float,
+    streams: Sequence[np.random.SeedSequence],
+    normalization: NormSpec,
+    device: torch.device,
+) -> tuple[np.ndarray, np.ndarray, NormStats]:
+    """:func:`noisy_frame` on the current stream; on a GPU the results are ready once it is synchronized."""
+    cuda = device.type == "cuda"
     with warnings.catch_warnings():  # a read-only array (a memory map) is only read: no copy needed
         warnings.filterwarnings("ignore", "The given NumPy array is not writable")
-        x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).to(device)
+        x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
+    if cuda:
+        x = torch.empty(x.shape, dtype=torch.float32, pin_memory=True).copy_(x).to(device, non_blocking=True)
     lo, hi = unit_range_torch(x)
     clean01 = to_unit_range_torch(x, lo, hi)
     del x
@@ -183,5 +219,8 @@ def noisy_frame(
     center, scale = (float(v[0]) for v in norm_stats_torch(inp[None], normalization))
     stats = NormStats(center=center, scale=scale)
     shift = _f32(center / scale)
-    out = [t.div_(_f32(scale)).sub_(shift).cpu().numpy() for t in (inp, tgt)]
-    return out[0], out[1], stats
+    out = [t.div_(_f32(scale)).sub_(shift) for t in (inp, tgt)]
+    if cuda:
+        out = [torch.empty(t.shape, dtype=torch.float32, pin_memory=True).copy_(t, non_blocking=True)
+               for t in out]
+    return out[0].numpy(), out[1].numpy(), stats

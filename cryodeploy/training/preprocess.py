@@ -16,24 +16,30 @@ Four kinds of targets:
 Input and target get the SAME affine normalization, the one :func:`~cryodeploy.imaging.normalize.norm_stats`
 computes from the input, so a training input is exactly what inference feeds the model.
 Every input's header is read first, so an unreadable file stops the run before any work.
-Memory: at most two micrographs are in flight (one being written while the next is read and
-prepared), each needing about three times its float32 size (a stack counts as one micrograph);
-``workers`` threads share out each image's bands of 64 rows, so memory does not depend on the
-number of micrographs and grows with workers only by each thread's temporaries (a few float64
-bands: ~8 MB per thread for 4096-pixel-wide images). Each band draws its noise from its own
-seeded stream: the store is the same for any number of workers. The patches are written by the
-workers too (positional writes into reserved slots), each copying at most 2 x 4 MB at a time.
+Memory: with ``workers``, at most ``1 + AHEAD`` micrographs are in flight (one being written while
+the next ``AHEAD`` are read and prepared, each on its own thread, so one's serial steps -- reading,
+the percentiles -- overlap the others' bands), each needing about three times its float32 size (a
+stack counts as one micrograph); ``workers`` threads share out each image's bands of 64 rows, so
+memory does not depend on the number of micrographs and grows with workers only by each thread's
+temporaries (a few float64 bands: ~8 MB per thread for 4096-pixel-wide images). Each band draws
+its noise from its own seeded stream: the store is the same for any number of workers. The
+patches are normalized and written by the workers (positional writes into reserved slots), each
+job copying at most 2 x 4 MB at a time; once a frame is written its bytes are handed to the disk
+(:meth:`~cryodeploy.training.store.StoreWriter.write_behind`), so the final sync is short.
 
 With ``sampler="torch"`` (:mod:`~cryodeploy.training.samplers`) the noise is drawn by torch on
-``device`` instead, one frame at a time (the [0, 1] map, draws, statistics and normalization all
-there), so a GPU machine is not bound by the CPU's Poisson sampler; also the same for any workers.
+``device`` instead, one frame at a time per preparing thread (the [0, 1] map, draws, statistics and
+normalization all there, on its own CUDA stream, copied back into pinned memory), so a GPU machine
+is not bound by the CPU's Poisson sampler; also the same for any workers.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -46,13 +52,15 @@ import numpy as np
 from cryodeploy.errors import ConfigError, InputError
 from cryodeploy.files import new_folders_removed_if_empty
 from cryodeploy.imaging.noise import NoiseSpec, add_noise, count_gain, thin, unit_range
-from cryodeploy.imaging.normalize import NormSpec, NormStats, norm_stats, normalize
+from cryodeploy.imaging.normalize import NormSpec, norm_stats
 from cryodeploy.io.mrc import read_header, read_micrograph
 from cryodeploy.progress import progress
+from cryodeploy.training.cutting import Frame, run_jobs, write_frame
 from cryodeploy.training.samplers import check_sampler, sampler_record
 from cryodeploy.training.store import PatchStore, StoreWriter, held_out_mask
 
-__all__ = ["TARGET_MODES", "VOLUME_TARGET_MODES", "PreprocessConfig", "preprocess", "split_micrographs"]
+__all__ = ["AHEAD", "TARGET_MODES", "VOLUME_TARGET_MODES", "PreprocessConfig", "preprocess",
+           "split_micrographs"]
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +70,8 @@ TARGET_MODES = ("noise", "noise2noise", "thin", "pairs")
 VOLUME_TARGET_MODES = (*TARGET_MODES, "none")
 #: Rows per band: the unit of parallel work and of noise streams; keeps float64 temporaries small.
 _BAND_ROWS = 64
-#: Bytes of input patches one write job copies out of an image (and as many of targets).
-_JOB_BYTES = 4 << 20
+#: Micrographs read and prepared at once, ahead of the one being written (with workers).
+AHEAD = 3
 
 
 def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
@@ -85,9 +93,10 @@ class PreprocessConfig:
 
     ``patch``/``stride`` are ints or (H, W); stride defaults to the patch (no overlap).
     ``test_fraction`` of the micrographs (at least one when > 0 and there are >= 2) go to the
-    test split, chosen by ``seed``. ``workers`` threads draw noise and normalize bands of
-    rows in parallel, and the next micrograph is prepared while one is written (0 = all in the
-    calling thread). ``target_dir`` is required by, and only allowed with, ``pairs``.
+    test split, chosen by ``seed``. ``workers`` threads draw noise in bands of rows and
+    normalize and write patches in parallel, and the next ``AHEAD`` micrographs are prepared while
+    one is written (0 = all in the calling thread). ``target_dir`` is required by, and only
+    allowed with, ``pairs``.
     ``ndim=3`` cuts volumes (:func:`cryodeploy.training.volumes.preprocess_volumes`): ``patch`` and
     ``stride`` are ints or (D, H, W), ``pairs`` come with the inputs (no ``target_dir``) and
     ``targets="none"`` stores inputs only (self-supervised training).
@@ -155,26 +164,16 @@ def split_micrographs(n: int, test_fraction: float, seed: int) -> np.ndarray:
 
 @dataclass
 class _Prepared:
-    """One micrograph ready to be cut: per frame the normalized input and target images and
-    the stats that normalized both."""
+    """One micrograph ready to be cut: its frames and what the manifest records about each."""
 
-    frames: list[tuple[np.ndarray, np.ndarray, NormStats]]
+    frames: list[Frame]
     info: list[dict[str, Any]]
-
-
-def _run(pool: ThreadPoolExecutor | None, jobs: list[Callable[[], None]]) -> None:
-    """Run ``jobs`` on ``pool`` (waiting for all), or one after the other without one."""
-    if pool is None:
-        for job in jobs:
-            job()
-        return
-    for future in [pool.submit(job) for job in jobs]:
-        future.result()
 
 
 def _in_bands(pool: ThreadPoolExecutor | None, rows: int, work: Callable[[int, slice], None]) -> None:
     """Call ``work(band, rows_slice)`` for every band of ``_BAND_ROWS`` rows, on ``pool`` if given."""
-    _run(pool, [partial(work, b, slice(r, r + _BAND_ROWS)) for b, r in enumerate(range(0, rows, _BAND_ROWS))])
+    bands = enumerate(range(0, rows, _BAND_ROWS))
+    run_jobs(pool, [partial(work, b, slice(r, r + _BAND_ROWS)) for b, r in bands])
 
 
 def _seq(config: PreprocessConfig, index: int, *key: int) -> np.random.SeedSequence:
@@ -189,21 +188,6 @@ def _rng(config: PreprocessConfig, index: int, *key: int) -> np.random.Generator
     return np.random.default_rng(_seq(config, index, *key))
 
 
-def _normalize_into(
-    outs: tuple[np.ndarray, ...],
-    images: tuple[np.ndarray, ...],
-    stats: NormStats,
-    pool: ThreadPoolExecutor | None,
-) -> None:
-    """``outs[k] = normalize(images[k], stats)``, band by band (in place where they are the same)."""
-
-    def work(_: int, rows: slice) -> None:
-        for out, image in zip(outs, images, strict=True):
-            out[rows] = normalize(image[rows], stats)
-
-    _in_bands(pool, outs[0].shape[0], work)
-
-
 def _prepare_frame(
     image: np.ndarray,
     partner: np.ndarray | None,
@@ -211,16 +195,14 @@ def _prepare_frame(
     key: tuple[int, int],
     pool: ThreadPoolExecutor | None,
     name: str = "image",
-) -> tuple[np.ndarray, np.ndarray, NormStats, dict[str, Any]]:
-    """Normalized input and target of one frame (``key`` = micrograph index, frame index) and the facts
+) -> tuple[Frame, dict[str, Any]]:
+    """Input and target of one frame (``key`` = micrograph index, frame index) and the facts
     the manifest records about it (the drawn dose, or the thinning's gain)."""
-    inp = np.empty(image.shape, np.float32)
-    tgt = np.empty(image.shape, np.float32)
     if config.targets == "pairs":
         assert partner is not None
-        stats = norm_stats(image, config.normalization)
-        _normalize_into((inp, tgt), (image, partner), stats, pool)
-        return inp, tgt, stats, {}
+        return Frame(image, partner, norm_stats(image, config.normalization), False), {}
+    inp = np.empty(image.shape, np.float32)
+    tgt = np.empty(image.shape, np.float32)
 
     index, frame = key
     if config.targets == "thin":
@@ -230,9 +212,8 @@ def _prepare_frame(
             inp[rows], tgt[rows] = thin(image[rows], gain, _rng(config, index, frame, 2, band))
 
         _in_bands(pool, image.shape[0], halves)
-        stats = norm_stats(inp, config.normalization)
-        _normalize_into((inp, tgt), (inp, tgt), stats, pool)
-        return inp, tgt, stats, {"gain": gain, "gain_from": found}
+        facts = {"gain": gain, "gain_from": found}
+        return Frame(inp, tgt, norm_stats(inp, config.normalization), False), facts
     dose = config.noise.draw_dose(_rng(config, index, frame))
     n2n = config.targets == "noise2noise"
     if config.sampler == "torch":
@@ -240,7 +221,7 @@ def _prepare_frame(
 
         streams = [_seq(config, index, frame, draw) for draw in range(2 if n2n else 1)]
         inp, tgt, stats = noisy_frame(image, config.noise, dose, streams, config.normalization, config.device)
-        return inp, tgt, stats, {"dose": dose}
+        return Frame(inp, tgt, stats, True), {"dose": dose}
     lo, hi = unit_range(image)
 
     def draw(band: int, rows: slice) -> None:
@@ -252,9 +233,7 @@ def _prepare_frame(
             tgt[rows] = clean01
 
     _in_bands(pool, image.shape[0], draw)
-    stats = norm_stats(inp, config.normalization)
-    _normalize_into((inp, tgt), (inp, tgt), stats, pool)
-    return inp, tgt, stats, {"dose": dose}
+    return Frame(inp, tgt, norm_stats(inp, config.normalization), False), {"dose": dose}
 
 
 def _prepare(
@@ -267,13 +246,13 @@ def _prepare(
         other.frames() if other is not None else [None] * mic.header.n_frames
     )
     for f, (image, pimage) in enumerate(zip(mic.frames(), partners, strict=True)):
-        inp, tgt, stats, facts = _prepare_frame(image, pimage, config, (index, f), pool, str(path))
-        frames.append((inp, tgt, stats))
+        frame, facts = _prepare_frame(image, pimage, config, (index, f), pool, str(path))
+        frames.append(frame)
         entry: dict[str, Any] = {
             "path": str(path.resolve()),
             "shape": list(image.shape),
-            "center": stats.center,
-            "scale": stats.scale,
+            "center": frame.stats.center,
+            "scale": frame.stats.scale,
             **facts,
         }
         if mic.data.ndim == 3:
@@ -282,31 +261,6 @@ def _prepare(
             entry["target_path"] = str(partner.resolve())
         info.append(entry)
     return _Prepared(frames, info)
-
-
-def _write_frame(
-    writer: StoreWriter,
-    split: str,
-    images: tuple[np.ndarray, np.ndarray],
-    patch: tuple[int, int],
-    stride: tuple[int, int],
-    pool: ThreadPoolExecutor | None,
-) -> int:
-    """Write the patches of one frame's (input, target) images to the next slots of ``split``,
-    top to bottom, left to right, in jobs of about ``_JOB_BYTES`` on ``pool``; returns their count."""
-    (ph, pw), (sy, sx) = patch, stride
-    h, w = images[0].shape
-    corners = [(y, x) for y in range(0, h - ph + 1, sy) for x in range(0, w - pw + 1, sx)]
-    start = writer.reserve(split, len(corners))
-    per_job = max(1, _JOB_BYTES // (ph * pw * 4))
-
-    def write(first: int) -> None:
-        part = corners[first : first + per_job]
-        inp, tgt = (np.stack([img[y : y + ph, x : x + pw] for y, x in part]) for img in images)
-        writer.write_at(split, start + first, inp, tgt)
-
-    _run(pool, [partial(write, first) for first in range(0, len(corners), per_job)])
-    return len(corners)
 
 
 def _check_inputs(inputs: list[Path], target_dir: Path | None) -> list[Path | None]:
@@ -328,27 +282,28 @@ def _check_inputs(inputs: list[Path], target_dir: Path | None) -> list[Path | No
 def _prepared_stream(
     inputs: list[Path], partners: list[Path | None], config: PreprocessConfig, pool: ThreadPoolExecutor | None
 ) -> Iterator[_Prepared]:
-    """Prepared micrographs in input order. With a pool, the next micrograph is read and
-    prepared (its bands on the pool) while the caller writes the current one."""
+    """Prepared micrographs in input order. With a pool, the next ``AHEAD`` micrographs are read
+    and prepared at once (one thread each, their bands on the pool) while the caller writes the
+    current one."""
+    jobs = enumerate(zip(inputs, partners, strict=True))
     if pool is None:
-        for i, (p, q) in enumerate(zip(inputs, partners, strict=True)):
+        for i, (p, q) in jobs:
             yield _prepare(i, p, q, config, None)
         return
-    jobs = list(enumerate(zip(inputs, partners, strict=True)))
-    with ThreadPoolExecutor(1, thread_name_prefix="preprocess-next") as ahead:
-        pending: Future[_Prepared] | None = None
+    with ThreadPoolExecutor(AHEAD, thread_name_prefix="preprocess-next") as ahead:
+        pending: deque[Future[_Prepared]] = deque(
+            ahead.submit(_prepare, i, p, q, config, pool) for i, (p, q) in itertools.islice(jobs, AHEAD)
+        )
         try:
-            for i, (p, q) in jobs:
-                current = pending or ahead.submit(_prepare, i, p, q, config, pool)
-                pending = None
-                if i + 1 < len(jobs):
-                    j, (p2, q2) = jobs[i + 1]
-                    pending = ahead.submit(_prepare, j, p2, q2, config, pool)
+            while pending:
+                current = pending.popleft()
+                for i, (p, q) in itertools.islice(jobs, 1):
+                    pending.append(ahead.submit(_prepare, i, p, q, config, pool))
                 yield current.result()
                 del current
         finally:
-            if pending is not None:
-                pending.cancel()
+            for future in pending:
+                future.cancel()
 
 
 def preprocess(
@@ -379,25 +334,27 @@ def preprocess(
         new_folders_removed_if_empty(store_dir),
         pool or contextlib.nullcontext(),
         StoreWriter(store_dir, patch, config.overwrite) as writer,
+        ThreadPoolExecutor(1, "preprocess-flush") as flusher,
         progress(len(paths), "preprocess", quiet) as task,
     ):
         for i, prepared in enumerate(_prepared_stream(paths, partners, config, pool)):
             split = "test" if is_test[i] else "train"
-            for (inp, tgt, _), entry in zip(prepared.frames, prepared.info, strict=True):
-                start = writer.counts[split]
-                count = _write_frame(writer, split, (inp, tgt), patch, stride, pool)
+            for frame, entry in zip(prepared.frames, prepared.info, strict=True):
+                start, count = write_frame(writer, split, frame, patch, stride, pool)
+                flusher.submit(writer.write_behind, split, start, count)
                 sources.append({**entry, "split": split, "start": start, "count": count})
                 if count == 0:
                     log.warning(
                         "%s: %dx%d pixels is smaller than the %dx%d patch; no patches",
                         entry["path"],
-                        inp.shape[1],
-                        inp.shape[0],
+                        frame.inp.shape[1],
+                        frame.inp.shape[0],
                         patch[1],
                         patch[0],
                     )
             del prepared
             task.advance(1, patches=sum(writer.counts.values()))
+        flusher.shutdown()
         if writer.counts["train"] == 0:
             raise ConfigError(
                 f"no training patches: no train micrograph is at least {patch[1]}x{patch[0]} "

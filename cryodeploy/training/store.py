@@ -18,6 +18,7 @@ incomplete; :class:`StoreWriter` writes the manifest last.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -356,6 +357,21 @@ class StoreWriter:
                     done += written
         except OSError as err:
             raise OutputError(f"{self.path}: cannot write patches ({err.strerror or err})") from err
+
+    def write_behind(self, split: str, start: int, n: int) -> None:
+        """Hand slots ``start``... (``n``) of ``split``, written and not to be written again, to the
+        disk now (the kernel's write-back of those bytes starts; what is on disk already leaves the
+        page cache), so :meth:`finish`'s sync does not start all the writing at the end. Advisory:
+        a no-op without ``posix_fadvise``, and on its errors."""
+        if n <= 0 or not hasattr(os, "posix_fadvise"):
+            return
+        pb = math.prod(self.patch) * _DTYPE.itemsize
+        for which in _WHICH:
+            fh = self._files.get(data_file_name(split, which))
+            if fh is None or fh.closed:
+                continue
+            with contextlib.suppress(OSError, ValueError):
+                os.posix_fadvise(fh.fileno(), start * pb, n * pb, os.POSIX_FADV_DONTNEED)
 
     def _check(self, inputs: np.ndarray, targets: np.ndarray | None) -> None:
         if (targets is None) == self.targets:

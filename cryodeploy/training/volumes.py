@@ -40,7 +40,8 @@ from cryodeploy.imaging.volsplits import thin_volume
 from cryodeploy.io.tomopairs import TomoPair
 from cryodeploy.io.volumes import read_volume, read_volume_header
 from cryodeploy.progress import progress
-from cryodeploy.training.preprocess import PreprocessConfig, _rng, _run, split_micrographs
+from cryodeploy.training.cutting import run_jobs
+from cryodeploy.training.preprocess import PreprocessConfig, _rng, split_micrographs
 from cryodeploy.training.store import PatchStore, StoreWriter
 
 __all__ = ["preprocess_volumes"]
@@ -79,7 +80,7 @@ def _check_inputs(pairs: list[TomoPair], config: PreprocessConfig) -> None:
 
 
 def _in_slabs(pool: ThreadPoolExecutor | None, depth: int, work: Callable[[int, slice], None]) -> None:
-    _run(pool, [partial(work, b, slice(z, z + _SLAB)) for b, z in enumerate(range(0, depth, _SLAB))])
+    run_jobs(pool, [partial(work, b, slice(z, z + _SLAB)) for b, z in enumerate(range(0, depth, _SLAB))])
 
 
 def _normalize_in_place(
@@ -160,7 +161,7 @@ def _write_volume(
         part = corners[first : first + per_job]
         writer.write_at(split, start + first, cut(inp, part), None if tgt is None else cut(tgt, part))
 
-    _run(pool, [partial(write, first) for first in range(0, len(corners), per_job)])
+    run_jobs(pool, [partial(write, first) for first in range(0, len(corners), per_job)])
     return len(corners)
 
 
