@@ -10,6 +10,10 @@ alternately ``--repeat`` times and the fastest run of each kept:
 - ``preprocess`` with the torch sampler on CUDA (``--workers`` threads writing), when there is a GPU
   (``--torch-device cpu`` runs it on the CPU, to check this script on a machine without one).
 
+Each preprocess phase also reports where its time went: seconds per stage summed over the
+threads (read, unit range, noise draw, statistics, patch writes, the final sync), by wrapping the
+library's stage functions in the child process (a few hundred calls: no measurable cost).
+
 Checks in the same run: every run of a sampler gives the same bytes (sha256 of the data files), and
 the torch sampler's also with 1 worker (one extra run); each sampler's residual (input - target on
 the [0, 1] scale) has the noise model's mean and variance (mean(clean) / dose + sigma^2) on the
@@ -75,6 +79,44 @@ def _noise_check(store: Path) -> dict[str, float]:
             "within_5_se": bool(abs(mean) < 5 * mean_se and abs(variance - var) < 5 * var_se)}
 
 
+#: (module, function, stage) timed in the preprocess phases.
+STAGES = (
+    ("cryodeploy.training.preprocess", "read_micrograph", "read"),
+    ("cryodeploy.training.preprocess", "unit_range", "unit range (numpy)"),
+    ("cryodeploy.training.preprocess", "add_noise", "noise draw (numpy, bands)"),
+    ("cryodeploy.training.preprocess", "norm_stats", "statistics (numpy)"),
+    ("cryodeploy.imaging.noise_torch", "noisy_frame", "torch frame (H2D, draws, statistics, D2H)"),
+    ("cryodeploy.training.store", "StoreWriter.write_at", "patch writes"),
+    ("cryodeploy.training.store", "StoreWriter.finish", "final sync + manifest"),
+)
+
+
+def _timed_stages() -> dict[str, float]:
+    """Wrap the STAGES' functions so that each call adds its seconds to the returned dict."""
+    import importlib
+    import threading
+
+    seconds: dict[str, float] = {}
+    lock = threading.Lock()
+    for module, name, stage in STAGES:
+        owner: Any = importlib.import_module(module)
+        *path, attr = name.split(".")
+        for part in path:
+            owner = getattr(owner, part)
+        func = getattr(owner, attr)
+
+        def timed(*args: Any, _f: Any = func, _stage: str = stage, **kw: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return _f(*args, **kw)
+            finally:
+                with lock:
+                    seconds[_stage] = seconds.get(_stage, 0.0) + time.perf_counter() - t
+
+        setattr(owner, attr, timed)
+    return seconds
+
+
 def _phase(name: str, a: dict[str, Any]) -> dict[str, Any]:
     """Run one phase in this (child) process; return its numbers."""
     import torch
@@ -82,6 +124,7 @@ def _phase(name: str, a: dict[str, Any]) -> dict[str, Any]:
     from cryodeploy.training.preprocess import PreprocessConfig, preprocess
 
     out: dict[str, Any] = {}
+    stages = _timed_stages() if name != "floor" else None
     if name.startswith("torch") and a["torch_device"].startswith("cuda"):
         t = time.perf_counter()
         torch.zeros(1, device="cuda").add_(1).item()  # CUDA's context start-up, outside the clock
@@ -103,6 +146,8 @@ def _phase(name: str, a: dict[str, Any]) -> dict[str, Any]:
                                device="cpu" if sampler == "numpy" else a["torch_device"])
         out["patches"] = preprocess(a["inputs"], a["store"], cfg, quiet=True).count("train")
     out["seconds"] = time.perf_counter() - t0
+    if stages is not None:
+        out["stage_seconds"] = dict(stages)
     out["hwm"] = _hwm()
     if name != "floor":
         store = a["store"]
@@ -191,6 +236,7 @@ def report(args: argparse.Namespace, facts: dict[str, Any]) -> tuple[dict[str, A
         "peak_rss_mb": {n: b["hwm"] / mb for n, b in best.items()},
         "noise_check": {n: b["noise_check"] for n, b in best.items() if "noise_check" in b},
         "samplers": {n: b["sampler"] for n, b in best.items() if "sampler" in b},
+        "stage_seconds": {n: b["stage_seconds"] for n, b in best.items() if "stage_seconds" in b},
     }
     summary["numpy_same_bytes_all_runs"] = len({r["sha256"] for r in runs["numpy"]}) == 1
     summary["floor_wrote_the_store_bytes_all_runs"] = all(
@@ -242,6 +288,10 @@ def main() -> None:
     checks = {k: v for k, v in summary.items() if k.endswith(("_all_runs", "_1_worker", "startup_s"))}
     lines += ["", f"checks: {json.dumps(checks)}", f"noise check: {json.dumps(summary['noise_check'])}",
               f"peak RSS MB: {json.dumps(summary['peak_rss_mb'])}"]
+    for phase, stages in summary["stage_seconds"].items():
+        total = summary["seconds"][phase]
+        lines.append(f"stages of {phase} ({total:.2f} s wall; seconds summed over threads): "
+                     + ", ".join(f"{k} {v:.2f}" for k, v in stages.items()))
     lines.append(f"bench wall time {time.perf_counter() - start:.0f} s")
     print("\n".join(lines))
     if args.out is not None:

@@ -74,6 +74,23 @@ def test_reserved_slots_filled_from_threads_in_any_order(tmp_path: Path, rng: np
     np.testing.assert_array_equal(store.read("train", range(40), "target"), -inp)
 
 
+def test_write_behind_keeps_the_bytes(tmp_path: Path, rng: np.random.Generator) -> None:
+    """Slots handed to the disk early (also those of a store without targets, and none at all) read
+    back exactly, as do the slots written after them."""
+    inp = rng.standard_normal((40, 8, 8)).astype(np.float32)
+    for targets in (True, False):
+        with StoreWriter(tmp_path / f"s{targets}", 8, targets=targets) as w:
+            for first in range(0, 40, 10):
+                w.append("train", inp[first : first + 10], -inp[first : first + 10] if targets else None)
+                w.write_behind("train", first, 10)
+            w.write_behind("test", 0, 0)
+            store = w.finish()
+        np.testing.assert_array_equal(store.read("train", range(40)), inp)
+        assert store.has_target("train") == targets
+        if targets:
+            np.testing.assert_array_equal(store.read("train", range(40), "target"), -inp)
+
+
 def test_writer_refuses_existing_and_incomplete_stores(tmp_path: Path, rng: np.random.Generator) -> None:
     _write_store(tmp_path / "s", rng, {"train": 3})
     with pytest.raises(OutputError, match="already exists"):
