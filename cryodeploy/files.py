@@ -87,6 +87,18 @@ class StagedWrite:
         self.tmp.unlink(missing_ok=True)
 
 
+def commit_all(staged: list[StagedWrite], fsync: bool = True) -> None:
+    """:meth:`~StagedWrite.commit` each of ``staged`` in order; if one fails, the rest are discarded
+    and its error is raised."""
+    for k, write in enumerate(staged):
+        try:
+            write.commit(fsync)
+        except BaseException:
+            for rest in staged[k + 1:]:
+                rest.discard()
+            raise
+
+
 _staging = threading.local()
 
 

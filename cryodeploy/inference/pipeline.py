@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from cryodeploy._version import __version__
 from cryodeploy.errors import CryoDeployError, OutputError, first_line
-from cryodeploy.files import StagedWrite, staged_writes
+from cryodeploy.files import StagedWrite, commit_all, staged_writes
 from cryodeploy.inference.batching import FrameTask, TiledEngine, error_text
 from cryodeploy.inference.claims import claim_owner, try_claim
 from cryodeploy.inference.frames import HostFrames, min_input_size
@@ -331,14 +331,11 @@ class Pipeline:
         then preview)."""
         res = job.result
         staged: list[StagedWrite] = job.runtime.pop("staged")
-        for k, write in enumerate(staged):
-            try:
-                write.commit(self.config.fsync)
-            except CryoDeployError as err:
-                res.status, res.error = "failed", str(err)
-                for rest in staged[k + 1:]:
-                    rest.discard()
-                return
+        try:
+            commit_all(staged, self.config.fsync)
+        except CryoDeployError as err:
+            res.status, res.error = "failed", str(err)
+            return
         res.status, res.bytes_out = "done", job.output.stat().st_size
 
     def _finish(self, job: Job) -> None:

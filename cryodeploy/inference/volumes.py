@@ -23,7 +23,7 @@ import numpy as np
 
 from cryodeploy._version import __version__
 from cryodeploy.errors import ConfigError, CryoDeployError, InputError, OutputError
-from cryodeploy.files import new_folders_removed_if_empty, staged_writes
+from cryodeploy.files import commit_all, new_folders_removed_if_empty, staged_writes
 from cryodeploy.inference.batching import DeviceArrays, TiledEngine, error_text
 from cryodeploy.inference.claims import claim_owner, clean_leftovers, try_claim
 from cryodeploy.inference.frames import uses_device_path
@@ -126,13 +126,7 @@ def _one(job: Job, volumes: HostVolumes, backend: Backend, spec: ModelSpec, cfg:
         label = f"cryodeploy {__version__} denoise ({spec.architecture})"
         with staged_writes() as staged:
             volumes.denoise(job.input, job.output, cfg.output_dtype, (job.input,), label)
-        for k, write in enumerate(staged):
-            try:
-                write.commit(cfg.fsync)
-            except BaseException:
-                for rest in staged[k + 1:]:
-                    rest.discard()
-                raise
+        commit_all(staged, cfg.fsync)
         res.status, res.bytes_out = "done", job.output.stat().st_size
     except (CryoDeployError, MemoryError) as err:
         res.status, res.error = "failed", str(err) if isinstance(err, CryoDeployError) else (
