@@ -148,18 +148,21 @@ def _row(method: str, per: list[dict[str, Any]], seconds: float, **extra: Any) -
 
 
 def baselines(ds: dict[str, Any]) -> list[dict[str, Any]]:
-    """Identity and the Gaussian rows (sigma by split gain; oracle sigma by PSNR vs clean)."""
+    """Identity, the constant (each half's mean) and the Gaussian rows (sigma by split gain; oracle
+    sigma by PSNR vs clean). A method near the constant has removed the noise and the signal alike."""
     from cryodeploy.imaging.metrics import gaussian_filter
 
     vs = ds["voxel_size"]
-    ident, by_sigma = [], {s: [] for s in SIGMAS}
+    ident, const, by_sigma = [], [], {s: [] for s in SIGMAS}
     for n in ds["names"]:  # the sweep: PSNR and split gain of every sigma (FSC only for the chosen)
         even, odd, clean = (_load(ds["folder"], sub, n) for sub in ("even", "odd", "clean"))
         ident.append({"name": n, **score(even, odd, even, odd, clean, vs)})
+        ce, co = (np.full(h.shape, np.mean(h, dtype=np.float64), np.float32) for h in (even, odd))
+        const.append({"name": n, **score(ce, co, even, odd, clean, vs)})
         for s in SIGMAS:
             rec = score(gaussian_filter(even, s), gaussian_filter(odd, s), even, odd, clean, vs, False)
             by_sigma[s].append(rec)
-    rows = [_row("identity", ident, 0.0)]
+    rows = [_row("identity", ident, 0.0), _row("constant (the half's mean)", const, 0.0)]
     for label, key in (
         ("gaussian (sigma by split gain)", "split_error"),
         ("gaussian (oracle sigma by PSNR)", "psnr_db"),

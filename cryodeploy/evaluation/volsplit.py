@@ -162,7 +162,10 @@ def _folder(method: Method) -> _Method:
 
 
 def _methods(methods: list[Method], sigma: float) -> list[_Method]:
-    out = [_runnable("identity", lambda v: np.asarray(v, np.float32)),
+    def const(v: np.ndarray) -> np.ndarray:
+        return np.full(v.shape, np.mean(v, dtype=np.float64), np.float32)
+
+    out = [_runnable("identity", lambda v: np.asarray(v, np.float32)), _runnable("constant", const),
            _runnable("gaussian", lambda v: M.gaussian_filter(v, sigma))]
     return out + [_runnable(m.name, m.run) if m.run is not None else _folder(m) for m in methods]
 

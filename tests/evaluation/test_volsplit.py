@@ -83,7 +83,7 @@ def test_identity_zero_gaussian_beats_it_fsc_and_psnr_match_the_files(
 ) -> None:
     r = json.loads((run[0] / "metrics.json").read_text())
     assert r["mode"] == "volume-split" and r["n_items"] == 2 and r["split_kinds"] == ["even/odd"]
-    assert set(r["methods"]) == {"identity", "gaussian", "model", "oracle"}
+    assert set(r["methods"]) == {"identity", "constant", "gaussian", "model", "oracle"}
     ident, gauss = r["methods"]["identity"], r["methods"]["gaussian"]
     assert [it["split_gain_db"] for it in ident["per_item"]] == [0.0, 0.0]
     assert ident["split_error"] == 1.0 and ident["change"] == 0.0 and ident["band_error"] == [1.0] * 3
