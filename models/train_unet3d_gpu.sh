@@ -5,6 +5,9 @@
 # 2000 + k, never the benchmark's 20261201). Training stops at SECONDS (best checkpoint by validation).
 # Usage (from the repository root): bash models/train_unet3d_gpu.sh WORKDIR
 # Then: python3 benchmarks/bench_quality3d.py --device cuda --model WORKDIR/run/best.safetensors ...
+# Outcome on an H200 (2026-12-01, COUNT=6 SECONDS_BUDGET=290): a model that outputs close to the mean (its
+# doses, 10-160 counts per voxel per half, show no structure); not kept (docs/benchmarks.md). Train at
+# doses where the structure is visible before trusting it.
 set -euo pipefail
 work=${1:?usage: train_unet3d_gpu.sh WORKDIR}
 cd "$(dirname "$0")/.."
