@@ -218,6 +218,9 @@ def run_benchmark(models: dict[str, str], real: str | None, device: str, size: i
     empty = empty_field(size, max(1, count // 4), seed, device)
     stacks = input_stacks(sim, halves, flat, empty)
     rows: dict[str, Any] = {"identity": evaluate_outputs(stacks, sim, halves, flat, empty)}
+    means = {k: np.stack([np.full_like(f, np.mean(f, dtype=np.float64)) for f in v])
+             for k, v in stacks.items()}
+    rows["constant"] = evaluate_outputs(means, sim, halves, flat, empty)  # each image's own mean
     rows["gaussian"], sigmas = best_gaussian(sim, halves, flat, empty)
     rows["gaussian"]["sigmas"] = sigmas
     for name, path in models.items():
