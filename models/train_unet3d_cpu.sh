@@ -14,10 +14,12 @@ cdp() { python3 -m cryodeploy "$@"; }
 COUNT=${COUNT:-3}             # tomograms per (voxel size, dose)
 EPOCHS=${EPOCHS:-12}
 MAX_BATCHES=${MAX_BATCHES:-100}
+DOSES=${DOSES:-10 40 160}     # counts per ice voxel per half
+SEED0=${SEED0:-1000}
 mkdir -p "$work/pairs/even" "$work/pairs/clean"
-seed=1000
+seed=$SEED0
 for vs in 10 20; do
-  for dose in 10 40 160; do
+  for dose in $DOSES; do
     d="$work/synth/v${vs}_d${dose}"
     cdp synth --volume "$d" -n "$COUNT" --size 128 128 --depth 64 --dose "$dose" --voxel-size "$vs" \
       --seed "$seed" -q --overwrite
