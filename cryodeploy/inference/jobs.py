@@ -255,6 +255,16 @@ def output_pairs(
     return [(src, outdir / output_name(src, suffix, extension)) for src in map(Path, paths)]
 
 
+def create_output_folders(folders: Iterable[Path]) -> None:
+    """Create each output folder (and its parents) if missing; :class:`OutputError` naming the one that
+    cannot be made."""
+    for folder in folders:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise OutputError(f"{folder}: cannot create the output folder ({err.strerror or err})") from err
+
+
 def plan_jobs(pairs: Iterable[tuple[Path, Path]], config: RunConfig) -> list[Job]:
     """This shard's (input, output) jobs; every conflict is an error before any work.
 

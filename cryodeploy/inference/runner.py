@@ -47,7 +47,6 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cryodeploy.errors import OutputError
 from cryodeploy.files import new_folders_removed_if_empty
 from cryodeploy.inference.batching import DeviceArrays, TiledEngine
 from cryodeploy.inference.claims import clean_leftovers
@@ -56,6 +55,7 @@ from cryodeploy.inference.jobs import (
     FileResult,
     RunConfig,
     RunSummary,
+    create_output_folders,
     orphaned_jobs,
     output_pairs,
     plan_jobs,
@@ -137,11 +137,7 @@ def _run(
 def _run_in(pairs: list[tuple[Path, Path]], folders: list[Path], engine: TiledEngine, io: HostFrames,
             spec: ModelSpec, cfg: RunConfig) -> RunSummary:
     backend = engine.backend
-    for folder in folders:
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise OutputError(f"{folder}: cannot create the output folder ({err.strerror or err})") from err
+    create_output_folders(folders)
     jobs = plan_jobs(pairs, cfg)
     work: list[tuple[tuple[int, ...] | None, int]] = [
         io.planned(j.input) for j in jobs if j.result.status == "pending"]

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cryodeploy._version import __version__
-from cryodeploy.errors import ConfigError, CryoDeployError, InputError, OutputError
+from cryodeploy.errors import ConfigError, CryoDeployError, InputError
 from cryodeploy.files import commit_all, new_folders_removed_if_empty, staged_writes
 from cryodeploy.inference.batching import DeviceArrays, TiledEngine, error_text
 from cryodeploy.inference.claims import claim_owner, clean_leftovers, try_claim
@@ -31,6 +31,7 @@ from cryodeploy.inference.jobs import (
     Job,
     RunConfig,
     RunSummary,
+    create_output_folders,
     file_identity,
     orphaned_jobs,
     plan_jobs,
@@ -151,11 +152,7 @@ def run_volumes(pairs: list[tuple[Path, Path]], folders: list[Path], backend: Ba
 
 def _run_in(pairs: list[tuple[Path, Path]], folders: list[Path], backend: Backend, spec: ModelSpec,
             cfg: RunConfig) -> RunSummary:
-    for folder in folders:
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise OutputError(f"{folder}: cannot create the output folder ({err.strerror or err})") from err
+    create_output_folders(folders)
     jobs = plan_jobs(pairs, cfg)
     for folder in folders:
         clean_leftovers(folder)
