@@ -57,6 +57,20 @@ def _sim_config(size: int) -> Any:
     return SimConfig(shape=(size, size), **TRAIN_SIM)
 
 
+def candidate_init(spec: str | None, name: str) -> str | None:
+    """The checkpoint candidate ``name`` starts from: ``spec`` is one checkpoint (or ``default``) for
+    every candidate, or ``NAME=CKPT,...`` for some of them (the others start from scratch)."""
+    if not spec:
+        return None
+    if "=" not in spec:
+        return spec
+    pairs = dict(item.split("=", 1) for item in spec.split(",") if item)
+    unknown = sorted(set(pairs) - set(CANDIDATES))
+    if unknown:
+        raise SystemExit(f"--init: unknown candidate {', '.join(unknown)}")
+    return pairs.get(name)
+
+
 def train_worker(a: argparse.Namespace) -> None:
     """Train one candidate until the deadline; keep the best by validation PSNR."""
     import numpy as np
@@ -76,7 +90,7 @@ def train_worker(a: argparse.Namespace) -> None:
     base, depth, peak = CANDIDATES[a.worker]
     a.lr = a.lr or peak
     source = SimSource(_sim_config(a.sim_size), crop=a.crop, crops_per_image=a.crops_per_image, batch=a.batch,
-                       seed=TRAIN_SEED)
+                       seed=TRAIN_SEED, redraws=a.redraws)
     recipe = {"recipe": "supervised on on-the-fly simulation (models/train_default.py)",
               "source": source.to_dict(),
               "loss": "mse", "optimizer": "adamw", "lr": a.lr, "weight_decay": a.weight_decay,
@@ -89,16 +103,17 @@ def train_worker(a: argparse.Namespace) -> None:
                      training=recipe, versions=versions)
     torch.manual_seed(TRAIN_SEED)
     net = build_model(spec)
-    if a.init:
+    init = candidate_init(a.init, a.worker)
+    if init:
         from cryodeploy.files import file_sha256
         from cryodeploy.training.finetune import init_path
 
-        start, start_spec = load_checkpoint(init_path(a.init))
+        start, start_spec = load_checkpoint(init_path(init))
         if start_spec.architecture != spec.architecture or start_spec.params != spec.params:
-            raise SystemExit(f"--init {a.init}: {start_spec.architecture} {start_spec.params} "
+            raise SystemExit(f"--init {init}: {start_spec.architecture} {start_spec.params} "
                              f"is not {spec.params}")
         net.load_state_dict(start.state_dict())
-        recipe["init"] = {"from": str(a.init), "sha256": file_sha256(init_path(a.init)),
+        recipe["init"] = {"from": str(init), "sha256": file_sha256(init_path(init)),
                           "training": start_spec.training}
     net = net.to(dev)
     if cuda:
@@ -192,6 +207,8 @@ def choose(methods: dict[str, dict[str, Any]], names: list[str]) -> tuple[str | 
 
 def orchestrate(a: argparse.Namespace) -> None:
     """Start every candidate's worker, wait until the budget, evaluate, choose, report."""
+    from cryodeploy.training.finetune import init_path
+
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     deadline = a.t0 + 60.0 * a.minutes
@@ -219,6 +236,9 @@ def orchestrate(a: argparse.Namespace) -> None:
     bench = _bench_module()
     models = {n: str(out / "candidates" / n / "best.safetensors") for n in names
               if (out / "candidates" / n / "best.safetensors").is_file()}
+    for item in filter(None, (a.compare or "").split(",")):  # ranked beside, never chosen
+        label, _, ckpt = item.partition("=")
+        models[label] = str(init_path(ckpt or label))
     try:
         with tempfile.TemporaryDirectory() as tmp:
             result = bench.run_benchmark(models, a.real, a.device, a.eval_size, a.eval_count,
@@ -256,7 +276,11 @@ def main() -> None:
     p.add_argument("--crops-per-image", type=int, default=4)
     p.add_argument("--sim-size", type=int, default=512)
     p.add_argument("--lr", type=float, default=0.0, help="peak lr (default: the candidate's)")
-    p.add_argument("--init", default=None, help="start every candidate from this checkpoint (or 'default')")
+    p.add_argument("--init", default=None, help="start every candidate from this checkpoint (or 'default'), "
+                   "or NAME=CKPT,... for some")
+    p.add_argument("--compare", default=None, help="NAME=CKPT,... (or 'default') evaluated beside the "
+                   "candidates, never chosen")
+    p.add_argument("--redraws", type=int, default=0, help="steps each simulation serves again at fresh doses")
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--val-count", type=int, default=16)
     p.add_argument("--val-size", type=int, default=512)

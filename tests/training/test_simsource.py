@@ -47,6 +47,52 @@ def test_sim_batches_are_a_function_of_seed_and_step() -> None:
     assert float((x - y).std()) > 0.5 * float(x.std())
 
 
+def test_redraw_is_simulate_at_the_new_dose() -> None:
+    """Same scenes at 4x the dose: the clean image scales exactly, the counts are fresh Poisson."""
+    b = simulate(SimConfig(shape=(96, 96), dose_e_per_px=(10.0, 10.0)), 2, 5)
+    noisy, clean = b.redraw(torch.tensor([4.0, 4.0]), 77)
+    np.testing.assert_allclose(clean.numpy(), 4.0 * b.clean.numpy(), rtol=1e-6)
+    again = simulate(SimConfig(shape=(96, 96), dose_e_per_px=(40.0, 40.0)), 2, 5)
+    np.testing.assert_allclose(again.clean.numpy(), clean.numpy(), rtol=2e-5, atol=1e-4)
+    assert not torch.equal(noisy, 4.0 * b.noisy)
+    # Poisson: mean and variance of the residual, where there is no gain and no interpolation
+    plain = [i for i, m in enumerate(b.meta) if not m["gain"] and not any(m["shift_px"])]
+    for i in plain:
+        r = (noisy[i] - clean[i]).double()
+        assert abs(float(r.mean())) < 0.05 * float(clean[i].mean()) ** 0.5
+        assert float(r.var()) == pytest.approx(float(clean[i].double().mean()), rel=0.05)
+
+
+def test_redraws_reuse_each_simulation_at_fresh_doses() -> None:
+    base = SimSource(SimConfig(shape=(96, 96)), crop=32, crops_per_image=2, batch=4, seed=3)
+    source = SimSource(SimConfig(shape=(96, 96)), crop=32, crops_per_image=2, batch=4, seed=3, redraws=2)
+    steps = [next(sim_batches(source, start=s, prefetch=False)) for s in range(4)]
+    it = sim_batches(source, prefetch=True)
+    for x, y in steps:  # the background thread and the cache give the same steps
+        x1, y1 = next(it)
+        assert torch.equal(x, x1) and torch.equal(y, y1)
+    it.close()  # type: ignore[attr-defined]
+    # step 0 is the plain source's step 0; step 3 starts the next simulation, at its own seed
+    assert torch.equal(steps[0][0], next(sim_batches(base, start=0, prefetch=False))[0])
+    assert torch.equal(steps[3][0], next(sim_batches(base, start=3, prefetch=False))[0])
+    assert not torch.equal(steps[1][0], steps[0][0]) and not torch.equal(steps[2][0], steps[1][0])
+    assert source.to_dict()["redraws"] == 2
+    with pytest.raises(ConfigError, match="redraws -1"):
+        SimSource(SimConfig(shape=(96, 96)), crop=32, redraws=-1)
+
+
+def test_candidate_init_per_candidate() -> None:
+    td = _train_default()
+    assert td.candidate_init(None, "unet_b32d3") is None
+    assert td.candidate_init("default", "unet_b16d4") == "default"
+    spec = "unet_b32d3=default,unet_b16d4=/x/b.safetensors"
+    assert td.candidate_init(spec, "unet_b32d3") == "default"
+    assert td.candidate_init(spec, "unet_b16d4") == "/x/b.safetensors"
+    assert td.candidate_init(spec, "unet_b20d4") is None
+    with pytest.raises(SystemExit, match="unknown candidate nope"):
+        td.candidate_init("nope=default", "unet_b32d3")
+
+
 def test_sim_source_refuses_bad_geometry() -> None:
     with pytest.raises(ConfigError, match="crop 200 px does not fit"):
         SimSource(SimConfig(shape=(96, 96)), crop=200)
@@ -79,7 +125,7 @@ def test_default_recipe_trains_a_loadable_model_that_denoises(tmp_path: Path, mo
     args = argparse.Namespace(worker="tiny", out=str(tmp_path), device="cpu", sim_size=128, crop=64,
                               crops_per_image=2, batch=4, lr=0.0, weight_decay=1e-4, seconds=600.0,
                               val_count=2, val_size=128, val_every=1e9, val_reserve=0.0, max_steps=25,
-                              deadline=time.time() + 600.0, init=None)
+                              deadline=time.time() + 600.0, init=None, redraws=0)
     td.train_worker(args)
     run = tmp_path / "candidates" / "tiny"
     summary = json.loads((run / "summary.json").read_text())

@@ -26,6 +26,8 @@ class SimBatch:
     ``noisy2``: a second, independent draw of the same detector (``pairs=True``), for
     Noise2Noise. ``potential``: the particles' projected potential (V*A, pseudo-atom blur, no
     CTF; ``with_potential=True``), resampled like ``clean``. ``meta``: one JSON-ready dict per image.
+    ``rate``, ``gain``, ``shift``: the detector's state (expected counts on its (H+1, W+1) pixels,
+    per-pixel gain, interpolation shift [n, 2]), which :meth:`redraw` uses.
     """
 
     noisy: torch.Tensor
@@ -33,6 +35,17 @@ class SimBatch:
     meta: list[dict[str, Any]]
     noisy2: torch.Tensor | None = None
     potential: torch.Tensor | None = None
+    rate: torch.Tensor | None = None
+    gain: torch.Tensor | None = None
+    shift: torch.Tensor | None = None
+
+    def redraw(self, scale: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same scenes at ``scale`` [n] times the dose, with fresh counts of ``seed``: (noisy, clean),
+        [n, H, W] each, exactly as :func:`simulate` makes them at that dose."""
+        if self.rate is None or self.gain is None or self.shift is None:
+            raise ConfigError("redraw needs the detector state that simulate() records")
+        rate = self.rate * scale.to(self.rate).view(-1, 1, 1)
+        return _shift(_counts(rate, self.gain, seed, 2), self.shift), _shift(rate, self.shift)
 
 
 def _good_size(n: int) -> int:
@@ -140,4 +153,4 @@ def simulate(
     for p, mean, con in zip(plans, means.tolist(), contrasts.tolist(), strict=True):
         p.meta["mean_counts"] = mean
         p.meta["contrast"] = con
-    return SimBatch(noisy, clean, [p.meta for p in plans], noisy2, potential)
+    return SimBatch(noisy, clean, [p.meta for p in plans], noisy2, potential, rate, gain, shift)
