@@ -25,7 +25,8 @@ def _params(values: tuple[str, ...]) -> dict[str, object]:
     return params
 
 
-def _sim_data(sim_config: Path | None, sim_size: int, crop: int, steps_per_epoch: int) -> object:
+def _sim_data(sim_config: Path | None, sim_size: int, crop: int, steps_per_epoch: int, redraws: int
+              ) -> object:
     """The :class:`~cryodeploy.training.sources.SimulatedData` of ``--simulate`` (one-line errors)."""
     from cryodeploy.errors import ConfigError
     from cryodeploy.imaging.simulate import SimConfig
@@ -43,7 +44,8 @@ def _sim_data(sim_config: Path | None, sim_size: int, crop: int, steps_per_epoch
         sim = SimConfig.from_dict({"shape": [sim_size, sim_size], **fields})
     except ConfigError as err:
         raise ConfigError(f"{sim_config or '--simulate'}: {err}") from err
-    return SimulatedData(sim, crop=min(crop, *sim.shape), crops_per_image=1, steps_per_epoch=steps_per_epoch)
+    return SimulatedData(sim, crop=min(crop, *sim.shape), crops_per_image=1, steps_per_epoch=steps_per_epoch,
+                         redraws=redraws)
 
 
 @click.command()
@@ -87,6 +89,9 @@ def _sim_data(sim_config: Path | None, sim_size: int, crop: int, steps_per_epoch
               help="Training crop side (px) cut from each simulated micrograph.")
 @click.option("--steps-per-epoch", default=200, show_default=True, type=click.IntRange(min=1),
               help="Batches per epoch with --simulate.")
+@click.option("--redraws", default=0, show_default=True, type=click.IntRange(0, 64),
+              help="With --simulate: steps each simulation serves again, the same scenes at fresh doses "
+                   "with fresh counts (exact; several times faster where simulating is the bottleneck).")
 @click.option("--init", default=None, metavar="CKPT|default",
               help="Fine-tune this checkpoint (or the shipped default); the architecture is taken from it.")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
@@ -98,8 +103,8 @@ def _sim_data(sim_config: Path | None, sim_size: int, crop: int, steps_per_epoch
 def train(store: Path | None, rundir: Path, model: str | None, params: tuple[str, ...], method: str,
           epochs: int, batch: int, lr: float, optimizer: str, val_split: float, max_batches: int | None,
           precision: str, device: str, loader_threads: int, buffers: int, simulate: bool,
-          sim_config: Path | None, sim_size: int, crop: int, steps_per_epoch: int, init: str | None,
-          seed: int, log_every: int, resume: bool, quiet: bool) -> None:
+          sim_config: Path | None, sim_size: int, crop: int, steps_per_epoch: int, redraws: int,
+          init: str | None, seed: int, log_every: int, resume: bool, quiet: bool) -> None:
     """Train a denoiser on the patch store STORE (or, with --simulate, on simulation) into RUNDIR (-o)."""
     from cryodeploy.errors import ConfigError
     from cryodeploy.training.config import TrainConfig
@@ -122,7 +127,7 @@ def train(store: Path | None, rundir: Path, model: str | None, params: tuple[str
                          lr=lr, optimizer=optimizer, val_split=val_split, max_batches=max_batches,
                          precision=precision, device=device, seed=seed, method=method, log_every=log_every,
                          resume=resume, loader_threads=loader_threads, buffers=buffers, init=init)
-    data = _sim_data(sim_config, sim_size, crop, steps_per_epoch) if simulate else store
+    data = _sim_data(sim_config, sim_size, crop, steps_per_epoch, redraws) if simulate else store
     assert data is not None
     result = run_training(data, rundir, config, quiet=quiet)  # type: ignore[arg-type]
     if os.environ.get("RANK", "0") != "0":

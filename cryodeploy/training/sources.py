@@ -48,14 +48,16 @@ VAL_SEED_OFFSET = 1_000_003
 @dataclass(frozen=True)
 class SimulatedData:
     """``train --simulate``: micrographs of ``sim`` simulated every step, ``crops_per_image`` crops of
-    ``crop`` px from each; an epoch is ``steps_per_epoch`` batches; validation on ``val_images`` whole
-    simulated micrographs of their own seed."""
+    ``crop`` px from each, each simulation serving ``redraws`` more steps at fresh doses
+    (:class:`~cryodeploy.training.simsource.SimSource`); an epoch is ``steps_per_epoch`` batches;
+    validation on ``val_images`` whole simulated micrographs of their own seed."""
 
     sim: SimConfig
     crop: int = 256
     crops_per_image: int = 4
     steps_per_epoch: int = 200
     val_images: int = 8
+    redraws: int = 0
 
     def __post_init__(self) -> None:
         for name in ("crop", "crops_per_image", "steps_per_epoch", "val_images"):
@@ -65,7 +67,8 @@ class SimulatedData:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (recorded in the checkpoints)."""
         return {"sim": self.sim.to_dict(), "crop": self.crop, "crops_per_image": self.crops_per_image,
-                "steps_per_epoch": self.steps_per_epoch, "val_images": self.val_images}
+                "steps_per_epoch": self.steps_per_epoch, "val_images": self.val_images,
+                "redraws": self.redraws}
 
 
 @dataclass(frozen=True, eq=False, repr=False)
@@ -213,7 +216,7 @@ class SimBatches(BatchSource):
                               f"{data.crops_per_image}")
         self.data, self.ctx, self.batch = data, ctx, config.batch // ctx.world_size
         self.source = SimSource(data.sim, crop=data.crop, crops_per_image=data.crops_per_image,
-                                batch=self.batch, seed=config.seed)
+                                batch=self.batch, seed=config.seed, redraws=data.redraws)
         self.patch = (data.crop, data.crop)
         self.normalization = self.source.normalization
         self.steps_per_epoch = min(data.steps_per_epoch, config.max_batches or data.steps_per_epoch)
@@ -228,7 +231,9 @@ class SimBatches(BatchSource):
 
     @property
     def key(self) -> list[Any]:
-        return [*self.patch, self.n_train, self.n_val]
+        """(patch H, W, train, val), and the redraws when there are any: they change every batch."""
+        redraws = [f"redraws {self.data.redraws}"] if self.data.redraws else []
+        return [*self.patch, self.n_train, self.n_val, *redraws]
 
     def train_batches(self, epoch: int, skip: int) -> Batches:
         from cryodeploy.training.simsource import sim_batches

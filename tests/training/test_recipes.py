@@ -91,6 +91,27 @@ def test_cli_simulate_with_init_default(tmp_path: Path) -> None:
     assert res.exit_code != 0 and "missing STORE: give a patch store folder, or --simulate" in res.output
 
 
+def test_cli_simulate_redraws_are_recorded_and_bounded(tmp_path: Path) -> None:
+    runner = CliRunner()
+    small = ["--sim-size", "64", "--crop", "64", "--steps-per-epoch", "3", "--epochs", "1", "--batch", "1",
+             "--model", "unet", "--param", "base_channels=4", "--param", "depth=1"]
+    res = runner.invoke(cli, ["train", "--simulate", *small, "--redraws", "2", "-o", str(tmp_path / "r"),
+                              "-q"])
+    assert res.exit_code == 0, res.output
+    _, spec = load_checkpoint(tmp_path / "r")
+    assert spec.training["simulated"]["redraws"] == 2 and spec.training["step"] == 3
+    # an exact resume needs the same batches: other redraws are refused, the same ones go on
+    more = [*small[:7], "2", *small[8:]]  # --epochs 2
+    res = runner.invoke(cli, ["train", "--simulate", *more, "-o", str(tmp_path / "r"), "-q", "--resume"])
+    assert res.exit_code != 0 and "'redraws 2'], found [64, 64, 3, 8]" in res.output, res.output
+    res = runner.invoke(cli, ["train", "--simulate", *more, "--redraws", "2", "-o", str(tmp_path / "r"), "-q",
+                              "--resume"])
+    assert res.exit_code == 0, res.output
+    assert load_checkpoint(tmp_path / "r" / "last.safetensors")[1].training["step"] == 6
+    res = runner.invoke(cli, ["train", "--simulate", *small, "--redraws", "65", "-o", str(tmp_path / "x")])
+    assert res.exit_code != 0 and "'--redraws': 65 is not in the range 0<=x<=64" in res.output
+
+
 def test_cli_sim_config_file(tmp_path: Path) -> None:
     cfg = tmp_path / "sim.json"
     cfg.write_text(json.dumps({"dose_e_per_px": [10, 20], "pixel_size_a": [1.0, 1.5]}))
