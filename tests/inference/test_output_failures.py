@@ -63,8 +63,10 @@ def private_mounts(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
 
 def _denoise_cmd(ins: tuple[Path, ...], outdir: Path, model: Path, record: Path) -> str:
     """A shell line running ``cryodeploy denoise``; stdout, stderr and a non-zero exit code go to
-    ``record``.stdout / .stderr / .rc."""
-    args = [sys.executable, "-m", "cryodeploy", "denoise", *map(str, ins), "-o", str(outdir)]
+    ``record``.stdout / .stderr / .rc. One writer thread: the files are written in order, so which one
+    a small disk has room for does not depend on two writers racing for it."""
+    args = [sys.executable, "-m", "cryodeploy", "denoise", *map(str, ins), "-o", str(outdir),
+            "--io-threads", "1"]
     line = " ".join(f"'{a}'" for a in [*args, "--model", str(model), *MODEL_ARGS])
     return f"{line} > '{record}.stdout' 2> '{record}.stderr' || echo $? > '{record}.rc'"
 
