@@ -9,7 +9,8 @@
 # docs/benchmarks.md format), one JSON per step, and $OUT/gpu_frame_suite.log.
 # Usage (repo root): OUT=/tmp/out bash benchmarks/gpu_frame_suite.sh
 # ONLY="inputs20 floors20 ..." runs just the named steps (the table is made from what ran); T200 / TTOPAZ200
-# (seconds into the suite, default 330 / 420) limit when the 200-file block and its Topaz run still start.
+# (seconds into the suite, default 330 / 420) limit when the 200-file block and its Topaz run still start;
+# REPEAT20=N runs the 20-file default and fp16 runs N times (denoise20_default_rK, denoise20_fp16_rK).
 set -u
 export PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
@@ -86,6 +87,10 @@ step denoise20_fp16_graphs 120 denoise 20 fp16_graphs --precision fp16 --cuda-gr
 # first default-variant process: its start-up includes compiling for 4096^2 (torch.compile, if chosen)
 step startup_default_first 240 fs startup "$first" --label default_first --precision auto --work "$work/startup_df"
 step denoise20_default 150 denoise 20 default
+for r in $(seq 2 "${REPEAT20:-1}"); do  # the same run again: its spread beside the one figure
+  step "denoise20_default_r$r" 150 denoise 20 "default_r$r"
+  step "denoise20_fp16_r$r" 120 denoise 20 "fp16_r$r" --precision fp16
+done
 step startup_default 90 fs startup "$first" --label default --precision auto --work "$work/startup_default"
 step denoise20_default_io4 150 denoise 20 default_io4 --io-threads 4
 step denoise20_nofsync_io4 150 denoise 20 nofsync_io4 --io-threads 4 --no-fsync
