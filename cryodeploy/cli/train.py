@@ -91,7 +91,7 @@ def _sim_data(sim_config: Path | None, sim_size: int, crop: int, steps_per_epoch
               help="Batches per epoch with --simulate.")
 @click.option("--redraws", default=0, show_default=True, type=click.IntRange(0, 64),
               help="With --simulate: steps each simulation serves again, the same scenes at fresh doses "
-                   "with fresh counts (exact; several times faster where simulating is the bottleneck).")
+                   "with fresh counts (exact; 1 / (N + 1) of the simulating).")
 @click.option("--init", default=None, metavar="CKPT|default",
               help="Fine-tune this checkpoint (or the shipped default); the architecture is taken from it.")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
