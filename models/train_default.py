@@ -8,7 +8,8 @@ Recipe (each candidate in its own process, all at once on the one GPU, for ``--m
 clock from the start): supervised training on micrographs simulated on the fly on the device
 (:mod:`cryodeploy.training.simsource`: fresh micrographs every step, each normalized by its noisy
 image's robust statistics exactly as the runner does, applied to noisy and clean alike, then
-random crops), MSE, AdamW with a linear warm-up and a cosine decay over the time budget, bf16
+random crops), MSE (or, for a candidate whose loss is "psnr", MSE weighted per crop
+like per-image PSNR), AdamW with a linear warm-up and a cosine decay over the time budget, bf16
 autocast on CUDA, gradient clipping. A fixed held-out simulated validation set (its own seed)
 is scored by PSNR against the exact clean images every ``--val-every`` seconds and at the end;
 the best is kept as ``candidates/NAME/best.safetensors`` + ``.json`` (a normal checkpoint, the
@@ -37,11 +38,15 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-#: name -> (U-Net base_channels, depth, peak lr). Depth 3: receptive radius 52 px, depth 4: 108 px (any
-#: image of >= 2 strides runs; the 160^2 split halves of 320^2 particle images too). As float32
-#: safetensors base 16 d4 and base 32 d3 take 7.8 MB, base 20 d4 12 MB, base 24 d4 18 MB.
-CANDIDATES = {"unet_b24d3": (24, 3, 5e-4), "unet_b32d3": (32, 3, 5e-4), "unet_b32d3_lr1e3": (32, 3, 1e-3),
-              "unet_b16d4": (16, 4, 5e-4), "unet_b20d4": (20, 4, 5e-4), "unet_b24d4": (24, 4, 5e-4)}
+#: name -> (U-Net base_channels, depth, peak lr[, loss]). Depth 3: receptive radius 52 px, depth 4: 108 px
+#: (any image of >= 2 strides runs; the 160^2 split halves of 320^2 particle images too). As float32
+#: safetensors base 16 d4 and base 32 d3 take 7.8 MB, base 20 d4 12 MB, base 24 d4 18 MB. Loss: "mse"
+#: (the default) or "psnr" (:func:`~cryodeploy.training.objectives.psnr_weighted_mse`: each crop
+#: counts as the per-image PSNR of the acceptance counts it, instead of by its normalized error).
+CANDIDATES: dict[str, tuple[Any, ...]] = {
+    "unet_b24d3": (24, 3, 5e-4), "unet_b32d3": (32, 3, 5e-4), "unet_b32d3_lr1e3": (32, 3, 1e-3),
+    "unet_b16d4": (16, 4, 5e-4), "unet_b20d4": (20, 4, 5e-4), "unet_b24d4": (24, 4, 5e-4),
+    "unet_b16d4_psnr": (16, 4, 5e-4, "psnr"), "unet_b20d4_psnr": (20, 4, 5e-4, "psnr")}
 VAL_SEED = 7001
 TRAIN_SEED = 1
 
@@ -80,6 +85,7 @@ def train_worker(a: argparse.Namespace) -> None:
     from cryodeploy.imaging.normalize import NormSpec
     from cryodeploy.models import ModelSpec, build_model
     from cryodeploy.models.checkpoint import load_checkpoint, save_checkpoint
+    from cryodeploy.training.objectives import psnr_weighted_mse
     from cryodeploy.training.simsource import SimSource, batch_psnr, sim_batches, sim_images
 
     dev = torch.device(a.device)
@@ -87,13 +93,14 @@ def train_worker(a: argparse.Namespace) -> None:
     torch.backends.cudnn.benchmark = cuda
     out = Path(a.out) / "candidates" / a.worker
     out.mkdir(parents=True, exist_ok=True)
-    base, depth, peak = CANDIDATES[a.worker]
+    base, depth, peak, *rest = CANDIDATES[a.worker]
+    loss_name = rest[0] if rest else "mse"
     a.lr = a.lr or peak
     source = SimSource(_sim_config(a.sim_size), crop=a.crop, crops_per_image=a.crops_per_image, batch=a.batch,
                        seed=TRAIN_SEED, redraws=a.redraws)
     recipe = {"recipe": "supervised on on-the-fly simulation (models/train_default.py)",
               "source": source.to_dict(),
-              "loss": "mse", "optimizer": "adamw", "lr": a.lr, "weight_decay": a.weight_decay,
+              "loss": loss_name, "optimizer": "adamw", "lr": a.lr, "weight_decay": a.weight_decay,
               "schedule": "linear warm-up 3% then cosine to 2% of lr, over the wall-clock budget",
               "precision": "bf16" if cuda else "fp32", "grad_clip": 1.0, "seconds": a.seconds,
               "validation": {"seed": VAL_SEED, "count": a.val_count, "size": a.val_size,
@@ -148,7 +155,9 @@ def train_worker(a: argparse.Namespace) -> None:
             if cuda:
                 x, y = (t.contiguous(memory_format=torch.channels_last) for t in (x, y))
             with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
-                loss = torch.nn.functional.mse_loss(net(x).float(), y)
+                pred = net(x).float()
+                loss = psnr_weighted_mse(pred, y) if loss_name == "psnr" else torch.nn.functional.mse_loss(
+                    pred, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)

@@ -29,11 +29,13 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["GAMMA", "METHODS", "PAIRS", "Objective", "cell_pairs", "cells", "crop_to_multiple",
-           "make_objective", "neighbor_pairs", "subsample"]
+__all__ = ["GAMMA", "METHODS", "PAIRS", "PSNR_WEIGHT_CAP", "Objective", "cell_pairs", "cells",
+           "crop_to_multiple", "make_objective", "neighbor_pairs", "psnr_weighted_mse", "subsample"]
 
 METHODS = ("supervised", "noise2noise", "neighbor2neighbor")
 GAMMA = 2.0
+#: :func:`psnr_weighted_mse`: no patch weighs more than this many times the batch's mean MSE over its own
+PSNR_WEIGHT_CAP = 20.0
 
 
 def cell_pairs(ndim: int) -> tuple[tuple[int, int], ...]:
@@ -134,6 +136,26 @@ def _neighbor2neighbor(model: torch.nn.Module, net: torch.nn.Module, x: torch.Te
         target_gap = subsample(fy, idx1) - subsample(fy, idx2)
     diff = model(g1).float() - g2.float()
     return torch.mean(diff**2) + GAMMA * torch.mean((diff - target_gap) ** 2)
+
+
+def psnr_weighted_mse(pred: torch.Tensor, target: torch.Tensor, cap: float = PSNR_WEIGHT_CAP) -> torch.Tensor:
+    """MSE whose gradient is that of the batch's mean per-patch PSNR (times the mean MSE).
+
+    Plain MSE weighs each patch by its own error, so patches whose normalized error is small (low
+    dose, where the clean signal is a small part of the normalized image; empty ice) barely train,
+    while PSNR, the per-image quality measure, counts every image alike. Each patch's squared error is
+    weighted by ``mean MSE / own MSE`` (constant in the gradient, the own MSE bounded below by
+    ``mean / cap``), the gradient of ``mean MSE * mean(log own MSE)``; the value is the mean MSE
+    where no bound applies. ``pred``, ``target``: [N, C, ...].
+    """
+    import torch
+
+    dims = tuple(range(1, pred.dim()))
+    own = ((pred.float() - target.float()) ** 2).mean(dim=dims)
+    with torch.no_grad():
+        mean = own.mean()
+        weight = mean / torch.maximum(own, mean / cap).clamp_min(torch.finfo(torch.float32).tiny)
+    return (weight * own).mean()
 
 
 def make_objective(method: str, stride: int, ndim: int = 2) -> Objective:
