@@ -20,6 +20,7 @@ while read from disk) take the host path, and ``frame_path="device"`` is refused
 from __future__ import annotations
 
 import threading
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -166,6 +167,11 @@ class HostFrames:
         """``x`` as a numpy array (for previews)."""
         return np.asarray(x)
 
+    def warm_up(self, engine: TiledEngine, shape: tuple[int, ...], buffers: int) -> float:
+        """Pay the one-time costs of frames of ``shape`` before the files (here: the backend's, see
+        :meth:`TiledEngine.warm_up`; ``buffers`` is for the device path); returns the seconds."""
+        return engine.warm_up(shape)
+
 
 class FilteredHostFrames(HostFrames):
     """Host frames with the options that run on the host only: movies summed when read
@@ -239,6 +245,8 @@ class DeviceFrames(HostFrames):
         self._cuda = self.device.type == "cuda"
         self.contract = DeviceFrameContract(spec.contract)
         self._local = threading.local()
+        self._spare: list[Any] = []  # pinned buffers made by warm_up, taken by the threads' first use
+        self._spare_lock = threading.Lock()
         #: the torch dtype each MRC mode's bytes are copied as (uint16 as int16, corrected after)
         self._modes = {0: torch.int8, 1: torch.int16, 2: torch.float32, 6: torch.int16, 12: torch.float16}
 
@@ -253,8 +261,47 @@ class DeviceFrames(HostFrames):
         loc = self._thread_state()
         if loc.buffer.numel() < nbytes:
             loc.buffer = None  # free the old one first
-            loc.buffer = self._torch.empty(nbytes, dtype=self._torch.uint8, pin_memory=self._cuda)
+            with self._spare_lock:
+                fits = [i for i, b in enumerate(self._spare) if b.numel() >= nbytes]
+                loc.buffer = self._spare.pop(fits[0]) if fits else None
+            if loc.buffer is None:
+                loc.buffer = self._torch.empty(nbytes, dtype=self._torch.uint8, pin_memory=self._cuda)
         return loc.buffer
+
+    def warm_up(self, engine: TiledEngine, shape: tuple[int, ...], buffers: int) -> float:
+        """One synthetic frame of ``shape`` through the whole device path (statistics, normalization,
+        tiles and forward, de-normalization, the float32 and float16 casts and header statistics, the
+        copy out) and ``buffers`` pinned host buffers of its float32 size made for the reader and
+        writer threads, so the files pay none of it (kernels load on first use, pinning memory
+        takes milliseconds per megabyte); returns the seconds. A failure is left to the files."""
+        from cryodeploy.imaging.device import header_stats
+
+        torch = self._torch
+        t0 = time.perf_counter()
+        gen = torch.Generator(self.device).manual_seed(0)
+        frame = torch.rand(shape, generator=gen, device=self.device)
+        with self._on_stream():
+            p = self.contract.prepare(frame)
+        self._sync()
+        task = FrameTask(None, p.image, p.shape)
+        engine.add(task)
+        engine.flush()
+        engine.arrays.sync()
+        if task.error is not None:
+            return time.perf_counter() - t0
+        spares = [torch.empty(frame.numel() * 4, dtype=torch.uint8, pin_memory=self._cuda)
+                  for _ in range(max(buffers, 1))]
+        with self._on_stream():
+            y = self.contract.finish(task.output(), p.stats)
+            for dtype, name in ((torch.float32, "float32"), (torch.float16, "float16")):
+                data = y.to(dtype)
+                header_stats(data, "warm-up", name, y)
+                host = spares[0][: data.numel() * data.element_size()].view(dtype).view(data.shape)
+                host.copy_(data, non_blocking=True)
+        self._sync()
+        with self._spare_lock:
+            self._spare.extend(spares)
+        return time.perf_counter() - t0
 
     def _on_stream(self) -> Any:
         import contextlib

@@ -333,7 +333,7 @@ class RunSummary:
 
     ``stage_seconds``: how long each pipeline stage (read, compute, write, commit) was busy, summed
     over its threads; their total above ``seconds`` (the wall time) is the stages' overlap.
-    ``warmup_seconds``: the one frame of zeros run on a GPU before the files (not in ``seconds``).
+    ``warmup_seconds``: the one synthetic frame run on a GPU before the files (not in ``seconds``).
     """
 
     files: list[FileResult]

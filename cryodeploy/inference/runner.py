@@ -145,9 +145,11 @@ def _run_in(pairs: list[tuple[Path, Path]], folders: list[Path], engine: TiledEn
     for folder in folders:
         clean_leftovers(folder)
     shapes = [shape for shape, _ in work if shape is not None]
-    # on a GPU the first forward of a shape pays one-time costs (kernels, cuDNN plans, compilation):
-    # paid here on zeros of the first file's shape, reported apart from the run's seconds
-    warmup = engine.warm_up(shapes[0]) if shapes and backend.device.startswith("cuda") else 0.0
+    # on a GPU the first frame of a shape pays one-time costs (kernels, cuDNN plans, compilation,
+    # pinned buffers): paid here on a frame of the first file's shape, reported apart from the run's
+    # seconds; one pinned buffer per reader and writer thread
+    warmup = (io.warm_up(engine, shapes[0], 2 * cfg.io_threads)
+              if shapes and backend.device.startswith("cuda") else 0.0)
     start = time.perf_counter()
     with progress(len(jobs), "denoise", cfg.quiet) as bar:
         files = FileBar(bar)

@@ -301,3 +301,35 @@ def test_planned_frames_come_from_the_header_as_read_gives_them(tmp_path, rng, c
     assert [movies.planned(p) for p in (movie, stack, bad)] == [((20, 30), 1), ((17, 22), 1), (None, 1)]
     header, frames = movies.read(movie, 16)
     assert header.frame_shape == (20, 30) and len(list(frames)) == 1
+
+
+def test_device_warm_up_runs_the_frame_path_and_hands_its_buffers_to_the_threads(tmp_path, rng, cnn3) -> None:
+    """The GPU warm-up (here on CPU tensors: the same code) runs a synthetic frame through the whole
+    device path and leaves one buffer per reader and writer, which the threads then take; outputs
+    are the bytes of a run without it."""
+    from cryodeploy.inference.batching import DeviceArrays, TiledEngine
+    from cryodeploy.inference.runner import _run_in
+
+    backend, spec = cnn3
+    images = [(rng.standard_normal((64, 80)) * 9 + 50).astype(np.float32) for _ in range(3)]
+    paths = [write_mrc(tmp_path / "in" / f"m{i}.mrc", im) for i, im in enumerate(images)]
+    cfg = RunConfig(quiet=True, io_threads=2, frame_path="device")
+    ref = denoise_files(paths, tmp_path / "ref", backend, spec, cfg)
+    io = DeviceFrames(spec, "cpu")
+    engine = TiledEngine(backend, spec, "auto", "auto", DeviceArrays("cpu"))
+    calls: list[tuple[int, ...]] = []
+    original = backend.run_device
+    backend.run_device = lambda x: calls.append(tuple(x.shape)) or original(x)  # type: ignore[method-assign]
+    try:
+        seconds = io.warm_up(engine, (64, 80), 4)
+    finally:
+        backend.run_device = original  # type: ignore[method-assign]
+    assert seconds > 0 and calls  # the forward ran
+    assert [b.numel() for b in io._spare] == [64 * 80 * 4] * 4
+    pairs = [(p, tmp_path / "got" / p.name) for p in paths]
+    (tmp_path / "got").mkdir()
+    got = _run_in(pairs, [tmp_path / "got"], engine, io, spec, cfg)
+    assert ref.ok and got.ok and got.count("done") == 3
+    assert len(io._spare) < 4  # the reader and writer threads took warmed buffers instead of new ones
+    for p in paths:
+        assert (tmp_path / "got" / p.name).read_bytes() == (tmp_path / "ref" / p.name).read_bytes()

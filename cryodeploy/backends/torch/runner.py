@@ -58,7 +58,9 @@ class TorchBackend(Backend):
         self._module = module.to(self._device).eval().to(memory_format=self._layout)  # type: ignore[call-overload]
         if options.get("compile", False):  # inductor's graph cache kept across processes
             os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root("inductor")))
-            self._module = torch.compile(self._module)  # type: ignore[assignment]
+            # static shapes: each frame size gets its own kernels (no slower dynamic-shape recompile
+            # when a process meets a second size, e.g. the variant trial's and then the files')
+            self._module = torch.compile(self._module, dynamic=False)  # type: ignore[assignment]
         self._graphs = bool(options.get("cuda_graphs", False)) and self._cuda
         self._staging: dict[tuple[int, ...], _CudaStaging] = {}
         self._stream = torch.cuda.Stream(self._device) if self._cuda else None
