@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Reproduce the default model on one GPU in two runs of models/train_default.py (about 8 minutes each):
+# Reproduce the default model on one GPU in four runs of models/train_default.py (6-8 minutes each):
 # (1) U-Net candidates base 16 and base 20, depth 4, from scratch on micrographs simulated on the fly
 #     (64 crops per step, 8 from each simulation, each simulation redrawn at 3 more doses);
-# (2) the winner fine-tuned alone at lr 3e-4. Each run evaluates on held-out simulation (doses 5/20/50)
-# and by split gain on real images beside the shipped default; the best lands in OUTDIR/2/default/.
+# (2) the winner fine-tuned alone at lr 3e-4; (3) that fine-tuned again at lr 2e-4 twice side by side,
+# with plain MSE and with the PSNR-weighted MSE; (4) the winner of (3) alone at lr 1.5e-4. Each run
+# evaluates on held-out simulation (doses 5/20/50) and by split gain on real images beside the shipped
+# default; the best lands in OUTDIR/4/default/.
 # Usage: bash models/reproduce.sh REAL_STACK.mrc OUTDIR [MINUTES]   (TOPAZ=1 also ranks Topaz-Denoise)
 # CPU smoke run: python3 models/train_default.py --out /tmp/td --quick
 set -euo pipefail
@@ -13,3 +15,9 @@ python3 models/train_default.py --out "$out/1" --minutes "$minutes" --candidates
 best=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['choice']['chosen'])" "$out/1/quality.json")
 python3 models/train_default.py --out "$out/2" --minutes "$minutes" --candidates "$best" --lr 3e-4 \
   --init "$best=$out/1/candidates/$best/best.safetensors" "${common[@]}"
+m2=$out/2/candidates/$best/best.safetensors
+python3 models/train_default.py --out "$out/3" --minutes "$minutes" --candidates "$best,${best}_psnr" --lr 2e-4 \
+  --init "$best=$m2,${best}_psnr=$m2" "${common[@]}"
+best3=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['choice']['chosen'])" "$out/3/quality.json")
+python3 models/train_default.py --out "$out/4" --minutes "$minutes" --candidates "$best3" --lr 1.5e-4 \
+  --init "$best3=$out/3/candidates/$best3/best.safetensors" "${common[@]}"
