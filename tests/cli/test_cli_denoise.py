@@ -179,3 +179,25 @@ def test_io_threads_write_the_same_bytes(cnn3_checkpoint, inputs, tmp_path) -> N
         assert res.exit_code == 0, res.output
     for p in inputs:
         assert (tmp_path / "1" / p.name).read_bytes() == (tmp_path / "4" / p.name).read_bytes()
+
+
+def test_compile_opts_in_to_torch_compile_with_the_same_result(cnn3_checkpoint, inputs, tmp_path,
+                                                               monkeypatch) -> None:
+    """``--compile`` reaches the torch backend (the model runs through torch.compile, its kernels
+    cached under CRYODEPLOY_CACHE) and gives eager's output to float32 rounding."""
+    import torch
+
+    monkeypatch.setenv("CRYODEPLOY_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    compiled: list[object] = []
+    original = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: compiled.append(kw) or original(m, **kw))
+    for name, extra in (("eager", ()), ("compiled", ("--compile",))):
+        res = denoise(cnn3_checkpoint, str(tmp_path / "in"), "-o", str(tmp_path / name), *extra)
+        assert res.exit_code == 0, res.output
+    assert compiled == [{"dynamic": False}]
+    assert (tmp_path / "cache" / "inductor").is_dir()
+    for p in inputs:
+        a = read_micrograph(tmp_path / "eager" / p.name).data
+        b = read_micrograph(tmp_path / "compiled" / p.name).data
+        assert float(np.abs(a - b).max()) <= 1e-5 * float(np.abs(a).max())
