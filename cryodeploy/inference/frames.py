@@ -274,8 +274,6 @@ class DeviceFrames(HostFrames):
         copy out) and ``buffers`` pinned host buffers of its float32 size made for the reader and
         writer threads, so the files pay none of it (kernels load on first use, pinning memory
         takes milliseconds per megabyte); returns the seconds. A failure is left to the files."""
-        from cryodeploy.imaging.device import header_stats
-
         torch = self._torch
         t0 = time.perf_counter()
         gen = torch.Generator(self.device).manual_seed(0)
@@ -289,16 +287,12 @@ class DeviceFrames(HostFrames):
         engine.arrays.sync()
         if task.error is not None:
             return time.perf_counter() - t0
-        spares = [torch.empty(frame.numel() * 4, dtype=torch.uint8, pin_memory=self._cuda)
-                  for _ in range(max(buffers, 1))]
-        with self._on_stream():
-            y = self.contract.finish(task.output(), p.stats)
-            for dtype, name in ((torch.float32, "float32"), (torch.float16, "float16")):
-                data = y.to(dtype)
-                header_stats(data, "warm-up", name, y)
-                host = spares[0][: data.numel() * data.element_size()].view(dtype).view(data.shape)
-                host.copy_(data, non_blocking=True)
-        self._sync()
+        for dtype in ("float32", "float16"):  # both casts; this thread's buffer is then float32-sized
+            self._to_host([task.output()], [p.stats], False, dtype, False, "warm-up")
+        loc = self._thread_state()
+        spares = [loc.buffer, *(torch.empty(frame.numel() * 4, dtype=torch.uint8, pin_memory=self._cuda)
+                                for _ in range(buffers - 1))]
+        loc.buffer = torch.empty(0, dtype=torch.uint8)  # this thread writes no files: the buffer goes on
         with self._spare_lock:
             self._spare.extend(spares)
         return time.perf_counter() - t0
@@ -366,8 +360,6 @@ class DeviceFrames(HostFrames):
         dtype: str, fmt: str, keep_normalized: bool, protect: tuple[Path, ...], label: str,
     ) -> None:
         """De-normalize, cast and take the header statistics on the device; write header + bytes."""
-        from cryodeploy.imaging.device import header_stats
-
         if self.filters is not None and self.filters.filters_after:
             with self._on_stream():
                 finished = (self.contract.finish(y, s, keep_normalized=keep_normalized)
@@ -375,15 +367,24 @@ class DeviceFrames(HostFrames):
                 outputs = [self.filters.after(y, header, self._ops) for y in finished]
             keep_normalized = True  # in their final scale now: written as they are
         if fmt != "mrc":  # other formats take numpy arrays
-            host = [self.to_numpy(y) for y in outputs]
-            super().write(path, host, stats, header, dtype, fmt, keep_normalized, protect, label)
+            arrays = [self.to_numpy(y) for y in outputs]
+            super().write(path, arrays, stats, header, dtype, fmt, keep_normalized, protect, label)
             return
+        host, head = self._to_host(outputs, stats, header.is_stack, dtype, keep_normalized, path)
+        write_raw_micrograph(path, host, head, header, protect, label)
+
+    def _to_host(self, outputs: list[Any], stats: list[NormStats], stack: bool, dtype: str,
+                 keep_normalized: bool, path: object) -> tuple[np.ndarray, tuple[float, float, float, float]]:
+        """The outputs de-normalized, stacked (``stack``) and cast to ``dtype`` on the device, with their
+        header statistics; copied into this thread's pinned buffer (valid until its next use)."""
+        from cryodeploy.imaging.device import header_stats
+
         torch = self._torch
         tdtype = torch.float16 if dtype == "float16" else torch.float32
         with self._on_stream():
             frames = [self.contract.finish(y, s, keep_normalized=keep_normalized)
                       for y, s in zip(outputs, stats, strict=True)]
-            data32 = torch.stack(frames) if header.is_stack else frames[0]
+            data32 = torch.stack(frames) if stack else frames[0]
             data = data32.to(tdtype)
             head = header_stats(data, path, dtype, data32)
             del frames, data32
@@ -391,7 +392,7 @@ class DeviceFrames(HostFrames):
             host = buf[: data.numel() * data.element_size()].view(tdtype).view(data.shape)
             host.copy_(data, non_blocking=True)
         self._sync()
-        write_raw_micrograph(path, host.numpy(), head, header, protect, label)
+        return host.numpy(), head
 
     def to_numpy(self, x: Any) -> np.ndarray:
         """``x`` copied to the host."""
