@@ -71,12 +71,11 @@ step inputs20 120 fs inputs "$work/in20" --count 20 --size 4096
 step choose_variant 240 python3 - "$model" "$out/variant_choice.json" <<'PY'
 import json, sys, time
 from cryodeploy.backends.sources import load_source
-from cryodeploy.files import cache_root
-from cryodeploy.inference.variants import _cache_key, default_variant
+from cryodeploy.inference.variants import cache_path, default_variant
 t0 = time.perf_counter()
 source = load_source(sys.argv[1])
 chosen = default_variant(source, "cuda")
-record = json.loads((cache_root("variants") / f"{_cache_key(source, 'cuda')}.json").read_text())
+record = json.loads(cache_path(source, "cuda").read_text())
 r = {"chosen": chosen.label, "precision": chosen.precision, "extra": chosen.extra,
      "seconds": time.perf_counter() - t0, "trials": record["trials"]}
 json.dump(r, open(sys.argv[2], "w"), indent=2, default=str); print(r)

@@ -14,6 +14,7 @@ import json
 import logging
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -24,7 +25,7 @@ from cryodeploy.files import atomic_write, cache_root
 if TYPE_CHECKING:
     from cryodeploy.models.source import ModelSource
 
-__all__ = ["CANDIDATES", "COMPILE", "FP16_RTOL", "Trial", "choose_variant", "default_variant",
+__all__ = ["CANDIDATES", "FP16_RTOL", "Trial", "cache_path", "choose_variant", "default_variant",
            "measure_variants"]
 
 log = logging.getLogger(__name__)
@@ -37,12 +38,11 @@ CANDIDATES: tuple[tuple[str, str, str, tuple[tuple[str, Any], ...]], ...] = (
     ("CUDA graphs fp16", "torch", "fp16", (("cuda_graphs", True),)),
     ("fused Triton fp16", "fused", "fp16", ()),
 )
-#: Not a candidate, opt-in (``compile=True``, ``denoise --compile``): its faster forward (the default
-#: U-Net at 2048^2 on an H200: 5.7 ms against 8.3 ms with CUDA graphs, 2026-12-02) saves nothing in a
-#: file run bound by the disk (20 x 4096^2: 0.79-0.96 s against eager fp16's 0.78-0.84 s), while each
-#: process pays its tracing and cache loading (start-up 14.8 s to the first output, 23.9 s the first
-#: time; process wall for 20 files 24-27 s against 12-14 s). It pays in long in-memory loops.
-COMPILE = ("torch.compile fp16", "torch", "fp16", (("compile", True),))
+# torch.compile is not a candidate but opt-in (``compile=True``, ``denoise --compile``): its faster
+# forward (the default U-Net at 2048^2 on an H200: 5.7 ms against 8.3 ms with CUDA graphs, 2026-12-02)
+# saves nothing in a file run bound by the disk (20 x 4096^2: 0.79-0.96 s against eager fp16's
+# 0.78-0.84 s), while each process pays its tracing and cache loading (start-up 14.8 s to the first
+# output, 23.9 s the first time; process wall for 20 files 24-27 s against 12-14 s).
 #: fp32 variants must match eager fp32 to this (relative to the output's largest magnitude)
 FP32_RTOL = 1e-5
 #: fp16 variants: a sanity bound on top of the PSNR gate (fp16 has ~1e-3 relative resolution)
@@ -136,34 +136,36 @@ def _median_ms(backend: Any, x: np.ndarray, repeats: int, cuda: bool) -> float:
     the device, outside the timing), else of ``backend.run(x)`` with its host copies; in ms."""
     import statistics
 
-    call = lambda: backend.run(x)  # noqa: E731
+    arg: Any = x
+    forward = backend.run
     if cuda:
         import torch
 
         if backend.device_resident:
-            dev = torch.from_numpy(x).to(backend.device)
-            backend.run_device(dev)  # this path's own first call (graph capture for this shape)
-            call = lambda: backend.run_device(dev)  # noqa: E731
+            forward, arg = backend.run_device, torch.from_numpy(x).to(backend.device)
+            forward(arg)  # this path's own first call (graph capture for this shape)
     times = []
     for _ in range(repeats):
         if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        call()
+        forward(arg)
         if cuda:
             torch.cuda.synchronize()
         times.append((time.perf_counter() - t0) * 1e3)
     return float(statistics.median(times))
 
 
-def _cache_key(source: ModelSource, device: str) -> str:
+def cache_path(source: ModelSource, device: str) -> Path:
+    """Where :func:`default_variant` keeps its record for ``source`` on ``device`` (``chosen`` and every
+    ``trials`` entry, JSON), keyed by the model's sha256, the device's name and the torch version."""
     import hashlib
 
     import torch
 
     name = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else "cpu"
     text = json.dumps([_CACHE_FORMAT, source.sha256, name, torch.__version__])
-    return hashlib.sha256(text.encode()).hexdigest()[:24]
+    return cache_root("variants") / f"{hashlib.sha256(text.encode()).hexdigest()[:24]}.json"
 
 
 def default_variant(source: ModelSource, device: str) -> Trial:
@@ -172,7 +174,7 @@ def default_variant(source: ModelSource, device: str) -> Trial:
 
     if not device.startswith("cuda") or not torch.cuda.is_available():  # no GPU: the backend says why
         return Trial("eager fp32", "auto", "fp32", (), None)
-    path = cache_root("variants") / f"{_cache_key(source, device)}.json"
+    path = cache_path(source, device)
     try:
         d = json.loads(path.read_text())
         return Trial(**{**d["chosen"], "extra": tuple(tuple(e) for e in d["chosen"]["extra"])})
