@@ -40,13 +40,16 @@ if str(ROOT) not in sys.path:
 
 #: name -> (U-Net base_channels, depth, peak lr[, loss]). Depth 3: receptive radius 52 px, depth 4: 108 px
 #: (any image of >= 2 strides runs; the 160^2 split halves of 320^2 particle images too). As float32
-#: safetensors base 16 d4 and base 32 d3 take 7.8 MB, base 20 d4 12 MB, base 24 d4 18 MB. Loss: "mse"
-#: (the default) or "psnr" (:func:`~cryodeploy.training.objectives.psnr_weighted_mse`: each crop
-#: counts as the per-image PSNR of the acceptance counts it, instead of by its normalized error).
+#: safetensors base 16 d4 and base 32 d3 take 7.8 MB, base 18 d4 9.9 MB, base 20 d4 12 MB, base 24 d4 18 MB.
+#: Loss: "mse" (the default) or "psnr" (:func:`~cryodeploy.training.objectives.psnr_weighted_mse`:
+#: each crop counts as the per-image PSNR of the acceptance counts it, instead of by its normalized
+#: error). ``--init`` from a narrower U-Net of the same depth grows it
+#: (:func:`~cryodeploy.models.unet.widen_unet`: the same function, new channels to train).
 CANDIDATES: dict[str, tuple[Any, ...]] = {
     "unet_b24d3": (24, 3, 5e-4), "unet_b32d3": (32, 3, 5e-4), "unet_b32d3_lr1e3": (32, 3, 1e-3),
     "unet_b16d4": (16, 4, 5e-4), "unet_b20d4": (20, 4, 5e-4), "unet_b24d4": (24, 4, 5e-4),
-    "unet_b16d4_psnr": (16, 4, 5e-4, "psnr"), "unet_b20d4_psnr": (20, 4, 5e-4, "psnr")}
+    "unet_b16d4_psnr": (16, 4, 5e-4, "psnr"), "unet_b18d4_psnr": (18, 4, 5e-4, "psnr"),
+    "unet_b20d4_psnr": (20, 4, 5e-4, "psnr"), "unet_b24d4_psnr": (24, 4, 5e-4, "psnr")}
 VAL_SEED = 7001
 TRAIN_SEED = 1
 
@@ -76,6 +79,26 @@ def candidate_init(spec: str | None, name: str) -> str | None:
     return pairs.get(name)
 
 
+def start_from(init: str, net: Any, spec: Any) -> tuple[Any, Any, bool]:
+    """``net`` (built from ``spec``) with checkpoint ``init``'s weights, or ``init``'s U-Net grown to
+    ``spec``'s width when it is a narrower one of the same depth; returns (net, init's spec, grown)."""
+    from cryodeploy.models.checkpoint import load_checkpoint
+    from cryodeploy.models.unet import widen_unet
+    from cryodeploy.training.finetune import init_path
+
+    start, start_spec = load_checkpoint(init_path(init))
+    base, depth = spec.params["base_channels"], spec.params["depth"]
+    narrower = (start_spec.architecture == spec.architecture == "unet"
+                and start_spec.params.get("depth") == depth and start_spec.params["base_channels"] < base)
+    if narrower:  # the same function, new channels to train
+        return widen_unet(start, base), start_spec, True
+    if (start_spec.architecture, start_spec.params) != (spec.architecture, spec.params):
+        raise SystemExit(f"--init {init}: {start_spec.architecture} {start_spec.params} "
+                         f"is neither {spec.params} nor a narrower U-Net of depth {depth}")
+    net.load_state_dict(start.state_dict())
+    return net, start_spec, False
+
+
 def train_worker(a: argparse.Namespace) -> None:
     """Train one candidate until the deadline; keep the best by validation PSNR."""
     import numpy as np
@@ -84,7 +107,7 @@ def train_worker(a: argparse.Namespace) -> None:
     from cryodeploy._version import __version__
     from cryodeploy.imaging.normalize import NormSpec
     from cryodeploy.models import ModelSpec, build_model
-    from cryodeploy.models.checkpoint import load_checkpoint, save_checkpoint
+    from cryodeploy.models.checkpoint import save_checkpoint
     from cryodeploy.training.objectives import psnr_weighted_mse
     from cryodeploy.training.simsource import SimSource, batch_psnr, sim_batches, sim_images
 
@@ -115,13 +138,9 @@ def train_worker(a: argparse.Namespace) -> None:
         from cryodeploy.files import file_sha256
         from cryodeploy.training.finetune import init_path
 
-        start, start_spec = load_checkpoint(init_path(init))
-        if start_spec.architecture != spec.architecture or start_spec.params != spec.params:
-            raise SystemExit(f"--init {init}: {start_spec.architecture} {start_spec.params} "
-                             f"is not {spec.params}")
-        net.load_state_dict(start.state_dict())
+        net, start_spec, narrower = start_from(init, net, spec)
         recipe["init"] = {"from": str(init), "sha256": file_sha256(init_path(init)),
-                          "training": start_spec.training}
+                          "params": start_spec.params, "widened": narrower, "training": start_spec.training}
     net = net.to(dev)
     if cuda:
         net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["UNet", "unet_receptive_radius"]
+__all__ = ["UNet", "unet_receptive_radius", "widen_unet"]
 
 
 _CONV: dict[int, type[nn.Module]] = {2: nn.Conv2d, 3: nn.Conv3d}
@@ -72,3 +72,39 @@ class UNet(nn.Module):
         for dec, skip in zip(self.dec, reversed(skips), strict=True):
             h = dec(torch.cat([self.up(h), skip], dim=1))
         return x + self.out(h)
+
+
+def _convs(net: UNet) -> list[nn.Conv2d | nn.Conv3d]:
+    """``net``'s convolutions in order: encoder levels, bottleneck, decoder levels, output."""
+    return [m for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d))]
+
+
+def widen_unet(net: UNet, base_channels: int) -> UNet:
+    """A :class:`UNet` of ``base_channels`` (>= ``net``'s, same depth and dims) that computes exactly
+    what ``net`` does: its old channels keep their weights and read only old channels, the new
+    channels start from a fresh initialization and are read by nothing until training moves the
+    (zero) weights that lead out of them. Lets a trained model grow in capacity without starting over."""
+    old_convs = _convs(net)
+    old_base = old_convs[0].out_channels
+    if base_channels < old_base:
+        raise ValueError(f"widen_unet: base_channels {base_channels} is below the model's {old_base}")
+    wide = UNet(base_channels, net.depth, old_convs[0].weight.dim() - 2)
+    old_ch = [old_base * 2**i for i in range(net.depth + 1)]
+    new_ch = [base_channels * 2**i for i in range(net.depth + 1)]
+    # where each conv's old input channels sit among its new ones, in _convs order
+    ins: list[list[int]] = [[0]]
+    for level in range(net.depth + 1):  # encoder levels, then the bottleneck
+        ins += [] if level == 0 else [list(range(old_ch[level - 1]))]
+        ins += [list(range(old_ch[level]))]
+    for level in reversed(range(net.depth)):  # decoder input: [upsampled level + 1, skip of level]
+        ins += [list(range(old_ch[level + 1])) + [new_ch[level + 1] + j for j in range(old_ch[level])]]
+        ins += [list(range(old_ch[level]))]
+    ins += [list(range(old_ch[0]))]
+    with torch.no_grad():
+        for new, old, cols in zip(_convs(wide), old_convs, ins, strict=True):
+            n = old.out_channels
+            new.weight[:n] = 0.0
+            new.weight[:n, cols] = old.weight
+            if new.bias is not None and old.bias is not None:
+                new.bias[:n] = old.bias
+    return wide

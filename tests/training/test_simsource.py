@@ -93,6 +93,33 @@ def test_candidate_init_per_candidate() -> None:
         td.candidate_init("nope=default", "unet_b32d3")
 
 
+def test_start_from_loads_or_grows_the_checkpoint(tmp_path: Path) -> None:
+    """--init with the candidate's own architecture loads it; a narrower U-Net of the same depth is
+    grown to the candidate's width computing the same; anything else is refused."""
+    from cryodeploy.models import ModelSpec, build_model
+    from cryodeploy.models.checkpoint import save_checkpoint
+
+    td = _train_default()
+    torch.manual_seed(0)
+    small = ModelSpec("unet", {"base_channels": 4, "depth": 2})
+    trained = build_model(small)
+    ckpt = tmp_path / "small.safetensors"
+    save_checkpoint(ckpt, trained, small)
+    x = torch.randn(1, 1, 32, 32, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want = trained(x)
+    for base, grown in ((4, False), (6, True)):
+        spec = ModelSpec("unet", {"base_channels": base, "depth": 2})
+        net, start_spec, widened = td.start_from(str(ckpt), build_model(spec), spec)
+        assert (widened, start_spec.params, net.enc[0][0].out_channels) == (grown, small.params, base)
+        with torch.no_grad():
+            assert float((net(x) - want).abs().max()) <= 1e-5 * float(want.abs().max())
+    for params in ({"base_channels": 6, "depth": 3}, {"base_channels": 2, "depth": 2}):
+        spec = ModelSpec("unet", params)
+        with pytest.raises(SystemExit, match="is neither"):
+            td.start_from(str(ckpt), build_model(spec), spec)
+
+
 def test_sim_source_refuses_bad_geometry() -> None:
     with pytest.raises(ConfigError, match="crop 200 px does not fit"):
         SimSource(SimConfig(shape=(96, 96)), crop=200)
@@ -150,5 +177,5 @@ def test_default_recipe_trains_a_loadable_model_that_denoises(tmp_path: Path, mo
     assert ft["training"]["init"]["sha256"] == file_sha256(run / "best.safetensors")
     assert ft["training"]["init"]["training"]["step"] == spec["training"]["step"]
     monkeypatch.setitem(td.CANDIDATES, "tiny", (4, 2, 3e-3))
-    with pytest.raises(SystemExit, match="is not"):
+    with pytest.raises(SystemExit, match="is neither"):
         td.train_worker(argparse.Namespace(**{**vars(again), "lr": 0.0}))
