@@ -126,6 +126,7 @@ def train_worker(a: argparse.Namespace) -> None:
               "loss": loss_name, "optimizer": "adamw", "lr": a.lr, "weight_decay": a.weight_decay,
               "schedule": "linear warm-up 3% then cosine to 2% of lr, over the wall-clock budget",
               "precision": "bf16" if cuda else "fp32", "grad_clip": 1.0, "seconds": a.seconds,
+              **({"ema_decay": a.ema} if a.ema > 0 else {}),
               "validation": {"seed": VAL_SEED, "count": a.val_count, "size": a.val_size,
                              "metric": "mean psnr"}}
     versions = {"cryodeploy": __version__, "torch": torch.__version__, "numpy": np.__version__}
@@ -149,13 +150,19 @@ def train_worker(a: argparse.Namespace) -> None:
     amp = torch.bfloat16 if cuda else None
     vx, vy = sim_images(_sim_config(a.val_size), a.val_count, VAL_SEED, dev)
 
+    # with --ema the weights validated and kept are an exponential moving average of the trained ones
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(a.ema)) if a.ema > 0 else None
+    kept = ema.module if ema is not None else net
+
     def validate() -> float:
-        net.eval()
+        kept.eval()
         scores = []
         with torch.no_grad(), torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
             for i in range(0, vx.shape[0], 4):
-                scores.append(batch_psnr(net(vx[i:i + 4]).float(), vy[i:i + 4]))
-        net.train()
+                scores.append(batch_psnr(kept(vx[i:i + 4]).float(), vy[i:i + 4]))
+        kept.train()
         return float(torch.cat(scores).mean())
 
     deadline = a.deadline
@@ -181,6 +188,8 @@ def train_worker(a: argparse.Namespace) -> None:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
             opt.step()
+            if ema is not None:
+                ema.update_parameters(net)
             step += 1
             loss_acc += float(loss.detach()) if step % 25 == 0 else 0.0
             n_acc += step % 25 == 0
@@ -199,7 +208,7 @@ def train_worker(a: argparse.Namespace) -> None:
                     training = {**recipe, "step": step, "val_psnr": val, "samples": step * a.batch}
                     best_spec = ModelSpec("unet", spec.params, normalization=NormSpec(), training=training,
                                           versions=versions)
-                    save_checkpoint(out / "best.safetensors", net, best_spec)
+                    save_checkpoint(out / "best.safetensors", kept, best_spec)
                 if final:
                     break
     finally:
@@ -310,13 +319,15 @@ def main() -> None:
                    "candidates, never chosen")
     p.add_argument("--redraws", type=int, default=0, help="steps each simulation serves again at fresh doses")
     p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--ema", type=float, default=0.0, help="keep an exponential moving average of the weights "
+                   "with this decay (e.g. 0.999) and validate and save it instead (0: off)")
     p.add_argument("--val-count", type=int, default=16)
     p.add_argument("--val-size", type=int, default=512)
     p.add_argument("--val-every", type=float, default=30.0, help="seconds between validations")
     p.add_argument("--val-reserve", type=float, default=5.0, help="seconds kept for the last validation")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: time only)")
     p.add_argument("--eval-size", type=int, default=1024)
-    p.add_argument("--eval-count", type=int, default=8)
+    p.add_argument("--eval-count", type=int, default=32)
     p.add_argument("--quick", action="store_true", help="tiny sizes for a CPU smoke run")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--deadline", type=float, default=0.0, help=argparse.SUPPRESS)

@@ -152,7 +152,7 @@ def test_default_recipe_trains_a_loadable_model_that_denoises(tmp_path: Path, mo
     args = argparse.Namespace(worker="tiny", out=str(tmp_path), device="cpu", sim_size=128, crop=64,
                               crops_per_image=2, batch=4, lr=0.0, weight_decay=1e-4, seconds=600.0,
                               val_count=2, val_size=128, val_every=1e9, val_reserve=0.0, max_steps=25,
-                              deadline=time.time() + 600.0, init=None, redraws=0)
+                              deadline=time.time() + 600.0, init=None, redraws=0, ema=0.0)
     td.train_worker(args)
     run = tmp_path / "candidates" / "tiny"
     summary = json.loads((run / "summary.json").read_text())
@@ -179,3 +179,24 @@ def test_default_recipe_trains_a_loadable_model_that_denoises(tmp_path: Path, mo
     monkeypatch.setitem(td.CANDIDATES, "tiny", (4, 2, 3e-3))
     with pytest.raises(SystemExit, match="is neither"):
         td.train_worker(argparse.Namespace(**{**vars(again), "lr": 0.0}))
+
+
+def test_ema_keeps_the_averaged_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--ema: the checkpoint holds the moving average, not the last weights. With a decay of ~1 the
+    average stays at its first value (the weights after step 1), so three steps with it save what one
+    step without it does, while three steps without it save something else."""
+    from cryodeploy.models.checkpoint import load_checkpoint
+
+    td = _train_default()
+    monkeypatch.setitem(td.CANDIDATES, "tiny", (4, 2, 3e-3))
+    base = dict(worker="tiny", device="cpu", sim_size=96, crop=32, crops_per_image=2, batch=2, lr=0.0,
+                weight_decay=1e-4, seconds=600.0, val_count=1, val_size=64, val_every=1e9, val_reserve=0.0,
+                deadline=time.time() + 600.0, init=None, redraws=0)
+    weights = {}
+    for label, steps, ema in (("one", 1, 0.0), ("three", 3, 0.0), ("three_ema", 3, 1.0 - 1e-9)):
+        td.train_worker(argparse.Namespace(**base, out=str(tmp_path / label), max_steps=steps, ema=ema))
+        model, spec = load_checkpoint(tmp_path / label / "candidates" / "tiny" / "best.safetensors")
+        weights[label] = torch.cat([p.detach().flatten() for p in model.parameters()])
+        assert ("ema_decay" in spec.training) == (ema > 0)
+    assert torch.allclose(weights["three_ema"], weights["one"], rtol=0, atol=1e-6)
+    assert float((weights["three"] - weights["one"]).abs().max()) > 1e-4
