@@ -11,9 +11,10 @@ image's robust statistics exactly as the runner does, applied to noisy and clean
 random crops), MSE (or, for a candidate whose loss is "psnr", MSE weighted per crop
 like per-image PSNR), AdamW with a linear warm-up and a cosine decay over the time budget, bf16
 autocast on CUDA, gradient clipping. A fixed held-out simulated validation set (its own seed)
-is scored by PSNR against the exact clean images every ``--val-every`` seconds and at the end;
-the best is kept as ``candidates/NAME/best.safetensors`` + ``.json`` (a normal checkpoint, the
-recipe in its ``training`` field). Then all candidates, identity, the best Gaussian and (with
+is scored by PSNR against the exact clean images every ``--val-every`` seconds and at the end
+(with ``--ema``, a moving average of the weights is what is scored and kept); the best is kept as
+``candidates/NAME/best.safetensors`` + ``.json`` (a normal checkpoint, the recipe in its ``training``
+field). Then all candidates, identity, the best Gaussian and (with
 ``TOPAZ=1``) Topaz-Denoise's unet go through ``benchmarks/bench_quality.py``; the choice is made
 by split gain on the real images plus mean PSNR on held-out simulation (never against real sums)
 among the candidates that are never below identity, and copied to ``OUT/default/``.
