@@ -60,10 +60,25 @@ TRAIN_SEED = 1
 TRAIN_SIM = {"pixel_size_a": (0.5, 3.5), "dose_e_per_px": (3.0, 150.0)}
 
 
-def _sim_config(size: int) -> Any:
+def _sim_config(size: int, pixel_size: str | None = None, dose: str | None = None) -> Any:
+    """The training simulation; ``pixel_size`` / ``dose`` (``"LO,HI"``) replace :data:`TRAIN_SIM`'s
+    ranges (the validation set always uses :data:`TRAIN_SIM`, so runs stay comparable)."""
+    from cryodeploy.errors import ConfigError
     from cryodeploy.imaging.simulate import SimConfig
 
-    return SimConfig(shape=(size, size), **TRAIN_SIM)
+    ranges: dict[str, Any] = dict(TRAIN_SIM)
+    options = (("--pixel-size", "pixel_size_a", pixel_size), ("--dose", "dose_e_per_px", dose))
+    for option, field, text in options:
+        if text is not None:
+            try:
+                lo, hi = (float(v) for v in text.split(","))
+            except ValueError:
+                raise SystemExit(f"{option} {text!r}: expected LO,HI (two numbers)") from None
+            ranges[field] = (lo, hi)
+    try:
+        return SimConfig(shape=(size, size), **ranges)
+    except ConfigError as err:
+        raise SystemExit(str(err)) from None
 
 
 def candidate_init(spec: str | None, name: str) -> str | None:
@@ -120,8 +135,8 @@ def train_worker(a: argparse.Namespace) -> None:
     base, depth, peak, *rest = CANDIDATES[a.worker]
     loss_name = rest[0] if rest else "mse"
     a.lr = a.lr or peak
-    source = SimSource(_sim_config(a.sim_size), crop=a.crop, crops_per_image=a.crops_per_image, batch=a.batch,
-                       seed=TRAIN_SEED, redraws=a.redraws)
+    source = SimSource(_sim_config(a.sim_size, a.pixel_size, a.dose), crop=a.crop,
+                       crops_per_image=a.crops_per_image, batch=a.batch, seed=TRAIN_SEED, redraws=a.redraws)
     recipe = {"recipe": "supervised on on-the-fly simulation (models/train_default.py)",
               "source": source.to_dict(),
               "loss": loss_name, "optimizer": "adamw", "lr": a.lr, "weight_decay": a.weight_decay,
@@ -320,6 +335,10 @@ def main() -> None:
                    "candidates, never chosen")
     p.add_argument("--redraws", type=int, default=0, help="steps each simulation serves again at fresh doses")
     p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--pixel-size", default=None, help=f"LO,HI A/px of the training simulation (default "
+                   f"{','.join(map(str, TRAIN_SIM['pixel_size_a']))})")
+    p.add_argument("--dose", default=None, help=f"LO,HI e-/px of the training simulation (default "
+                   f"{','.join(map(str, TRAIN_SIM['dose_e_per_px']))})")
     p.add_argument("--ema", type=float, default=0.0, help="keep an exponential moving average of the weights "
                    "with this decay (e.g. 0.999) and validate and save it instead (0: off)")
     p.add_argument("--val-count", type=int, default=16)

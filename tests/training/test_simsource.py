@@ -120,6 +120,18 @@ def test_start_from_loads_or_grows_the_checkpoint(tmp_path: Path) -> None:
             td.start_from(str(ckpt), build_model(spec), spec)
 
 
+def test_training_simulation_ranges() -> None:
+    """--pixel-size / --dose replace the training simulation's ranges; nonsense is a one-line exit."""
+    td = _train_default()
+    assert td._sim_config(64).pixel_size_a == td.TRAIN_SIM["pixel_size_a"]
+    cfg = td._sim_config(64, "0.5,2.5", "4,100")
+    assert (cfg.pixel_size_a, cfg.dose_e_per_px, cfg.shape) == ((0.5, 2.5), (4.0, 100.0), (64, 64))
+    with pytest.raises(SystemExit, match=r"--dose '4': expected LO,HI"):
+        td._sim_config(64, None, "4")
+    with pytest.raises(SystemExit, match="dose_e_per_px"):
+        td._sim_config(64, None, "100,4")
+
+
 def test_sim_source_refuses_bad_geometry() -> None:
     with pytest.raises(ConfigError, match="crop 200 px does not fit"):
         SimSource(SimConfig(shape=(96, 96)), crop=200)
@@ -152,7 +164,8 @@ def test_default_recipe_trains_a_loadable_model_that_denoises(tmp_path: Path, mo
     args = argparse.Namespace(worker="tiny", out=str(tmp_path), device="cpu", sim_size=128, crop=64,
                               crops_per_image=2, batch=4, lr=0.0, weight_decay=1e-4, seconds=600.0,
                               val_count=2, val_size=128, val_every=1e9, val_reserve=0.0, max_steps=25,
-                              deadline=time.time() + 600.0, init=None, redraws=0, ema=0.0)
+                              deadline=time.time() + 600.0, init=None, redraws=0, ema=0.0,
+                              pixel_size=None, dose=None)
     td.train_worker(args)
     run = tmp_path / "candidates" / "tiny"
     summary = json.loads((run / "summary.json").read_text())
@@ -191,7 +204,7 @@ def test_ema_keeps_the_averaged_weights(tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.setitem(td.CANDIDATES, "tiny", (4, 2, 3e-3))
     base = dict(worker="tiny", device="cpu", sim_size=96, crop=32, crops_per_image=2, batch=2, lr=0.0,
                 weight_decay=1e-4, seconds=600.0, val_count=1, val_size=64, val_every=1e9, val_reserve=0.0,
-                deadline=time.time() + 600.0, init=None, redraws=0)
+                deadline=time.time() + 600.0, init=None, redraws=0, pixel_size=None, dose=None)
     weights = {}
     for label, steps, ema in (("one", 1, 0.0), ("three", 3, 0.0), ("three_ema", 3, 1.0 - 1e-9)):
         td.train_worker(argparse.Namespace(**base, out=str(tmp_path / label), max_steps=steps, ema=ema))
