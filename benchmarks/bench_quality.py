@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import subprocess
@@ -124,7 +125,8 @@ def paired_gain(method: list[float], baseline: list[float]) -> tuple[float, floa
     """Mean per-image PSNR gain of a method over a baseline on the same images, and its standard error
     (the images differ far more from each other than the methods do, so the gain is judged paired)."""
     d = np.asarray(method, dtype=np.float64) - np.asarray(baseline, dtype=np.float64)
-    return float(d.mean()), float(d.std(ddof=1) / np.sqrt(d.size)) if d.size > 1 else float("nan")
+    se = float(d.std(ddof=1) / np.sqrt(d.size)) if d.size > 1 else math.nan
+    return float(d.mean()), se
 
 
 def split_gain(fa: np.ndarray, fb: np.ndarray, a: np.ndarray, b: np.ndarray) -> float:
@@ -296,8 +298,8 @@ def markdown(result: dict[str, Any]) -> str:
             if name in ("identity", "constant", "gaussian") or "error" in row:
                 continue
             gains = [paired_gain(row[k], gauss[k]) for k in keys]
-            lines.append(f"| {name} | " + " | ".join(f"{g:+.2f} ± {se:.2f}" if se == se else f"{g:+.2f}"
-                                                     for g, se in gains) + " |")
+            cells = [f"{g:+.2f}" if math.isnan(se) else f"{g:+.2f} ± {se:.2f}" for g, se in gains]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

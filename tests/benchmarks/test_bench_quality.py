@@ -1,0 +1,48 @@
+"""benchmarks/bench_quality.py: the paired gain over the best Gaussian and its standard error, and a
+CPU run of the whole benchmark on small held-out micrographs."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _bench() -> Any:
+    spec = importlib.util.spec_from_file_location("bench_quality", ROOT / "benchmarks" / "bench_quality.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_paired_gain() -> None:
+    bq = _bench()
+    gain, se = bq.paired_gain([3.0, 5.0, 4.0], [1.0, 2.0, 3.0])  # differences 2, 3, 1
+    assert gain == pytest.approx(2.0) and se == pytest.approx(1.0 / math.sqrt(3.0))
+    gain, se = bq.paired_gain([2.0], [1.0])
+    assert gain == 1.0 and math.isnan(se)
+
+
+def test_benchmark_reports_every_image_and_the_paired_gain(tmp_path: Path) -> None:
+    bq = _bench()
+    bq.main(["--model", "default", "--size", "128", "--count", "3", "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "quality.json").read_text())
+    rows = result["methods"]
+    for dose in ("dose5", "dose20", "dose50"):
+        for name in ("identity", "gaussian", "default"):
+            images = rows[name][f"image_psnrs_{dose}"]
+            assert len(images) == 3 and rows[name][f"psnr_{dose}"] == pytest.approx(sum(images) / 3)
+        assert rows["gaussian"]["sigmas"][dose] in bq.SIM_SIGMAS
+        # the oracle Gaussian is never worse than identity (sigma 0.5 is nearly identity)
+        assert rows["gaussian"][f"psnr_{dose}"] >= rows["identity"][f"psnr_{dose}"]
+    gain, se = bq.paired_gain(rows["default"]["image_psnrs_dose20"], rows["gaussian"]["image_psnrs_dose20"])
+    assert gain > 0.0 and se > 0.0
+    d5, _ = bq.paired_gain(rows["default"]["image_psnrs_dose5"], rows["gaussian"]["image_psnrs_dose5"])
+    assert f"| default | {d5:+.2f} ± " in (tmp_path / "quality.md").read_text()
