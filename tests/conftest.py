@@ -98,7 +98,7 @@ def unet_onnx(unet_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -
 
 
 def load_plugin(path: Path, name: str) -> ModuleType:
-    """Import a plugin script (not a package module) from its file, as ``name``."""
+    """Import a plugin or other script (not a package module) from its file, as ``name``."""
     spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)

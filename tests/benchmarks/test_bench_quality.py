@@ -3,23 +3,19 @@ CPU run of the whole benchmark on small held-out micrographs."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import load_plugin
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _bench() -> Any:
-    spec = importlib.util.spec_from_file_location("bench_quality", ROOT / "benchmarks" / "bench_quality.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_plugin(ROOT / "benchmarks" / "bench_quality.py", "bench_quality")
 
 
 def test_paired_gain() -> None:

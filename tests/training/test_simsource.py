@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import time
 from pathlib import Path
@@ -12,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from conftest import load_plugin
 
 from cryodeploy.errors import ConfigError
 from cryodeploy.files import file_sha256
@@ -148,11 +148,7 @@ def test_batch_psnr_matches_metrics_psnr() -> None:
 
 
 def _train_default() -> Any:
-    spec = importlib.util.spec_from_file_location("train_default", ROOT / "models" / "train_default.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_plugin(ROOT / "models" / "train_default.py", "train_default")
 
 
 def test_default_recipe_trains_a_loadable_model_that_denoises(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
