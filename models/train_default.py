@@ -347,7 +347,8 @@ def main() -> None:
     p.add_argument("--val-reserve", type=float, default=5.0, help="seconds kept for the last validation")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: time only)")
     p.add_argument("--eval-size", type=int, default=1024)
-    p.add_argument("--eval-count", type=int, default=32)
+    p.add_argument("--eval-count", type=int, default=32, help="held-out micrographs per dose for the choice "
+                   "(the acceptance, benchmarks/bench_quality.py, uses 128)")
     p.add_argument("--quick", action="store_true", help="tiny sizes for a CPU smoke run")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--deadline", type=float, default=0.0, help=argparse.SUPPRESS)

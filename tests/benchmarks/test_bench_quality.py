@@ -26,6 +26,15 @@ def test_paired_gain() -> None:
     assert gain == 1.0 and math.isnan(se)
 
 
+def test_topaz_timeout_grows_with_the_pixels() -> None:
+    import numpy as np
+
+    bq = _bench()
+    assert bq.topaz_timeout({}) == 300.0
+    stacks = {"dose5": np.zeros((128, 1024, 1024), np.float32), "real_A": np.zeros((7, 160, 160), np.float32)}
+    assert bq.topaz_timeout(stacks) == pytest.approx(300.0 + 10.0 * (128 * 1024**2 + 7 * 160**2) / 1e6)
+
+
 def test_benchmark_reports_every_image_and_the_paired_gain(tmp_path: Path) -> None:
     bq = _bench()
     bq.main(["--model", "default", "--size", "128", "--count", "3", "--out", str(tmp_path)])
