@@ -62,7 +62,14 @@ def _denoise(root: Path, outdir: Path, checkpoint: Path, *extra: str) -> subproc
     env = {k: v for k, v in os.environ.items() if k not in SHARD_VARS}
     cmd = [sys.executable, "-m", "cryodeploy", "denoise", str(root / "in"), "-o", str(outdir),
            "--model", str(checkpoint), "--backend", "torch", "--device", "cpu", *GEOMETRY, "-q", *extra]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # SIGINT at its default in the child: a shell's background job inherits it ignored, and Python
+    # then installs no KeyboardInterrupt handler (as for any `cmd &`, which Ctrl-C must not reach)
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=_default_sigint)
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _outputs(outdir: Path) -> dict[str, str]:

@@ -148,11 +148,16 @@ def test_ctrl_c_saves_resumable_state(store: Path, tmp_path: Path) -> None:
         if step == 3:
             os.kill(os.getpid(), signal.SIGINT)
 
-    with pytest.raises(KeyboardInterrupt):
-        train(store, tmp_path / "run", FAST, quiet=True, on_step=press_ctrl_c)
+    # Python's own Ctrl-C handler, whatever the runner inherited (a background job ignores SIGINT)
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train(store, tmp_path / "run", FAST, quiet=True, on_step=press_ctrl_c)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    finally:
+        signal.signal(signal.SIGINT, inherited)
     state = torch.load(tmp_path / "run" / "state.pt", weights_only=True)
     assert (state["epoch"], state["batch"], state["step"]) == (0, 3, 3)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
     train(store, tmp_path / "run", dataclasses.replace(FAST, resume=True), quiet=True)
     train(store, tmp_path / "full", FAST, quiet=True)
     assert _max_diff(tmp_path / "full" / "last.safetensors", tmp_path / "run" / "last.safetensors") == 0.0
