@@ -317,7 +317,8 @@ def orchestrate(a: argparse.Namespace) -> None:
     print(f"chosen: {chosen}  scores: {json.dumps(scores)}  wall {result['wall_seconds']:.0f} s")
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The run's options from ``argv`` (default: the command line), ``--quick`` applied."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=os.environ.get("OUT", "train_default_out"))
     p.add_argument("--minutes", type=float, default=5.0, help="training wall-clock budget from the start")
@@ -352,13 +353,18 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="tiny sizes for a CPU smoke run")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--deadline", type=float, default=0.0, help=argparse.SUPPRESS)
-    a = p.parse_args()
+    a = p.parse_args(argv)
     a.t0 = time.time()
     if a.quick:
         a.device, a.batch, a.crop, a.crops_per_image, a.sim_size = "cpu", 4, 64, 2, 128
         a.val_count, a.val_size, a.eval_size, a.eval_count = 2, 128, 128, 1
         a.minutes = min(a.minutes, 0.5)
     a.seconds = 60.0 * a.minutes
+    return a
+
+
+def main() -> None:
+    a = parse_args()
     if a.worker:
         train_worker(a)
     else:

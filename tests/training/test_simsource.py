@@ -151,17 +151,22 @@ def _train_default() -> Any:
     return load_plugin(ROOT / "models" / "train_default.py", "train_default")
 
 
+def _worker_args(td: Any, *argv: str) -> argparse.Namespace:
+    """The options of one CPU worker ("tiny") as the script parses them: ``argv`` on top of a 10-minute
+    budget, 2 crops per image, no validation until the end."""
+    return td.parse_args(["--worker", "tiny", "--device", "cpu", "--minutes", "10", "--crops-per-image", "2",
+                          "--val-every", "1e9", "--val-reserve", "0", "--deadline", str(time.time() + 600.0),
+                          *argv])
+
+
 def test_default_recipe_trains_a_loadable_model_that_denoises(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
                                                               ) -> None:
     from cryodeploy import Denoiser
 
     td = _train_default()
     monkeypatch.setitem(td.CANDIDATES, "tiny", (8, 2, 3e-3))  # the recipe's code, a CPU-sized U-Net
-    args = argparse.Namespace(worker="tiny", out=str(tmp_path), device="cpu", sim_size=128, crop=64,
-                              crops_per_image=2, batch=4, lr=0.0, weight_decay=1e-4, seconds=600.0,
-                              val_count=2, val_size=128, val_every=1e9, val_reserve=0.0, max_steps=25,
-                              deadline=time.time() + 600.0, init=None, redraws=0, ema=0.0,
-                              pixel_size=None, dose=None)
+    args = _worker_args(td, "--out", str(tmp_path), "--sim-size", "128", "--crop", "64", "--batch", "4",
+                        "--val-count", "2", "--val-size", "128", "--max-steps", "25")
     td.train_worker(args)
     run = tmp_path / "candidates" / "tiny"
     summary = json.loads((run / "summary.json").read_text())
@@ -198,12 +203,11 @@ def test_ema_keeps_the_averaged_weights(tmp_path: Path, monkeypatch: pytest.Monk
 
     td = _train_default()
     monkeypatch.setitem(td.CANDIDATES, "tiny", (4, 2, 3e-3))
-    base = dict(worker="tiny", device="cpu", sim_size=96, crop=32, crops_per_image=2, batch=2, lr=0.0,
-                weight_decay=1e-4, seconds=600.0, val_count=1, val_size=64, val_every=1e9, val_reserve=0.0,
-                deadline=time.time() + 600.0, init=None, redraws=0, pixel_size=None, dose=None)
     weights = {}
     for label, steps, ema in (("one", 1, 0.0), ("three", 3, 0.0), ("three_ema", 3, 1.0 - 1e-9)):
-        td.train_worker(argparse.Namespace(**base, out=str(tmp_path / label), max_steps=steps, ema=ema))
+        td.train_worker(_worker_args(td, "--out", str(tmp_path / label), "--sim-size", "96", "--crop", "32",
+                                     "--batch", "2", "--val-count", "1", "--val-size", "64",
+                                     "--max-steps", str(steps), "--ema", repr(ema)))
         model, spec = load_checkpoint(tmp_path / label / "candidates" / "tiny" / "best.safetensors")
         weights[label] = torch.cat([p.detach().flatten() for p in model.parameters()])
         assert ("ema_decay" in spec.training) == (ema > 0)
