@@ -3,6 +3,8 @@
 # Topaz is never a dependency of cryodeploy, and nothing of it is committed (.whl/ is ignored).
 #
 #   benchmarks/topaz_gpu_setup.sh prepare   # here (network): fill .whl/ with the wheels below
+#   TOPAZ_2D=1 benchmarks/topaz_gpu_setup.sh prepare   # the same less the 3-D denoisers (21 MB):
+#                                              # leaves room in a call for a larger model
 #   benchmarks/topaz_gpu_setup.sh           # on the GPU machine, from the repo root, .whl/ carried
 #
 # Wheel set (all installed with --no-deps; the GPU machine has python 3.12, torch, numpy, pandas,
@@ -25,14 +27,14 @@ if [[ "${1:-}" == "prepare" ]]; then
     mkdir -p "$WHL"
     "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -d "$WHL" \
         mrcfile starfile topaz-em==0.3.20 h5py
-    "$PY" - "$WHL" <<'EOF'
-import base64, hashlib, sys, zipfile
+    "$PY" - "$WHL" "${TOPAZ_2D:-0}" <<'EOF'
+import sys, zipfile
 from pathlib import Path
 
 whl = Path(sys.argv[1])
 src = whl / "topaz_em-0.3.20-py3-none-any.whl"
 dst = whl / "topaz_em-0.3.20-0denoise-py3-none-any.whl"
-drop = "topaz/pretrained/detector/"
+drop = ("topaz/pretrained/detector/",) + (("topaz/pretrained/denoise/unet-3d",) if sys.argv[2] == "1" else ())
 with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_DEFLATED) as zout:
     for info in zin.infolist():
         if info.filename.startswith(drop):

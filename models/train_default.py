@@ -44,13 +44,16 @@ if str(ROOT) not in sys.path:
 #: safetensors base 16 d4 and base 32 d3 take 7.8 MB, base 18 d4 9.9 MB, base 20 d4 12 MB, base 24 d4 18 MB.
 #: Loss: "mse" (the default) or "psnr" (:func:`~cryodeploy.training.objectives.psnr_weighted_mse`:
 #: each crop counts as the per-image PSNR of the acceptance counts it, instead of by its normalized
-#: error). ``--init`` from a narrower U-Net of the same depth grows it
-#: (:func:`~cryodeploy.models.unet.widen_unet`: the same function, new channels to train).
+#: error). A fifth entry caps the channels (``max_channels``; depth 5: receptive radius 220 px).
+#: ``--init`` from a narrower U-Net of the same depth grows it
+#: (:func:`~cryodeploy.models.unet.widen_unet`: the same function, new channels to train), from one
+#: of the same width one level shallower deepens it (:func:`~cryodeploy.models.unet.deepen_unet`).
 CANDIDATES: dict[str, tuple[Any, ...]] = {
     "unet_b24d3": (24, 3, 5e-4), "unet_b32d3": (32, 3, 5e-4), "unet_b32d3_lr1e3": (32, 3, 1e-3),
     "unet_b16d4": (16, 4, 5e-4), "unet_b20d4": (20, 4, 5e-4), "unet_b24d4": (24, 4, 5e-4),
     "unet_b16d4_psnr": (16, 4, 5e-4, "psnr"), "unet_b18d4_psnr": (18, 4, 5e-4, "psnr"),
-    "unet_b20d4_psnr": (20, 4, 5e-4, "psnr"), "unet_b24d4_psnr": (24, 4, 5e-4, "psnr")}
+    "unet_b20d4_psnr": (20, 4, 5e-4, "psnr"), "unet_b24d4_psnr": (24, 4, 5e-4, "psnr"),
+    "unet_b16d5c256_psnr": (16, 5, 5e-4, "psnr", 256)}
 VAL_SEED = 7001
 TRAIN_SEED = 1
 
@@ -97,20 +100,26 @@ def candidate_init(spec: str | None, name: str) -> str | None:
 
 def start_from(init: str, net: Any, spec: Any) -> tuple[Any, Any, bool]:
     """``net`` (built from ``spec``) with checkpoint ``init``'s weights, or ``init``'s U-Net grown to
-    ``spec``'s width when it is a narrower one of the same depth; returns (net, init's spec, grown)."""
+    ``spec``: widened when it is a narrower one of the same depth, deepened when it is one of the same
+    width one level shallower; returns (net, init's spec, grown)."""
     from cryodeploy.models.checkpoint import load_checkpoint
-    from cryodeploy.models.unet import widen_unet
+    from cryodeploy.models.unet import deepen_unet, widen_unet
     from cryodeploy.training.finetune import init_path
 
     start, start_spec = load_checkpoint(init_path(init))
-    base, depth = spec.params["base_channels"], spec.params["depth"]
-    narrower = (start_spec.architecture == spec.architecture == "unet"
-                and start_spec.params.get("depth") == depth and start_spec.params["base_channels"] < base)
-    if narrower:  # the same function, new channels to train
+    base, depth, cap = (spec.params[k] for k in ("base_channels", "depth", "max_channels"))
+    old = start_spec.params
+    unets = start_spec.architecture == spec.architecture == "unet" and not old["max_channels"]
+    if unets and old["depth"] == depth and old["base_channels"] < base:  # new channels to train
         return widen_unet(start, base), start_spec, True
+    if unets and old["depth"] == depth - 1 and old["base_channels"] == base:  # a new level to train
+        try:
+            return deepen_unet(start, cap), start_spec, True
+        except ValueError as err:
+            raise SystemExit(f"--init {init}: {err}") from None
     if (start_spec.architecture, start_spec.params) != (spec.architecture, spec.params):
-        raise SystemExit(f"--init {init}: {start_spec.architecture} {start_spec.params} "
-                         f"is neither {spec.params} nor a narrower U-Net of depth {depth}")
+        raise SystemExit(f"--init {init}: {start_spec.architecture} {start_spec.params} is neither "
+                         f"{spec.params}, a narrower U-Net of depth {depth} nor one of depth {depth - 1}")
     net.load_state_dict(start.state_dict())
     return net, start_spec, False
 
@@ -134,6 +143,7 @@ def train_worker(a: argparse.Namespace) -> None:
     out.mkdir(parents=True, exist_ok=True)
     base, depth, peak, *rest = CANDIDATES[a.worker]
     loss_name = rest[0] if rest else "mse"
+    cap = rest[1] if len(rest) > 1 else 0
     a.lr = a.lr or peak
     source = SimSource(_sim_config(a.sim_size, a.pixel_size, a.dose), crop=a.crop,
                        crops_per_image=a.crops_per_image, batch=a.batch, seed=TRAIN_SEED, redraws=a.redraws)
@@ -146,7 +156,8 @@ def train_worker(a: argparse.Namespace) -> None:
               "validation": {"seed": VAL_SEED, "count": a.val_count, "size": a.val_size,
                              "metric": "mean psnr"}}
     versions = {"cryodeploy": __version__, "torch": torch.__version__, "numpy": np.__version__}
-    spec = ModelSpec("unet", {"base_channels": base, "depth": depth}, normalization=NormSpec(),
+    spec = ModelSpec("unet", {"base_channels": base, "depth": depth, "max_channels": cap},
+                     normalization=NormSpec(),
                      training=recipe, versions=versions)
     torch.manual_seed(TRAIN_SEED)
     net = build_model(spec)
@@ -155,9 +166,9 @@ def train_worker(a: argparse.Namespace) -> None:
         from cryodeploy.files import file_sha256
         from cryodeploy.training.finetune import init_path
 
-        net, start_spec, narrower = start_from(init, net, spec)
+        net, start_spec, grown = start_from(init, net, spec)
         recipe["init"] = {"from": str(init), "sha256": file_sha256(init_path(init)),
-                          "params": start_spec.params, "widened": narrower, "training": start_spec.training}
+                          "params": start_spec.params, "grown": grown, "training": start_spec.training}
     net = net.to(dev)
     if cuda:
         net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
@@ -187,6 +198,9 @@ def train_worker(a: argparse.Namespace) -> None:
     log = (out / "metrics.jsonl").open("w")
     best, best_step, step, last_val, loss_acc, n_acc = -math.inf, 0, 0, t_start, 0.0, 0
     batches = sim_batches(source, dev)
+    start = {"step": 0, "seconds": 0.0, "val_psnr": validate()}  # where training starts (--init)
+    log.write(json.dumps(start) + "\n")
+    print(f"[{a.worker}] {json.dumps(start)}", flush=True)
     try:
         while time.time() < deadline and (a.max_steps <= 0 or step < a.max_steps):
             frac = max((time.time() - t_start) / budget, step / a.max_steps if a.max_steps > 0 else 0.0)

@@ -69,11 +69,12 @@ ARCHITECTURES: dict[str, Architecture] = {
     "unet": Architecture(
         name="unet",
         build=_unet,
-        defaults={"base_channels": 32, "depth": 3},
+        defaults={"base_channels": 32, "depth": 3, "max_channels": 0},
         receptive_radius=_unet_radius,
         stride=lambda p: 2 ** int(p["depth"]),
-        description="small U-Net (Topaz-Denoise unet-small spirit): max-pool down, nearest up, skip concat",
-        bounds={"base_channels": (1, 256), "depth": (1, 6)},
+        description="small U-Net (Topaz-Denoise unet-small spirit): max-pool down, nearest up, skip concat; "
+                    "channels double per level, up to max_channels (0: no cap)",
+        bounds={"base_channels": (1, 256), "depth": (1, 6), "max_channels": (0, 4096)},
     ),
     "unet3d": Architecture(
         name="unet3d",

@@ -95,7 +95,8 @@ def test_candidate_init_per_candidate() -> None:
 
 def test_start_from_loads_or_grows_the_checkpoint(tmp_path: Path) -> None:
     """--init with the candidate's own architecture loads it; a narrower U-Net of the same depth is
-    grown to the candidate's width computing the same; anything else is refused."""
+    grown to the candidate's width, one a level shallower deepened, both computing the same; anything
+    else is refused."""
     from cryodeploy.models import ModelSpec, build_model
     from cryodeploy.models.checkpoint import save_checkpoint
 
@@ -114,7 +115,16 @@ def test_start_from_loads_or_grows_the_checkpoint(tmp_path: Path) -> None:
         assert (widened, start_spec.params, net.enc[0][0].out_channels) == (grown, small.params, base)
         with torch.no_grad():
             assert float((net(x) - want).abs().max()) <= 1e-5 * float(want.abs().max())
-    for params in ({"base_channels": 6, "depth": 3}, {"base_channels": 2, "depth": 2}):
+    deep = ModelSpec("unet", {"base_channels": 4, "depth": 3, "max_channels": 16})
+    net, start_spec, grown = td.start_from(str(ckpt), build_model(deep), deep)
+    assert (grown, net.depth, net.mid[0].out_channels) == (True, 3, 16)
+    with torch.no_grad():
+        assert float((net(x) - want).abs().max()) <= 1e-5 * float(want.abs().max())
+    capped = ModelSpec("unet", {"base_channels": 4, "depth": 3, "max_channels": 8})
+    with pytest.raises(SystemExit, match="max_channels 8 is below the bottleneck's 16"):
+        td.start_from(str(ckpt), build_model(capped), capped)
+    for params in ({"base_channels": 6, "depth": 3}, {"base_channels": 2, "depth": 2},
+                   {"base_channels": 4, "depth": 4}):
         spec = ModelSpec("unet", params)
         with pytest.raises(SystemExit, match="is neither"):
             td.start_from(str(ckpt), build_model(spec), spec)
@@ -172,7 +182,7 @@ def test_default_recipe_trains_a_loadable_model_that_denoises(tmp_path: Path, mo
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 25 and summary["samples"] == 100
     spec = json.loads((run / "best.json").read_text())
-    assert spec["params"] == {"base_channels": 8, "depth": 2}
+    assert spec["params"] == {"base_channels": 8, "depth": 2, "max_channels": 0}
     assert spec["normalization"] == {"method": "robust", "low_percentile": 1.0, "high_percentile": 99.0}
     assert spec["training"]["source"]["sim"]["shape"] == [128, 128] and spec["training"]["lr"] == 3e-3
     b = simulate(SimConfig(shape=(128, 128), dose_e_per_px=(20.0, 20.0)), 2, 4242)
