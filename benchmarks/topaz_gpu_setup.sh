@@ -27,6 +27,10 @@ if [[ "${1:-}" == "prepare" ]]; then
     mkdir -p "$WHL"
     "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -d "$WHL" \
         mrcfile starfile topaz-em==0.3.20 h5py
+    # cryodeploy's model configs need pydantic, which the GPU machine lacks (checked 2026-12-02)
+    "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+        --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d "$WHL" \
+        pydantic pydantic-core annotated-types typing-inspection typing-extensions
     "$PY" - "$WHL" "${TOPAZ_2D:-0}" <<'EOF'
 import sys, zipfile
 from pathlib import Path
@@ -64,6 +68,8 @@ h5=("$WHL"/h5py-*.whl)
     || { echo "error: $PY lacks one of numpy, torch, pillow, pandas, typing_extensions" >&2; exit 1; }
 files=("${topaz[@]}" "${io[@]}")
 "$PY" -c "import h5py" 2>/dev/null || files+=("${h5[@]}")
+"$PY" -c "import pydantic" 2>/dev/null || files+=("$WHL"/pydantic*.whl "$WHL"/annotated_types-*.whl \
+    "$WHL"/typing_inspection-*.whl "$WHL"/typing_extensions-*.whl)
 if ! "$PY" -c "import sys; sys.exit(sys.version_info < (3, 12))"; then
     # python < 3.12: Topaz's loader falls back to pkg_resources
     "$PY" -c "import pkg_resources" 2>/dev/null || files+=("$WHL"/setuptools-*.whl)

@@ -26,3 +26,8 @@ m4=$out/4/candidates/$best3/best.safetensors
 python3 models/train_default.py --out "$out/5" --minutes "$minutes" --candidates "$best3" --lr 1.5e-4 \
   --init "$best3=$m4" "${common[@]}" --crop 512 --sim-size 512 --crops-per-image 1 --batch 16 --redraws 7 \
   --ema 0.999
+# Run 6 (the candidate in models/candidates/unet_b16d5c256_psnr/, not yet the default): run 5's model
+# deepened by one level (depth 5, channels capped at 256) and fine-tuned the same way:
+#   python3 models/train_default.py --out "$out/6" --minutes 6.8 --real "$real" --device cuda \
+#     --candidates unet_b16d5c256_psnr --init default --compare default --lr 1.5e-4 --crop 512 \
+#     --sim-size 512 --crops-per-image 1 --batch 16 --redraws 7 --ema 0.999
