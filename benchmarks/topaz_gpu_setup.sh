@@ -14,6 +14,8 @@
 #   h5py-*-cp312-*.whl                         imported by topaz.denoising.datasets (installed only
 #                                              if the machine lacks h5py)
 #   mrcfile-*.whl, starfile-*.whl              MRC / STAR I/O (starfile needs pandas, typing_extensions)
+#   pydantic, pydantic_core, annotated_types,  cryodeploy's model configs (installed only if the
+#   typing_inspection, typing_extensions       machine lacks pydantic)
 # Not needed by the denoise path, so not carried: torchvision, tqdm, scikit-learn, scipy, psutil,
 # future (topaz only uses `from __future__`), pyarrow (starfile never imports it). On python < 3.12
 # Topaz loads its models through pkg_resources (setuptools < 81); 3.12's importlib.resources suffices.

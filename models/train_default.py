@@ -198,10 +198,10 @@ def train_worker(a: argparse.Namespace) -> None:
     log = (out / "metrics.jsonl").open("w")
     best, best_step, step, last_val, loss_acc, n_acc = -math.inf, 0, 0, t_start, 0.0, 0
     batches = sim_batches(source, dev)
-    start = {"step": 0, "seconds": 0.0, "val_psnr": validate()}  # where training starts (--init)
-    log.write(json.dumps(start) + "\n")
-    print(f"[{a.worker}] {json.dumps(start)}", flush=True)
     try:
+        start = {"step": 0, "seconds": 0.0, "val_psnr": validate()}  # where training starts (--init)
+        log.write(json.dumps(start) + "\n")
+        print(f"[{a.worker}] {json.dumps(start)}", flush=True)
         while time.time() < deadline and (a.max_steps <= 0 or step < a.max_steps):
             frac = max((time.time() - t_start) / budget, step / a.max_steps if a.max_steps > 0 else 0.0)
             lr = a.lr * (frac / 0.03 if frac < 0.03 else 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * frac)))

@@ -95,11 +95,11 @@ def widen_unet(net: UNet, base_channels: int) -> UNet:
     old_base = old_convs[0].out_channels
     if base_channels < old_base:
         raise ValueError(f"widen_unet: base_channels {base_channels} is below the model's {old_base}")
-    if net.mid[0].out_channels != old_base * 2**net.depth:
+    if net.mid[0].out_channels != unet_channels(old_base, net.depth):
         raise ValueError("widen_unet: the model's channels are capped (max_channels)")
     wide = UNet(base_channels, net.depth, old_convs[0].weight.dim() - 2)
-    old_ch = [old_base * 2**i for i in range(net.depth + 1)]
-    new_ch = [base_channels * 2**i for i in range(net.depth + 1)]
+    old_ch = [unet_channels(old_base, i) for i in range(net.depth + 1)]
+    new_ch = [unet_channels(base_channels, i) for i in range(net.depth + 1)]
     # where each conv's old input channels sit among its new ones, in _convs order
     ins: list[list[int]] = [[0]]
     for level in range(net.depth + 1):  # encoder levels, then the bottleneck
