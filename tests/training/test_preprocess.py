@@ -387,15 +387,16 @@ print([int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc")
 def test_peak_memory_does_not_grow_with_the_number_of_micrographs(tmp_path: Path) -> None:
     """Peak RSS over 40 micrographs of 512x512 (1 MiB each as float32) minus that over 8 (twice
-    the 1 + AHEAD micrographs in flight, so both runs reach the steady state) is < 10 MiB with 0, 2
+    the 1 + AHEAD micrographs in flight, so both runs reach the steady state) is < 16 MiB with 0, 2
     or 8 worker threads (measured: +0.1 MiB with none, +2 to +7 MiB with 8, whose peaks also vary by
-    5 MiB from run to run; 8 workers need 15-20 MiB more than none at all, their stacks and
-    temporaries). The runs use MALLOC_ARENA_MAX=2: with glibc's default of one malloc arena per
-    thread, how far 8 threads' arenas fragment depends on timing and grows over the first dozens of
-    micrographs before it settles (up to +10 MiB here), which is the allocator, not what preprocess
-    holds.
+    5 MiB from run to run, and once +10.4 MiB with 2 on a 2-core CI machine; 8 workers need 15-20
+    MiB more than none at all, their stacks and temporaries). The runs use MALLOC_ARENA_MAX=2: with
+    glibc's default of one malloc arena per thread, how far the threads' arenas fragment depends on
+    timing and grows over the first dozens of micrographs before it settles (up to +10 MiB here),
+    which is the allocator, not what preprocess holds.
 
-    Holding the patches would add 2 x 36 MiB; a leak of one micrograph per file would add 36 MiB.
+    The bound is half the smallest failure it guards against: holding the patches would add
+    2 x 36 MiB, a leak of one micrograph per file 32 MiB (the 32 extra files).
     """
     rng = np.random.default_rng(1)
     base = smooth_image(rng, (64, 64))
@@ -426,4 +427,4 @@ def test_peak_memory_does_not_grow_with_the_number_of_micrographs(tmp_path: Path
     for workers in (0, 2, 8):
         rss8, rss40 = peak(8, workers), peak(40, workers)
         assert PatchStore(tmp_path / f"s40{workers}").count("train") == 36 * 16
-        assert rss40 - rss8 < 10 * one, (workers, rss8, rss40)
+        assert rss40 - rss8 < 16 * one, (workers, rss8, rss40)

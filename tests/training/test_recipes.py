@@ -80,8 +80,8 @@ def test_cli_simulate_with_init_default(tmp_path: Path) -> None:
     res = runner.invoke(cli, ["train", "--simulate", *small, "--init", "default", "-o", str(out), "-q"])
     assert res.exit_code == 0, res.output
     _, spec = load_checkpoint(out)
-    default = json.loads((Path(__file__).parents[2] / "cryodeploy/data/default/best.json").read_text())
-    assert (spec.architecture, spec.params) == (default["architecture"], default["params"])
+    _, default = load_checkpoint(Path(__file__).parents[2] / "cryodeploy/data/default")
+    assert (spec.architecture, spec.params) == (default.architecture, default.params)
     assert spec.training["init"] == "default" and "init_training" in spec.training
     res = runner.invoke(cli, ["train", "--simulate", "--init", "default", "--model", "cnn3", "-o",
                               str(tmp_path / "x")])
