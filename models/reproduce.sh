@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Reproduce the default model on one GPU in five runs of models/train_default.py (6-8 minutes each):
+# Reproduce the default model on one GPU in six runs of models/train_default.py (6-8 minutes each):
 # (1) U-Net candidates base 16 and base 20, depth 4, from scratch on micrographs simulated on the fly
 #     (64 crops per step, 8 from each simulation, each simulation redrawn at 3 more doses);
 # (2) the winner fine-tuned alone at lr 3e-4; (3) that fine-tuned again at lr 2e-4 twice side by side,
 # with plain MSE and with the PSNR-weighted MSE; (4) the winner of (3) alone at lr 1.5e-4; (5) that on
 # whole 512^2 micrographs instead of 256^2 crops (16 a step, each redrawn at 7 more doses), weights
-# averaged (--ema 0.999). Each run evaluates on held-out simulation (doses 5/20/50) and by split gain
-# on real images beside the shipped default; the best lands in OUTDIR/5/default/.
+# averaged (--ema 0.999); (6) that deepened by one level (depth 5, channels capped at 256: it starts
+# as exactly run 5's model) and fine-tuned the same way. Each run evaluates on held-out simulation
+# (doses 5/20/50) and by split gain on real images beside the shipped default; the best lands in
+# OUTDIR/6/default/.
 # Usage: bash models/reproduce.sh REAL_STACK.mrc OUTDIR [MINUTES]   (TOPAZ=1 also ranks Topaz-Denoise)
 # CPU smoke run: python3 models/train_default.py --out /tmp/td --quick
 set -euo pipefail
@@ -26,8 +28,6 @@ m4=$out/4/candidates/$best3/best.safetensors
 python3 models/train_default.py --out "$out/5" --minutes "$minutes" --candidates "$best3" --lr 1.5e-4 \
   --init "$best3=$m4" "${common[@]}" --crop 512 --sim-size 512 --crops-per-image 1 --batch 16 --redraws 7 \
   --ema 0.999
-# Run 6 (the candidate in models/candidates/unet_b16d5c256_psnr/, not yet the default): run 5's model
-# deepened by one level (depth 5, channels capped at 256) and fine-tuned the same way:
-#   python3 models/train_default.py --out "$out/6" --minutes 6.8 --real "$real" --device cuda \
-#     --candidates unet_b16d5c256_psnr --init default --compare default --lr 1.5e-4 --crop 512 \
-#     --sim-size 512 --crops-per-image 1 --batch 16 --redraws 7 --ema 0.999
+python3 models/train_default.py --out "$out/6" --minutes "$minutes" --candidates unet_b16d5c256_psnr \
+  --lr 1.5e-4 --init "unet_b16d5c256_psnr=$out/5/default/best.safetensors" "${common[@]}" --crop 512 \
+  --sim-size 512 --crops-per-image 1 --batch 16 --redraws 7 --ema 0.999

@@ -9,9 +9,10 @@ of raw-noise blobs beside smoothed patches has a spread of order 1 - its ratios 
 to ~1. Bound: spread <= 2 x the uniform filter's + 0.03, a factor 2 for a nonlinear denoiser's
 output correlations differing from a Gaussian's and 0.03 for the estimates' noise at light
 smoothing. Measured with the same data (dose 20, 512^2, CPU, 2026-12-02): the shipped default
-(U-Net base 16, depth 4, PSNR-weighted fine-tune) 0.21 / 0.024 (flat / empty ice field; bounds
-1.09 / 0.13, noise left 0.007 / 0.076); its start (2026-12-01) 0.23 / 0.025; the previous default
-(base 32, depth 3) 0.16 / 0.025 (bounds 0.81 / 0.13); the earlier seeds-recipe default 0.25 / 0.23
+(U-Net base 16, depth 5, channels capped at 256) 0.28 / 0.024 (flat / empty ice field; bounds
+1.14 / 0.13, noise left 0.005 / 0.076); its start, the depth-4 default before it, 0.34 / 0.025
+(bounds 1.11 / 0.13); a depth-4 model of the day before 0.21 / 0.024; the base-32 depth-3 default
+of 2026-12-01 0.16 / 0.025 (bounds 0.81 / 0.13); the earlier seeds-recipe default 0.25 / 0.23
 (bounds 0.09 / 0.09, empty field then with a carbon edge), Topaz-Denoise unet 0.07 / 0.03 (bounds
 0.43 / 0.15).
 """
